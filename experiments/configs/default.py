@@ -1,0 +1,52 @@
+"""Default run: local KD on scikit-learn digits, 100 clients, Dirichlet 0.5.
+
+Every client trains a private `seed_teacher` MLP on its labels and distills it
+into the shared `seed_student` MLP; the server averages the students.
+
+    python experiments/main.py --config=experiments/configs/default.py \
+        --workdir=/tmp/fedkd_default
+
+Hardware: a laptop CPU (about a minute with 2 cores, compile included).
+Expected: global student test accuracy >= 0.90 after 30 rounds.
+`--config=experiments/configs/default.py:smoke` runs 2 rounds.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Data and partition.
+  c.dataset = 'digits'  # digits | npz:PATH | any TFDS image dataset name
+  c.data_dir = ''  # TFDS data_dir; '' = the TFDS default
+  c.partition = 'dirichlet'  # iid | dirichlet | shards
+  c.alpha = 0.5  # Dirichlet concentration (dirichlet only)
+  c.shards_per_client = 2  # shards only
+  c.num_clients = 100
+  c.clients_per_round = 100
+  # Algorithm and models.
+  c.algorithm = 'local_kd'  # local_kd | fedavg
+  c.teacher = 'seed_teacher'
+  c.student = 'seed_student'
+  c.num_rounds = 30
+  c.local_epochs = 5
+  c.batch_size = 10
+  c.client_optimizer = 'sgd'  # sgd | momentum | adam | yogi
+  c.client_lr = 0.1  # the student's local learning rate
+  c.teacher_lr = 0.1  # the private teachers' learning rate
+  c.server_optimizer = 'sgd'  # sgd with lr 1.0 = FedAvg's weighted mean
+  c.server_lr = 1.0
+  c.temperature = 2.0
+  c.distill_weight = 0.5
+  # Run.
+  c.seed = 0
+  c.eval_every = 5
+  c.eval_batch_size = 1000
+  c.eval_teachers = 100  # evaluate the private teachers of the first N clients
+  c.num_devices = 0  # 0 = all visible devices
+  if arg == 'smoke':
+    c.num_rounds = 2
+    c.eval_every = 1
+  elif arg:
+    raise ValueError(f'unknown config variant {arg!r}; use :smoke or none')
+  return c

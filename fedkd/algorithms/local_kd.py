@@ -1,0 +1,103 @@
+"""Local KD: every client keeps a private teacher and distills it into the
+shared student, which is all that reaches the server.
+
+The teacher/student split follows Hinton, Vinyals & Dean, "Distilling the
+Knowledge in a Neural Network", 2015, arXiv:1503.02531; the federated use of a
+private teacher beside a shared student follows FedKD (Wu et al., Nature
+Communications 2022, arXiv:2108.13323) without its mutual distillation and
+compression, which `fedkd` (the algorithm) adds.
+
+Per local step, on the same minibatch:
+
+* teacher: one optimizer step on cross-entropy against the labels;
+* student: one step on `(1 - w) * CE + w * T^2 * KL(softmax(teacher / T) ||
+  softmax(student / T))`, with the teacher's logits from that step's forward
+  pass (before its update) and frozen (`stop_gradient`).
+
+The teachers (parameters and optimizer state) persist per client across rounds;
+the student starts each round from the global model and its delta is averaged
+by example count on the server, as in FedAvg.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedkd import algorithm
+from fedkd import clients
+from fedkd import losses
+from fedkd.typing import Params, PRNGKey
+
+
+def local_kd(*, teacher: nn.Module, student: nn.Module, input_shape,
+             num_clients: int, client_tx: optax.GradientTransformation,
+             teacher_tx: optax.GradientTransformation,
+             server_tx: optax.GradientTransformation, epochs: int,
+             batch_size: int, temperature: float,
+             distill_weight: float) -> algorithm.FederatedAlgorithm:
+  """Builds local KD.
+
+  Args:
+    teacher: each client's private model.
+    student: the shared model the server aggregates.
+    input_shape: shape of one example, to initialise the teachers.
+    num_clients: how many private teachers to keep.
+    client_tx: the student's local optimizer (fresh every round).
+    teacher_tx: the teachers' optimizer (its state persists per client).
+    server_tx: the server optimizer applied to the mean student delta.
+    epochs: local passes over each client's data per round.
+    batch_size: local minibatch size.
+    temperature: distillation temperature T.
+    distill_weight: w, the weight of the distillation term.
+  """
+
+  def init_teacher(client_id, rng):
+    params = teacher.init(jax.random.fold_in(rng, client_id),
+                          jnp.zeros((1, *input_shape)))
+    return params, teacher_tx.init(params)
+
+  def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
+    teachers = clients.map_clients(lambda i: init_teacher(i, rng))(
+        jnp.arange(num_clients))
+    return algorithm.server_init(server_tx, params, teachers)
+
+  def teacher_loss(params, batch):
+    logits = teacher.apply(params, batch.x)
+    per_example = losses.cross_entropy(logits, batch.y)
+    return (losses.masked_mean(per_example, batch.example_mask),
+            (per_example, logits))
+
+  def student_loss(params, batch, teacher_logits):
+    logits = student.apply(params, batch.x)
+    per_example = (
+        (1.0 - distill_weight) * losses.cross_entropy(logits, batch.y)
+        + distill_weight * losses.distillation(logits, teacher_logits,
+                                               temperature))
+    return losses.masked_mean(per_example, batch.example_mask), per_example
+
+  def client_update(server_params, client_state, data, client_id,
+                    num_examples, rng):
+    batches = clients.client_batches(data, client_id, num_examples, rng,
+                                     epochs=epochs, batch_size=batch_size)
+
+    def step(carry, batch):
+      teacher_params, teacher_opt, params, opt_state = carry
+      teacher_params, teacher_opt, _, (teacher_ex, teacher_logits) = (
+          clients.sgd_train(teacher_loss, teacher_tx, teacher_params,
+                            teacher_opt, batch))
+      params, opt_state, _, student_ex = clients.sgd_train(
+          student_loss, client_tx, params, opt_state, batch, teacher_logits)
+      mask = batch.example_mask
+      return (teacher_params, teacher_opt, params, opt_state), {
+          'teacher_loss_sum': jnp.sum(teacher_ex * mask),
+          'student_loss_sum': jnp.sum(student_ex * mask)}
+
+    carry = (*client_state, server_params, client_tx.init(server_params))
+    (*teacher_state, params, _), sums = clients.scan_steps(step, carry,
+                                                           batches)
+    return clients.delta_output(server_params, params, num_examples,
+                                tuple(teacher_state), sums, batches)
+
+  return algorithm.build(init, client_update,
+                         algorithm.averaging_server_update(server_tx))

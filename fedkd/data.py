@@ -1,0 +1,257 @@
+"""Datasets as numpy arrays: scikit-learn digits, a user's .npz, or TFDS.
+
+TFDS datasets are read through `tfds.data_source` (ArrayRecord files), which
+needs no TensorFlow; they must be prepared beforehand in the array_record file
+format, since nothing is downloaded here.
+"""
+
+import dataclasses
+import zipfile
+
+import numpy as np
+from sklearn import datasets as sk_datasets
+from sklearn import model_selection
+import tensorflow_datasets as tfds
+
+from fedkd import errors
+
+NPZ_PREFIX = 'npz:'
+_NPZ_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
+# The digits test set is fixed across runs: its own seed, not the run seed.
+_DIGITS_TEST_FRACTION = 0.2
+_DIGITS_SPLIT_SEED = 0
+# Records fetched per batched TFDS read.
+_TFDS_READ_CHUNK = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A classification dataset held in memory.
+
+  Attributes:
+    name: the name it was loaded by.
+    x_train: float32 [N, H, W, C] images or [N, D] vectors, about in [0, 1].
+    y_train: int32 [N] labels in [0, num_classes).
+    x_test: float32, the same per-example shape as `x_train`.
+    y_test: int32 labels in [0, num_classes).
+    num_classes: number of classes.
+  """
+
+  name: str
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+
+
+def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+  """Loads a dataset by name.
+
+  Args:
+    name: `digits` (scikit-learn's 8x8 digits), `npz:PATH` (a .npz file with
+      arrays x_train, y_train, x_test, y_test) or the name of a TFDS image
+      classification dataset such as `mnist` or `cifar10`.
+    data_dir: TFDS data directory; None means TFDS's default
+      ($TFDS_DATA_DIR or ~/tensorflow_datasets). Only used for TFDS.
+
+  Returns:
+    The dataset.
+
+  Raises:
+    FedkdError: the name is unknown, the .npz file is missing or malformed, or
+      the TFDS dataset is not prepared under `data_dir`.
+  """
+  if name == 'digits':
+    return _load_digits()
+  if name.startswith(NPZ_PREFIX):
+    return _load_npz(name, name[len(NPZ_PREFIX):])
+  return _load_tfds(name, data_dir)
+
+
+def _load_digits() -> Dataset:
+  """Loads digits as [N, 8, 8, 1] images in [0, 1].
+
+  The train/test split is stratified with test fraction 0.2 and a fixed seed
+  (0) that does not depend on the run seed, so every run sees the same test
+  set.
+
+  Returns:
+    The dataset.
+  """
+  digits = sk_datasets.load_digits()
+  x = (digits.images / 16.0).astype(np.float32)[..., np.newaxis]
+  y = digits.target.astype(np.int32)
+  x_train, x_test, y_train, y_test = model_selection.train_test_split(
+      x,
+      y,
+      test_size=_DIGITS_TEST_FRACTION,
+      random_state=_DIGITS_SPLIT_SEED,
+      stratify=y,
+  )
+  return Dataset('digits', x_train, y_train, x_test, y_test, num_classes=10)
+
+
+def _load_npz(name: str, path: str) -> Dataset:
+  """Loads and validates a user's .npz file."""
+  arrays = _read_npz(path)
+  missing = [k for k in _NPZ_KEYS if k not in arrays]
+  if missing:
+    raise errors.FedkdError(
+        f'{path}: missing arrays {", ".join(missing)}; a dataset .npz needs'
+        f' {", ".join(_NPZ_KEYS)}'
+    )
+  x_train, y_train = _check_npz_split(path, 'train', arrays)
+  x_test, y_test = _check_npz_split(path, 'test', arrays)
+  if x_train.shape[1:] != x_test.shape[1:]:
+    raise errors.FedkdError(
+        f'{path}: x_train examples have shape {x_train.shape[1:]} but x_test'
+        f' examples have shape {x_test.shape[1:]}; they must match'
+    )
+  num_classes = int(max(y_train.max(), y_test.max())) + 1
+  return Dataset(name, x_train, y_train, x_test, y_test, num_classes)
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """Returns those of the dataset arrays that the .npz file holds."""
+  try:
+    npz = np.load(path, allow_pickle=False)
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # A bare .npy array.
+      raise errors.FedkdError(
+          f'{path} is not an .npz archive; save one with np.savez'
+      )
+    with npz:
+      return {k: npz[k] for k in _NPZ_KEYS if k in npz.files}
+  except errors.FedkdError:
+    raise
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise errors.FedkdError(f'cannot read .npz file {path}: {e}') from e
+
+
+def _check_npz_split(
+    path: str, split: str, arrays: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+  """Validates one split of a .npz and converts it to float32 x, int32 y."""
+  x_key, y_key = f'x_{split}', f'y_{split}'
+  x, y = arrays[x_key], arrays[y_key]
+  if x.ndim not in (2, 3, 4):
+    raise errors.FedkdError(
+        f'{path}: {x_key} has shape {x.shape}; use [N, D] vectors or'
+        ' [N, H, W] / [N, H, W, C] images'
+    )
+  if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+    raise errors.FedkdError(
+        f'{path}: {y_key} must be a 1-D array of integer labels, got shape'
+        f' {y.shape} and dtype {y.dtype}'
+    )
+  if len(x) != len(y):
+    raise errors.FedkdError(
+        f'{path}: {x_key} has {len(x)} examples but {y_key} has {len(y)};'
+        ' they must match'
+    )
+  if not len(x):
+    raise errors.FedkdError(f'{path}: the {split} split is empty')
+  if y.min() < 0:
+    raise errors.FedkdError(
+        f'{path}: {y_key} has negative labels (min {y.min()}); labels must be'
+        ' 0, 1, ..., num_classes - 1'
+    )
+  if np.issubdtype(x.dtype, np.integer):
+    # Integer features are 8-bit pixels; anything else would be mis-scaled.
+    if x.min() < 0 or x.max() > 255:
+      raise errors.FedkdError(
+          f'{path}: integer {x_key} must hold pixel values in [0, 255], got'
+          f' [{x.min()}, {x.max()}]; save float features scaled to about'
+          ' [0, 1] instead'
+      )
+    x = x.astype(np.float32) / 255
+  elif np.issubdtype(x.dtype, np.floating):
+    with np.errstate(over='ignore'):  # Overflow becomes inf, caught below.
+      x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+      raise errors.FedkdError(
+          f'{path}: {x_key} has NaN or infinite values (as float32)'
+      )
+  else:
+    raise errors.FedkdError(
+        f'{path}: {x_key} must hold integers or floats, got dtype {x.dtype}'
+    )
+  if x.ndim == 3:
+    x = x[..., np.newaxis]  # [N, H, W] grayscale -> one channel.
+  return x, y.astype(np.int32)
+
+
+def _load_tfds(name: str, data_dir: str | None) -> Dataset:
+  """Reads a prepared TFDS image classification dataset into memory."""
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError as e:
+    raise errors.FedkdError(
+        f'unknown dataset {name!r}; use digits, npz:PATH or any TFDS image'
+        ' classification dataset (e.g. mnist, fashion_mnist, cifar10)'
+    ) from e
+  features = builder.info.features
+  image = features['image'] if 'image' in features else None
+  label = features['label'] if 'label' in features else None
+  if (
+      not isinstance(label, tfds.features.ClassLabel)
+      or image is None
+      or image.np_dtype != np.uint8
+      or len(image.shape) != 3
+      or None in image.shape
+  ):
+    raise errors.FedkdError(
+        f'TFDS dataset {name!r} is not a fixed-size image classification'
+        ' dataset (needs a uint8 [H, W, C] "image" and a class "label");'
+        ' use e.g. mnist, fashion_mnist or cifar10'
+    )
+  x_train, y_train = _read_tfds_split(builder, name, 'train', data_dir)
+  x_test, y_test = _read_tfds_split(builder, name, 'test', data_dir)
+  return Dataset(
+      name, x_train, y_train, x_test, y_test, int(label.num_classes)
+  )
+
+
+def _read_tfds_split(
+    builder: tfds.core.DatasetBuilder,
+    name: str,
+    split: str,
+    data_dir: str | None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Returns float32 [N, H, W, C] images in [0, 1] and int32 [N] labels."""
+  # Split names are only known once the dataset is prepared.
+  known_splits = list(builder.info.splits)
+  if known_splits and split not in known_splits:
+    raise errors.FedkdError(
+        f'TFDS dataset {name!r} has no {split!r} split (only'
+        f' {", ".join(known_splits)}); fedkd needs train and test splits'
+    )
+  try:
+    source = tfds.data_source(
+        name, split=split, data_dir=data_dir, download=False
+    )
+  except (NotImplementedError, KeyError) as e:
+    # tfds raises NotImplementedError when data_dir holds no array_record
+    # files for the dataset (nothing, or only tfrecords), and KeyError when it
+    # holds nothing and data_dir is None.
+    root = builder.data_dir_root
+    raise errors.FedkdError(
+        f'TFDS dataset {name!r} is not prepared in the array_record format'
+        f' under {root}; on a machine with internet run `tfds build {name}'
+        f' --data_dir={root} --file_format=array_record` (or'
+        f' tfds.builder({name!r}, data_dir=..., file_format="array_record")'
+        '.download_and_prepare()) and copy the data here'
+    ) from e
+  if not len(source):
+    raise errors.FedkdError(f'TFDS dataset {name!r}: split {split!r} is empty')
+  images, labels = [], []
+  # Batched reads: ArrayRecord fetches a list of keys far faster than one
+  # key at a time.
+  for start in range(0, len(source), _TFDS_READ_CHUNK):
+    keys = range(start, min(start + _TFDS_READ_CHUNK, len(source)))
+    records = source.__getitems__(keys)
+    images.append(np.stack([r['image'] for r in records]))
+    labels.append(np.array([r['label'] for r in records]))
+  x = np.concatenate(images).astype(np.float32)
+  x /= 255
+  return x, np.concatenate(labels).astype(np.int32)

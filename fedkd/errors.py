@@ -1,0 +1,9 @@
+"""The one exception type for bad user input.
+
+Library code raises `FedkdError` with a single line that says what is wrong and
+how to fix it; `experiments/main.py` prints that line and exits with code 2.
+"""
+
+
+class FedkdError(ValueError):
+  """Bad user input: a config value, a dataset file, a work directory."""

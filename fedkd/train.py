@@ -1,0 +1,176 @@
+"""The host loop: data, partition, algorithm, one jitted round per step.
+
+`run(config, workdir)` is everything `experiments/main.py` does after parsing
+flags. It validates all input before writing anything to `workdir`.
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from fedkd import clients
+from fedkd import data
+from fedkd import metrics as metrics_lib
+from fedkd import models
+from fedkd import optimizers
+from fedkd import partition
+from fedkd import sharding
+from fedkd import validation
+from fedkd.algorithms import fedavg
+from fedkd.algorithms import local_kd
+
+# Columns of the final table: (metrics.jsonl key, header, format).
+_TABLE = (('round', 'round', '{:d}'),
+          ('student_accuracy', 'student acc', '{:.4f}'),
+          ('student_loss', 'student loss', '{:.4f}'),
+          ('teacher_accuracy', 'teacher acc', '{:.4f}'),
+          ('upload_bytes', 'upload MB', '{:.3f}'),
+          ('round_seconds', 'round s', '{:.4f}'))
+
+
+def build_algorithm(config, input_shape, num_classes):
+  """The configured algorithm and its (student, teacher or None) models."""
+  student = models.get_model(config.student, num_classes)
+  client_tx = optimizers.get_optimizer(config.client_optimizer,
+                                       config.client_lr)
+  server_tx = optimizers.get_optimizer(config.server_optimizer,
+                                       config.server_lr)
+  common = dict(client_tx=client_tx, server_tx=server_tx,
+                epochs=config.local_epochs, batch_size=config.batch_size)
+  if config.algorithm == 'fedavg':
+    return fedavg(model=student, **common), student, None
+  teacher = models.get_model(config.teacher, num_classes)
+  alg = local_kd(
+      teacher=teacher, student=student, input_shape=input_shape,
+      num_clients=config.num_clients,
+      teacher_tx=optimizers.get_optimizer(config.client_optimizer,
+                                          config.teacher_lr),
+      temperature=config.temperature, distill_weight=config.distill_weight,
+      **common)
+  return alg, student, teacher
+
+
+def _format_table(rows) -> str:
+  header = ' | '.join(h for _, h, _ in _TABLE)
+  lines = [header, '-' * len(header)]
+  for row in rows:
+    cells = []
+    for key, head, fmt in _TABLE:
+      value = row.get(key)
+      if key == 'upload_bytes':
+        value = value / 1e6
+      cells.append(('-' if value is None else fmt.format(value)).rjust(
+          len(head)))
+    lines.append(' | '.join(cells))
+  return '\n'.join(lines)
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
+  """Trains as configured, writing metrics.jsonl and config.json to workdir.
+
+  Returns:
+    The rows written to metrics.jsonl, one per evaluated round.
+  """
+  validation.validate_config(config)
+  dataset = data.load_dataset(config.dataset, config.data_dir or None)
+  parts = partition.partition(
+      dataset.y_train, config.num_clients, config.partition,
+      alpha=config.alpha, shards_per_client=config.shards_per_client,
+      seed=config.seed)
+  mesh = sharding.make_mesh(config.num_devices)
+  validation.validate_workdir(workdir)
+  logging.info('partition:\n%s', partition.describe(
+      dataset.y_train, parts, dataset.num_classes))
+
+  input_shape = dataset.x_train.shape[1:]
+  alg, student, teacher = build_algorithm(config, input_shape,
+                                          dataset.num_classes)
+  key = jax.random.PRNGKey(config.seed)
+  replicated = sharding.replicated(mesh)
+  cohort_sharding = sharding.cohort_sharding(mesh)
+  client_data = jax.device_put(
+      clients.stack_clients(dataset.x_train, dataset.y_train, parts),
+      replicated)
+  params = student.init(jax.random.fold_in(key, 0),
+                        jnp.zeros((1, *input_shape)))
+  state = jax.device_put(
+      jax.jit(alg.init)(params, jax.random.fold_in(key, 1)), replicated)
+
+  cohort_size = sharding.padded_cohort_size(config.clients_per_round, mesh)
+
+  def cohort_for(round_index):
+    rng = np.random.default_rng([config.seed, round_index])
+    return jax.device_put(
+        clients.sample_cohort(rng, config.num_clients,
+                              config.clients_per_round, cohort_size),
+        cohort_sharding)
+
+  round_key = jax.random.fold_in(key, 2)
+  start = time.perf_counter()
+  apply = jax.jit(
+      alg.apply, donate_argnums=0,
+      in_shardings=(replicated, replicated, cohort_sharding, replicated),
+      out_shardings=replicated).lower(
+          state, client_data, cohort_for(0), round_key).compile()
+  compile_seconds = time.perf_counter() - start
+
+  x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)
+  eval_kw = dict(batch_size=min(config.eval_batch_size, len(dataset.y_test)))
+  eval_student = jax.jit(lambda p: metrics_lib.evaluate(
+      student, p, x_test, y_test, **eval_kw))
+  num_eval_teachers = min(config.eval_teachers, config.num_clients)
+  eval_teachers = teacher and num_eval_teachers and jax.jit(
+      lambda stacked: clients.map_clients(lambda p: metrics_lib.evaluate(
+          teacher, p, x_test, y_test, **eval_kw))(stacked))
+
+  _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  rows, cumulative_upload = [], 0.0
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  with open(metrics_path, 'w') as out, tqdm.trange(
+      config.num_rounds, desc='rounds', disable=not progress) as bar:
+    for r in bar:
+      start = time.perf_counter()
+      state, m = apply(state, client_data, cohort_for(r),
+                       jax.random.fold_in(round_key, r))
+      m = jax.device_get(m)
+      round_seconds = time.perf_counter() - start
+      cumulative_upload += float(m['upload_bytes'])
+      if (r + 1) % config.eval_every and r + 1 != config.num_rounds:
+        continue
+      loss, acc = jax.device_get(eval_student(state.params))
+      row = {'round': r + 1, 'student_accuracy': float(acc),
+             'student_loss': float(loss), 'teacher_accuracy': None,
+             'upload_bytes': float(m['upload_bytes']),
+             'download_bytes': float(m['download_bytes']),
+             'cumulative_upload_bytes': cumulative_upload,
+             'clients': int(m['clients']),
+             'round_seconds': round_seconds,
+             'compile_seconds': compile_seconds}
+      examples = max(float(m['train_examples']), 1.0)
+      for name in ('student', 'teacher'):
+        if f'{name}_loss_sum' in m:
+          row[f'{name}_train_loss'] = float(m[f'{name}_loss_sum']) / examples
+      if eval_teachers:
+        teacher_params = jax.tree.map(lambda t: t[:num_eval_teachers],
+                                      state.clients[0])
+        _, teacher_acc = eval_teachers(teacher_params)
+        row['teacher_accuracy'] = float(jnp.mean(teacher_acc))
+      out.write(json.dumps(row) + '\n')
+      out.flush()
+      rows.append(row)
+      bar.set_postfix(student_acc=f'{row["student_accuracy"]:.3f}')
+  print(_format_table(rows))
+  return rows

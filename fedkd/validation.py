@@ -1,0 +1,71 @@
+"""All checks of a run's settings, in one place, before any work or output.
+
+Each failed check raises `FedkdError` with one line naming the field, the bad
+value and what to do instead.
+"""
+
+import os
+
+from fedkd import models
+from fedkd.algorithms import ALGORITHMS
+from fedkd.errors import FedkdError
+from fedkd.optimizers import OPTIMIZERS
+from fedkd.partition import METHODS
+
+_POSITIVE_INTS = ('num_clients', 'clients_per_round', 'num_rounds',
+                  'local_epochs', 'batch_size', 'eval_every', 'eval_batch_size')
+_POSITIVE_FLOATS = ('client_lr', 'teacher_lr', 'server_lr', 'temperature')
+
+
+def _one_of(config, field, choices):
+  value = getattr(config, field)
+  if value not in choices:
+    raise FedkdError(f'unknown {field} {value!r}; choose one of '
+                     f'{", ".join(sorted(choices))}')
+
+
+def validate_config(config) -> None:
+  """Checks every field of a run config that can be checked without data."""
+  for field in _POSITIVE_INTS:
+    if getattr(config, field) < 1:
+      raise FedkdError(f'{field} must be >= 1, got {getattr(config, field)}')
+  for field in _POSITIVE_FLOATS:
+    if not getattr(config, field) > 0:
+      raise FedkdError(f'{field} must be > 0, got {getattr(config, field)}')
+  if config.num_devices < 0:
+    raise FedkdError(f'num_devices must be >= 0 (0 = all devices), got '
+                     f'{config.num_devices}')
+  if config.eval_teachers < 0:
+    raise FedkdError(f'eval_teachers must be >= 0, got {config.eval_teachers}')
+  if config.clients_per_round > config.num_clients:
+    raise FedkdError(
+        f'clients_per_round={config.clients_per_round} exceeds num_clients='
+        f'{config.num_clients}; sample at most num_clients per round')
+  if not 0.0 <= config.distill_weight <= 1.0:
+    raise FedkdError(f'distill_weight must be in [0, 1], got '
+                     f'{config.distill_weight}')
+  _one_of(config, 'algorithm', ALGORITHMS)
+  _one_of(config, 'partition', METHODS)
+  _one_of(config, 'teacher', models.MODEL_NAMES)
+  _one_of(config, 'student', models.MODEL_NAMES)
+  _one_of(config, 'client_optimizer', OPTIMIZERS)
+  _one_of(config, 'server_optimizer', OPTIMIZERS)
+  if config.partition == 'dirichlet' and not config.alpha > 0:
+    raise FedkdError(f'alpha must be > 0 for the dirichlet partition, got '
+                     f'{config.alpha}')
+
+
+def validate_workdir(workdir: str) -> None:
+  """Checks that `workdir` exists or can be made, and can be written."""
+  if not workdir:
+    raise FedkdError('--workdir is required: a directory for metrics.jsonl '
+                     'and config.json')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise FedkdError(f'workdir {workdir} exists and is not a directory')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise FedkdError(f'cannot create workdir {workdir}: {e.strerror}') from e
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise FedkdError(f'workdir {workdir} is not writable; choose another '
+                     '--workdir or fix its permissions')

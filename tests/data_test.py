@@ -1,0 +1,276 @@
+"""Tests for fedkd.data."""
+
+import os
+import tempfile
+import time
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.testing import mocking as tfds_mocking
+
+from fedkd import data
+from fedkd import errors
+
+_TINY_TRAIN = 12
+_TINY_TEST = 5
+
+
+class FedkdTinyImages(tfds.core.GeneratorBasedBuilder):
+  """A real (not mocked) TFDS image dataset: image i is filled with 10 * i."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(4, 3, 2), dtype=np.uint8),
+            'label': tfds.features.ClassLabel(num_classes=3),
+        }),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    return {
+        'train': self._generate_examples(0, _TINY_TRAIN),
+        'test': self._generate_examples(_TINY_TRAIN, _TINY_TEST),
+    }
+
+  def _generate_examples(self, start, count):
+    for i in range(start, start + count):
+      yield i, {'image': np.full((4, 3, 2), 10 * i, np.uint8), 'label': i % 3}
+
+
+class FedkdTinyImagesNoTest(FedkdTinyImages):
+  """Like FedkdTinyImages but without a test split."""
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    return {'train': self._generate_examples(0, _TINY_TRAIN)}
+
+
+def _getitems_without_self(record_keys, generator, serialized=False):
+  """Stands in for tfds_mocking._getitems, which wants a `self` it never gets.
+
+  tfds 4.9.10's mock_data stores `partial(_getitems, generator=...)` as a
+  MagicMock's plain `__getitems__` attribute, so the data source's batched
+  read calls it without `self` and fails with a TypeError.
+
+  Args:
+    record_keys: keys to read.
+    generator: the mock's deterministic fake example generator.
+    serialized: unused; tfds never sets it on this path.
+
+  Returns:
+    The fake examples.
+  """
+  del serialized
+  return [generator[k] for k in record_keys]
+
+
+class DigitsTest(absltest.TestCase):
+
+  def test_shapes_dtypes_and_range(self):
+    ds = data.load_dataset('digits')
+    self.assertEqual(ds.name, 'digits')
+    self.assertEqual(ds.num_classes, 10)
+    self.assertEqual(ds.x_train.shape, (1437, 8, 8, 1))
+    self.assertEqual(ds.x_test.shape, (360, 8, 8, 1))
+    self.assertEqual(ds.x_train.dtype, np.float32)
+    self.assertEqual(ds.y_train.dtype, np.int32)
+    self.assertEqual(ds.y_test.dtype, np.int32)
+    self.assertEqual(ds.x_train.min(), 0.0)
+    self.assertEqual(ds.x_train.max(), 1.0)  # 16 / 16.
+    np.testing.assert_array_equal(np.unique(ds.y_train), np.arange(10))
+
+  def test_test_split_is_fixed_and_stratified(self):
+    first = data.load_dataset('digits')
+    again = data.load_dataset('digits')
+    np.testing.assert_array_equal(first.x_test, again.x_test)
+    np.testing.assert_array_equal(first.y_test, again.y_test)
+    # Stratified: each class is ~20% in test.
+    test_counts = np.bincount(first.y_test, minlength=10)
+    all_counts = test_counts + np.bincount(first.y_train, minlength=10)
+    np.testing.assert_allclose(test_counts, 0.2 * all_counts, atol=1)
+
+
+class NpzTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.dir = self.enter_context(tempfile.TemporaryDirectory())
+
+  def _save(self, **arrays) -> str:
+    path = os.path.join(self.dir, 'data.npz')
+    np.savez(path, **arrays)
+    return path
+
+  def _valid(self) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return dict(
+        x_train=rng.random((6, 3)),
+        y_train=np.array([0, 1, 2, 0, 1, 2]),
+        x_test=rng.random((4, 3)),
+        y_test=np.array([0, 1, 1, 2]),
+    )
+
+  def test_vector_round_trip(self):
+    arrays = self._valid()
+    arrays['y_test'] = np.array([0, 1, 4, 2])  # Class 4 is only in test.
+    path = self._save(**arrays)
+    ds = data.load_dataset(f'npz:{path}')
+    self.assertEqual(ds.name, f'npz:{path}')
+    self.assertEqual(ds.num_classes, 5)
+    self.assertEqual(ds.x_train.dtype, np.float32)
+    self.assertEqual(ds.y_train.dtype, np.int32)
+    np.testing.assert_allclose(ds.x_train, arrays['x_train'], rtol=1e-6)
+    np.testing.assert_allclose(ds.x_test, arrays['x_test'], rtol=1e-6)
+    np.testing.assert_array_equal(ds.y_train, arrays['y_train'])
+    np.testing.assert_array_equal(ds.y_test, arrays['y_test'])
+
+  def test_uint8_images_are_scaled_and_get_a_channel(self):
+    x_train = np.array([[[0, 255], [51, 102]]] * 3, np.uint8)  # [3, 2, 2]
+    path = self._save(
+        x_train=x_train,
+        y_train=np.array([0, 1, 1], np.uint8),
+        x_test=x_train[:1],
+        y_test=np.array([1]),
+    )
+    ds = data.load_dataset(f'npz:{path}')
+    self.assertEqual(ds.x_train.shape, (3, 2, 2, 1))
+    self.assertEqual(ds.x_test.shape, (1, 2, 2, 1))
+    np.testing.assert_allclose(ds.x_train[0, ..., 0], [[0, 1], [0.2, 0.4]])
+    self.assertEqual(ds.num_classes, 2)
+
+  @parameterized.named_parameters(
+      ('missing_keys', dict(x_test=None, y_test=None), 'x_test, y_test'),
+      ('length_mismatch', dict(y_train=np.zeros(5, int)), '6 examples but'),
+      ('labels_2d', dict(y_train=np.zeros((6, 1), int)), '1-D array of int'),
+      ('labels_float', dict(y_train=np.zeros(6)), '1-D array of integer'),
+      ('negative_label', dict(y_test=np.array([0, -1, 1, 2])), 'negative'),
+      ('nan', dict(x_train=np.full((6, 3), np.nan)), 'NaN or infinite'),
+      ('inf', dict(x_test=np.full((4, 3), np.inf)), 'NaN or infinite'),
+      ('float32_overflow', dict(x_test=np.full((4, 3), 1e300)), 'infinite'),
+      ('shape_mismatch', dict(x_test=np.zeros((4, 5))), r'\(3,\).*\(5,\)'),
+      ('empty', dict(x_test=np.zeros((0, 3)), y_test=np.zeros(0, int)), 'empty'),
+      ('x_1d', dict(x_train=np.zeros(6)), 'x_train has shape'),
+      ('int_not_pixels', dict(x_train=np.full((6, 3), 300)), r'\[0, 255\]'),
+      ('strings', dict(x_train=np.full((6, 3), 'a')), 'integers or floats'),
+  )
+  def test_bad_arrays_raise(self, changes, message):
+    arrays = self._valid() | changes
+    path = self._save(**{k: v for k, v in arrays.items() if v is not None})
+    with self.assertRaisesRegex(errors.FedkdError, message):
+      data.load_dataset(f'npz:{path}')
+
+  def test_missing_file_raises(self):
+    with self.assertRaisesRegex(errors.FedkdError, 'cannot read'):
+      data.load_dataset(f'npz:{self.dir}/absent.npz')
+
+  def test_not_numpy_file_raises(self):
+    path = os.path.join(self.dir, 'data.npz')
+    with open(path, 'w') as f:
+      f.write('x_train,y_train\n')
+    with self.assertRaisesRegex(errors.FedkdError, 'cannot read'):
+      data.load_dataset(f'npz:{path}')
+
+  def test_npy_file_raises(self):
+    path = os.path.join(self.dir, 'data.npy')
+    np.save(path, np.zeros(3))
+    with self.assertRaisesRegex(errors.FedkdError, 'not an .npz archive'):
+      data.load_dataset(f'npz:{path}')
+
+  def test_pickled_object_array_raises(self):
+    arrays = self._valid() | dict(y_train=np.array([0, 1, 2, 0, 1, 2], object))
+    path = self._save(**arrays)
+    with self.assertRaisesRegex(errors.FedkdError, 'cannot read'):
+      data.load_dataset(f'npz:{path}')
+
+
+class TfdsTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.dir = self.enter_context(tempfile.TemporaryDirectory())
+
+  def test_mocked_mnist(self):
+    with (
+        mock.patch.object(tfds_mocking, '_getitems', _getitems_without_self),
+        tfds.testing.mock_data(
+            num_examples=7, policy=tfds.testing.MockPolicy.USE_CODE
+        ),
+    ):
+      ds = data.load_dataset('mnist', data_dir=self.dir)
+    self.assertEqual(ds.name, 'mnist')
+    self.assertEqual(ds.num_classes, 10)
+    for x, y in ((ds.x_train, ds.y_train), (ds.x_test, ds.y_test)):
+      self.assertEqual(x.shape, (7, 28, 28, 1))
+      self.assertEqual(x.dtype, np.float32)
+      self.assertBetween(x.min(), 0.0, 1.0)
+      self.assertBetween(x.max(), 0.0, 1.0)
+      self.assertEqual(y.shape, (7,))
+      self.assertEqual(y.dtype, np.int32)
+      self.assertTrue(np.all((y >= 0) & (y < 10)), y)
+
+  def test_prepared_array_record_dataset(self):
+    FedkdTinyImages(
+        data_dir=self.dir, file_format='array_record'
+    ).download_and_prepare()
+    ds = data.load_dataset('fedkd_tiny_images', data_dir=self.dir)
+    self.assertEqual(ds.num_classes, 3)
+    self.assertEqual(ds.x_train.shape, (_TINY_TRAIN, 4, 3, 2))
+    self.assertEqual(ds.x_test.shape, (_TINY_TEST, 4, 3, 2))
+    self.assertEqual(ds.x_train.dtype, np.float32)
+    self.assertEqual(ds.y_test.dtype, np.int32)
+    # Records come back shuffled; example i is the one filled with 10 * i.
+    for x, y, first in (
+        (ds.x_train, ds.y_train, 0),
+        (ds.x_test, ds.y_test, _TINY_TRAIN),
+    ):
+      index = np.rint(x[:, 0, 0, 0] * 255 / 10).astype(int)
+      np.testing.assert_array_equal(
+          np.sort(index), np.arange(first, first + len(x))
+      )
+      expected = np.broadcast_to((10 * index / 255)[:, None, None, None], x.shape)
+      np.testing.assert_allclose(x, expected, rtol=1e-6)
+      np.testing.assert_array_equal(y, index % 3)
+
+  def test_missing_test_split_raises(self):
+    FedkdTinyImagesNoTest(
+        data_dir=self.dir, file_format='array_record'
+    ).download_and_prepare()
+    with self.assertRaisesRegex(errors.FedkdError, "no 'test' split"):
+      data.load_dataset('fedkd_tiny_images_no_test', data_dir=self.dir)
+
+  def test_unknown_name_raises(self):
+    with self.assertRaisesRegex(
+        errors.FedkdError, 'unknown dataset .*digits, npz:PATH'
+    ):
+      data.load_dataset('no_such_dataset', data_dir=self.dir)
+
+  def test_non_image_dataset_raises(self):
+    with self.assertRaisesRegex(errors.FedkdError, 'not a fixed-size image'):
+      data.load_dataset('imdb_reviews', data_dir=self.dir)
+
+  def test_unprepared_dataset_raises_without_downloading(self):
+    start = time.monotonic()
+    with (
+        mock.patch.object(
+            tfds.core.DatasetBuilder, 'download_and_prepare'
+        ) as download,
+        self.assertRaisesRegex(
+            errors.FedkdError,
+            f'not prepared .* under {self.dir}.*tfds build mnist',
+        ),
+    ):
+      data.load_dataset('mnist', data_dir=self.dir)
+    download.assert_not_called()
+    self.assertLess(time.monotonic() - start, 5)
+    self.assertEmpty(os.listdir(self.dir))
+
+
+if __name__ == '__main__':
+  absltest.main()
