@@ -11,6 +11,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from fedkd import train
@@ -41,6 +42,9 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}; pass settings as --config.FIELD')
+  if not flags.FLAGS['verbosity'].present:
+    # Library INFO lines (tfds lookups) would bury the one-line errors.
+    logging.set_verbosity(logging.WARNING)
   try:
     train.run(_CONFIG.value, _WORKDIR.value)
   except FedkdError as e:

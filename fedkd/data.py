@@ -170,7 +170,8 @@ def _check_npz_split(
       x = x.astype(np.float32)
     if not np.isfinite(x).all():
       raise errors.FedkdError(
-          f'{path}: {x_key} has NaN or infinite values (as float32)'
+          f'{path}: {x_key} has NaN or infinite values (as float32); remove'
+          ' or replace them'
       )
   else:
     raise errors.FedkdError(

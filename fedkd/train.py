@@ -8,7 +8,6 @@ import json
 import os
 import time
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,8 +91,8 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
       seed=config.seed)
   mesh = sharding.make_mesh(config.num_devices)
   validation.validate_workdir(workdir)
-  logging.info('partition:\n%s', partition.describe(
-      dataset.y_train, parts, dataset.num_classes))
+  print(f'{config.partition} partition of {dataset.name}:')
+  print(partition.describe(dataset.y_train, parts, dataset.num_classes))
 
   input_shape = dataset.x_train.shape[1:]
   alg, student, teacher = build_algorithm(config, input_shape,

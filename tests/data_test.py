@@ -155,7 +155,11 @@ class NpzTest(parameterized.TestCase):
       ('inf', dict(x_test=np.full((4, 3), np.inf)), 'NaN or infinite'),
       ('float32_overflow', dict(x_test=np.full((4, 3), 1e300)), 'infinite'),
       ('shape_mismatch', dict(x_test=np.zeros((4, 5))), r'\(3,\).*\(5,\)'),
-      ('empty', dict(x_test=np.zeros((0, 3)), y_test=np.zeros(0, int)), 'empty'),
+      (
+          'empty',
+          dict(x_test=np.zeros((0, 3)), y_test=np.zeros(0, int)),
+          'test split is empty',
+      ),
       ('x_1d', dict(x_train=np.zeros(6)), 'x_train has shape'),
       ('int_not_pixels', dict(x_train=np.full((6, 3), 300)), r'\[0, 255\]'),
       ('strings', dict(x_train=np.full((6, 3), 'a')), 'integers or floats'),
@@ -234,8 +238,8 @@ class TfdsTest(absltest.TestCase):
       np.testing.assert_array_equal(
           np.sort(index), np.arange(first, first + len(x))
       )
-      expected = np.broadcast_to((10 * index / 255)[:, None, None, None], x.shape)
-      np.testing.assert_allclose(x, expected, rtol=1e-6)
+      pixel = (10 * index / 255)[:, np.newaxis, np.newaxis, np.newaxis]
+      np.testing.assert_allclose(x, np.broadcast_to(pixel, x.shape), rtol=1e-6)
       np.testing.assert_array_equal(y, index % 3)
 
   def test_missing_test_split_raises(self):

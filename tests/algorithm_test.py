@@ -1,0 +1,107 @@
+"""The vmapped round against a per-client loop, padding, sharding, tracing."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import numpy as np
+
+from fedkd import loop
+from fedkd import sharding
+import toys
+
+SIZES = (7, 3, 12, 5, 9, 1)  # ragged: partial batches, a 1-example client
+ALGORITHMS = ('fedavg', 'local_kd')
+
+
+def _run(apply, state, data, cohorts):
+  for r, c in enumerate(cohorts):
+    state, metrics = apply(state, data, c, jax.random.PRNGKey(100 + r))
+  return state, metrics
+
+
+class RoundTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.data = toys.toy_data(SIZES)
+    self.algs = toys.algorithms(len(SIZES))
+    self.cohorts = [toys.cohort([0, 2, 3, 5], size=6, num_clients=len(SIZES)),
+                    toys.cohort([1, 2, 4], size=6, num_clients=len(SIZES))]
+
+  @parameterized.parameters(*ALGORITHMS)
+  def test_vmapped_round_equals_python_loop(self, name):
+    alg = self.algs[name]
+    state = toys.init_state(alg)
+    vmapped, m1 = _run(jax.jit(alg.apply), state, self.data, self.cohorts)
+    looped, m2 = _run(loop.loop_apply(alg), state, self.data, self.cohorts)
+    toys.assert_trees_close(vmapped, looped)
+    toys.assert_trees_close(m1, m2, atol=1e-4)
+    self.assertEqual(int(vmapped.round), 2)
+
+  @parameterized.parameters(*ALGORITHMS)
+  def test_no_recompilation_after_first_round(self, name):
+    alg = self.algs[name]
+    traces = []
+
+    def counted(*args):
+      traces.append(1)
+      return alg.apply(*args)
+
+    _run(jax.jit(counted), toys.init_state(alg), self.data,
+         self.cohorts + self.cohorts)
+    self.assertLen(traces, 1)
+
+  @parameterized.parameters(*ALGORITHMS)
+  def test_padded_clients_change_nothing(self, name):
+    alg = self.algs[name]
+    state = toys.init_state(alg)
+    apply = jax.jit(alg.apply)
+    ids, n = [0, 2, 3], len(SIZES)
+    tight, _ = _run(apply, state, self.data, [toys.cohort(ids)])
+    padded, _ = _run(apply, state, self.data,
+                     [toys.cohort(ids, size=8, num_clients=n)])
+    toys.assert_trees_close(tight, padded)
+
+  @parameterized.parameters(*ALGORITHMS)
+  def test_padded_examples_and_steps_change_nothing(self, name):
+    alg = self.algs[name]
+    state = toys.init_state(alg)
+    apply = jax.jit(alg.apply)
+    # Extra padding rows add whole padded steps to every epoch.
+    wide = toys.toy_data(SIZES, pad_to=max(SIZES) + 7)
+    tight, _ = _run(apply, state, self.data, self.cohorts)
+    padded, _ = _run(apply, state, wide, self.cohorts)
+    toys.assert_trees_close(tight, padded)
+
+  def test_only_cohort_teachers_train(self):
+    alg = self.algs['local_kd']
+    state = toys.init_state(alg)
+    new, _ = jax.jit(alg.apply)(state, self.data, self.cohorts[0],
+                                jax.random.PRNGKey(0))
+    before = jax.tree.leaves(state.clients)[0]
+    after = jax.tree.leaves(new.clients)[0]
+    for k in range(len(SIZES)):
+      changed = not np.allclose(before[k], after[k])
+      self.assertEqual(changed, k in (0, 2, 3, 5), msg=f'client {k}')
+
+  @parameterized.parameters(*ALGORITHMS)
+  def test_sharded_over_8_devices_equals_one_device(self, name):
+    self.assertGreaterEqual(jax.device_count(), 8)
+    alg = self.algs[name]
+    state = toys.init_state(alg)
+    results = []
+    for devices in (1, 8):
+      mesh = sharding.make_mesh(devices)
+      rep = sharding.replicated(mesh)
+      size = sharding.padded_cohort_size(4, mesh)
+      cohorts = [toys.cohort([0, 2, 3, 5], size=size, num_clients=6),
+                 toys.cohort([1, 2, 4], size=size, num_clients=6)]
+      apply = jax.jit(alg.apply, in_shardings=(
+          rep, rep, sharding.cohort_sharding(mesh), rep), out_shardings=rep)
+      results.append(_run(apply, state, self.data, cohorts))
+    toys.assert_trees_close(results[0], results[1])
+    self.assertEqual(size, 8)
+
+
+if __name__ == '__main__':
+  absltest.main()

@@ -1,0 +1,170 @@
+"""Tests for experiments.torch_baseline against a NumPy reference."""
+
+import unittest
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+
+try:
+  import torch
+except ImportError:  # torch is the optional `bench` extra.
+  torch = None
+
+if torch is not None:
+  from experiments import torch_baseline
+
+_NUM_CLASSES = 3
+_EXAMPLE_SHAPE = (2, 3, 1)
+
+
+def _data(n, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, *_EXAMPLE_SHAPE)).astype(np.float32)
+  y = rng.integers(0, _NUM_CLASSES, size=n).astype(np.int64)
+  return x, y
+
+
+def _layers(state):
+  """[(W, b), ...] in float64, in layer order, from an nn.Sequential state."""
+  indices = sorted({int(name.split('.')[0]) for name in state})
+  return [(state[f'{i}.weight'].astype(np.float64),
+           state[f'{i}.bias'].astype(np.float64)) for i in indices]
+
+
+def _forward(layers, x):
+  """Logits and each layer's input for a ReLU MLP on flattened x."""
+  inputs = [x.reshape(len(x), -1)]
+  for i, (w, b) in enumerate(layers):
+    z = inputs[-1] @ w.T + b
+    if i == len(layers) - 1:
+      return z, inputs
+    inputs.append(np.maximum(z, 0.0))
+
+
+def _softmax(z):
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _sgd_step(layers, inputs, grad_logits, lr):
+  """Backpropagates d(loss)/d(logits) by hand and takes one SGD step."""
+  grads = []
+  delta = grad_logits
+  for i in reversed(range(len(layers))):
+    w, _ = layers[i]
+    grads.append((delta.T @ inputs[i], delta.sum(0)))
+    # inputs[i] = relu(z), so relu'(z) is (inputs[i] > 0).
+    delta = (delta @ w) * (inputs[i] > 0)
+  grads.reverse()
+  return [(w - lr * gw, b - lr * gb)
+          for (w, b), (gw, gb) in zip(layers, grads)]
+
+
+def _reference_client(student, teacher, x, y, batches, *, client_lr,
+                      teacher_lr, temperature, distill_weight):
+  """One client's local KD in NumPy over the given index batches."""
+  t, w = temperature, distill_weight
+  for idx in batches:
+    xb, onehot = x[idx].astype(np.float64), np.eye(_NUM_CLASSES)[y[idx]]
+    n = len(idx)
+    teacher_logits, teacher_inputs = _forward(teacher, xb)
+    teacher = _sgd_step(teacher, teacher_inputs,
+                        (_softmax(teacher_logits) - onehot) / n, teacher_lr)
+    logits, inputs = _forward(student, xb)
+    # d/ds of T^2 KL(softmax(t/T) || softmax(s/T)) is T (softmax(s/T) -
+    # softmax(t/T)), with the teacher's pre-step logits.
+    grad = ((1 - w) * (_softmax(logits) - onehot)
+            + w * t * (_softmax(logits / t) - _softmax(teacher_logits / t)))
+    student = _sgd_step(student, inputs, grad / n, client_lr)
+  return student, teacher
+
+
+def _assert_layers_close(testcase, state, layers):
+  for (w, b), (ref_w, ref_b) in zip(_layers(state), layers, strict=True):
+    np.testing.assert_allclose(w, ref_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b, ref_b, rtol=1e-5, atol=1e-6)
+  testcase.assertLen(_layers(state), len(layers))
+
+
+_HPARAMS = dict(client_lr=0.3, teacher_lr=0.2, temperature=2.0)
+
+
+@unittest.skipIf(torch is None, 'torch (the `bench` extra) is not installed')
+class TorchLocalKDTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('ce_only_full_batch', 0.0, 1, 16),
+      ('kd_full_batch', 0.4, 1, 7),
+      ('kd_minibatches_partial_last', 0.4, 2, 3),
+  )
+  def test_matches_numpy_reference(self, distill_weight, epochs, batch_size):
+    n, seed = 7, 3
+    x, y = _data(n, seed=0)
+    kd = torch_baseline.TorchLocalKD(
+        [x], [y], _NUM_CLASSES, epochs=epochs, batch_size=batch_size,
+        distill_weight=distill_weight, seed=seed, **_HPARAMS)
+    student = _layers(kd.global_student_state())
+    teacher = _layers(kd.teacher_state(0))
+    # The baseline shuffles with one generator seeded by `seed`.
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(2):  # Two rounds: the teacher persists, the student too.
+      batches = [idx.numpy()
+                 for _ in range(epochs)
+                 for idx in torch.randperm(n, generator=generator).split(
+                     batch_size)]
+      student, teacher = _reference_client(
+          student, teacher, x, y, batches, distill_weight=distill_weight,
+          **_HPARAMS)
+      kd.run_round([0])
+      _assert_layers_close(self, kd.global_student_state(), student)
+      _assert_layers_close(self, kd.teacher_state(0), teacher)
+
+  def test_aggregate_is_example_weighted_mean_of_solo_clients(self):
+    (x0, y0), (x1, y1) = _data(5, seed=1), _data(11, seed=2)
+    # Full batches, so each client's result is independent of shuffling.
+    config = dict(epochs=2, batch_size=11, distill_weight=0.5, seed=4,
+                  **_HPARAMS)
+
+    def round_over(cohort):
+      kd = torch_baseline.TorchLocalKD([x0, x1], [y0, y1], _NUM_CLASSES,
+                                       **config)
+      initial = kd.global_student_state()
+      kd.run_round(cohort)
+      return initial, kd.global_student_state()
+
+    initial, both = round_over([0, 1])
+    _, solo0 = round_over([0])
+    _, solo1 = round_over([1])
+    for name, value in both.items():
+      self.assertFalse(np.allclose(solo0[name], solo1[name]))
+      self.assertFalse(np.allclose(value, initial[name]))
+      np.testing.assert_allclose(
+          value, (5 * solo0[name] + 11 * solo1[name]) / 16, rtol=1e-5,
+          atol=1e-6)
+
+  def test_only_cohort_teachers_train(self):
+    data = [_data(4, seed=s) for s in range(3)]
+    kd = torch_baseline.TorchLocalKD(
+        [x for x, _ in data], [y for _, y in data], _NUM_CLASSES, epochs=1,
+        batch_size=2, distill_weight=0.5, **_HPARAMS)
+    before = [kd.teacher_state(k) for k in range(3)]
+    kd.run_round([2, 0])
+    for k, changed in ((0, True), (1, False), (2, True)):
+      after = kd.teacher_state(k)
+      for name in after:
+        self.assertEqual(
+            not np.array_equal(after[name], before[k][name]), changed,
+            msg=f'client {k} {name}')
+
+  def test_rejects_unknown_client(self):
+    x, y = _data(4, seed=0)
+    kd = torch_baseline.TorchLocalKD([x], [y], _NUM_CLASSES, epochs=1,
+                                     batch_size=2, distill_weight=0.0,
+                                     **_HPARAMS)
+    with self.assertRaisesRegex(ValueError, 'out of range'):
+      kd.run_round([1])
+
+
+if __name__ == '__main__':
+  absltest.main()
