@@ -50,12 +50,11 @@ class Cohort(NamedTuple):
   client_mask: Array
 
 
-class Batches(NamedTuple):
-  """One client's local training data laid out as [steps, batch, ...]."""
-  x: Array
-  y: Array
-  example_mask: Array  # [steps, batch]
-  step_mask: Array  # [steps]
+class Batch(NamedTuple):
+  """One local step's minibatch of one client."""
+  x: Array  # [batch, ...]
+  y: Array  # [batch]
+  example_mask: Array  # [batch], False for padding
 
 
 class ClientOutput(NamedTuple):
@@ -119,31 +118,36 @@ def local_batches(rng: PRNGKey, num_examples: Array, max_examples: int, *,
   return indices.reshape(shape), mask.reshape(shape)
 
 
-def client_batches(data: ClientData, client_id: Array, num_examples: Array,
-                   rng: PRNGKey, *, epochs: int, batch_size: int) -> Batches:
-  """Gathers one client's shuffled local batches from the stacked data."""
-  idx, mask = local_batches(rng, num_examples, data.x.shape[1],
-                            epochs=epochs, batch_size=batch_size)
-  return Batches(x=data.x[client_id, idx], y=data.y[client_id, idx],
-                 example_mask=mask, step_mask=mask.any(axis=1))
-
-
 def tree_where(condition: Array, new: PyTree, old: PyTree) -> PyTree:
   """Leafwise `jnp.where` with a scalar condition."""
   return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
 
 
-def scan_steps(step: Callable[[PyTree, Batches], tuple[PyTree, PyTree]],
-               carry: PyTree, batches: Batches) -> tuple[PyTree, PyTree]:
-  """Runs `step` over local steps; a masked (padded) step keeps the carry.
+def local_training(step: Callable[[PyTree, Batch], tuple[PyTree, PyTree]],
+                   carry: PyTree, data: ClientData, client_id: Array,
+                   num_examples: Array, rng: PRNGKey, *, epochs: int,
+                   batch_size: int) -> tuple[PyTree, PyTree]:
+  """Runs `step` over one client's shuffled minibatches with `lax.scan`.
 
-  Returns the final carry and the per-step outputs summed over steps.
+  A step whose batch is all padding keeps the carry unchanged, so clients of
+  every size share one [steps, batch_size] schedule.
+
+  Returns:
+    The final carry and `step`'s second outputs summed over steps.
   """
-  def body(carry, batch):
-    new_carry, out = step(carry, batch)
-    return tree_where(batch.step_mask, new_carry, carry), out
+  idx, mask = local_batches(rng, num_examples, data.x.shape[1],
+                            epochs=epochs, batch_size=batch_size)
 
-  carry, outs = jax.lax.scan(body, carry, batches)
+  def body(carry, step_idx_mask):
+    step_idx, step_mask = step_idx_mask
+    # Gathering each minibatch inside the step, not all steps up front, saves
+    # materialising (and, under vmap, transposing) a copy of the client data.
+    batch = Batch(x=data.x[client_id, step_idx],
+                  y=data.y[client_id, step_idx], example_mask=step_mask)
+    new_carry, out = step(carry, batch)
+    return tree_where(step_mask.any(), new_carry, carry), out
+
+  carry, outs = jax.lax.scan(body, carry, (idx, mask))
   return carry, jax.tree.map(lambda o: jnp.sum(o, axis=0), outs)
 
 
@@ -157,11 +161,11 @@ def sgd_train(loss_fn: Callable[..., tuple[Array, Any]],
 
 
 def delta_output(server_params: Params, params: Params, num_examples: Array,
-                 state: PyTree, sums: dict[str, Array],
-                 batches: Batches) -> ClientOutput:
+                 state: PyTree, sums: dict[str, Array], *,
+                 epochs: int) -> ClientOutput:
   """`ClientOutput` uploading the model delta, weighted by example count."""
   delta = jax.tree.map(jnp.subtract, params, server_params)
-  metrics = dict(sums, train_examples=jnp.sum(batches.example_mask))
+  metrics = dict(sums, train_examples=num_examples * epochs)
   return ClientOutput(upload=delta, weight=num_examples.astype(jnp.float32),
                       state=state, metrics=metrics)
 

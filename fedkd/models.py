@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from fedkd.errors import FedkdError
+from fedkd.layers import Dense
 
 
 class MLP(nn.Module):
@@ -22,8 +23,8 @@ class MLP(nn.Module):
   def __call__(self, x):
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
-    return nn.Dense(self.num_classes)(x)
+      x = nn.relu(Dense(width)(x))
+    return Dense(self.num_classes)(x)
 
 
 class MnistCNN(nn.Module):
@@ -40,8 +41,8 @@ class MnistCNN(nn.Module):
       x = nn.relu(nn.Conv(features, (5, 5), padding='SAME')(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(512)(x))
-    return nn.Dense(self.num_classes)(x)
+    x = nn.relu(Dense(512)(x))
+    return Dense(self.num_classes)(x)
 
 
 _MODELS: dict[str, Callable[[int], nn.Module]] = {

@@ -34,19 +34,17 @@ def fedavg(*, model: nn.Module, client_tx: optax.GradientTransformation,
 
   def client_update(server_params, client_state, data, client_id,
                     num_examples, rng):
-    batches = clients.client_batches(data, client_id, num_examples, rng,
-                                     epochs=epochs, batch_size=batch_size)
-
     def step(carry, batch):
       params, opt_state, _, per_example = clients.sgd_train(
           loss_fn, client_tx, *carry, batch)
       return (params, opt_state), {
           'student_loss_sum': jnp.sum(per_example * batch.example_mask)}
 
-    (params, _), sums = clients.scan_steps(
-        step, (server_params, client_tx.init(server_params)), batches)
+    (params, _), sums = clients.local_training(
+        step, (server_params, client_tx.init(server_params)), data,
+        client_id, num_examples, rng, epochs=epochs, batch_size=batch_size)
     return clients.delta_output(server_params, params, num_examples,
-                                client_state, sums, batches)
+                                client_state, sums, epochs=epochs)
 
   return algorithm.build(init, client_update,
                          algorithm.averaging_server_update(server_tx))

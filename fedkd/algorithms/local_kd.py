@@ -78,9 +78,6 @@ def local_kd(*, teacher: nn.Module, student: nn.Module, input_shape,
 
   def client_update(server_params, client_state, data, client_id,
                     num_examples, rng):
-    batches = clients.client_batches(data, client_id, num_examples, rng,
-                                     epochs=epochs, batch_size=batch_size)
-
     def step(carry, batch):
       teacher_params, teacher_opt, params, opt_state = carry
       teacher_params, teacher_opt, _, (teacher_ex, teacher_logits) = (
@@ -94,10 +91,11 @@ def local_kd(*, teacher: nn.Module, student: nn.Module, input_shape,
           'student_loss_sum': jnp.sum(student_ex * mask)}
 
     carry = (*client_state, server_params, client_tx.init(server_params))
-    (*teacher_state, params, _), sums = clients.scan_steps(step, carry,
-                                                           batches)
+    (*teacher_state, params, _), sums = clients.local_training(
+        step, carry, data, client_id, num_examples, rng, epochs=epochs,
+        batch_size=batch_size)
     return clients.delta_output(server_params, params, num_examples,
-                                tuple(teacher_state), sums, batches)
+                                tuple(teacher_state), sums, epochs=epochs)
 
   return algorithm.build(init, client_update,
                          algorithm.averaging_server_update(server_tx))

@@ -1,0 +1,179 @@
+"""Seconds per federated round: fedkd's vmapped round against per-client loops.
+
+    python experiments/benchmark.py [--clients=10,100,1000] [--rounds=5]
+
+For each cohort size, the same local-KD round (seed teacher and student, 50
+examples of 8x8x1 per client, E=1, B=10, 10 classes) is run by
+
+  (a) fedkd: one jitted call, all clients vmapped;
+  (b) loop:  a Python loop over clients, each calling the same one-client
+             update jitted for a single client (FedJAX's execution model).
+             Per-client state, keys and ids are prepared outside the timing;
+  (c) torch: a plain PyTorch loop over clients (`experiments/torch_baseline`),
+             when torch is installed (the `bench` extra).
+
+It prints the median seconds per round over `--rounds` rounds after a warm-up
+round (compile time separately), the ratios, achieved GFLOP/s (XLA's FLOP count
+of the vmapped round, the same work for every arm) and one JSON line. Timings
+are noisy; only ratios measured side by side in one run mean much.
+"""
+
+import json
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedkd import algorithm
+from fedkd import clients
+from fedkd import models
+from fedkd.algorithms import local_kd
+
+_CLIENTS = flags.DEFINE_list('clients', ['10', '100', '1000'],
+                             'Cohort sizes to time.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed rounds per arm.')
+_EXAMPLES = flags.DEFINE_integer('examples', 50, 'Examples per client.')
+_TORCH = flags.DEFINE_bool('torch', True, 'Time baseline (c) if torch is '
+                           'installed.')
+_TORCH_THREADS = flags.DEFINE_integer(
+    'torch_threads', 1, 'torch.set_num_threads for (c); 1 is fastest here '
+    'for these small models.')
+
+INPUT_SHAPE, NUM_CLASSES, EPOCHS, BATCH = (8, 8, 1), 10, 1, 10
+HPARAMS = dict(client_lr=0.05, teacher_lr=0.05, temperature=2.0,
+               distill_weight=0.5)
+
+
+def _median_seconds(fn, rounds):
+  fn()  # warm-up
+  times = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _setup(num_clients):
+  rng = np.random.default_rng(0)
+  n = _EXAMPLES.value
+  x = rng.random((num_clients, n, *INPUT_SHAPE), np.float32)
+  y = rng.integers(0, NUM_CLASSES, (num_clients, n)).astype(np.int32)
+  data = clients.ClientData(x=jnp.asarray(x), y=jnp.asarray(y),
+                            num_examples=jnp.full((num_clients,), n, jnp.int32))
+  student = models.get_model('seed_student', NUM_CLASSES)
+  alg = local_kd(
+      teacher=models.get_model('seed_teacher', NUM_CLASSES), student=student,
+      input_shape=INPUT_SHAPE, num_clients=num_clients,
+      client_tx=optax.sgd(HPARAMS['client_lr']),
+      teacher_tx=optax.sgd(HPARAMS['teacher_lr']), server_tx=optax.sgd(1.0),
+      epochs=EPOCHS, batch_size=BATCH,
+      temperature=HPARAMS['temperature'],
+      distill_weight=HPARAMS['distill_weight'])
+  params = student.init(jax.random.PRNGKey(0), jnp.zeros((1, *INPUT_SHAPE)))
+  state = alg.init(params, jax.random.PRNGKey(1))
+  return alg, state, data, (x, y)
+
+
+def time_vmapped(alg, state, data, rounds):
+  """(a): returns (seconds per round, compile seconds, XLA FLOPs per round)."""
+  k = data.num_clients
+  cohort = clients.Cohort(client_ids=jnp.arange(k, dtype=jnp.int32),
+                          client_mask=jnp.ones(k, bool))
+  rng = jax.random.PRNGKey(2)
+  start = time.perf_counter()
+  compiled = jax.jit(alg.apply, donate_argnums=0).lower(
+      state, data, cohort, rng).compile()
+  compile_seconds = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  carry = [jax.tree.map(jnp.copy, state)]  # the round donates its input
+
+  def one_round():
+    carry[0], _ = compiled(carry[0], data, cohort, rng)
+    jax.block_until_ready(carry[0])
+
+  return (_median_seconds(one_round, rounds), compile_seconds,
+          float(cost.get('flops', 0.0)))
+
+
+def time_loop(alg, state, data, rounds):
+  """(b): a Python loop of single-client jitted updates, FedJAX style."""
+  k = data.num_clients
+  client_update = jax.jit(alg.client_update)
+  mean = jax.jit(lambda uploads, w: jax.tree.map(
+      lambda u: jnp.tensordot(w, u, axes=1) / jnp.sum(w), uploads))
+  server_update = jax.jit(alg.server_update)
+  # A loop simulator keeps each client's state and inputs apart, ready to use.
+  states = [jax.tree.map(lambda s, i=i: s[i], state.clients) for i in range(k)]
+  ids = [jnp.int32(i) for i in range(k)]
+  sizes = [data.num_examples[i] for i in range(k)]
+  keys = [jax.random.fold_in(jax.random.PRNGKey(2), i) for i in range(k)]
+  carry = [state]
+
+  def one_round():
+    server = carry[0]
+    uploads, weights = [], []
+    for i in range(k):
+      out = client_update(server.params, states[i], data, ids[i], sizes[i],
+                          keys[i])
+      states[i] = out.state
+      uploads.append(out.upload)
+      weights.append(out.weight)
+    stacked = jax.tree.map(lambda *u: jnp.stack(u), *uploads)
+    carry[0] = server_update(server, mean(stacked, jnp.stack(weights)))
+    jax.block_until_ready(carry[0])
+
+  return _median_seconds(one_round, rounds)
+
+
+def time_torch(arrays, rounds):
+  """(c): plain PyTorch loop over clients, or None without torch."""
+  try:
+    from experiments import torch_baseline  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  x, y = arrays
+  sim = torch_baseline.TorchLocalKD(
+      list(x), list(y.astype(np.int64)), NUM_CLASSES, epochs=EPOCHS,
+      batch_size=BATCH, num_threads=_TORCH_THREADS.value, **HPARAMS)
+  cohort = list(range(len(x)))
+  return _median_seconds(lambda: sim.run_round(cohort), rounds)
+
+
+def main(argv):
+  del argv
+  print(f'backend: {jax.default_backend()}, devices: {jax.device_count()} x '
+        f'{jax.devices()[0].device_kind}')
+  results = []
+  for num_clients in map(int, _CLIENTS.value):
+    alg, state, data, arrays = _setup(num_clients)
+    vmapped, compile_s, flops = time_vmapped(alg, state, data, _ROUNDS.value)
+    looped = time_loop(alg, state, data, _ROUNDS.value)
+    torch_s = (time_torch(arrays, _ROUNDS.value) if _TORCH.value else None)
+    results.append(dict(
+        clients=num_clients, vmapped_s=vmapped, compile_s=compile_s,
+        loop_s=looped, torch_s=torch_s, loop_over_vmapped=looped / vmapped,
+        torch_over_vmapped=torch_s and torch_s / vmapped,
+        gflops_per_round=flops / 1e9, vmapped_gflop_s=flops / 1e9 / vmapped))
+  header = ('clients | vmapped s | compile s | loop s | torch s | loop/vmapped'
+            ' | torch/vmapped | GFLOP/s (a)')
+  print(header)
+  print('-' * len(header))
+  for r in results:
+    torch_cells = ((f'{r["torch_s"]:.4f}', f'{r["torch_over_vmapped"]:.1f}x')
+                   if r['torch_s'] else ('-', '-'))
+    print(f'{r["clients"]:7d} | {r["vmapped_s"]:9.4f} | {r["compile_s"]:9.2f}'
+          f' | {r["loop_s"]:6.4f} | {torch_cells[0]:>7} | '
+          f'{r["loop_over_vmapped"]:11.1f}x | {torch_cells[1]:>13} | '
+          f'{r["vmapped_gflop_s"]:11.2f}')
+  print(json.dumps(results))
+
+
+if __name__ == '__main__':
+  app.run(main)
