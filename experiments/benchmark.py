@@ -1,6 +1,12 @@
 """Seconds per federated round: fedkd's vmapped round against per-client loops.
 
-    python experiments/benchmark.py [--clients=10,100,1000] [--rounds=5]
+    python -m experiments.benchmark [--clients=10,100,1000] [--rounds=5]
+
+On CPU, splitting the cores into several XLA devices lets (a) shard the cohort
+over a `clients` mesh and run the shards in parallel:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+        python -m experiments.benchmark
 
 For each cohort size, the same local-KD round (seed teacher and student, 50
 examples of 8x8x1 per client, E=1, B=10, 10 classes) is run by
@@ -13,9 +19,10 @@ examples of 8x8x1 per client, E=1, B=10, 10 classes) is run by
              when torch is installed (the `bench` extra).
 
 It prints the median seconds per round over `--rounds` rounds after a warm-up
-round (compile time separately), the ratios, achieved GFLOP/s (XLA's FLOP count
-of the vmapped round, the same work for every arm) and one JSON line. Timings
-are noisy; only ratios measured side by side in one run mean much.
+round (compile time separately), the ratios, achieved GFLOP/s of (a) (the
+matmul FLOPs of the round, counted from the layer shapes: the same work for
+every arm) and one JSON line. (a) uses all visible devices; (b) and (c) one.
+Timings are noisy; only ratios measured side by side in one run mean much.
 """
 
 import json
@@ -32,6 +39,7 @@ import optax
 from fedkd import algorithm
 from fedkd import clients
 from fedkd import models
+from fedkd import sharding
 from fedkd.algorithms import local_kd
 
 _CLIENTS = flags.DEFINE_list('clients', ['10', '100', '1000'],
@@ -80,26 +88,49 @@ def _setup(num_clients):
   return alg, state, data, (x, y)
 
 
+def _matmul_flops(params, train: bool) -> int:
+  """FLOPs of one example through an MLP: forward, plus backward if `train`.
+
+  Per [in, out] kernel: 2*in*out forward, 2*in*out for its gradient and
+  2*in*out for the input gradient, which the first layer does not need.
+  """
+  kernels = [p for p in jax.tree.leaves(params) if p.ndim == 2]
+  forward = sum(2 * k.size for k in kernels)
+  return forward if not train else 2 * forward + forward - 2 * kernels[0].size
+
+
+def round_flops(state, num_clients) -> float:
+  """Matmul FLOPs of one local-KD round of the benchmark's cohort."""
+  teacher = jax.tree.map(lambda t: t[0], state.clients[0])
+  per_example = (_matmul_flops(teacher, train=True) +
+                 _matmul_flops(state.params, train=True))
+  return float(per_example * _EXAMPLES.value * EPOCHS * num_clients)
+
+
 def time_vmapped(alg, state, data, rounds):
-  """(a): returns (seconds per round, compile seconds, XLA FLOPs per round)."""
+  """(a): returns (seconds per round, compile seconds), sharded over all
+  visible devices."""
+  mesh = sharding.make_mesh()
+  rep, split = sharding.replicated(mesh), sharding.cohort_sharding(mesh)
   k = data.num_clients
-  cohort = clients.Cohort(client_ids=jnp.arange(k, dtype=jnp.int32),
-                          client_mask=jnp.ones(k, bool))
+  size, _ = sharding.cohort_layout(k, mesh)
+  cohort = jax.device_put(clients.Cohort(
+      client_ids=jnp.where(jnp.arange(size) < k, jnp.arange(size), k),
+      client_mask=jnp.arange(size) < k), split)
+  state, data = jax.device_put((state, data), rep)
   rng = jax.random.PRNGKey(2)
   start = time.perf_counter()
-  compiled = jax.jit(alg.apply, donate_argnums=0).lower(
-      state, data, cohort, rng).compile()
+  compiled = jax.jit(
+      alg.apply, donate_argnums=0, in_shardings=(rep, rep, split, rep),
+      out_shardings=rep).lower(state, data, cohort, rng).compile()
   compile_seconds = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
   carry = [jax.tree.map(jnp.copy, state)]  # the round donates its input
 
   def one_round():
     carry[0], _ = compiled(carry[0], data, cohort, rng)
     jax.block_until_ready(carry[0])
 
-  return (_median_seconds(one_round, rounds), compile_seconds,
-          float(cost.get('flops', 0.0)))
+  return _median_seconds(one_round, rounds), compile_seconds
 
 
 def time_loop(alg, state, data, rounds):
@@ -135,9 +166,10 @@ def time_loop(alg, state, data, rounds):
 def time_torch(arrays, rounds):
   """(c): plain PyTorch loop over clients, or None without torch."""
   try:
-    from experiments import torch_baseline  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     return None
+  from experiments import torch_baseline  # pylint: disable=g-import-not-at-top
   x, y = arrays
   sim = torch_baseline.TorchLocalKD(
       list(x), list(y.astype(np.int64)), NUM_CLASSES, epochs=EPOCHS,
@@ -153,8 +185,10 @@ def main(argv):
   results = []
   for num_clients in map(int, _CLIENTS.value):
     alg, state, data, arrays = _setup(num_clients)
-    vmapped, compile_s, flops = time_vmapped(alg, state, data, _ROUNDS.value)
-    looped = time_loop(alg, state, data, _ROUNDS.value)
+    vmapped, compile_s = time_vmapped(alg, state, data, _ROUNDS.value)
+    flops = round_flops(state, num_clients)
+    looped = time_loop(alg, jax.device_put(state, jax.devices()[0]),
+                       jax.device_put(data, jax.devices()[0]), _ROUNDS.value)
     torch_s = (time_torch(arrays, _ROUNDS.value) if _TORCH.value else None)
     results.append(dict(
         clients=num_clients, vmapped_s=vmapped, compile_s=compile_s,

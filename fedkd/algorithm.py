@@ -69,7 +69,7 @@ def _one_client(client_update: ClientUpdate, server_params, data, rng,
 
 
 def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
-               map_fn: MapFn = map_clients):
+               map_fn: MapFn = map_clients, clients_per_chunk: int = 0):
   """Builds `apply`: run the cohort's clients, average uploads, update server.
 
   Args:
@@ -79,33 +79,68 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
       client_id, num_examples, client_state)` is mapped over the last three
       (stacked) arguments: `map_clients` (vmap, the default) or a per-client
       loop (`fedkd.loop.python_map`) for reference runs.
+    clients_per_chunk: if > 0 and smaller than the cohort, clients run in
+      chunks of this many (a `lax.scan` over chunks, each vmapped) and only
+      running weighted sums are kept, so memory is bounded by the chunk. The
+      cohort size must be a multiple of it.
 
   Returns:
     `apply(state, data, cohort, rng) -> (state, metrics)`.
   """
-
   mapped = map_fn(functools.partial(_one_client, client_update), 3)
+
+  def run_chunk(state, data, rng, clients, ids, mask):
+    """Trains one chunk of clients; returns their reduced contribution."""
+    # Padded slots read client num_clients - 1's rows but train on 0 examples.
+    safe_ids = jnp.minimum(ids, data.num_clients - 1)
+    num_examples = jnp.where(mask, data.num_examples[safe_ids], 0)
+    chunk_states = jax.tree.map(lambda s: s[safe_ids], clients)
+    out = mapped(state.params, data, rng, safe_ids, num_examples,
+                 chunk_states)
+    weights = out.weight * mask
+    sums = {name: jnp.sum(jnp.where(mask, value, 0))
+            for name, value in out.metrics.items()}
+    clients = jax.tree.map(lambda s, new: s.at[ids].set(new, mode='drop'),
+                           clients, out.state)
+    return (aggregation.weighted_sum(out.upload, weights), jnp.sum(weights),
+            sums, clients)
 
   def apply(state: ServerState, data: ClientData, cohort: Cohort,
             rng: PRNGKey) -> tuple[ServerState, Metrics]:
-    # Padded slots read client num_clients - 1's rows but train on 0 examples.
-    ids = jnp.minimum(cohort.client_ids, data.num_clients - 1)
-    num_examples = jnp.where(cohort.client_mask, data.num_examples[ids], 0)
-    cohort_states = jax.tree.map(lambda s: s[ids], state.clients)
-    out = mapped(state.params, data, rng, ids, num_examples, cohort_states)
-    weights = out.weight * cohort.client_mask
-    new_state = server_update(
-        state, aggregation.weighted_mean(out.upload, weights))
-    clients = jax.tree.map(
-        lambda s, new: s.at[cohort.client_ids].set(new, mode='drop'),
-        state.clients, out.state)
+    size = cohort.client_ids.shape[0]
+    chunk = clients_per_chunk if 0 < clients_per_chunk < size else size
+    if size % chunk:
+      raise ValueError(f'cohort size {size} is not a multiple of '
+                       f'clients_per_chunk={chunk}')
+    if chunk == size:
+      total, weight, sums, clients = run_chunk(
+          state, data, rng, state.clients, cohort.client_ids,
+          cohort.client_mask)
+    else:
+      # Chunk j holds slots j, j + n, j + 2n, ...: reshaping [size] to
+      # [chunk, n] keeps each chunk split across the devices of the cohort.
+      n = size // chunk
+      chunked = jax.tree.map(lambda a: a.reshape(chunk, n).T, cohort)
+
+      def body(carry, ids_mask):
+        total, weight, sums, clients = carry
+        t, w, s, clients = run_chunk(state, data, rng, clients, *ids_mask)
+        add = lambda a, b: jax.tree.map(jnp.add, a, b)
+        return (add(total, t), weight + w, add(sums, s), clients), None
+
+      shapes = jax.eval_shape(lambda: run_chunk(
+          state, data, rng, state.clients, chunked[0][0], chunked[1][0]))
+      init = jax.tree.map(lambda z: jnp.zeros(z.shape, z.dtype), shapes[:3])
+      (total, weight, sums, clients), _ = jax.lax.scan(
+          body, (*init, state.clients), chunked)
+    mean = jax.tree.map(
+        lambda t: t / jnp.maximum(weight, 1e-12).astype(t.dtype), total)
+    new_state = server_update(state, mean)
     num_reporting = jnp.sum(cohort.client_mask)
-    upload = jax.tree.map(lambda u: u[0], out.upload)
-    metrics = {name: jnp.sum(jnp.where(cohort.client_mask, value, 0))
-               for name, value in out.metrics.items()}
-    metrics['clients'] = num_reporting
-    metrics['upload_bytes'] = num_reporting * _tree_bytes(upload)
-    metrics['download_bytes'] = num_reporting * _tree_bytes(state.params)
+    metrics = dict(sums, clients=num_reporting,
+                   # The summed upload has the shape of one client's upload.
+                   upload_bytes=num_reporting * _tree_bytes(total),
+                   download_bytes=num_reporting * _tree_bytes(state.params))
     return new_state.replace(clients=clients, round=state.round + 1), metrics
 
   return apply

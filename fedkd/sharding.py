@@ -28,7 +28,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def padded_cohort_size(clients_per_round: int, mesh: Mesh) -> int:
-  """Cohort slots: clients per round rounded up to a multiple of devices."""
+def cohort_layout(clients_per_round: int, mesh: Mesh,
+                  clients_per_chunk: int = 0) -> tuple[int, int]:
+  """Cohort slots and chunk size for a round on `mesh`.
+
+  Both are rounded up to a multiple of the device count (padding slots have
+  weight 0), and the cohort to a whole number of chunks.
+
+  Returns:
+    (cohort_size, chunk); chunk is 0 when the cohort runs as one chunk.
+  """
   d = mesh.size
-  return -(-clients_per_round // d) * d
+  round_up = lambda n, m: -(-n // m) * m
+  if 0 < clients_per_chunk < clients_per_round:
+    chunk = round_up(clients_per_chunk, d)
+    if chunk < clients_per_round:
+      return round_up(clients_per_round, chunk), chunk
+  return round_up(clients_per_round, d), 0

@@ -13,16 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from fedkd import algorithm
+from fedkd import algorithms
 from fedkd import clients
 from fedkd import data
 from fedkd import metrics as metrics_lib
-from fedkd import models
-from fedkd import optimizers
 from fedkd import partition
 from fedkd import sharding
 from fedkd import validation
-from fedkd.algorithms import fedavg
-from fedkd.algorithms import local_kd
 
 # Columns of the final table: (metrics.jsonl key, header, format).
 _TABLE = (('round', 'round', '{:d}'),
@@ -31,28 +29,6 @@ _TABLE = (('round', 'round', '{:d}'),
           ('teacher_accuracy', 'teacher acc', '{:.4f}'),
           ('upload_bytes', 'upload MB', '{:.3f}'),
           ('round_seconds', 'round s', '{:.4f}'))
-
-
-def build_algorithm(config, input_shape, num_classes):
-  """The configured algorithm and its (student, teacher or None) models."""
-  student = models.get_model(config.student, num_classes)
-  client_tx = optimizers.get_optimizer(config.client_optimizer,
-                                       config.client_lr)
-  server_tx = optimizers.get_optimizer(config.server_optimizer,
-                                       config.server_lr)
-  common = dict(client_tx=client_tx, server_tx=server_tx,
-                epochs=config.local_epochs, batch_size=config.batch_size)
-  if config.algorithm == 'fedavg':
-    return fedavg(model=student, **common), student, None
-  teacher = models.get_model(config.teacher, num_classes)
-  alg = local_kd(
-      teacher=teacher, student=student, input_shape=input_shape,
-      num_clients=config.num_clients,
-      teacher_tx=optimizers.get_optimizer(config.client_optimizer,
-                                          config.teacher_lr),
-      temperature=config.temperature, distill_weight=config.distill_weight,
-      **common)
-  return alg, student, teacher
 
 
 def _format_table(rows) -> str:
@@ -95,8 +71,8 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
   print(partition.describe(dataset.y_train, parts, dataset.num_classes))
 
   input_shape = dataset.x_train.shape[1:]
-  alg, student, teacher = build_algorithm(config, input_shape,
-                                          dataset.num_classes)
+  built = algorithms.build(config, input_shape, dataset.num_classes)
+  alg, student, teacher = built.algorithm, built.student, built.teacher
   key = jax.random.PRNGKey(config.seed)
   replicated = sharding.replicated(mesh)
   cohort_sharding = sharding.cohort_sharding(mesh)
@@ -108,7 +84,8 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
   state = jax.device_put(
       jax.jit(alg.init)(params, jax.random.fold_in(key, 1)), replicated)
 
-  cohort_size = sharding.padded_cohort_size(config.clients_per_round, mesh)
+  cohort_size, chunk = sharding.cohort_layout(
+      config.clients_per_round, mesh, config.clients_per_chunk)
 
   def cohort_for(round_index):
     rng = np.random.default_rng([config.seed, round_index])
@@ -119,8 +96,10 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
 
   round_key = jax.random.fold_in(key, 2)
   start = time.perf_counter()
+  round_fn = algorithm.make_round(alg.client_update, alg.server_update,
+                                  clients_per_chunk=chunk)
   apply = jax.jit(
-      alg.apply, donate_argnums=0,
+      round_fn, donate_argnums=0,
       in_shardings=(replicated, replicated, cohort_sharding, replicated),
       out_shardings=replicated).lower(
           state, client_data, cohort_for(0), round_key).compile()
@@ -164,7 +143,7 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
           row[f'{name}_train_loss'] = float(m[f'{name}_loss_sum']) / examples
       if eval_teachers:
         teacher_params = jax.tree.map(lambda t: t[:num_eval_teachers],
-                                      state.clients[0])
+                                      built.teachers(state))
         _, teacher_acc = eval_teachers(teacher_params)
         row['teacher_accuracy'] = float(jnp.mean(teacher_acc))
       out.write(json.dumps(row) + '\n')

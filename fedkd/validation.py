@@ -35,6 +35,9 @@ def validate_config(config) -> None:
   if config.num_devices < 0:
     raise FedkdError(f'num_devices must be >= 0 (0 = all devices), got '
                      f'{config.num_devices}')
+  if config.clients_per_chunk < 0:
+    raise FedkdError(f'clients_per_chunk must be >= 0 (0 = the whole cohort '
+                     f'at once), got {config.clients_per_chunk}')
   if config.eval_teachers < 0:
     raise FedkdError(f'eval_teachers must be >= 0, got {config.eval_teachers}')
   if config.clients_per_round > config.num_clients:

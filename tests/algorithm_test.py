@@ -5,6 +5,7 @@ from absl.testing import parameterized
 import jax
 import numpy as np
 
+from fedkd import algorithm
 from fedkd import loop
 from fedkd import sharding
 import toys
@@ -93,7 +94,7 @@ class RoundTest(parameterized.TestCase):
     for devices in (1, 8):
       mesh = sharding.make_mesh(devices)
       rep = sharding.replicated(mesh)
-      size = sharding.padded_cohort_size(4, mesh)
+      size, _ = sharding.cohort_layout(4, mesh)
       cohorts = [toys.cohort([0, 2, 3, 5], size=size, num_clients=6),
                  toys.cohort([1, 2, 4], size=size, num_clients=6)]
       apply = jax.jit(alg.apply, in_shardings=(
@@ -101,6 +102,34 @@ class RoundTest(parameterized.TestCase):
       results.append(_run(apply, state, self.data, cohorts))
     toys.assert_trees_close(results[0], results[1])
     self.assertEqual(size, 8)
+
+  @parameterized.parameters(*ALGORITHMS)
+  def test_chunked_equals_unchunked(self, name):
+    alg = self.algs[name]
+    state = toys.init_state(alg)
+    whole = _run(jax.jit(alg.apply), state, self.data, self.cohorts)
+    chunked = algorithm.make_round(alg.client_update, alg.server_update,
+                                   clients_per_chunk=2)
+    toys.assert_trees_close(
+        whole, _run(jax.jit(chunked), state, self.data, self.cohorts))
+
+  def test_chunked_and_sharded_equals_plain(self):
+    alg = self.algs['local_kd']
+    state = toys.init_state(alg)
+    mesh = sharding.make_mesh(2)
+    size, chunk = sharding.cohort_layout(5, mesh, clients_per_chunk=1)
+    self.assertEqual((size, chunk), (6, 2))
+    rep = sharding.replicated(mesh)
+    apply = jax.jit(
+        algorithm.make_round(alg.client_update, alg.server_update,
+                             clients_per_chunk=chunk),
+        in_shardings=(rep, rep, sharding.cohort_sharding(mesh), rep),
+        out_shardings=rep)
+    ids = [0, 1, 2, 4, 5]
+    sharded = _run(apply, state, self.data,
+                   [toys.cohort(ids, size=size, num_clients=6)])
+    plain = _run(jax.jit(alg.apply), state, self.data, [toys.cohort(ids)])
+    toys.assert_trees_close(plain, sharded)
 
 
 if __name__ == '__main__':
