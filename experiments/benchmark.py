@@ -72,8 +72,9 @@ def _setup(num_clients):
   n = _EXAMPLES.value
   x = rng.random((num_clients, n, *INPUT_SHAPE), np.float32)
   y = rng.integers(0, NUM_CLASSES, (num_clients, n)).astype(np.int32)
-  data = clients.ClientData(x=jnp.asarray(x), y=jnp.asarray(y),
-                            num_examples=jnp.full((num_clients,), n, jnp.int32))
+  data = jax.tree.map(jnp.asarray, clients.stack_clients(
+      x.reshape(-1, *INPUT_SHAPE), y.reshape(-1),
+      np.arange(num_clients * n).reshape(num_clients, n)))
   student = models.get_model('seed_student', NUM_CLASSES)
   alg = local_kd(
       teacher=models.get_model('seed_teacher', NUM_CLASSES), student=student,

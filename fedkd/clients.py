@@ -21,17 +21,25 @@ CLIENTS_AXIS = 'clients'
 
 
 class ClientData(struct.PyTreeNode):
-  """Every client's examples, stacked and padded to the largest client.
+  """Every client's examples, stored back to back.
+
+  Flat storage keeps memory proportional to the number of examples, however
+  skewed the client sizes (power-law or Dirichlet partitions); only the local
+  step schedule is padded, to `max_examples`.
 
   Attributes:
-    x: [num_clients, max_examples, ...] features; rows past a client's count
-      are padding.
-    y: [num_clients, max_examples] integer labels.
-    num_examples: [num_clients] int32, how many rows of each client are real.
+    x: [total_examples, ...] features, client after client.
+    y: [total_examples] integer labels.
+    offsets: [num_clients] int32, the row where each client's examples start.
+    num_examples: [num_clients] int32, how many rows each client has.
+    max_examples: the largest client's size (static: it sets the number of
+      local steps per epoch).
   """
   x: Array
   y: Array
+  offsets: Array
   num_examples: Array
+  max_examples: int = struct.field(pytree_node=False)
 
   @property
   def num_clients(self) -> int:
@@ -135,15 +143,17 @@ def local_training(step: Callable[[PyTree, Batch], tuple[PyTree, PyTree]],
   Returns:
     The final carry and `step`'s second outputs summed over steps.
   """
-  idx, mask = local_batches(rng, num_examples, data.x.shape[1],
+  idx, mask = local_batches(rng, num_examples, data.max_examples,
                             epochs=epochs, batch_size=batch_size)
+  last_row = data.x.shape[0] - 1
 
   def body(carry, step_idx_mask):
     step_idx, step_mask = step_idx_mask
     # Gathering each minibatch inside the step, not all steps up front, saves
     # materialising (and, under vmap, transposing) a copy of the client data.
-    batch = Batch(x=data.x[client_id, step_idx],
-                  y=data.y[client_id, step_idx], example_mask=step_mask)
+    # Padding slots read some valid row; their mask is False.
+    rows = jnp.minimum(data.offsets[client_id] + step_idx, last_row)
+    batch = Batch(x=data.x[rows], y=data.y[rows], example_mask=step_mask)
     new_carry, out = step(carry, batch)
     return tree_where(step_mask.any(), new_carry, carry), out
 
@@ -171,7 +181,7 @@ def delta_output(server_params: Params, params: Params, num_examples: Array,
 
 
 def stack_clients(x, y, parts) -> ClientData:
-  """Stacks a partition (one index array per client) into padded arrays.
+  """Lays a partition (one index array per client) out as `ClientData`.
 
   Args:
     x: [num_examples, ...] features (numpy).
@@ -179,17 +189,13 @@ def stack_clients(x, y, parts) -> ClientData:
     parts: one index array per client.
 
   Returns:
-    `ClientData` with numpy leaves; rows past a client's count are zeros.
+    `ClientData` with numpy leaves.
   """
   counts = np.array([len(p) for p in parts], np.int32)
-  rows = np.zeros((len(parts), counts.max()), np.int64)
-  for i, p in enumerate(parts):
-    rows[i, :len(p)] = p
-  valid = np.arange(counts.max()) < counts[:, None]
-  return ClientData(x=np.where(valid.reshape(valid.shape + (1,) * (x.ndim - 1)),
-                               x[rows], 0).astype(x.dtype),
-                    y=np.where(valid, y[rows], 0).astype(np.int32),
-                    num_examples=counts)
+  order = np.concatenate(parts).astype(np.int64)
+  offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
+  return ClientData(x=x[order], y=y[order].astype(np.int32), offsets=offsets,
+                    num_examples=counts, max_examples=int(counts.max()))
 
 
 def sample_cohort(rng: np.random.Generator, num_clients: int,

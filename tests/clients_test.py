@@ -32,14 +32,16 @@ class LocalBatchesTest(parameterized.TestCase):
 
 class StackAndSampleTest(absltest.TestCase):
 
-  def test_stack_clients_pads_with_zeros(self):
+  def test_stack_clients_lays_clients_back_to_back(self):
     x = np.arange(10, dtype=np.float32).reshape(5, 2)
     y = np.arange(5)
-    data = clients.stack_clients(x, y, [np.array([4, 0]), np.array([2])])
-    np.testing.assert_array_equal(data.num_examples, [2, 1])
-    np.testing.assert_array_equal(data.x[0], x[[4, 0]])
-    np.testing.assert_array_equal(data.x[1], [x[2], [0, 0]])
-    np.testing.assert_array_equal(data.y, [[4, 0], [2, 0]])
+    data = clients.stack_clients(
+        x, y, [np.array([4, 0]), np.array([2]), np.array([1, 3])])
+    np.testing.assert_array_equal(data.num_examples, [2, 1, 2])
+    np.testing.assert_array_equal(data.offsets, [0, 2, 3])
+    np.testing.assert_array_equal(data.x, x[[4, 0, 2, 1, 3]])
+    np.testing.assert_array_equal(data.y, [4, 0, 2, 1, 3])
+    self.assertEqual(data.max_examples, 2)
 
   def test_sample_cohort(self):
     cohort = clients.sample_cohort(np.random.default_rng(0), 10, 4, 8)

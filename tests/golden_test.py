@@ -41,9 +41,10 @@ def _sgd(w, b, x, dlogits, lr):
 
 
 def _client_arrays(data, k):
-  n = int(data.num_examples[k])
-  return (np.asarray(data.x[k, :n], np.float64).reshape(n, -1),
-          np.asarray(data.y[k, :n]))
+  start, n = int(data.offsets[k]), int(data.num_examples[k])
+  rows = slice(start, start + n)
+  return (np.asarray(data.x[rows], np.float64).reshape(n, -1),
+          np.asarray(data.y[rows]))
 
 
 class GoldenTest(absltest.TestCase):

@@ -16,16 +16,19 @@ NUM_CLASSES = 3
 
 
 def toy_data(sizes, seed=0, pad_to=None) -> clients.ClientData:
-  """Random client data with the given client sizes, padded to `pad_to`."""
+  """Random client data with the given client sizes.
+
+  `pad_to` raises `max_examples`, so every epoch gets extra padded steps.
+  """
   rng = np.random.default_rng(seed)
-  max_n = pad_to or max(sizes)
-  x = np.zeros((len(sizes), max_n, *INPUT_SHAPE), np.float32)
-  y = np.zeros((len(sizes), max_n), np.int32)
-  for k, n in enumerate(sizes):
-    x[k, :n] = rng.normal(size=(n, *INPUT_SHAPE))
-    y[k, :n] = rng.integers(0, NUM_CLASSES, n)
-  return clients.ClientData(x=jnp.asarray(x), y=jnp.asarray(y),
-                            num_examples=jnp.asarray(sizes, jnp.int32))
+  n = sum(sizes)
+  x = rng.normal(size=(n, *INPUT_SHAPE)).astype(np.float32)
+  y = rng.integers(0, NUM_CLASSES, n).astype(np.int32)
+  bounds = np.cumsum([0, *sizes])
+  data = clients.stack_clients(
+      x, y, [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
+  return jax.tree.map(jnp.asarray, data.replace(
+      max_examples=pad_to or data.max_examples))
 
 
 def cohort(ids, size=None, num_clients=None) -> clients.Cohort:

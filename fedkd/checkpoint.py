@@ -1,0 +1,220 @@
+"""Checkpoints of a run: the server state pytree plus JSON host-side data.
+
+Each checkpoint is a step directory `<directory>/<step>/` holding two orbax
+items: `state` (the array pytree, OCDBT/zarr via `StandardSave`) and `meta`
+(one JSON document: metric rows, round, config, ...).
+
+Atomicity comes from orbax (0.12.x, local filesystem): a save writes
+everything into `<step>.orbax-checkpoint-tmp/`, writes `commit_success.txt`
+and only then renames the directory to `<step>/`. Only directories named
+by a bare step number count as checkpoints, so a save killed at any point
+leaves a tmp directory that is never loaded (and that orbax deletes when
+the next `Checkpointer` on the directory saves). On GCS, where renames are
+not atomic, orbax writes in place and `commit_success.txt` alone marks the
+step final.
+
+`restore` still treats every step as untrusted: it checks the stored tree's
+leaf paths, shapes and dtypes against the target before reading arrays, and
+falls back to older steps when the newest cannot be loaded.
+"""
+
+import json
+import os
+import re
+
+from absl import logging
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fedkd.errors import FedkdError
+from fedkd.typing import PyTree
+
+_STATE = 'state'
+_META = 'meta'
+
+
+class Checkpointer:
+  """Saves and restores `(step, state, meta)` under one directory.
+
+  Not safe for several processes writing one directory at the same time; a
+  run owns its checkpoint directory.
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = 2):
+    """Opens (creating if needed) a checkpoint directory.
+
+    Args:
+      directory: where step directories live; local or any path orbax
+        accepts (e.g. `gs://`).
+      max_to_keep: how many of the newest checkpoints survive each save.
+    """
+    if max_to_keep < 1:
+      raise FedkdError(f'max_to_keep={max_to_keep} must be at least 1')
+    if '://' not in directory:
+      directory = os.path.abspath(directory)
+    self.directory = directory
+    options = ocp.CheckpointManagerOptions(
+        # `save` must return only once the step is committed.
+        enable_async_checkpointing=False,
+        preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
+        # Leftovers of saves killed mid-write; this process owns the dir.
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(
+        directory,
+        options=options,
+        item_handlers={
+            _STATE: ocp.StandardCheckpointHandler(),
+            _META: ocp.JsonCheckpointHandler(),
+        },
+    )
+
+  def save(self, step: int, state: PyTree, meta: dict) -> None:
+    """Writes checkpoint `step`; it is committed on disk when this returns.
+
+    Existing checkpoints at `step` or later are deleted first: saving `step`
+    means the run continues from here (e.g. after falling back past a
+    corrupt newer step), and stale newer steps would otherwise be restored
+    in its place.
+
+    Args:
+      step: non-negative step number, usually the round.
+      state: pytree of arrays (jax or numpy).
+      meta: JSON-serialisable data; JSON turns tuples into lists and dict
+        keys into strings, so use lists and string keys to round-trip.
+    """
+    if step < 0:
+      raise ValueError(f'step={step} must be non-negative')
+    # Fail before any directory is created, not halfway through the save.
+    json.dumps(meta)
+    for stale in [s for s in self._manager.all_steps() if s >= step]:
+      logging.warning('Deleting checkpoint %s: saving step %d replaces it.',
+                      self._step_dir(stale), step)
+      self._manager.delete(stale)
+    saved = self._manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardSave(state),
+            _META: ocp.args.JsonSave(meta),
+        }),
+        force=True,  # Bypass orbax's save-interval policy.
+    )
+    if not saved:
+      raise RuntimeError(f'orbax skipped saving step {step} in '
+                         f'{self.directory}')
+    self._manager.wait_until_finished()
+
+  def latest_step(self) -> int | None:
+    """The newest committed step (not checked for loadability), or None."""
+    return self._manager.latest_step()
+
+  def restore(self, state_like: PyTree) -> tuple[int, PyTree, dict] | None:
+    """Restores the newest checkpoint that loads into `state_like`.
+
+    Args:
+      state_like: pytree of arrays or `jax.ShapeDtypeStruct`s with the
+        structure, shapes and dtypes of the saved state. Restored leaves get
+        its shardings; leaves without one land on the first device.
+
+    Returns:
+      `(step, state, meta)`, or None if the directory holds no checkpoint.
+
+    Raises:
+      FedkdError: there are checkpoints but none of them loads.
+    """
+    self._manager.reload()  # The directory may have changed since __init__.
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    target = jax.tree.map(_abstract, state_like)
+    first_error = None
+    for step in steps:
+      try:
+        _check_compatible(self._manager.item_metadata(step)[_STATE], target)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(**{
+                _STATE: ocp.args.StandardRestore(target),
+                _META: ocp.args.JsonRestore(),
+            }))
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        # Any failure means this step cannot be trusted; try older ones.
+        first_error = first_error or e
+        logging.warning('Cannot load checkpoint %s (%s); skipping it.',
+                        self._step_dir(step), _one_line(e))
+        continue
+      if step != steps[0]:
+        logging.warning('Restored checkpoint %s, not the newest (step %d).',
+                        self._step_dir(step), steps[0])
+      return step, restored[_STATE], restored[_META]
+    raise FedkdError(
+        f'no checkpoint in {self.directory} loads (newest, step {steps[0]}: '
+        f'{_one_line(first_error)}); use a new --workdir or delete '
+        f'{self.directory} to start over') from first_error
+
+  def close(self) -> None:
+    """Waits for pending work and releases orbax's resources."""
+    self._manager.close()
+
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+
+def _abstract(x) -> jax.ShapeDtypeStruct:
+  """What to restore a leaf as; orbax yields numpy without a sharding."""
+  sharding = getattr(x, 'sharding', None)
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _check_compatible(stored, target: PyTree) -> None:
+  """Raises ValueError unless leaf paths, shapes and dtypes all match.
+
+  Orbax checks paths and shapes itself but silently casts dtypes (a float
+  checkpoint would load into int params), so check everything up front.
+
+  Args:
+    stored: the `state` item's orbax `TreeMetadata`.
+    target: the abstract restore target.
+  """
+  if stored is None:
+    raise ValueError('the state item is missing')
+  have = ocp.tree.to_flat_dict(stored.tree)
+  want = ocp.tree.to_flat_dict(
+      ocp.tree.serialize_tree(target, keep_empty_nodes=True))
+  problems = []
+  for key in sorted(want.keys() - have.keys()):
+    problems.append(f'{"/".join(key)} missing from the checkpoint')
+  for key in sorted(have.keys() - want.keys()):
+    problems.append(f'{"/".join(key)} in the checkpoint but not the target')
+  for key in sorted(want.keys() & have.keys()):
+    got, expected = _describe(have[key]), _describe(want[key])
+    if got != expected:
+      problems.append(f'{"/".join(key)} is {got} in the checkpoint, '
+                      f'{expected} in the target')
+  if problems:
+    more = f' (+{len(problems) - 3} more)' if len(problems) > 3 else ''
+    raise ValueError('; '.join(problems[:3]) + more)
+
+
+def _describe(leaf) -> str:
+  """`float32[2, 3]` for an array or its metadata; `?` where unknown."""
+  shape = getattr(leaf, 'shape', None)
+  dtype = getattr(leaf, 'dtype', None)
+  return (f'{"?" if dtype is None else np.dtype(dtype)}'
+          f'{"?" if shape is None else list(shape)}')
+
+
+def _one_line(e: BaseException | None, limit: int = 300) -> str:
+  """An exception as one short line (tensorstore errors span pages)."""
+  text = re.sub(r'\s+', ' ', f'{type(e).__name__}: {e}').strip()
+  return text if len(text) <= limit else text[:limit - 3] + '...'
