@@ -49,6 +49,9 @@ def main(argv):
     train.run(_CONFIG.value, _WORKDIR.value)
   except FedkdError as e:
     _fail(str(e))
+  except train.Interrupted as e:
+    print(e, file=sys.stderr)
+    sys.exit(128 + e.signum)
 
 
 if __name__ == '__main__':

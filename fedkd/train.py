@@ -1,12 +1,16 @@
 """The host loop: data, partition, algorithm, one jitted round per step.
 
 `run(config, workdir)` is everything `experiments/main.py` does after parsing
-flags. It validates all input before writing anything to `workdir`.
+flags. It validates all input before writing anything to `workdir`, resumes
+from the newest checkpoint there, and checkpoints every `checkpoint_every`
+rounds, on the last round and on SIGINT/SIGTERM.
 """
 
-import json
-import os
+import contextlib
+import dataclasses
+import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,73 +25,94 @@ from fedkd import metrics as metrics_lib
 from fedkd import partition
 from fedkd import sharding
 from fedkd import validation
+from fedkd import workdir as workdir_lib
 
-# Columns of the final table: (metrics.jsonl key, header, format).
-_TABLE = (('round', 'round', '{:d}'),
-          ('student_accuracy', 'student acc', '{:.4f}'),
-          ('student_loss', 'student loss', '{:.4f}'),
-          ('teacher_accuracy', 'teacher acc', '{:.4f}'),
-          ('upload_bytes', 'upload MB', '{:.3f}'),
-          ('round_seconds', 'round s', '{:.4f}'))
+# Columns of the final table: (metrics.jsonl key, header, format, scale).
+_TABLE = (('round', 'round', '{:d}', 1),
+          ('student_accuracy', 'student acc', '{:.4f}', 1),
+          ('student_loss', 'student loss', '{:.4f}', 1),
+          ('teacher_accuracy', 'teacher acc', '{:.4f}', 1),
+          ('upload_bytes', 'upload MB', '{:.3f}', 1e-6),
+          ('round_seconds', 'round s', '{:.4f}', 1))
 
 
-def _format_table(rows) -> str:
-  header = ' | '.join(h for _, h, _ in _TABLE)
+class Interrupted(Exception):
+  """SIGINT/SIGTERM arrived; a checkpoint of the last finished round exists."""
+
+  def __init__(self, signum: int, rounds_done: int):
+    super().__init__(f'stopped by {signal.Signals(signum).name} after round '
+                     f'{rounds_done}; checkpoint saved, rerun the same '
+                     'command to resume')
+    self.signum = signum
+
+
+def format_table(rows) -> str:
+  header = ' | '.join(h for _, h, _, _ in _TABLE)
   lines = [header, '-' * len(header)]
   for row in rows:
     cells = []
-    for key, head, fmt in _TABLE:
+    for key, head, fmt, scale in _TABLE:
       value = row.get(key)
-      if key == 'upload_bytes':
-        value = value / 1e6
-      cells.append(('-' if value is None else fmt.format(value)).rjust(
-          len(head)))
+      text = '-' if value is None else fmt.format(
+          value * scale if scale != 1 else value)
+      cells.append(text.rjust(len(head)))
     lines.append(' | '.join(cells))
   return '\n'.join(lines)
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+@contextlib.contextmanager
+def _signals_to_flag():
+  """While active, SIGINT/SIGTERM only append themselves to the yielded list.
 
-
-def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
-  """Trains as configured, writing metrics.jsonl and config.json to workdir.
-
-  Returns:
-    The rows written to metrics.jsonl, one per evaluated round.
+  The host loop checks it between rounds, so a stop never lands in the middle
+  of a round or of a checkpoint write.
   """
-  validation.validate_config(config)
-  dataset = data.load_dataset(config.dataset, config.data_dir or None)
-  parts = partition.partition(
-      dataset.y_train, config.num_clients, config.partition,
-      alpha=config.alpha, shards_per_client=config.shards_per_client,
-      seed=config.seed)
-  mesh = sharding.make_mesh(config.num_devices)
-  validation.validate_workdir(workdir)
-  print(f'{config.partition} partition of {dataset.name}:')
-  print(partition.describe(dataset.y_train, parts, dataset.num_classes))
+  received = []
+  handler = lambda signum, frame: received.append(signum)
+  previous = {s: signal.signal(s, handler)
+              for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield received
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
 
+
+@dataclasses.dataclass
+class _Run:
+  """Everything the loop needs, built once by `_setup`."""
+  config: Any
+  built: algorithms.Built
+  state: algorithm.ServerState
+  client_data: clients.ClientData
+  apply: Any  # the compiled round
+  cohort_for: Any  # round index -> sharded Cohort
+  round_key: jax.Array
+  eval_student: Any
+  eval_teachers: Any
+  compile_seconds: float
+
+
+def _setup(config, dataset, parts) -> _Run:
+  mesh = sharding.make_mesh(config.num_devices)
   input_shape = dataset.x_train.shape[1:]
   built = algorithms.build(config, input_shape, dataset.num_classes)
-  alg, student, teacher = built.algorithm, built.student, built.teacher
+  alg = built.algorithm
   key = jax.random.PRNGKey(config.seed)
   replicated = sharding.replicated(mesh)
   cohort_sharding = sharding.cohort_sharding(mesh)
   client_data = jax.device_put(
       clients.stack_clients(dataset.x_train, dataset.y_train, parts),
       replicated)
-  params = student.init(jax.random.fold_in(key, 0),
-                        jnp.zeros((1, *input_shape)))
+  params = built.student.init(jax.random.fold_in(key, 0),
+                              jnp.zeros((1, *input_shape)))
   state = jax.device_put(
       jax.jit(alg.init)(params, jax.random.fold_in(key, 1)), replicated)
-
   cohort_size, chunk = sharding.cohort_layout(
       config.clients_per_round, mesh, config.clients_per_chunk)
 
   def cohort_for(round_index):
+    # Cohorts depend on (seed, round) only, so a resumed run samples the same.
     rng = np.random.default_rng([config.seed, round_index])
     return jax.device_put(
         clients.sample_cohort(rng, config.num_clients,
@@ -106,49 +131,105 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
   compile_seconds = time.perf_counter() - start
 
   x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)
-  eval_kw = dict(batch_size=min(config.eval_batch_size, len(dataset.y_test)))
-  eval_student = jax.jit(lambda p: metrics_lib.evaluate(
-      student, p, x_test, y_test, **eval_kw))
-  num_eval_teachers = min(config.eval_teachers, config.num_clients)
-  eval_teachers = teacher and num_eval_teachers and jax.jit(
-      lambda stacked: clients.map_clients(lambda p: metrics_lib.evaluate(
-          teacher, p, x_test, y_test, **eval_kw))(stacked))
+  batch = min(config.eval_batch_size, len(dataset.y_test))
+  evaluate = lambda model, p: metrics_lib.evaluate(model, p, x_test, y_test,
+                                                   batch_size=batch)
+  eval_student = jax.jit(lambda p: evaluate(built.student, p))
+  num_teachers = min(config.eval_teachers, config.num_clients)
+  eval_teachers = None
+  if built.teacher is not None and num_teachers:
+    eval_teachers = jax.jit(lambda state: jnp.mean(clients.map_clients(
+        lambda p: evaluate(built.teacher, p)[1])(jax.tree.map(
+            lambda t: t[:num_teachers], built.teachers(state)))))
+  return _Run(config, built, state, client_data, apply, cohort_for, round_key,
+              eval_student, eval_teachers, compile_seconds)
 
-  _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
-  rows, cumulative_upload = [], 0.0
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  with open(metrics_path, 'w') as out, tqdm.trange(
-      config.num_rounds, desc='rounds', disable=not progress) as bar:
+
+def _row(run: _Run, state, m, rounds_done, round_seconds, cumulative_upload):
+  loss, acc = jax.device_get(run.eval_student(state.params))
+  row = {'round': rounds_done, 'student_accuracy': float(acc),
+         'student_loss': float(loss), 'teacher_accuracy': None,
+         'upload_bytes': float(m['upload_bytes']),
+         'download_bytes': float(m['download_bytes']),
+         'cumulative_upload_bytes': cumulative_upload,
+         'clients': int(m['clients']), 'round_seconds': round_seconds,
+         'compile_seconds': run.compile_seconds}
+  examples = max(float(m['train_examples']), 1.0)
+  for name in ('student', 'teacher'):
+    if f'{name}_loss_sum' in m:
+      row[f'{name}_train_loss'] = float(m[f'{name}_loss_sum']) / examples
+  if run.eval_teachers is not None:
+    row['teacher_accuracy'] = float(run.eval_teachers(state))
+  return row
+
+
+def _loop(run: _Run, work: workdir_lib.Workdir, *, progress: bool):
+  config = run.config
+  state, rows, cumulative_upload, first = run.state, [], 0.0, 0
+  restored = work.restore(state)
+  if restored is not None:
+    first, state, meta = restored
+    rows, cumulative_upload = meta['rows'], meta['cumulative_upload_bytes']
+    print(f'resuming from the checkpoint after round {first}')
+  work.start(rows)
+
+  def save(rounds_done):
+    work.save(rounds_done, state, {'rows': rows,
+                                   'cumulative_upload_bytes':
+                                       cumulative_upload})
+
+  with _signals_to_flag() as stop, tqdm.tqdm(
+      range(first, config.num_rounds), desc='rounds', initial=first,
+      total=config.num_rounds, disable=not progress) as bar:
     for r in bar:
       start = time.perf_counter()
-      state, m = apply(state, client_data, cohort_for(r),
-                       jax.random.fold_in(round_key, r))
+      state, m = run.apply(state, run.client_data, run.cohort_for(r),
+                           jax.random.fold_in(run.round_key, r))
       m = jax.device_get(m)
       round_seconds = time.perf_counter() - start
       cumulative_upload += float(m['upload_bytes'])
-      if (r + 1) % config.eval_every and r + 1 != config.num_rounds:
-        continue
-      loss, acc = jax.device_get(eval_student(state.params))
-      row = {'round': r + 1, 'student_accuracy': float(acc),
-             'student_loss': float(loss), 'teacher_accuracy': None,
-             'upload_bytes': float(m['upload_bytes']),
-             'download_bytes': float(m['download_bytes']),
-             'cumulative_upload_bytes': cumulative_upload,
-             'clients': int(m['clients']),
-             'round_seconds': round_seconds,
-             'compile_seconds': compile_seconds}
-      examples = max(float(m['train_examples']), 1.0)
-      for name in ('student', 'teacher'):
-        if f'{name}_loss_sum' in m:
-          row[f'{name}_train_loss'] = float(m[f'{name}_loss_sum']) / examples
-      if eval_teachers:
-        teacher_params = jax.tree.map(lambda t: t[:num_eval_teachers],
-                                      built.teachers(state))
-        _, teacher_acc = eval_teachers(teacher_params)
-        row['teacher_accuracy'] = float(jnp.mean(teacher_acc))
-      out.write(json.dumps(row) + '\n')
-      out.flush()
-      rows.append(row)
-      bar.set_postfix(student_acc=f'{row["student_accuracy"]:.3f}')
-  print(_format_table(rows))
+      done = r + 1
+      if done % config.eval_every == 0 or done == config.num_rounds:
+        rows.append(_row(run, state, m, done, round_seconds,
+                         cumulative_upload))
+        work.append_row(rows[-1])
+        bar.set_postfix(student_acc=f'{rows[-1]["student_accuracy"]:.3f}')
+      if stop or done == config.num_rounds or (
+          config.checkpoint_every and done % config.checkpoint_every == 0):
+        save(done)
+      if stop:
+        raise Interrupted(stop[0], done)
+  work.write_final(state.params)
+  return rows
+
+
+def load_data(config):
+  """The dataset and its partition into clients, as configured."""
+  dataset = data.load_dataset(config.dataset, config.data_dir or None)
+  parts = partition.partition(
+      dataset.y_train, config.num_clients, config.partition,
+      alpha=config.alpha, shards_per_client=config.shards_per_client,
+      seed=config.seed)
+  return dataset, parts
+
+
+def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
+  """Trains as configured, writing results to `workdir` (see fedkd.workdir).
+
+  Returns:
+    The rows of metrics.jsonl, one per evaluated round.
+  """
+  validation.validate_config(config)
+  dataset, parts = load_data(config)
+  validation.validate_workdir(workdir)
+  setup = _setup(config, dataset, parts)
+  work = workdir_lib.Workdir(workdir, config.to_dict(),
+                             overwrite=config.overwrite)
+  print(f'{config.partition} partition of {dataset.name}:')
+  print(partition.describe(dataset.y_train, parts, dataset.num_classes))
+  try:
+    rows = _loop(setup, work, progress=progress)
+  finally:
+    work.close()
+  print(format_table(rows))
   return rows

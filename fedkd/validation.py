@@ -38,6 +38,9 @@ def validate_config(config) -> None:
   if config.clients_per_chunk < 0:
     raise FedkdError(f'clients_per_chunk must be >= 0 (0 = the whole cohort '
                      f'at once), got {config.clients_per_chunk}')
+  if config.checkpoint_every < 0:
+    raise FedkdError(f'checkpoint_every must be >= 0 (0 = only after the '
+                     f'last round), got {config.checkpoint_every}')
   if config.eval_teachers < 0:
     raise FedkdError(f'eval_teachers must be >= 0, got {config.eval_teachers}')
   if config.clients_per_round > config.num_clients:

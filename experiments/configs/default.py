@@ -45,6 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_teachers = 100  # evaluate the private teachers of the first N clients
   c.num_devices = 0  # 0 = all visible devices
   c.clients_per_chunk = 0  # > 0: run the cohort in chunks (bounds memory)
+  c.checkpoint_every = 10  # rounds between checkpoints (0 = only the last)
+  c.overwrite = False  # replace a run of another config in --workdir
   if arg == 'smoke':
     c.num_rounds = 2
     c.eval_every = 1

@@ -1,0 +1,122 @@
+"""Kill-and-resume, signals, and determinism of whole runs."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+from absl.testing import absltest
+import jax
+
+from experiments.configs import default
+from fedkd import train
+from fedkd import workdir as workdir_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ('--config=experiments/configs/default.py:smoke',
+        '--config.num_rounds=8', '--config.checkpoint_every=1',
+        '--config.local_epochs=10', '--config.num_clients=40',
+        '--config.clients_per_round=20')
+# Set FEDKD_KILL_TRIALS=10 for the full acceptance run.
+KILL_TRIALS = int(os.environ.get('FEDKD_KILL_TRIALS', '2'))
+_TIMING = ('round_seconds', 'compile_seconds')
+
+
+def _start(workdir):
+  env = dict(os.environ, XLA_FLAGS='')
+  return subprocess.Popen(
+      [sys.executable, 'experiments/main.py', *ARGS, f'--workdir={workdir}'],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+
+
+def _rounds_checkpointed(workdir):
+  path = os.path.join(workdir, workdir_lib.CHECKPOINTS)
+  steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(
+      path) else []
+  return max(steps, default=0)
+
+
+def _wait_for_round(proc, workdir, k):
+  while _rounds_checkpointed(workdir) < k and proc.poll() is None:
+    time.sleep(0.002)
+
+
+def _results(workdir):
+  with open(os.path.join(workdir, workdir_lib.FINAL_PARAMS), 'rb') as f:
+    params = f.read()
+  with open(os.path.join(workdir, workdir_lib.METRICS)) as f:
+    rows = [{k: v for k, v in json.loads(l).items() if k not in _TIMING}
+            for l in f]
+  return params, rows
+
+
+class KillAndResumeTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.reference_dir = absltest.get_default_test_tmpdir() + '/reference'
+    proc = _start(cls.reference_dir)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    cls.reference = _results(cls.reference_dir)
+
+  def test_sigkill_at_random_round_then_resume_is_bit_identical(self):
+    rng = random.Random(0)
+    for trial in range(KILL_TRIALS):
+      k = rng.randint(1, 7)
+      workdir = self.create_tempdir().full_path
+      proc = _start(workdir)
+      _wait_for_round(proc, workdir, k)
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+      self.assertLess(_rounds_checkpointed(workdir), 8, f'trial {trial}')
+      resumed = _start(workdir)
+      out, err = resumed.communicate(timeout=300)
+      self.assertEqual(resumed.returncode, 0, err)
+      self.assertIn('resuming from the checkpoint', out)
+      self.assertEqual(_results(workdir), self.reference, f'killed at {k}')
+
+  def test_sigterm_checkpoints_and_exits(self):
+    workdir = self.create_tempdir().full_path
+    proc = _start(workdir)
+    _wait_for_round(proc, workdir, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    self.assertEqual(proc.returncode, 128 + signal.SIGTERM, err)
+    self.assertIn('stopped by SIGTERM', err)
+    self.assertNotIn('Traceback', err)
+    resumed = _start(workdir)
+    resumed.communicate(timeout=300)
+    self.assertEqual(_results(workdir), self.reference)
+
+
+class DeterminismTest(absltest.TestCase):
+
+  def _run(self, **overrides):
+    config = default.get_config('smoke')
+    config.update(overrides)
+    workdir = self.create_tempdir().full_path
+    train.run(config, workdir, progress=False)
+    return _results(workdir)
+
+  def test_same_seed_gives_bit_identical_results(self):
+    self.assertEqual(self._run(), self._run())
+
+  def test_one_device_and_eight_devices_agree(self):
+    self.assertGreaterEqual(jax.device_count(), 8)
+    _, one = self._run(num_devices=1)
+    _, eight = self._run(num_devices=8)
+    self.assertLen(eight, len(one))
+    for a, b in zip(one, eight):
+      for key in ('student_accuracy', 'student_loss', 'teacher_accuracy',
+                  'student_train_loss', 'teacher_train_loss'):
+        self.assertAlmostEqual(a[key], b[key], delta=1e-6, msg=key)
+
+
+if __name__ == '__main__':
+  absltest.main()
