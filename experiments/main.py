@@ -17,8 +17,6 @@ from ml_collections import config_flags
 from fedkd import train
 from fedkd.errors import FedkdError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', 'experiments/configs/default.py', 'Run config file (:variant).')
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Directory for metrics.jsonl and config.json.')
 
@@ -28,15 +26,46 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+# What ml_collections raises for a config file that does not load, a bad
+# variant, an unknown field or a value of the wrong type.
+_CONFIG_ERRORS = (ValueError, TypeError, OSError, AttributeError, KeyError)
+
+
+def _config_error(e: Exception) -> str:
+  if isinstance(e, (KeyError, AttributeError)) and e.args:
+    name = str(e.args[0]).strip('\'"')
+    return f'bad --config: unknown field {name!r}; see the config file'
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return f'bad --config: {lines[-1] if lines else repr(e)}'
+
+
+try:
+  # Without an explicit --config, the default file and any --config.FIELD
+  # overrides are read here, at definition.
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', 'experiments/configs/default.py', 'Run config file (:variant).')
+except _CONFIG_ERRORS as e:
+  _fail(_config_error(e))
+
+
 def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e).splitlines()[0])
-  except (ValueError, TypeError, OSError, AttributeError, KeyError) as e:
-    # Raised by ml_collections while loading the config file or applying an
-    # override (bad variant, unknown field, value of the wrong type).
-    _fail(f'bad --config: {str(e).splitlines()[0] if str(e) else repr(e)}')
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    _fail(' '.join(lines[:1] + lines[1:][-1:]))
+  except _CONFIG_ERRORS as e:
+    _fail(_config_error(e))
+
+
+def _load_config():
+  # A config file that failed to load surfaces only when the value is used.
+  try:
+    config = _CONFIG.value
+    config.keys()
+    return config
+  except _CONFIG_ERRORS as e:
+    _fail(_config_error(e))
 
 
 def main(argv):
@@ -46,9 +75,12 @@ def main(argv):
     # Library INFO lines (tfds lookups) would bury the one-line errors.
     logging.set_verbosity(logging.WARNING)
   try:
-    train.run(_CONFIG.value, _WORKDIR.value)
+    train.run(_load_config(), _WORKDIR.value)
   except FedkdError as e:
     _fail(str(e))
+  except train.Diverged as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   except train.Interrupted as e:
     print(e, file=sys.stderr)
     sys.exit(128 + e.signum)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from fedkd import aggregation
+from fedkd import privacy
 from fedkd.clients import ClientData, ClientOutput, Cohort, map_clients
 from fedkd.typing import Array, Metrics, OptState, Params, PRNGKey, PyTree
 
@@ -60,21 +61,58 @@ def _tree_bytes(tree: PyTree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _one_client(client_update: ClientUpdate, server_params, data, rng,
-                client_id, num_examples, client_state) -> ClientOutput:
+class Faults(NamedTuple):
+  """Simulated client failures, drawn per (round, client id).
+
+  Attributes:
+    dropout_rate: probability that a client of the cohort trains but never
+      reports: it neither contributes nor keeps its new state.
+  """
+  dropout_rate: float = 0.0
+
+
+def _one_client(client_update: ClientUpdate, dp: privacy.DpSettings | None,
+                faults: Faults, server_params, data, rng, client_id,
+                num_examples, client_state) -> tuple[ClientOutput, Array]:
+  """One client's round plus its failure draw: (output, dropped)."""
   # Client randomness depends on (round rng, client id) only, never on the
   # client's slot in the cohort or on the device layout.
-  return client_update(server_params, client_state, data, client_id,
-                       num_examples, jax.random.fold_in(rng, client_id))
+  train_rng, fault_rng = jax.random.split(jax.random.fold_in(rng, client_id))
+  out = client_update(server_params, client_state, data, client_id,
+                      num_examples, train_rng)
+  dropped = jax.random.uniform(fault_rng) < faults.dropout_rate
+  if dp is None:
+    return out, dropped
+  upload, norm = privacy.clip_by_global_norm(out.upload, dp.clip_norm)
+  return out._replace(upload=upload, metrics=dict(
+      out.metrics, clipped_clients=(norm > dp.clip_norm).astype(jnp.int32))
+                      ), dropped
+
+
+def _all_finite(tree: PyTree) -> Array:
+  """[C] bool: whether every value of each client's slice is finite."""
+  return functools.reduce(jnp.logical_and, [
+      jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
+      for x in jax.tree.leaves(tree)])
+
+
+def _per_client(flags: Array, x: Array) -> Array:
+  """Broadcasts [C] `flags` against a [C, ...] leaf."""
+  return flags.reshape(flags.shape + (1,) * (x.ndim - 1))
 
 
 def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
-               map_fn: MapFn = map_clients, clients_per_chunk: int = 0):
+               map_fn: MapFn = map_clients, clients_per_chunk: int = 0,
+               faults: Faults = Faults(),
+               dp: privacy.DpSettings | None = None):
   """Builds `apply`: run the cohort's clients, average uploads, update server.
+
+  A client whose upload holds NaN or inf is left out of the average (and its
+  state is not written back); `metrics['nonfinite_clients']` counts them.
 
   Args:
     client_update: one client's local round.
-    server_update: turns the weighted-mean upload into the next server state.
+    server_update: turns the averaged upload into the next server state.
     map_fn: how a one-client function of `(server_params, data, rng,
       client_id, num_examples, client_state)` is mapped over the last three
       (stacked) arguments: `map_clients` (vmap, the default) or a per-client
@@ -83,11 +121,14 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
       chunks of this many (a `lax.scan` over chunks, each vmapped) and only
       running weighted sums are kept, so memory is bounded by the chunk. The
       cohort size must be a multiple of it.
+    faults: simulated client failures.
+    dp: client-level DP (DP-FedAvg): each upload is clipped, every reporting
+      client weighs 1 and the server adds Gaussian noise (`fedkd.privacy`).
 
   Returns:
     `apply(state, data, cohort, rng) -> (state, metrics)`.
   """
-  mapped = map_fn(functools.partial(_one_client, client_update), 3)
+  mapped = map_fn(functools.partial(_one_client, client_update, dp, faults), 3)
 
   def run_chunk(state, data, rng, clients, ids, mask):
     """Trains one chunk of clients; returns their reduced contribution."""
@@ -95,18 +136,29 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
     safe_ids = jnp.minimum(ids, data.num_clients - 1)
     num_examples = jnp.where(mask, data.num_examples[safe_ids], 0)
     chunk_states = jax.tree.map(lambda s: s[safe_ids], clients)
-    out = mapped(state.params, data, rng, safe_ids, num_examples,
-                 chunk_states)
-    weights = out.weight * mask
-    sums = {name: jnp.sum(jnp.where(mask, value, 0))
+    out, dropped = mapped(state.params, data, rng, safe_ids, num_examples,
+                          chunk_states)
+    dropped &= mask
+    finite = _all_finite(out.upload)
+    reported = mask & ~dropped & finite
+    # 0 * NaN is NaN: zero the uploads left out rather than only weighing 0.
+    upload = jax.tree.map(lambda u: jnp.where(_per_client(reported, u), u, 0),
+                          out.upload)
+    weights = reported * (1.0 if dp else out.weight)
+    sums = {name: jnp.sum(jnp.where(reported, value, 0))
             for name, value in out.metrics.items()}
-    clients = jax.tree.map(lambda s, new: s.at[ids].set(new, mode='drop'),
-                           clients, out.state)
-    return (aggregation.weighted_sum(out.upload, weights), jnp.sum(weights),
+    sums.update(clients=jnp.sum(reported), dropped_clients=jnp.sum(dropped),
+                nonfinite_clients=jnp.sum(mask & ~dropped & ~finite))
+    write_ids = jnp.where(reported, ids, data.num_clients)  # others dropped
+    clients = jax.tree.map(
+        lambda s, new: s.at[write_ids].set(new, mode='drop'),
+        clients, out.state)
+    return (aggregation.weighted_sum(upload, weights), jnp.sum(weights),
             sums, clients)
 
   def apply(state: ServerState, data: ClientData, cohort: Cohort,
             rng: PRNGKey) -> tuple[ServerState, Metrics]:
+    client_rng, noise_rng = jax.random.split(rng)
     size = cohort.client_ids.shape[0]
     chunk = clients_per_chunk if 0 < clients_per_chunk < size else size
     if size % chunk:
@@ -114,7 +166,7 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
                        f'clients_per_chunk={chunk}')
     if chunk == size:
       total, weight, sums, clients = run_chunk(
-          state, data, rng, state.clients, cohort.client_ids,
+          state, data, client_rng, state.clients, cohort.client_ids,
           cohort.client_mask)
     else:
       # Chunk j holds slots j, j + n, j + 2n, ...: reshaping [size] to
@@ -124,23 +176,34 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
 
       def body(carry, ids_mask):
         total, weight, sums, clients = carry
-        t, w, s, clients = run_chunk(state, data, rng, clients, *ids_mask)
+        t, w, s, clients = run_chunk(state, data, client_rng, clients,
+                                     *ids_mask)
         add = lambda a, b: jax.tree.map(jnp.add, a, b)
         return (add(total, t), weight + w, add(sums, s), clients), None
 
       shapes = jax.eval_shape(lambda: run_chunk(
-          state, data, rng, state.clients, chunked[0][0], chunked[1][0]))
+          state, data, client_rng, state.clients, chunked[0][0],
+          chunked[1][0]))
       init = jax.tree.map(lambda z: jnp.zeros(z.shape, z.dtype), shapes[:3])
       (total, weight, sums, clients), _ = jax.lax.scan(
           body, (*init, state.clients), chunked)
-    mean = jax.tree.map(
-        lambda t: t / jnp.maximum(weight, 1e-12).astype(t.dtype), total)
+    if dp is None:
+      mean = jax.tree.map(
+          lambda t: t / jnp.maximum(weight, 1e-12).astype(t.dtype), total)
+    else:
+      mean = privacy.noised_mean(
+          total, noise_rng, clip_norm=dp.clip_norm,
+          noise_multiplier=dp.noise_multiplier,
+          expected_clients=dp.expected_clients)
     new_state = server_update(state, mean)
-    num_reporting = jnp.sum(cohort.client_mask)
-    metrics = dict(sums, clients=num_reporting,
-                   # The summed upload has the shape of one client's upload.
-                   upload_bytes=num_reporting * _tree_bytes(total),
-                   download_bytes=num_reporting * _tree_bytes(state.params))
+    metrics = dict(
+        sums,
+        # The summed upload has the shape of one client's upload.
+        upload_bytes=sums['clients'] * _tree_bytes(total),
+        download_bytes=jnp.sum(cohort.client_mask) * _tree_bytes(
+            state.params),
+        params_finite=jnp.all(_all_finite(jax.tree.map(
+            lambda p: p[None], new_state.params))))
     return new_state.replace(clients=clients, round=state.round + 1), metrics
 
   return apply

@@ -8,7 +8,8 @@ clients, not single examples:
    (`clip_by_global_norm`, written for one client and vmapped);
 2. the server sums the clipped updates of the real clients, adds Gaussian
    noise N(0, (noise_multiplier * clip_norm)^2 I) to the sum, and divides by a
-   FIXED `expected_clients` (`noised_mean`);
+   FIXED `expected_clients` (`noised_mean`; `fedkd.algorithm.make_round`
+   does the clipping and the sum);
 3. the privacy spent is that of the Sampled Gaussian mechanism composed once
    per round (`epsilon`).
 
@@ -16,15 +17,28 @@ The neighbouring relation is add-or-remove one client, matching Poisson
 sampling of the cohort.
 """
 
-import dp_accounting
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from fedkd import aggregation
 from fedkd.errors import FedkdError
 from fedkd.typing import PRNGKey, PyTree
 
 ACCOUNTANTS = ('pld', 'rdp')
+
+
+class DpSettings(NamedTuple):
+  """DP-FedAvg's knobs for one run (see the module docstring).
+
+  Attributes:
+    clip_norm: S, the bound on each client's update norm.
+    noise_multiplier: z; the noise on the summed updates has std z * S.
+    expected_clients: the fixed denominator (the cohort size).
+  """
+  clip_norm: float
+  noise_multiplier: float
+  expected_clients: float
 
 
 def global_norm(tree: PyTree) -> jax.Array:
@@ -57,26 +71,24 @@ def clip_by_global_norm(update: PyTree,
   return clipped, norm
 
 
-def noised_mean(clipped_updates: PyTree, client_mask: jax.Array,
-                rng: PRNGKey, *, clip_norm: float, noise_multiplier: float,
-                expected_clients: float) -> PyTree:
+def noised_mean(clipped_sum: PyTree, rng: PRNGKey, *, clip_norm: float,
+                noise_multiplier: float, expected_clients: float) -> PyTree:
   """DP-FedAvg's fixed-denominator estimator of the mean clipped update.
 
-  Returns (sum over real clients of clipped updates
-  + N(0, (noise_multiplier * clip_norm)^2 I)) / expected_clients.
+  Returns (clipped_sum + N(0, (noise_multiplier * clip_norm)^2 I)) /
+  expected_clients.
 
-  Every real client has weight 1, not a weight by example count: with updates
-  clipped to norm clip_norm, adding or removing one client then moves the sum
-  by at most clip_norm in L2, which is the sensitivity the noise is calibrated
-  to. The denominator is fixed (e.g. the expected cohort size) rather than the
-  actual number of real clients, because that number depends on who took part
-  and dividing by it would change the sensitivity. Noise is drawn once for the
-  sum, independently per leaf, not per client.
+  `clipped_sum` must give every real client weight 1, not a weight by example
+  count: with updates clipped to norm clip_norm, adding or removing one client
+  then moves the sum by at most clip_norm in L2, which is the sensitivity the
+  noise is calibrated to. The denominator is fixed (e.g. the expected cohort
+  size) rather than the actual number of real clients, because that number
+  depends on who took part and dividing by it would change the sensitivity.
+  Noise is drawn once for the sum, independently per leaf, not per client.
 
   Args:
-    clipped_updates: stacked [C, ...] pytree, each client already clipped to
-      norm <= clip_norm (`clip_by_global_norm` under vmap).
-    client_mask: [C] bool, False for padded slots, which contribute nothing.
+    clipped_sum: the sum over the round's real clients of their updates, each
+      clipped to norm <= clip_norm (`clip_by_global_norm`).
     rng: key for the noise.
     clip_norm: the clipping bound S used by the clients.
     noise_multiplier: z; the noise on the sum has std z * S.
@@ -85,9 +97,7 @@ def noised_mean(clipped_updates: PyTree, client_mask: jax.Array,
   Returns:
     A pytree shaped like one client's update.
   """
-  total = aggregation.weighted_sum(clipped_updates,
-                                   client_mask.astype(jnp.float32))
-  leaves, treedef = jax.tree.flatten(total)
+  leaves, treedef = jax.tree.flatten(clipped_sum)
   keys = jax.random.split(rng, max(len(leaves), 1))
   std = noise_multiplier * clip_norm
   noised = [
@@ -144,8 +154,10 @@ def validate(*, clip_norm: float, noise_multiplier: float, delta: float,
 
 
 def dp_event(*, noise_multiplier: float, sampling_probability: float,
-             rounds: int) -> dp_accounting.DpEvent:
+             rounds: int):
   """`rounds` rounds of the Poisson-sampled Gaussian mechanism."""
+  # Imported here: dp_accounting pulls in scipy, which every run would pay.
+  import dp_accounting  # pylint: disable=g-import-not-at-top
   return dp_accounting.SelfComposedDpEvent(
       dp_accounting.PoissonSampledDpEvent(
           sampling_probability,
@@ -188,6 +200,7 @@ def epsilon(*, noise_multiplier: float, sampling_probability: float,
     raise FedkdError(f'rounds must be an integer >= 0, got {rounds}')
   if rounds == 0:
     return 0.0
+  import dp_accounting  # pylint: disable=g-import-not-at-top
   if accountant == 'rdp':
     acc = dp_accounting.rdp.RdpAccountant()
   else:

@@ -23,6 +23,7 @@ from fedkd import clients
 from fedkd import data
 from fedkd import metrics as metrics_lib
 from fedkd import partition
+from fedkd import privacy
 from fedkd import sharding
 from fedkd import validation
 from fedkd import workdir as workdir_lib
@@ -34,6 +35,10 @@ _TABLE = (('round', 'round', '{:d}', 1),
           ('teacher_accuracy', 'teacher acc', '{:.4f}', 1),
           ('upload_bytes', 'upload MB', '{:.3f}', 1e-6),
           ('round_seconds', 'round s', '{:.4f}', 1))
+
+
+class Diverged(Exception):
+  """The global model became NaN/inf; the last good checkpoint is kept."""
 
 
 class Interrupted(Exception):
@@ -121,8 +126,13 @@ def _setup(config, dataset, parts) -> _Run:
 
   round_key = jax.random.fold_in(key, 2)
   start = time.perf_counter()
-  round_fn = algorithm.make_round(alg.client_update, alg.server_update,
-                                  clients_per_chunk=chunk)
+  dp = None
+  if config.dp_clip_norm > 0:
+    dp = privacy.DpSettings(config.dp_clip_norm, config.dp_noise_multiplier,
+                            expected_clients=config.clients_per_round)
+  round_fn = algorithm.make_round(
+      alg.client_update, alg.server_update, clients_per_chunk=chunk,
+      faults=algorithm.Faults(dropout_rate=config.dropout_rate), dp=dp)
   apply = jax.jit(
       round_fn, donate_argnums=0,
       in_shardings=(replicated, replicated, cohort_sharding, replicated),
@@ -145,14 +155,29 @@ def _setup(config, dataset, parts) -> _Run:
               eval_student, eval_teachers, compile_seconds)
 
 
-def _row(run: _Run, state, m, rounds_done, round_seconds, cumulative_upload):
+def _epsilon(config, rounds_done):
+  """(epsilon, delta) spent so far, or None without DP noise."""
+  if not (config.dp_clip_norm > 0 and config.dp_noise_multiplier > 0):
+    return None
+  return privacy.epsilon(
+      noise_multiplier=config.dp_noise_multiplier,
+      sampling_probability=config.clients_per_round / config.num_clients,
+      rounds=rounds_done, delta=config.dp_delta,
+      accountant=config.dp_accountant)
+
+
+def _row(run: _Run, state, m, rounds_done, round_seconds, totals):
   loss, acc = jax.device_get(run.eval_student(state.params))
   row = {'round': rounds_done, 'student_accuracy': float(acc),
          'student_loss': float(loss), 'teacher_accuracy': None,
          'upload_bytes': float(m['upload_bytes']),
          'download_bytes': float(m['download_bytes']),
-         'cumulative_upload_bytes': cumulative_upload,
-         'clients': int(m['clients']), 'round_seconds': round_seconds,
+         'clients': int(m['clients']),
+         'dropped_clients': int(m['dropped_clients']),
+         'nonfinite_clients': int(m['nonfinite_clients']),
+         **totals,
+         'dp_epsilon': _epsilon(run.config, rounds_done),
+         'round_seconds': round_seconds,
          'compile_seconds': run.compile_seconds}
   examples = max(float(m['train_examples']), 1.0)
   for name in ('student', 'teacher'):
@@ -165,18 +190,22 @@ def _row(run: _Run, state, m, rounds_done, round_seconds, cumulative_upload):
 
 def _loop(run: _Run, work: workdir_lib.Workdir, *, progress: bool):
   config = run.config
-  state, rows, cumulative_upload, first = run.state, [], 0.0, 0
+  state, rows, first = run.state, [], 0
+  # Running totals over all rounds so far, reported in every row.
+  totals = dict.fromkeys(('cumulative_upload_bytes',
+                          'cumulative_download_bytes',
+                          'total_dropped_clients', 'total_nonfinite_clients'),
+                         0.0)
   restored = work.restore(state)
   if restored is not None:
     first, state, meta = restored
-    rows, cumulative_upload = meta['rows'], meta['cumulative_upload_bytes']
+    rows, totals = meta['rows'], meta['totals']
     print(f'resuming from the checkpoint after round {first}')
   work.start(rows)
+  last_saved = first
 
   def save(rounds_done):
-    work.save(rounds_done, state, {'rows': rows,
-                                   'cumulative_upload_bytes':
-                                       cumulative_upload})
+    work.save(rounds_done, state, {'rows': rows, 'totals': totals})
 
   with _signals_to_flag() as stop, tqdm.tqdm(
       range(first, config.num_rounds), desc='rounds', initial=first,
@@ -187,16 +216,26 @@ def _loop(run: _Run, work: workdir_lib.Workdir, *, progress: bool):
                            jax.random.fold_in(run.round_key, r))
       m = jax.device_get(m)
       round_seconds = time.perf_counter() - start
-      cumulative_upload += float(m['upload_bytes'])
       done = r + 1
+      if not m['params_finite']:
+        kept = (f'the last good checkpoint, from round {last_saved}, is kept '
+                f'in {work.path}' if last_saved else 'no checkpoint was saved')
+        raise Diverged(f'the global model became NaN/inf in round {done}; '
+                       f'{kept}; lower the learning rates or clip updates '
+                       '(dp_clip_norm)')
+      for total, key in (('cumulative_upload_bytes', 'upload_bytes'),
+                         ('cumulative_download_bytes', 'download_bytes'),
+                         ('total_dropped_clients', 'dropped_clients'),
+                         ('total_nonfinite_clients', 'nonfinite_clients')):
+        totals[total] += float(m[key])
       if done % config.eval_every == 0 or done == config.num_rounds:
-        rows.append(_row(run, state, m, done, round_seconds,
-                         cumulative_upload))
+        rows.append(_row(run, state, m, done, round_seconds, totals))
         work.append_row(rows[-1])
         bar.set_postfix(student_acc=f'{rows[-1]["student_accuracy"]:.3f}')
       if stop or done == config.num_rounds or (
           config.checkpoint_every and done % config.checkpoint_every == 0):
         save(done)
+        last_saved = done
       if stop:
         raise Interrupted(stop[0], done)
   work.write_final(state.params)

@@ -4,9 +4,13 @@ Each failed check raises `FedkdError` with one line naming the field, the bad
 value and what to do instead.
 """
 
+import math
 import os
 
+import jax
+
 from fedkd import models
+from fedkd import privacy
 from fedkd.algorithms import ALGORITHMS
 from fedkd.errors import FedkdError
 from fedkd.optimizers import OPTIMIZERS
@@ -30,17 +34,25 @@ def validate_config(config) -> None:
     if getattr(config, field) < 1:
       raise FedkdError(f'{field} must be >= 1, got {getattr(config, field)}')
   for field in _POSITIVE_FLOATS:
-    if not getattr(config, field) > 0:
-      raise FedkdError(f'{field} must be > 0, got {getattr(config, field)}')
-  if config.num_devices < 0:
-    raise FedkdError(f'num_devices must be >= 0 (0 = all devices), got '
-                     f'{config.num_devices}')
+    value = getattr(config, field)
+    if not (value > 0 and math.isfinite(value)):
+      raise FedkdError(f'{field} must be a finite number > 0, got {value}')
+  if not 0 <= config.num_devices <= jax.device_count():
+    raise FedkdError(
+        f'num_devices must be in [0, {jax.device_count()}] (0 = all '
+        f'{jax.device_count()} visible devices), got {config.num_devices}')
   if config.clients_per_chunk < 0:
     raise FedkdError(f'clients_per_chunk must be >= 0 (0 = the whole cohort '
                      f'at once), got {config.clients_per_chunk}')
   if config.checkpoint_every < 0:
     raise FedkdError(f'checkpoint_every must be >= 0 (0 = only after the '
                      f'last round), got {config.checkpoint_every}')
+  if not 0.0 <= config.dropout_rate < 1.0:
+    raise FedkdError(f'dropout_rate must be in [0, 1), got '
+                     f'{config.dropout_rate}')
+  privacy.validate(clip_norm=config.dp_clip_norm,
+                   noise_multiplier=config.dp_noise_multiplier,
+                   delta=config.dp_delta, accountant=config.dp_accountant)
   if config.eval_teachers < 0:
     raise FedkdError(f'eval_teachers must be >= 0, got {config.eval_teachers}')
   if config.clients_per_round > config.num_clients:

@@ -46,8 +46,9 @@ class Workdir:
     self._config = config
     old = self._read_config()
     if old is not None and not overwrite:
-      changed = sorted(k for k in set(old) | set(config)
-                       if k not in _RESUMABLE and old.get(k) != config.get(k))
+      # Fields missing from the old config came with a newer fedkd.
+      changed = sorted(k for k in old
+                       if k not in _RESUMABLE and old[k] != config.get(k))
       if changed:
         k = changed[0]
         raise FedkdError(

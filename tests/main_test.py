@@ -1,9 +1,11 @@
 """The CLI end to end: the smoke config, and one clear line for bad input."""
 
+from concurrent import futures
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -64,56 +66,123 @@ class SmokeTest(absltest.TestCase):
     self.assertIsNone(rows[-1]['teacher_accuracy'])  # fedavg has no teacher
 
 
-class BadInputTest(parameterized.TestCase):
+# (name, extra arguments, text the one error line must contain). `{tmp}` is a
+# scratch directory; every case runs against an existing workdir that holds a
+# finished run's metrics.jsonl, which must come through untouched.
+BAD_INPUTS = (
+    ('dataset', ['--config.dataset=nope'], 'unknown dataset'),
+    ('algorithm', ['--config.algorithm=nope'], 'unknown algorithm'),
+    ('student', ['--config.student=nope'], 'unknown student'),
+    ('teacher', ['--config.teacher=nope'], 'unknown teacher'),
+    ('partition', ['--config.partition=nope'], 'unknown partition'),
+    ('alpha', ['--config.alpha=0'], 'alpha must be > 0'),
+    ('shards', ['--config.partition=shards', '--config.shards_per_client=0'],
+     'shards_per_client must be >= 1'),
+    ('too_many_clients', ['--config.num_clients=5000',
+                          '--config.clients_per_round=10'],
+     'more clients than examples'),
+    ('cohort', ['--config.clients_per_round=200'],
+     'clients_per_round=200 exceeds num_clients=100'),
+    ('batch_size', ['--config.batch_size=0'], 'batch_size must be >= 1'),
+    ('epochs', ['--config.local_epochs=0'], 'local_epochs must be >= 1'),
+    ('rounds', ['--config.num_rounds=0'], 'num_rounds must be >= 1'),
+    ('eval_every', ['--config.eval_every=0'], 'eval_every must be >= 1'),
+    ('client_lr', ['--config.client_lr=-1'], 'client_lr must be a finite'),
+    ('server_lr_inf', ['--config.server_lr=inf'], 'server_lr must be a finite'),
+    ('temperature', ['--config.temperature=0'], 'temperature must be'),
+    ('distill_weight', ['--config.distill_weight=1.5'],
+     'distill_weight must be in [0, 1]'),
+    ('client_optimizer', ['--config.client_optimizer=nope'],
+     'unknown client_optimizer'),
+    ('server_optimizer', ['--config.server_optimizer=nope'],
+     'unknown server_optimizer'),
+    ('dropout', ['--config.dropout_rate=1.0'], 'dropout_rate must be in'),
+    ('noise_without_clip', ['--config.dp_noise_multiplier=1.0'],
+     'needs clip_norm > 0'),
+    ('dp_delta', ['--config.dp_delta=0'], 'delta must be in (0, 1)'),
+    ('accountant', ['--config.dp_accountant=nope'], 'unknown accountant'),
+    ('devices', ['--config.num_devices=99'], 'num_devices must be in'),
+    ('chunk', ['--config.clients_per_chunk=-1'], 'clients_per_chunk must be'),
+    ('checkpoint_every', ['--config.checkpoint_every=-1'],
+     'checkpoint_every must be'),
+    ('wrong_type', ['--config.num_clients=abc'], 'num_clients'),
+    ('unknown_field', ['--config.nope=1'], 'nope'),
+    ('config_variant', ['--config=experiments/configs/default.py:nope'],
+     'unknown config variant'),
+    ('config_file', ['--config=experiments/configs/nope.py'], 'nope.py'),
+    ('positional', ['extra'], 'unexpected arguments'),
+    ('unknown_flag', ['--nope'], "Unknown command line flag 'nope'"),
+    ('npz_file', ['--config.dataset=npz:{tmp}/absent.npz'], 'absent.npz'),
+    ('npz_keys', ['--config.dataset=npz:{tmp}/keys.npz'],
+     'missing arrays x_test'),
+    ('npz_shapes', ['--config.dataset=npz:{tmp}/shapes.npz'],
+     'x_train has 40 examples but y_train has 39'),
+    ('npz_nan', ['--config.dataset=npz:{tmp}/nan.npz'], 'NaN'),
+    ('other_run', ['--config.seed=5'], 'holds a run with a different config'),
+)
+_NPZ_ARGS = ['--config.num_clients=4', '--config.clients_per_round=4']
 
-  def _assert_one_line_error(self, proc, expected):
+
+class BadInputTest(parameterized.TestCase):
+  """Every bad setting: exit 2, one `error:` line, the workdir untouched."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    tmp = tempfile.mkdtemp()
+    _npz(f'{tmp}/keys.npz', x_test=None)
+    _npz(f'{tmp}/shapes.npz', y_train=np.zeros(39, int))
+    _npz(f'{tmp}/nan.npz', x_train=np.full((40, 5), np.nan, np.float32))
+    # A finished run every bad invocation points at.
+    cls.workdir = f'{tmp}/existing'
+    proc = _main(SMOKE, f'--workdir={cls.workdir}')
+    assert proc.returncode == 0, proc.stderr
+    cls.before = _snapshot(cls.workdir)
+
+    def run(case):
+      name, args, _ = case
+      args = [a.format(tmp=tmp) for a in args]
+      if name.startswith('npz'):
+        args += _NPZ_ARGS
+      if not any(a.startswith('--config=') for a in args):
+        args = [SMOKE] + args
+      return name, _main(*args, f'--workdir={cls.workdir}')
+
+    # Each case is its own process; run a few at a time.
+    with futures.ThreadPoolExecutor(4) as pool:
+      cls.results = dict(pool.map(run, BAD_INPUTS))
+
+  @parameterized.named_parameters(*BAD_INPUTS)
+  def test_bad_input(self, args, expected):
+    del args
+    proc = self.results[self._testMethodName.removeprefix('test_bad_input')
+                        .lstrip('_')]
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     self.assertLen(lines, 1, proc.stderr)
     self.assertStartsWith(lines[0], 'error: ')
     self.assertIn(expected, lines[0])
+    self.assertEqual(_snapshot(self.workdir), self.before)
 
-  @parameterized.named_parameters(
-      ('dataset', ['--config.dataset=nope'], 'unknown dataset'),
-      ('algorithm', ['--config.algorithm=nope'], 'unknown algorithm'),
-      ('model', ['--config.student=nope'], 'unknown student'),
-      ('partition', ['--config.partition=nope'], 'unknown partition'),
-      ('alpha', ['--config.alpha=0'], 'alpha must be > 0'),
-      ('too_many_clients', ['--config.num_clients=5000',
-                            '--config.clients_per_round=10'],
-       'more clients than examples'),
-      ('cohort', ['--config.clients_per_round=200'],
-       'clients_per_round=200 exceeds num_clients=100'),
-      ('batch_size', ['--config.batch_size=0'], 'batch_size must be >= 1'),
-      ('wrong_type', ['--config.num_clients=abc'], 'num_clients'),
-      ('unknown_field', ['--config.nope=1'], 'nope'),
-  )
-  def test_bad_config(self, args, expected):
-    workdir = self.create_tempdir()
-    workdir.create_file('metrics.jsonl', content='keep me\n')
-    proc = _main(SMOKE, f'--workdir={workdir.full_path}', *args)
-    self._assert_one_line_error(proc, expected)
-    self.assertEqual(sorted(os.listdir(workdir.full_path)), ['metrics.jsonl'])
-    with open(os.path.join(workdir.full_path, 'metrics.jsonl')) as f:
-      self.assertEqual(f.read(), 'keep me\n')
-
-  @parameterized.named_parameters(
-      ('missing_keys', dict(x_test=None), 'missing arrays x_test'),
-      ('mismatched', dict(y_train=np.zeros(39, int)),
-       'x_train has 40 examples but y_train has 39'),
-      ('nan', dict(x_train=np.full((40, 5), np.nan, np.float32)), 'NaN'),
-  )
-  def test_bad_npz(self, overrides, expected):
-    tmp = self.create_tempdir().full_path
-    path = _npz(os.path.join(tmp, 'bad.npz'), **overrides)
-    proc = _main(SMOKE, f'--workdir={tmp}/run', f'--config.dataset=npz:{path}',
-                 '--config.num_clients=4', '--config.clients_per_round=4')
-    self._assert_one_line_error(proc, expected)
+  def test_at_least_25_cases(self):
+    self.assertGreaterEqual(len(BAD_INPUTS), 25)
 
   def test_unwritable_workdir(self):
     blocker = self.create_tempfile('a_file').full_path
     proc = _main(SMOKE, f'--workdir={blocker}/run')
-    self._assert_one_line_error(proc, 'cannot create workdir')
+    self.assertEqual(proc.returncode, 2, proc.stderr)
+    self.assertIn('cannot create workdir', proc.stderr)
+
+
+def _snapshot(workdir):
+  """Every file under `workdir` with its bytes."""
+  files = {}
+  for root, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        files[os.path.relpath(path, workdir)] = f.read()
+  return files
 
 
 if __name__ == '__main__':

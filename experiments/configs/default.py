@@ -47,6 +47,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.clients_per_chunk = 0  # > 0: run the cohort in chunks (bounds memory)
   c.checkpoint_every = 10  # rounds between checkpoints (0 = only the last)
   c.overwrite = False  # replace a run of another config in --workdir
+  # Faults, simulated inside the compiled round.
+  c.dropout_rate = 0.0  # probability a sampled client never reports
+  # Client-level DP (DP-FedAvg, McMahan et al. 2018); off while clip is 0.
+  c.dp_clip_norm = 0.0  # S: each client's update clipped to this L2 norm
+  c.dp_noise_multiplier = 0.0  # z: noise std z*S on the summed updates
+  c.dp_delta = 1e-5
+  c.dp_accountant = 'rdp'  # rdp | pld
   if arg == 'smoke':
     c.num_rounds = 2
     c.eval_every = 1

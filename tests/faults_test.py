@@ -1,0 +1,151 @@
+"""Dropout, non-finite clients, divergence and DP-FedAvg inside the round."""
+
+import json
+import os
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.configs import default
+from fedkd import algorithm
+from fedkd import loop
+from fedkd import privacy
+from fedkd import train
+import toys
+
+SIZES = (6, 4, 8, 5, 7, 3, 6, 5)
+IDS = list(range(8))
+
+
+def _round(alg, data, **options):
+  apply = algorithm.make_round(alg.client_update, alg.server_update,
+                               **options)
+  state = toys.init_state(alg)
+  new, metrics = jax.jit(apply)(state, data, toys.cohort(IDS),
+                                jax.random.PRNGKey(7))
+  return state, new, metrics
+
+
+def _poisoned(client):
+  data = toys.toy_data(SIZES)
+  start = int(data.offsets[client])
+  return data.replace(x=data.x.at[start].set(jnp.nan))
+
+
+class FaultsTest(parameterized.TestCase):
+
+  def test_nan_client_is_excluded_and_counted(self):
+    alg = toys.algorithms(len(SIZES))['local_kd']
+    state, new, m = _round(alg, _poisoned(3))
+    self.assertEqual(int(m['nonfinite_clients']), 1)
+    self.assertEqual(int(m['clients']), 7)
+    self.assertTrue(bool(m['params_finite']))
+    teachers_before = jax.tree.leaves(state.clients)[0]
+    teachers_after = jax.tree.leaves(new.clients)[0]
+    np.testing.assert_array_equal(teachers_after[3], teachers_before[3])
+    # Same result as if client 3 had not been sampled at all.
+    apply = jax.jit(alg.apply)
+    others = [i for i in IDS if i != 3]
+    expected, _ = apply(state, _poisoned(3), toys.cohort(others),
+                        jax.random.PRNGKey(7))
+    # Client keys depend on ids only, so the other clients train identically.
+    toys.assert_trees_close(new.params, expected.params)
+
+  def test_dropout_with_a_poisoned_client_still_trains(self):
+    alg = toys.algorithms(len(SIZES))['fedavg']
+    state, new, m = _round(alg, _poisoned(3),
+                           faults=algorithm.Faults(dropout_rate=0.3))
+    dropped, nonfinite = int(m['dropped_clients']), int(m['nonfinite_clients'])
+    self.assertGreater(dropped, 0)
+    self.assertEqual(int(m['clients']) + dropped + nonfinite, 8)
+    self.assertTrue(bool(m['params_finite']))
+    changed = jax.tree.leaves(jax.tree.map(
+        lambda a, b: not np.allclose(a, b), state.params, new.params))
+    self.assertTrue(any(changed))
+
+  def test_dropout_matches_python_loop(self):
+    alg = toys.algorithms(len(SIZES))['local_kd']
+    data, state = toys.toy_data(SIZES), toys.init_state(alg)
+    options = dict(faults=algorithm.Faults(dropout_rate=0.5))
+    vmapped = jax.jit(algorithm.make_round(
+        alg.client_update, alg.server_update, **options))
+    looped = algorithm.make_round(alg.client_update, alg.server_update,
+                                  map_fn=loop.python_map, **options)
+    args = (state, data, toys.cohort(IDS), jax.random.PRNGKey(3))
+    toys.assert_trees_close(vmapped(*args), looped(*args), atol=1e-5)
+
+
+class DpRoundTest(absltest.TestCase):
+
+  def test_clipped_sum_over_expected_clients_by_hand(self):
+    alg = toys.algorithms(len(SIZES))['fedavg']
+    data = toys.toy_data(SIZES)
+    clip, expected = 0.05, 10.0
+    dp = privacy.DpSettings(clip, 0.0, expected)
+    state, new, m = _round(alg, data, dp=dp)
+    # Each client alone, clipped with numpy, summed with weight 1.
+    rng = jax.random.split(jax.random.PRNGKey(7))[0]
+    total = None
+    for i in IDS:
+      key = jax.random.split(jax.random.fold_in(rng, i))[0]
+      out = alg.client_update(state.params, (), data, jnp.int32(i),
+                              data.num_examples[i], key)
+      leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(out.upload)]
+      norm = np.sqrt(sum(np.sum(x**2) for x in leaves))
+      clipped = [x * min(1.0, clip / norm) for x in leaves]
+      total = clipped if total is None else [a + b for a, b in
+                                             zip(total, clipped)]
+    got = [np.asarray(b) - np.asarray(a) for a, b in
+           zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params))]
+    for g, t in zip(got, total):
+      np.testing.assert_allclose(g, t / expected, atol=1e-6)
+    self.assertEqual(int(m['clipped_clients']), 8)  # all above 0.05
+
+  def test_noise_changes_with_the_round_key_only(self):
+    alg = toys.algorithms(len(SIZES))['fedavg']
+    data = toys.toy_data(SIZES)
+    dp = privacy.DpSettings(0.1, 1.0, 8.0)
+    apply = jax.jit(algorithm.make_round(alg.client_update, alg.server_update,
+                                         dp=dp))
+    state = toys.init_state(alg)
+    a, _ = apply(state, data, toys.cohort(IDS), jax.random.PRNGKey(1))
+    b, _ = apply(state, data, toys.cohort(IDS), jax.random.PRNGKey(1))
+    c, _ = apply(state, data, toys.cohort(IDS), jax.random.PRNGKey(2))
+    toys.assert_trees_close(a.params, b.params, atol=0)
+    diff = np.concatenate([np.ravel(x - y) for x, y in zip(
+        jax.tree.leaves(a.params), jax.tree.leaves(c.params))])
+    # Noise std on the mean is z*S/expected = 0.0125; two draws differ more.
+    self.assertGreater(diff.std(), 0.005)
+
+
+class RunLevelTest(absltest.TestCase):
+
+  def _rows(self, **overrides):
+    config = default.get_config('smoke')
+    config.update(overrides)
+    workdir = self.create_tempdir().full_path
+    train.run(config, workdir, progress=False)
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      return [json.loads(l) for l in f]
+
+  def test_reported_epsilon_equals_dp_accounting(self):
+    rows = self._rows(dp_clip_norm=1.0, dp_noise_multiplier=1.1,
+                      num_clients=50, clients_per_round=10)
+    for row in rows:
+      accountant = dp_accounting.rdp.RdpAccountant()
+      accountant.compose(dp_accounting.PoissonSampledDpEvent(
+          10 / 50, dp_accounting.GaussianDpEvent(1.1)), row['round'])
+      self.assertAlmostEqual(row['dp_epsilon'],
+                             accountant.get_epsilon(1e-5), places=9)
+
+  def test_divergence_stops_with_a_clear_error(self):
+    with self.assertRaisesRegex(train.Diverged, 'NaN/inf in round 1'):
+      self._rows(client_lr=30.0, server_lr=3e38)
+
+
+if __name__ == '__main__':
+  absltest.main()
