@@ -25,6 +25,7 @@ from fedkd import metrics as metrics_lib
 from fedkd import partition
 from fedkd import privacy
 from fedkd import sharding
+from fedkd import synthetic
 from fedkd import validation
 from fedkd import workdir as workdir_lib
 
@@ -244,12 +245,21 @@ def _loop(run: _Run, work: workdir_lib.Workdir, *, progress: bool):
 
 def load_data(config):
   """The dataset and its partition into clients, as configured."""
+  if config.dataset == 'synthetic':
+    return synthetic.synthetic(
+        config.num_clients, alpha=config.synthetic_alpha,
+        beta=config.synthetic_beta,
+        max_examples=config.synthetic_max_examples, seed=config.seed)
   dataset = data.load_dataset(config.dataset, config.data_dir or None)
   parts = partition.partition(
       dataset.y_train, config.num_clients, config.partition,
       alpha=config.alpha, shards_per_client=config.shards_per_client,
       seed=config.seed)
   return dataset, parts
+
+
+def _partition_name(config) -> str:
+  return 'natural' if config.dataset == 'synthetic' else config.partition
 
 
 def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
@@ -264,7 +274,7 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
   setup = _setup(config, dataset, parts)
   work = workdir_lib.Workdir(workdir, config.to_dict(),
                              overwrite=config.overwrite)
-  print(f'{config.partition} partition of {dataset.name}:')
+  print(f'{_partition_name(config)} partition of {dataset.name}:')
   print(partition.describe(dataset.y_train, parts, dataset.num_classes))
   try:
     rows = _loop(setup, work, progress=progress)

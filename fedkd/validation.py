@@ -68,6 +68,13 @@ def validate_config(config) -> None:
   _one_of(config, 'student', models.MODEL_NAMES)
   _one_of(config, 'client_optimizer', OPTIMIZERS)
   _one_of(config, 'server_optimizer', OPTIMIZERS)
+  if config.dataset == 'synthetic':
+    if not (config.synthetic_alpha >= 0 and config.synthetic_beta >= 0):
+      raise FedkdError('synthetic_alpha and synthetic_beta must be >= 0, got '
+                       f'{config.synthetic_alpha}, {config.synthetic_beta}')
+    if config.synthetic_max_examples < 50:
+      raise FedkdError('synthetic_max_examples must be >= 50 (every client '
+                       f'has at least 50), got {config.synthetic_max_examples}')
   if config.partition == 'dirichlet' and not config.alpha > 0:
     raise FedkdError(f'alpha must be > 0 for the dirichlet partition, got '
                      f'{config.alpha}')

@@ -17,8 +17,13 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Data and partition.
-  c.dataset = 'digits'  # digits | npz:PATH | any TFDS image dataset name
+  c.dataset = 'digits'  # digits | synthetic | npz:PATH | TFDS dataset name
   c.data_dir = ''  # TFDS data_dir; '' = the TFDS default
+  # dataset='synthetic': Synthetic(alpha, beta) of Li et al. 2020, generated
+  # per client (its own natural partition; `partition` is not used).
+  c.synthetic_alpha = 1.0
+  c.synthetic_beta = 1.0
+  c.synthetic_max_examples = 500  # truncates the lognormal client sizes
   c.partition = 'dirichlet'  # iid | dirichlet | shards
   c.alpha = 0.5  # Dirichlet concentration (dirichlet only)
   c.shards_per_client = 2  # shards only
