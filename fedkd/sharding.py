@@ -7,6 +7,24 @@ from fedkd.clients import CLIENTS_AXIS
 from fedkd.errors import FedkdError
 
 
+def initialize_distributed(coordinator_address: str, num_processes: int,
+                           process_id: int) -> None:
+  """Joins a multi-process (multi-host) run; call before any other JAX use.
+
+  Each process then sees every process's devices in `jax.devices()`, and the
+  `clients` mesh spans them all: each process computes its devices' share of
+  the cohort, and the weighted mean over clients becomes a cross-process
+  reduction.
+  """
+  if num_processes == 1:
+    return
+  # CPU processes need an explicit collectives backend to reduce across.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes,
+                             process_id=process_id)
+
+
 def make_mesh(num_devices: int = 0) -> Mesh:
   """A 1-D mesh over the first `num_devices` devices (0 means all of them)."""
   # Random bits must not depend on how arrays are split across devices.

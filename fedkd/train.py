@@ -268,6 +268,9 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
   Returns:
     The rows of metrics.jsonl, one per evaluated round.
   """
+  validation.validate_processes(config)
+  sharding.initialize_distributed(config.coordinator_address,
+                                  config.num_processes, config.process_id)
   validation.validate_config(config)
   dataset, parts = load_data(config)
   validation.validate_workdir(workdir)

@@ -80,6 +80,19 @@ def validate_config(config) -> None:
                      f'{config.alpha}')
 
 
+def validate_processes(config) -> None:
+  """Checks the multi-process fields, before JAX starts."""
+  if config.num_processes < 1:
+    raise FedkdError(f'num_processes must be >= 1, got {config.num_processes}')
+  if not 0 <= config.process_id < config.num_processes:
+    raise FedkdError(f'process_id must be in [0, {config.num_processes}), '
+                     f'got {config.process_id}')
+  if config.num_processes > 1 and ':' not in config.coordinator_address:
+    raise FedkdError('a multi-process run needs coordinator_address=HOST:PORT '
+                     f'(process 0 listens there), got '
+                     f'{config.coordinator_address!r}')
+
+
 def validate_workdir(workdir: str) -> None:
   """Checks that `workdir` exists or can be made, and can be written."""
   if not workdir:

@@ -15,6 +15,8 @@ import os
 import shutil
 
 from flax import serialization
+import jax
+from jax.experimental import multihost_utils
 
 from fedkd import checkpoint
 from fedkd.errors import FedkdError
@@ -28,7 +30,8 @@ FINAL_PARAMS = 'final_params.msgpack'
 # Fields a resumed run may change: they do not change what a round computes.
 _RESUMABLE = frozenset({
     'num_rounds', 'overwrite', 'checkpoint_every', 'eval_every',
-    'eval_batch_size', 'eval_teachers', 'num_devices', 'clients_per_chunk'})
+    'eval_batch_size', 'eval_teachers', 'num_devices', 'clients_per_chunk',
+    'process_id', 'coordinator_address'})
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -44,6 +47,9 @@ class Workdir:
   def __init__(self, path: str, config: dict, *, overwrite: bool):
     self.path = path
     self._config = config
+    # In a multi-process run all processes share the workdir; process 0
+    # writes the files, orbax coordinates the checkpoints of all of them.
+    self._writer = jax.process_index() == 0
     old = self._read_config()
     if old is not None and not overwrite:
       # Fields missing from the old config came with a newer fedkd.
@@ -55,11 +61,13 @@ class Workdir:
             f'workdir {path} holds a run with a different config ({k}: '
             f'{old.get(k)!r} there, {config.get(k)!r} now); use another '
             '--workdir, or --config.overwrite=True to replace that run')
-    if overwrite:
+    if overwrite and self._writer:
       for name in (METRICS, FINAL_PARAMS, CONFIG):
         if os.path.exists(self._file(name)):
           os.remove(self._file(name))
       shutil.rmtree(self._file(CHECKPOINTS), ignore_errors=True)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('fedkd workdir ready')
     self._checkpoints = checkpoint.Checkpointer(self._file(CHECKPOINTS))
 
   def _file(self, name: str) -> str:
@@ -81,12 +89,16 @@ class Workdir:
 
   def start(self, rows: list[dict]) -> None:
     """Writes config.json and metrics.jsonl holding `rows` (from a resume)."""
+    if not self._writer:
+      return
     _atomic_write(self._file(CONFIG),
                   json.dumps(self._config, indent=2, sort_keys=True))
     _atomic_write(self._file(METRICS),
                   ''.join(json.dumps(r) + '\n' for r in rows))
 
   def append_row(self, row: dict) -> None:
+    if not self._writer:
+      return
     with open(self._file(METRICS), 'a') as f:
       f.write(json.dumps(row) + '\n')
 
@@ -94,6 +106,8 @@ class Workdir:
     self._checkpoints.save(rounds_done, state, meta)
 
   def write_final(self, params: Params) -> None:
+    if not self._writer:
+      return
     tmp = self._file(FINAL_PARAMS) + '.tmp'
     with open(tmp, 'wb') as f:
       f.write(serialization.to_bytes(params))

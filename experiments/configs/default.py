@@ -49,6 +49,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_batch_size = 1000
   c.eval_teachers = 100  # evaluate the private teachers of the first N clients
   c.num_devices = 0  # 0 = all visible devices
+  # Multi-process (multi-host): start one process per host with its id.
+  c.num_processes = 1
+  c.process_id = 0
+  c.coordinator_address = ''  # HOST:PORT of process 0
   c.clients_per_chunk = 0  # > 0: run the cohort in chunks (bounds memory)
   c.checkpoint_every = 10  # rounds between checkpoints (0 = only the last)
   c.overwrite = False  # replace a run of another config in --workdir
