@@ -26,6 +26,7 @@ Timings are noisy; only ratios measured side by side in one run mean much.
 """
 
 import json
+import resource
 import statistics
 import time
 
@@ -48,6 +49,9 @@ _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed rounds per arm.')
 _EXAMPLES = flags.DEFINE_integer('examples', 50, 'Examples per client.')
 _TORCH = flags.DEFINE_bool('torch', True, 'Time baseline (c) if torch is '
                            'installed.')
+_LOOP = flags.DEFINE_bool('loop', True, 'Time baseline (b).')
+_JSON_ONLY = flags.DEFINE_bool('json_only', False, 'Print only the JSON line '
+                               '(used by experiments/scaling.py).')
 _TORCH_THREADS = flags.DEFINE_integer(
     'torch_threads', 1, 'torch.set_num_threads for (c); 1 is fastest here '
     'for these small models.')
@@ -179,33 +183,57 @@ def time_torch(arrays, rounds):
   return _median_seconds(lambda: sim.run_round(cohort), rounds)
 
 
+def matmul_peak_gflop_s(size: int = 2048, repeats: int = 5) -> float:
+  """Achieved GFLOP/s of one large float32 matmul on device 0: the machine's
+  practical peak, against which the rounds' GFLOP/s are read."""
+  a = jax.device_put(jnp.ones((size, size), jnp.float32), jax.devices()[0])
+  matmul = jax.jit(lambda a: a @ a)
+  seconds = _median_seconds(lambda: matmul(a).block_until_ready(), repeats)
+  return 2 * size**3 / seconds / 1e9
+
+
 def main(argv):
   del argv
-  print(f'backend: {jax.default_backend()}, devices: {jax.device_count()} x '
-        f'{jax.devices()[0].device_kind}')
+  if not _JSON_ONLY.value:
+    print(f'backend: {jax.default_backend()}, devices: {jax.device_count()} '
+          f'x {jax.devices()[0].device_kind}')
+  peak = matmul_peak_gflop_s()
   results = []
   for num_clients in map(int, _CLIENTS.value):
     alg, state, data, arrays = _setup(num_clients)
     vmapped, compile_s = time_vmapped(alg, state, data, _ROUNDS.value)
     flops = round_flops(state, num_clients)
-    looped = time_loop(alg, jax.device_put(state, jax.devices()[0]),
-                       jax.device_put(data, jax.devices()[0]), _ROUNDS.value)
+    looped = _LOOP.value and time_loop(
+        alg, jax.device_put(state, jax.devices()[0]),
+        jax.device_put(data, jax.devices()[0]), _ROUNDS.value)
     torch_s = (time_torch(arrays, _ROUNDS.value) if _TORCH.value else None)
     results.append(dict(
-        clients=num_clients, vmapped_s=vmapped, compile_s=compile_s,
-        loop_s=looped, torch_s=torch_s, loop_over_vmapped=looped / vmapped,
+        clients=num_clients, devices=jax.device_count(), vmapped_s=vmapped,
+        compile_s=compile_s, clients_per_s=num_clients / vmapped,
+        loop_s=looped or None, torch_s=torch_s,
+        loop_over_vmapped=looped and looped / vmapped,
         torch_over_vmapped=torch_s and torch_s / vmapped,
-        gflops_per_round=flops / 1e9, vmapped_gflop_s=flops / 1e9 / vmapped))
+        gflops_per_round=flops / 1e9, vmapped_gflop_s=flops / 1e9 / vmapped,
+        matmul_peak_gflop_s=peak,
+        # ru_maxrss is in KiB on Linux; the peak so far in this process.
+        peak_host_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        / 1024))
+  if _JSON_ONLY.value:
+    print(json.dumps(results))
+    return
+  print(f'matmul peak (2048^3 float32 on one device): {peak:.1f} GFLOP/s')
   header = ('clients | vmapped s | compile s | loop s | torch s | loop/vmapped'
             ' | torch/vmapped | GFLOP/s (a)')
   print(header)
   print('-' * len(header))
   for r in results:
-    torch_cells = ((f'{r["torch_s"]:.4f}', f'{r["torch_over_vmapped"]:.1f}x')
-                   if r['torch_s'] else ('-', '-'))
+    loop_s, loop_x = ((f'{r["loop_s"]:.4f}', f'{r["loop_over_vmapped"]:.1f}x')
+                      if r['loop_s'] else ('-', '-'))
+    torch_s, torch_x = (
+        (f'{r["torch_s"]:.4f}', f'{r["torch_over_vmapped"]:.1f}x')
+        if r['torch_s'] else ('-', '-'))
     print(f'{r["clients"]:7d} | {r["vmapped_s"]:9.4f} | {r["compile_s"]:9.2f}'
-          f' | {r["loop_s"]:6.4f} | {torch_cells[0]:>7} | '
-          f'{r["loop_over_vmapped"]:11.1f}x | {torch_cells[1]:>13} | '
+          f' | {loop_s:>6} | {torch_s:>7} | {loop_x:>12} | {torch_x:>13} | '
           f'{r["vmapped_gflop_s"]:11.2f}')
   print(json.dumps(results))
 

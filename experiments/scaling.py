@@ -1,0 +1,97 @@
+"""Scaling table: clients per round x devices, one process per cell.
+
+    python -m experiments.scaling [--clients=10,100,1000,10000] \\
+        [--devices=1,2,8] [--out=docs/scaling]
+
+Each cell runs `experiments/benchmark.py` (arms (a) and (b), no torch) in a
+fresh process, on CPU with `--xla_force_host_platform_device_count=D` (on a
+GPU/TPU host pass the real device counts, e.g. `--devices=1,8`, and
+`--cpu=false`). Writes OUT.json, OUT.md (seconds per round, compile seconds,
+clients/s, GFLOP/s against the measured matmul peak, peak host memory, the
+per-client-loop ratio) and OUT.png (seconds per round against clients).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+
+_CLIENTS = flags.DEFINE_list('clients', ['10', '100', '1000', '10000'],
+                             'Clients per round.')
+_DEVICES = flags.DEFINE_list('devices', ['1', '2', '8'], 'Device counts.')
+_CPU = flags.DEFINE_bool('cpu', True, 'Split the CPU into fake devices.')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Timed rounds per cell.')
+_OUT = flags.DEFINE_string('out', 'docs/scaling', 'Output path prefix.')
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cell(clients: int, devices: int) -> dict:
+  env = dict(os.environ)
+  if _CPU.value:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  else:
+    env['CUDA_VISIBLE_DEVICES'] = ','.join(map(str, range(devices)))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmark', f'--clients={clients}',
+       '--torch=false', '--json_only', f'--rounds={_ROUNDS.value}'],
+      cwd=_ROOT, env=env, capture_output=True, text=True, check=True)
+  return json.loads(proc.stdout.strip().splitlines()[-1])[0]
+
+
+def _markdown(cells) -> str:
+  lines = ['| clients | devices | s/round | compile s | clients/s | GFLOP/s '
+           '| % of matmul peak | peak host MiB | loop/vmapped |',
+           '|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for c in cells:
+    lines.append(
+        f'| {c["clients"]} | {c["devices"]} | {c["vmapped_s"]:.4f} | '
+        f'{c["compile_s"]:.2f} | {c["clients_per_s"]:.0f} | '
+        f'{c["vmapped_gflop_s"]:.1f} | '
+        f'{100 * c["vmapped_gflop_s"] / c["matmul_peak_gflop_s"]:.0f}% | '
+        f'{c["peak_host_mib"]:.0f} | {c["loop_over_vmapped"]:.1f}x |')
+  return '\n'.join(lines) + '\n'
+
+
+def _plot(cells, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for d in sorted({c['devices'] for c in cells}):
+    row = sorted((c for c in cells if c['devices'] == d),
+                 key=lambda c: c['clients'])
+    ax.plot([c['clients'] for c in row], [c['vmapped_s'] for c in row],
+            'o-', label=f'fedkd, {d} device(s)')
+  loop = sorted((c for c in cells if c['devices'] == cells[0]['devices']),
+                key=lambda c: c['clients'])
+  ax.plot([c['clients'] for c in loop], [c['loop_s'] for c in loop], 's--',
+          label='per-client loop (b)')
+  ax.set(xscale='log', yscale='log', xlabel='clients per round',
+         ylabel='seconds per round', title='local-KD round, seed models')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv):
+  del argv
+  cells = []
+  for devices in map(int, _DEVICES.value):
+    for clients in map(int, _CLIENTS.value):
+      cells.append(_cell(clients, devices))
+      print(json.dumps(cells[-1]), flush=True)
+  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
+  with open(_OUT.value + '.json', 'w') as f:
+    json.dump(cells, f, indent=1)
+  with open(_OUT.value + '.md', 'w') as f:
+    f.write(_markdown(cells))
+  _plot(cells, _OUT.value + '.png')
+  print(_markdown(cells))
+
+
+if __name__ == '__main__':
+  app.run(main)
