@@ -6,9 +6,17 @@ pure functions (like optax's `GradientTransformation`):
 * `init(params, rng) -> ServerState`
 * `apply(state, data, cohort, rng) -> (state, metrics)`: one round, to be
   jitted once by the caller;
-* `client_update(server_params, client_state, data, client_id, num_examples,
+* `client_update(server, client_state, data, client_id, num_examples,
   rng) -> ClientOutput` for ONE client, which `apply` maps over the cohort;
-* `server_update(state, mean_upload) -> state`.
+  `server` is the `ServerState` without the stacked client states;
+* `server_update(state, mean_upload, data, rng) -> (state, metrics)`.
+
+Communication is counted exactly, in bytes, per round: by default each
+reporting client uploads its whole `upload` pytree and downloads the global
+`params`. A client that sends something else (SVD factors, or parameters when
+its `upload` also carries simulation-only values) reports its own
+`upload_bytes` (int32) in its metrics; a server that broadcasts something else
+reports the per-client `download_bytes` in its metrics.
 
 `client_update` and `server_update` are exposed so the per-client Python loop
 (`fedkd.loop`) runs the very same code the vmapped round runs.
@@ -44,7 +52,8 @@ class ServerState(struct.PyTreeNode):
 
 
 ClientUpdate = Callable[..., ClientOutput]
-ServerUpdate = Callable[[ServerState, PyTree], ServerState]
+ServerUpdate = Callable[[ServerState, PyTree, ClientData, PRNGKey],
+                        tuple[ServerState, Metrics]]
 MapFn = Callable[[Callable[..., ClientOutput]], Callable[..., ClientOutput]]
 
 
@@ -56,15 +65,16 @@ class FederatedAlgorithm(NamedTuple):
   server_update: ServerUpdate
 
 
-def _tree_bytes(tree: PyTree) -> int:
+def tree_bytes(tree: PyTree) -> int:
+  """Bytes of every leaf of `tree` as stored (float32 parameters: 4 each)."""
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _one_client(client_update: ClientUpdate, server_params, data, rng,
+def _one_client(client_update: ClientUpdate, server, data, rng,
                 client_id, num_examples, client_state) -> ClientOutput:
   # Client randomness depends on (round rng, client id) only, never on the
   # client's slot in the cohort or on the device layout.
-  return client_update(server_params, client_state, data, client_id,
+  return client_update(server, client_state, data, client_id,
                        num_examples, jax.random.fold_in(rng, client_id))
 
 
@@ -75,7 +85,7 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
   Args:
     client_update: one client's local round.
     server_update: turns the weighted-mean upload into the next server state.
-    map_fn: how a one-client function of `(server_params, data, rng,
+    map_fn: how a one-client function of `(server, data, rng,
       client_id, num_examples, client_state)` is mapped over the last three
       (stacked) arguments: `map_clients` (vmap, the default) or a per-client
       loop (`fedkd.loop.python_map`) for reference runs.
@@ -95,8 +105,8 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
     safe_ids = jnp.minimum(ids, data.num_clients - 1)
     num_examples = jnp.where(mask, data.num_examples[safe_ids], 0)
     chunk_states = jax.tree.map(lambda s: s[safe_ids], clients)
-    out = mapped(state.params, data, rng, safe_ids, num_examples,
-                 chunk_states)
+    out = mapped(state.replace(clients=()), data, rng, safe_ids,
+                 num_examples, chunk_states)
     weights = out.weight * mask
     sums = {name: jnp.sum(jnp.where(mask, value, 0))
             for name, value in out.metrics.items()}
@@ -107,6 +117,7 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
 
   def apply(state: ServerState, data: ClientData, cohort: Cohort,
             rng: PRNGKey) -> tuple[ServerState, Metrics]:
+    client_rng, server_rng = jax.random.split(rng)
     size = cohort.client_ids.shape[0]
     chunk = clients_per_chunk if 0 < clients_per_chunk < size else size
     if size % chunk:
@@ -114,7 +125,7 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
                        f'clients_per_chunk={chunk}')
     if chunk == size:
       total, weight, sums, clients = run_chunk(
-          state, data, rng, state.clients, cohort.client_ids,
+          state, data, client_rng, state.clients, cohort.client_ids,
           cohort.client_mask)
     else:
       # Chunk j holds slots j, j + n, j + 2n, ...: reshaping [size] to
@@ -124,23 +135,27 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
 
       def body(carry, ids_mask):
         total, weight, sums, clients = carry
-        t, w, s, clients = run_chunk(state, data, rng, clients, *ids_mask)
+        t, w, s, clients = run_chunk(state, data, client_rng, clients,
+                                     *ids_mask)
         add = lambda a, b: jax.tree.map(jnp.add, a, b)
         return (add(total, t), weight + w, add(sums, s), clients), None
 
       shapes = jax.eval_shape(lambda: run_chunk(
-          state, data, rng, state.clients, chunked[0][0], chunked[1][0]))
+          state, data, client_rng, state.clients, chunked[0][0],
+          chunked[1][0]))
       init = jax.tree.map(lambda z: jnp.zeros(z.shape, z.dtype), shapes[:3])
       (total, weight, sums, clients), _ = jax.lax.scan(
           body, (*init, state.clients), chunked)
     mean = jax.tree.map(
         lambda t: t / jnp.maximum(weight, 1e-12).astype(t.dtype), total)
-    new_state = server_update(state, mean)
-    num_reporting = jnp.sum(cohort.client_mask)
-    metrics = dict(sums, clients=num_reporting,
-                   # The summed upload has the shape of one client's upload.
-                   upload_bytes=num_reporting * _tree_bytes(total),
-                   download_bytes=num_reporting * _tree_bytes(state.params))
+    new_state, server_metrics = server_update(state, mean, data, server_rng)
+    num_reporting = jnp.sum(cohort.client_mask, dtype=jnp.int32)
+    metrics = dict(sums, **server_metrics, clients=num_reporting)
+    # The summed upload has the shape of one client's upload.
+    if 'upload_bytes' not in metrics:
+      metrics['upload_bytes'] = num_reporting * tree_bytes(total)
+    metrics['download_bytes'] = num_reporting * metrics.get(
+        'download_bytes', tree_bytes(state.params))
     return new_state.replace(clients=clients, round=state.round + 1), metrics
 
   return apply
@@ -149,10 +164,11 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
 def averaging_server_update(tx) -> ServerUpdate:
   """Server update for algorithms whose upload is the model delta (FedOpt)."""
 
-  def server_update(state: ServerState, mean_delta: Params) -> ServerState:
+  def server_update(state: ServerState, mean_delta: Params, data, rng):
+    del data, rng  # Averaging needs neither.
     params, opt_state = aggregation.server_step(
         state.params, state.opt_state, mean_delta, tx)
-    return state.replace(params=params, opt_state=opt_state)
+    return state.replace(params=params, opt_state=opt_state), {}
 
   return server_update
 
