@@ -173,6 +173,12 @@ def averaging_server_update(tx) -> ServerUpdate:
   return server_update
 
 
+def adopt_mean(state: ServerState, mean_upload: PyTree, data, rng):
+  """Server update whose new global state IS the mean upload (FD, FedMD)."""
+  del data, rng  # Nothing is trained on the server.
+  return state.replace(params=mean_upload), {}
+
+
 def build(init, client_update: ClientUpdate,
           server_update: ServerUpdate) -> FederatedAlgorithm:
   """Assembles a `FederatedAlgorithm` around the generic vmapped round."""

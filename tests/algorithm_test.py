@@ -6,12 +6,14 @@ import jax
 import numpy as np
 
 from fedkd import algorithm
+from fedkd import algorithms
 from fedkd import loop
 from fedkd import sharding
 import toys
 
 SIZES = (7, 3, 12, 5, 9, 1)  # ragged: partial batches, a 1-example client
-ALGORITHMS = ('fedavg', 'local_kd')
+# (test name suffix, algorithm name) for named_parameters.
+ALGORITHMS = tuple((name, name) for name in algorithms.ALGORITHMS)
 
 
 def _run(apply, state, data, cohorts):
@@ -29,7 +31,7 @@ class RoundTest(parameterized.TestCase):
     self.cohorts = [toys.cohort([0, 2, 3, 5], size=6, num_clients=len(SIZES)),
                     toys.cohort([1, 2, 4], size=6, num_clients=len(SIZES))]
 
-  @parameterized.parameters(*ALGORITHMS)
+  @parameterized.named_parameters(*ALGORITHMS)
   def test_vmapped_round_equals_python_loop(self, name):
     alg = self.algs[name]
     state = toys.init_state(alg)
@@ -39,7 +41,7 @@ class RoundTest(parameterized.TestCase):
     toys.assert_trees_close(m1, m2, atol=1e-4)
     self.assertEqual(int(vmapped.round), 2)
 
-  @parameterized.parameters(*ALGORITHMS)
+  @parameterized.named_parameters(*ALGORITHMS)
   def test_no_recompilation_after_first_round(self, name):
     alg = self.algs[name]
     traces = []
@@ -52,7 +54,7 @@ class RoundTest(parameterized.TestCase):
          self.cohorts + self.cohorts)
     self.assertLen(traces, 1)
 
-  @parameterized.parameters(*ALGORITHMS)
+  @parameterized.named_parameters(*ALGORITHMS)
   def test_padded_clients_change_nothing(self, name):
     alg = self.algs[name]
     state = toys.init_state(alg)
@@ -63,7 +65,7 @@ class RoundTest(parameterized.TestCase):
                      [toys.cohort(ids, size=8, num_clients=n)])
     toys.assert_trees_close(tight, padded)
 
-  @parameterized.parameters(*ALGORITHMS)
+  @parameterized.named_parameters(*ALGORITHMS)
   def test_padded_examples_and_steps_change_nothing(self, name):
     alg = self.algs[name]
     state = toys.init_state(alg)
@@ -85,7 +87,7 @@ class RoundTest(parameterized.TestCase):
       changed = not np.allclose(before[k], after[k])
       self.assertEqual(changed, k in (0, 2, 3, 5), msg=f'client {k}')
 
-  @parameterized.parameters(*ALGORITHMS)
+  @parameterized.named_parameters(*ALGORITHMS)
   def test_sharded_over_8_devices_equals_one_device(self, name):
     self.assertGreaterEqual(jax.device_count(), 8)
     alg = self.algs[name]
@@ -103,7 +105,7 @@ class RoundTest(parameterized.TestCase):
     toys.assert_trees_close(results[0], results[1])
     self.assertEqual(size, 8)
 
-  @parameterized.parameters(*ALGORITHMS)
+  @parameterized.named_parameters(*ALGORITHMS)
   def test_chunked_equals_unchunked(self, name):
     alg = self.algs[name]
     state = toys.init_state(alg)

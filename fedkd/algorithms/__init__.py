@@ -9,11 +9,20 @@ from fedkd import models
 from fedkd import optimizers
 from fedkd.algorithm import FederatedAlgorithm
 from fedkd.algorithm import ServerState
+from fedkd.algorithms.fd import fd
 from fedkd.algorithms.fedavg import fedavg
+from fedkd.algorithms.feddf import feddf
+from fedkd.algorithms.fedkd import fedkd
+from fedkd.algorithms.fedmd import fedmd
+from fedkd.algorithms.fedntd import fedntd
+from fedkd.algorithms.fedprox import fedprox
 from fedkd.algorithms.local_kd import local_kd
 from fedkd.typing import Params
 
-ALGORITHMS = ('fedavg', 'local_kd')
+ALGORITHMS = ('fd', 'fedavg', 'feddf', 'fedkd', 'fedmd', 'fedntd', 'fedprox',
+              'local_kd')
+# Algorithms that read the public (proxy) data, `config.public_examples`.
+PUBLIC_DATA = ('feddf', 'fedmd')
 
 
 class Built(NamedTuple):
