@@ -8,13 +8,23 @@ import os
 
 from fedkd import models
 from fedkd.algorithms import ALGORITHMS
+from fedkd.algorithms import PUBLIC_DATA
 from fedkd.errors import FedkdError
 from fedkd.optimizers import OPTIMIZERS
 from fedkd.partition import METHODS
 
 _POSITIVE_INTS = ('num_clients', 'clients_per_round', 'num_rounds',
-                  'local_epochs', 'batch_size', 'eval_every', 'eval_batch_size')
-_POSITIVE_FLOATS = ('client_lr', 'teacher_lr', 'server_lr', 'temperature')
+                  'local_epochs', 'batch_size', 'eval_every', 'eval_batch_size',
+                  'public_batch_size', 'distill_epochs', 'digest_epochs')
+_POSITIVE_FLOATS = ('client_lr', 'teacher_lr', 'server_lr', 'temperature',
+                    'distill_lr')
+_NON_NEGATIVE = ('num_devices', 'clients_per_chunk', 'eval_teachers',
+                 'public_examples', 'prox_mu', 'ntd_beta')
+# What 0 means, where it means something.
+_ZERO_MEANS = {'num_devices': ' (0 = all devices)',
+               'clients_per_chunk': ' (0 = the whole cohort at once)'}
+# Algorithms evaluated through the clients' own models.
+_LOCAL_EVAL = ('fd', 'fedmd')
 
 
 def _one_of(config, field, choices):
@@ -32,14 +42,14 @@ def validate_config(config) -> None:
   for field in _POSITIVE_FLOATS:
     if not getattr(config, field) > 0:
       raise FedkdError(f'{field} must be > 0, got {getattr(config, field)}')
-  if config.num_devices < 0:
-    raise FedkdError(f'num_devices must be >= 0 (0 = all devices), got '
-                     f'{config.num_devices}')
-  if config.clients_per_chunk < 0:
-    raise FedkdError(f'clients_per_chunk must be >= 0 (0 = the whole cohort '
-                     f'at once), got {config.clients_per_chunk}')
-  if config.eval_teachers < 0:
-    raise FedkdError(f'eval_teachers must be >= 0, got {config.eval_teachers}')
+  for field in _NON_NEGATIVE:
+    if getattr(config, field) < 0:
+      raise FedkdError(f'{field} must be >= 0{_ZERO_MEANS.get(field, "")}, '
+                       f'got {getattr(config, field)}')
+  for field in ('svd_energy_start', 'svd_energy_end'):
+    if not 0.0 < getattr(config, field) <= 1.0:
+      raise FedkdError(f'{field} must be in (0, 1], got '
+                       f'{getattr(config, field)}')
   if config.clients_per_round > config.num_clients:
     raise FedkdError(
         f'clients_per_round={config.clients_per_round} exceeds num_clients='
@@ -53,6 +63,13 @@ def validate_config(config) -> None:
   _one_of(config, 'student', models.MODEL_NAMES)
   _one_of(config, 'client_optimizer', OPTIMIZERS)
   _one_of(config, 'server_optimizer', OPTIMIZERS)
+  _one_of(config, 'distill_optimizer', OPTIMIZERS)
+  if config.algorithm in PUBLIC_DATA and config.public_examples < 1:
+    raise FedkdError(f'algorithm {config.algorithm} needs public data; set '
+                     'public_examples >= 1 (held out of the training set)')
+  if config.algorithm in _LOCAL_EVAL and config.eval_teachers < 1:
+    raise FedkdError(f'algorithm {config.algorithm} is evaluated through the '
+                     'clients\' models; set eval_teachers >= 1')
   if config.partition == 'dirichlet' and not config.alpha > 0:
     raise FedkdError(f'alpha must be > 0 for the dirichlet partition, got '
                      f'{config.alpha}')
