@@ -75,6 +75,20 @@ def validate_config(config) -> None:
                      f'{config.alpha}')
 
 
+def validate_comparison(config) -> None:
+  """Checks a `compare` run: every listed algorithm's config, up front."""
+  names = config.compare.split(',')
+  if len(set(names)) != len(names):
+    raise FedkdError(f'compare lists an algorithm twice: {config.compare}')
+  for name in names:
+    single = config.copy_and_resolve_references()
+    single.algorithm = name
+    validate_config(single)
+  if not 0.0 < config.target_accuracy <= 1.0:
+    raise FedkdError(f'target_accuracy must be in (0, 1], got '
+                     f'{config.target_accuracy}')
+
+
 def validate_workdir(workdir: str) -> None:
   """Checks that `workdir` exists or can be made, and can be written."""
   if not workdir:

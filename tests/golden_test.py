@@ -47,6 +47,12 @@ def _params(w, b):
                                   'bias': jnp.asarray(b, jnp.float32)}}}
 
 
+def _assert_linear(params, w, b):
+  got_w, got_b = _unpack(params)
+  np.testing.assert_allclose(got_w, w, atol=1e-5)
+  np.testing.assert_allclose(got_b, b, atol=1e-5)
+
+
 def _init():
   return _linear().init(jax.random.PRNGKey(0), jnp.zeros((1, D)))
 
@@ -154,9 +160,7 @@ class GoldenTest(absltest.TestCase):
       # CE's gradient plus the proximal term's mu (w - w0).
       new_w, new_b = _sgd(w, b, x, _softmax(x @ w + b) - np.eye(C)[y], lr)
       w, b = new_w - lr * mu * (w - w0), new_b - lr * mu * (b - b0)
-    got_w, got_b = _unpack(state.params)
-    np.testing.assert_allclose(got_w, w, atol=1e-5)
-    np.testing.assert_allclose(got_b, b, atol=1e-5)
+    _assert_linear(state.params, w, b)
 
   def test_fedntd_round(self):
     lr, beta, temp = 0.4, 0.8, 2.0
@@ -177,9 +181,7 @@ class GoldenTest(absltest.TestCase):
         others = [c for c in range(C) if c != label]
         ds[i, others] += beta * _kd_grad(s[i, others], g[i, others], temp)
       w, b = _sgd(w, b, x, ds, lr)
-    got_w, got_b = _unpack(state.params)
-    np.testing.assert_allclose(got_w, w, atol=1e-5)
-    np.testing.assert_allclose(got_b, b, atol=1e-5)
+    _assert_linear(state.params, w, b)
 
 
   def test_fedadam_server_step(self):
@@ -206,7 +208,7 @@ class GoldenTest(absltest.TestCase):
         mentor=_linear(), mentee=_linear(), input_shape=toys.INPUT_SHAPE,
         num_clients=1, client_tx=optax.sgd(lr),
         mentor_tx=optax.sgd(mentor_lr), server_tx=optax.sgd(1.0), epochs=1,
-        batch_size=4, temperature=1.0, energy_start=energy,
+        batch_size=4, energy_start=energy,
         energy_end=energy, num_rounds=1)
     params = _init()
     state = alg.init(params, jax.random.PRNGKey(1))
@@ -253,9 +255,7 @@ class GoldenTest(absltest.TestCase):
     w, b = mean([m[0] for m in models]), mean([m[1] for m in models])
     ensemble = mean([xp @ mw + mb for mw, mb in models])
     w, b = _sgd(w, b, xp, _kd_grad(xp @ w + b, ensemble, temp), distill_lr)
-    got_w, got_b = _unpack(state.params)
-    np.testing.assert_allclose(got_w, w, atol=1e-5)
-    np.testing.assert_allclose(got_b, b, atol=1e-5)
+    _assert_linear(state.params, w, b)
     # Only the parameters count as sent: 2 clients x 51 float32.
     self.assertEqual(int(metrics['upload_bytes']), 2 * 4 * (D * C + C))
 

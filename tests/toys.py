@@ -72,7 +72,7 @@ def algorithms(num_clients, epochs=2, batch_size=3):
           temperature=2.0, distill_weight=0.5, **private, **averaging),
       'fedkd': algorithms_lib.fedkd(
           mentor=teacher(), mentee=student(), mentor_tx=optax.sgd(0.05),
-          temperature=1.0, energy_start=0.8, energy_end=0.9, num_rounds=3,
+          energy_start=0.8, energy_end=0.9, num_rounds=3,
           **private, **averaging),
       'feddf': algorithms_lib.feddf(
           model=student(), distill_tx=optax.sgd(0.5), distill_epochs=2,

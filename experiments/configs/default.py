@@ -59,9 +59,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_teachers = 100  # evaluate the private teachers of the first N clients
   c.num_devices = 0  # 0 = all visible devices
   c.clients_per_chunk = 0  # > 0: run the cohort in chunks (bounds memory)
+  # Comparison (experiments/compare.py): comma-separated algorithms run on the
+  # same partition and seed, each into WORKDIR/NAME; '' = one run.
+  c.compare = ''
+  c.target_accuracy = 0.8  # compare: report the first round reaching it
+  return variant(c, arg)
+
+
+def variant(c: ml_collections.ConfigDict,
+            arg: str | None) -> ml_collections.ConfigDict:
+  """Applies a config file's variant: none, or `smoke` (2 rounds).
+
+  A paper config's smoke run swaps in offline digits, 10 clients and the
+  small seed models, so every config runs in seconds in the tests.
+  """
   if arg == 'smoke':
     c.num_rounds = 2
     c.eval_every = 1
+    if c.dataset != 'digits':
+      c.dataset, c.num_clients, c.clients_per_round = 'digits', 10, 10
+      c.student, c.teacher = 'seed_student', 'seed_teacher'
+      c.public_examples = min(c.public_examples, 100)
   elif arg:
     raise ValueError(f'unknown config variant {arg!r}; use :smoke or none')
   return c

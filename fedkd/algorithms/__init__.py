@@ -94,7 +94,6 @@ def build(config, input_shape, num_classes: int, num_public: int) -> Built:
   teacher_tx = optimizer(config.client_optimizer, config.teacher_lr)
   if name == 'fedkd':
     alg = fedkd(mentor=teacher, mentee=student, mentor_tx=teacher_tx,
-                temperature=config.temperature,
                 energy_start=config.svd_energy_start,
                 energy_end=config.svd_energy_end,
                 num_rounds=config.num_rounds, **private, **averaging)

@@ -9,10 +9,10 @@ on each minibatch, by adaptive mutual distillation:
 * mentor: `CE_t + KL(p_s || p_t) / (CE_t + CE_s)`;
 * mentee: `CE_s + KL(p_t || p_s) / (CE_t + CE_s)`;
 
-per example, each KL as `losses.distillation` (T^2 KL(other || self) at
-temperature T; the paper has T = 1) with the other model detached, and the
-adaptive scale `1 / (CE_t + CE_s)` detached too (it weighs the terms; it is
-not meant to be minimised). Both models use the logits of the step's forward
+per example, each KL as `losses.distillation` at T = 1 (KL(other || self)),
+the other model detached, and the adaptive scale `1 / (CE_t + CE_s)` detached
+too (it weighs the terms; it is not meant to be minimised) and floored at
+1e-6 in the denominator, so two perfectly confident models give 0, not NaN. Both models use the logits of the step's forward
 pass, before either update. The paper's hidden-state and attention losses are
 not implemented: no model here exposes hidden states.
 
@@ -41,7 +41,7 @@ def fedkd(*, mentor: nn.Module, mentee: nn.Module, input_shape,
           num_clients: int, client_tx: optax.GradientTransformation,
           mentor_tx: optax.GradientTransformation,
           server_tx: optax.GradientTransformation, epochs: int,
-          batch_size: int, temperature: float, energy_start: float,
+          batch_size: int, energy_start: float,
           energy_end: float, num_rounds: int) -> algorithm.FederatedAlgorithm:
   """Builds FedKD.
 
@@ -55,7 +55,6 @@ def fedkd(*, mentor: nn.Module, mentee: nn.Module, input_shape,
     server_tx: applied to the (compressed) mean mentee update.
     epochs: local passes over each client's data per round.
     batch_size: local minibatch size.
-    temperature: distillation temperature T.
     energy_start: SVD energy threshold T_start of round 0.
     energy_end: SVD energy threshold T_end of the last round.
     num_rounds: rounds over which the threshold moves.
@@ -71,11 +70,11 @@ def fedkd(*, mentor: nn.Module, mentee: nn.Module, input_shape,
     mentee_logits = mentee.apply(both[1], batch.x)
     ce_t = losses.cross_entropy(mentor_logits, batch.y)
     ce_s = losses.cross_entropy(mentee_logits, batch.y)
-    scale = jax.lax.stop_gradient(1.0 / (ce_t + ce_s))
+    scale = jax.lax.stop_gradient(1.0 / jnp.maximum(ce_t + ce_s, 1e-6))
     loss_t = ce_t + scale * losses.distillation(mentor_logits, mentee_logits,
-                                                temperature)
+                                                1.0)
     loss_s = ce_s + scale * losses.distillation(mentee_logits, mentor_logits,
-                                                temperature)
+                                                1.0)
     # Each distillation term detaches the other model, so the gradient of the
     # sum is (d loss_t / d mentor, d loss_s / d mentee).
     return (losses.masked_mean(loss_t + loss_s, batch.example_mask),
