@@ -164,7 +164,7 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
              'round_seconds': round_seconds,
              'compile_seconds': compile_seconds}
       if eval_student:
-        loss, acc = jax.device_get(eval_student(state.params))
+        loss, acc = jax.device_get(eval_student(built.global_params(state)))
         row.update(student_accuracy=float(acc), student_loss=float(loss))
       if 'server_distill_loss' in m:
         row['server_distill_loss'] = float(m['server_distill_loss'])

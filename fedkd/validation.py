@@ -64,6 +64,11 @@ def validate_config(config) -> None:
   _one_of(config, 'client_optimizer', OPTIMIZERS)
   _one_of(config, 'server_optimizer', OPTIMIZERS)
   _one_of(config, 'distill_optimizer', OPTIMIZERS)
+  if config.server_model:
+    if config.algorithm != 'feddf':
+      raise FedkdError(f'server_model is only used by feddf, not '
+                       f'{config.algorithm}; leave it empty')
+    _one_of(config, 'server_model', models.MODEL_NAMES)
   if config.algorithm in PUBLIC_DATA and config.public_examples < 1:
     raise FedkdError(f'algorithm {config.algorithm} needs public data; set '
                      'public_examples >= 1 (held out of the training set)')

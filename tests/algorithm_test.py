@@ -3,7 +3,9 @@
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fedkd import algorithm
 from fedkd import algorithms
@@ -86,6 +88,27 @@ class RoundTest(parameterized.TestCase):
     for k in range(len(SIZES)):
       changed = not np.allclose(before[k], after[k])
       self.assertEqual(changed, k in (0, 2, 3, 5), msg=f'client {k}')
+
+  def test_feddf_with_a_larger_server_model(self):
+    alg = algorithms.feddf(
+        model=toys.student(), server_model=toys.teacher(),
+        input_shape=toys.INPUT_SHAPE, client_tx=optax.sgd(0.1),
+        server_tx=optax.sgd(1.0), distill_tx=optax.sgd(0.5), epochs=2,
+        batch_size=3, distill_epochs=2, public_batch_size=2, temperature=1.0)
+    big = toys.teacher().init(jax.random.PRNGKey(0),
+                              jnp.zeros((1, *toys.INPUT_SHAPE)))
+    state = alg.init(big, jax.random.PRNGKey(1))
+    vmapped, metrics = _run(jax.jit(alg.apply), state, self.data,
+                            self.cohorts)
+    looped, _ = _run(loop.loop_apply(alg), state, self.data, self.cohorts)
+    toys.assert_trees_close(vmapped, looped)
+    for part in ('client', 'server'):
+      self.assertFalse(np.allclose(
+          jax.tree.leaves(state.params[part])[0],
+          jax.tree.leaves(vmapped.params[part])[0]), part)
+    # The 3 clients of the last cohort download the client model only.
+    self.assertEqual(int(metrics['download_bytes']),
+                     3 * algorithm.tree_bytes(state.params['client']))
 
   @parameterized.named_parameters(*ALGORITHMS)
   def test_sharded_over_8_devices_equals_one_device(self, name):

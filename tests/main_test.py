@@ -85,6 +85,9 @@ class BadInputTest(parameterized.TestCase):
       ('cohort', ['--config.clients_per_round=200'],
        'clients_per_round=200 exceeds num_clients=100'),
       ('batch_size', ['--config.batch_size=0'], 'batch_size must be >= 1'),
+      ('no_public_data', ['--config.algorithm=fedmd'], 'needs public data'),
+      ('server_model', ['--config.server_model=seed_teacher'],
+       'server_model is only used by feddf'),
       ('wrong_type', ['--config.num_clients=abc'], 'num_clients'),
       ('unknown_field', ['--config.nope=1'], 'nope'),
   )

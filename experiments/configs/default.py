@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.distill_optimizer = 'adam'  # feddf: server distillation optimizer
   c.distill_lr = 1e-3
   c.distill_epochs = 1  # feddf: server passes over the public data
+  c.server_model = ''  # feddf: a separate (larger) server model; '' = none
   c.digest_epochs = 1  # fedmd: client passes over the public data
   # Run.
   c.seed = 0

@@ -30,16 +30,19 @@ class Built(NamedTuple):
 
   Attributes:
     algorithm: the `FederatedAlgorithm`.
-    student: the global (shared) model, evaluated every `eval_every` rounds;
-      None for algorithms without one (fd, fedmd).
+    student: the global model, evaluated every `eval_every` rounds (for
+      feddf with `server_model`, that model); None for algorithms without
+      one (fd, fedmd).
     teacher: the clients' private model (teacher, mentor, or for fd and fedmd
       the clients' only model), or None.
     teachers: reads the stacked private model parameters from a state.
+    global_params: reads the global model's parameters from a state.
   """
   algorithm: FederatedAlgorithm
   student: nn.Module | None
   teacher: nn.Module | None = None
   teachers: Callable[[ServerState], Params] | None = None
+  global_params: Callable[[ServerState], Params] = lambda state: state.params
 
 
 def _private_models(state: ServerState) -> Params:
@@ -72,12 +75,19 @@ def build(config, input_shape, num_classes: int, num_public: int) -> Built:
     return Built(fedntd(model=student, beta=config.ntd_beta,
                         temperature=config.temperature, **averaging), student)
   if name == 'feddf':
-    return Built(feddf(
+    server_model = config.server_model and models.get_model(
+        config.server_model, num_classes)
+    alg = feddf(
         model=student, distill_tx=optimizer(config.distill_optimizer,
                                             config.distill_lr),
         distill_epochs=config.distill_epochs,
         public_batch_size=config.public_batch_size,
-        temperature=config.temperature, **averaging), student)
+        temperature=config.temperature, server_model=server_model or None,
+        input_shape=input_shape, **averaging)
+    if server_model:
+      return Built(alg, server_model,
+                   global_params=lambda state: state.params['server'])
+    return Built(alg, student)
   # fd and fedmd have no global model: `student` names the clients' model.
   if name == 'fd':
     return Built(fd(model=student, num_classes=num_classes,
