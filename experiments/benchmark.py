@@ -145,8 +145,10 @@ def time_loop(alg, state, data, rounds):
   mean = jax.jit(lambda uploads, w: jax.tree.map(
       lambda u: jnp.tensordot(w, u, axes=1) / jnp.sum(w), uploads))
   server_update = jax.jit(alg.server_update)
+  server_key = jax.random.PRNGKey(3)
   # A loop simulator keeps each client's state and inputs apart, ready to use.
   states = [jax.tree.map(lambda s, i=i: s[i], state.clients) for i in range(k)]
+  state = state.replace(clients=())  # clients see the server state alone
   ids = [jnp.int32(i) for i in range(k)]
   sizes = [data.num_examples[i] for i in range(k)]
   keys = [jax.random.fold_in(jax.random.PRNGKey(2), i) for i in range(k)]
@@ -156,13 +158,13 @@ def time_loop(alg, state, data, rounds):
     server = carry[0]
     uploads, weights = [], []
     for i in range(k):
-      out = client_update(server.params, states[i], data, ids[i], sizes[i],
-                          keys[i])
+      out = client_update(server, states[i], data, ids[i], sizes[i], keys[i])
       states[i] = out.state
       uploads.append(out.upload)
       weights.append(out.weight)
     stacked = jax.tree.map(lambda *u: jnp.stack(u), *uploads)
-    carry[0] = server_update(server, mean(stacked, jnp.stack(weights)))
+    carry[0], _ = server_update(server, mean(stacked, jnp.stack(weights)),
+                                data, server_key)
     jax.block_until_ready(carry[0])
 
   return _median_seconds(one_round, rounds)

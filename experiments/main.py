@@ -3,8 +3,10 @@
     python experiments/main.py --config=experiments/configs/default.py \
         --workdir=/tmp/fedkd_run [--config.num_clients=1000 ...]
 
-Writes WORKDIR/metrics.jsonl and WORKDIR/config.json and prints a table. Bad
-input prints one line starting with `error:` and exits with code 2.
+Writes WORKDIR/metrics.jsonl and WORKDIR/config.json and prints a table. A
+config whose `compare` field lists algorithms runs each of them instead (see
+`experiments/compare.py`). Bad input prints one line starting with `error:`
+and exits with code 2.
 """
 
 import sys
@@ -14,7 +16,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+import compare  # experiments/compare.py, beside this file
 from fedkd import train
+from fedkd import validation
 from fedkd.errors import FedkdError
 
 _WORKDIR = flags.DEFINE_string('workdir', None,
@@ -74,8 +78,13 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     # Library INFO lines (tfds lookups) would bury the one-line errors.
     logging.set_verbosity(logging.WARNING)
+  config = _load_config()
   try:
-    train.run(_load_config(), _WORKDIR.value)
+    if config.compare:
+      validation.validate_comparison(config)
+      compare.run(config, _WORKDIR.value)
+    else:
+      train.run(config, _WORKDIR.value)
   except FedkdError as e:
     _fail(str(e))
   except train.Diverged as e:

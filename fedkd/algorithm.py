@@ -6,9 +6,17 @@ pure functions (like optax's `GradientTransformation`):
 * `init(params, rng) -> ServerState`
 * `apply(state, data, cohort, rng) -> (state, metrics)`: one round, to be
   jitted once by the caller;
-* `client_update(server_params, client_state, data, client_id, num_examples,
+* `client_update(server, client_state, data, client_id, num_examples,
   rng) -> ClientOutput` for ONE client, which `apply` maps over the cohort;
-* `server_update(state, mean_upload) -> state`.
+  `server` is the `ServerState` without the stacked client states;
+* `server_update(state, mean_upload, data, rng) -> (state, metrics)`.
+
+Communication is counted exactly, in bytes, per round: by default each
+reporting client uploads its whole `upload` pytree and downloads the global
+`params`. A client that sends something else (SVD factors, or parameters when
+its `upload` also carries simulation-only values) reports its own
+`upload_bytes` (int32) in its metrics; a server that broadcasts something else
+reports the per-client `download_bytes` in its metrics.
 
 `client_update` and `server_update` are exposed so the per-client Python loop
 (`fedkd.loop`) runs the very same code the vmapped round runs.
@@ -45,7 +53,8 @@ class ServerState(struct.PyTreeNode):
 
 
 ClientUpdate = Callable[..., ClientOutput]
-ServerUpdate = Callable[[ServerState, PyTree], ServerState]
+ServerUpdate = Callable[[ServerState, PyTree, ClientData, PRNGKey],
+                        tuple[ServerState, Metrics]]
 MapFn = Callable[[Callable[..., ClientOutput]], Callable[..., ClientOutput]]
 
 
@@ -57,7 +66,8 @@ class FederatedAlgorithm(NamedTuple):
   server_update: ServerUpdate
 
 
-def _tree_bytes(tree: PyTree) -> int:
+def tree_bytes(tree: PyTree) -> int:
+  """Bytes of every leaf of `tree` as stored (float32 parameters: 4 each)."""
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
@@ -72,13 +82,13 @@ class Faults(NamedTuple):
 
 
 def _one_client(client_update: ClientUpdate, dp: privacy.DpSettings | None,
-                faults: Faults, server_params, data, rng, client_id,
+                faults: Faults, server, data, rng, client_id,
                 num_examples, client_state) -> tuple[ClientOutput, Array]:
   """One client's round plus its failure draw: (output, dropped)."""
   # Client randomness depends on (round rng, client id) only, never on the
   # client's slot in the cohort or on the device layout.
   train_rng, fault_rng = jax.random.split(jax.random.fold_in(rng, client_id))
-  out = client_update(server_params, client_state, data, client_id,
+  out = client_update(server, client_state, data, client_id,
                       num_examples, train_rng)
   dropped = jax.random.uniform(fault_rng) < faults.dropout_rate
   if dp is None:
@@ -113,7 +123,7 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
   Args:
     client_update: one client's local round.
     server_update: turns the averaged upload into the next server state.
-    map_fn: how a one-client function of `(server_params, data, rng,
+    map_fn: how a one-client function of `(server, data, rng,
       client_id, num_examples, client_state)` is mapped over the last three
       (stacked) arguments: `map_clients` (vmap, the default) or a per-client
       loop (`fedkd.loop.python_map`) for reference runs.
@@ -136,8 +146,8 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
     safe_ids = jnp.minimum(ids, data.num_clients - 1)
     num_examples = jnp.where(mask, data.num_examples[safe_ids], 0)
     chunk_states = jax.tree.map(lambda s: s[safe_ids], clients)
-    out, dropped = mapped(state.params, data, rng, safe_ids, num_examples,
-                          chunk_states)
+    out, dropped = mapped(state.replace(clients=()), data, rng, safe_ids,
+                          num_examples, chunk_states)
     dropped &= mask
     finite = _all_finite(out.upload)
     reported = mask & ~dropped & finite
@@ -158,7 +168,7 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
 
   def apply(state: ServerState, data: ClientData, cohort: Cohort,
             rng: PRNGKey) -> tuple[ServerState, Metrics]:
-    client_rng, noise_rng = jax.random.split(rng)
+    client_rng, server_rng, noise_rng = jax.random.split(rng, 3)
     size = cohort.client_ids.shape[0]
     chunk = clients_per_chunk if 0 < clients_per_chunk < size else size
     if size % chunk:
@@ -195,15 +205,18 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
           total, noise_rng, clip_norm=dp.clip_norm,
           noise_multiplier=dp.noise_multiplier,
           expected_clients=dp.expected_clients)
-    new_state = server_update(state, mean)
-    metrics = dict(
-        sums,
-        # The summed upload has the shape of one client's upload.
-        upload_bytes=sums['clients'] * _tree_bytes(total),
-        download_bytes=jnp.sum(cohort.client_mask) * _tree_bytes(
-            state.params),
-        params_finite=jnp.all(_all_finite(jax.tree.map(
-            lambda p: p[None], new_state.params))))
+    new_state, server_metrics = server_update(state, mean, data, server_rng)
+    metrics = dict(sums, **server_metrics)
+    # Clients that report their own upload bytes summed them in `sums`; by
+    # default each reporting client sent one upload-shaped pytree (the
+    # summed upload has the shape of one client's upload).
+    if 'upload_bytes' not in metrics:
+      metrics['upload_bytes'] = sums['clients'] * tree_bytes(total)
+    metrics['download_bytes'] = jnp.sum(
+        cohort.client_mask, dtype=jnp.int32) * metrics.get(
+            'download_bytes', tree_bytes(state.params))
+    metrics['params_finite'] = jnp.all(_all_finite(
+        jax.tree.map(lambda p: p[None], new_state.params)))
     return new_state.replace(clients=clients, round=state.round + 1), metrics
 
   return apply
@@ -212,12 +225,19 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
 def averaging_server_update(tx) -> ServerUpdate:
   """Server update for algorithms whose upload is the model delta (FedOpt)."""
 
-  def server_update(state: ServerState, mean_delta: Params) -> ServerState:
+  def server_update(state: ServerState, mean_delta: Params, data, rng):
+    del data, rng  # Averaging needs neither.
     params, opt_state = aggregation.server_step(
         state.params, state.opt_state, mean_delta, tx)
-    return state.replace(params=params, opt_state=opt_state)
+    return state.replace(params=params, opt_state=opt_state), {}
 
   return server_update
+
+
+def adopt_mean(state: ServerState, mean_upload: PyTree, data, rng):
+  """Server update whose new global state IS the mean upload (FD, FedMD)."""
+  del data, rng  # Nothing is trained on the server.
+  return state.replace(params=mean_upload), {}
 
 
 def build(init, client_update: ClientUpdate,

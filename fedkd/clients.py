@@ -10,11 +10,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from flax import struct
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedkd import losses
 from fedkd.typing import Array, Params, PRNGKey, PyTree
 
 CLIENTS_AXIS = 'clients'
@@ -34,12 +36,17 @@ class ClientData(struct.PyTreeNode):
     num_examples: [num_clients] int32, how many rows each client has.
     max_examples: the largest client's size (static: it sets the number of
       local steps per epoch).
+    public_x: [num_public, ...] unlabeled public (proxy) features every
+      client and the server can read (FedDF, FedMD); [0] when the run holds
+      none out. A jit argument like the rest, never a closed-over constant.
   """
   x: Array
   y: Array
   offsets: Array
   num_examples: Array
   max_examples: int = struct.field(pytree_node=False)
+  public_x: Array = struct.field(
+      default_factory=lambda: np.zeros((0,), np.float32))
 
   @property
   def num_clients(self) -> int:
@@ -59,10 +66,11 @@ class Cohort(NamedTuple):
 
 
 class Batch(NamedTuple):
-  """One local step's minibatch of one client."""
+  """One local step's minibatch of one client (or of the public data)."""
   x: Array  # [batch, ...]
-  y: Array  # [batch]
+  y: Array | None  # [batch] labels; None for unlabeled public data
   example_mask: Array  # [batch], False for padding
+  index: Array  # [batch] rows of the batch in its source array
 
 
 class ClientOutput(NamedTuple):
@@ -131,14 +139,29 @@ def tree_where(condition: Array, new: PyTree, old: PyTree) -> PyTree:
   return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
 
 
+def _scan_batches(step, carry, idx: Array, mask: Array,
+                  gather: Callable[[Array, Array], Batch]):
+  """Runs `step` over [steps, batch] index/mask arrays with `lax.scan`.
+
+  A step whose batch is all padding keeps the carry unchanged, so sources of
+  every size share one [steps, batch_size] schedule.
+  """
+  def body(carry, step_idx_mask):
+    step_idx, step_mask = step_idx_mask
+    # Gathering each minibatch inside the step, not all steps up front, saves
+    # materialising (and, under vmap, transposing) a copy of the data.
+    new_carry, out = step(carry, gather(step_idx, step_mask))
+    return tree_where(step_mask.any(), new_carry, carry), out
+
+  carry, outs = jax.lax.scan(body, carry, (idx, mask))
+  return carry, jax.tree.map(lambda o: jnp.sum(o, axis=0), outs)
+
+
 def local_training(step: Callable[[PyTree, Batch], tuple[PyTree, PyTree]],
                    carry: PyTree, data: ClientData, client_id: Array,
                    num_examples: Array, rng: PRNGKey, *, epochs: int,
                    batch_size: int) -> tuple[PyTree, PyTree]:
   """Runs `step` over one client's shuffled minibatches with `lax.scan`.
-
-  A step whose batch is all padding keeps the carry unchanged, so clients of
-  every size share one [steps, batch_size] schedule.
 
   Returns:
     The final carry and `step`'s second outputs summed over steps.
@@ -147,18 +170,34 @@ def local_training(step: Callable[[PyTree, Batch], tuple[PyTree, PyTree]],
                             epochs=epochs, batch_size=batch_size)
   last_row = data.x.shape[0] - 1
 
-  def body(carry, step_idx_mask):
-    step_idx, step_mask = step_idx_mask
-    # Gathering each minibatch inside the step, not all steps up front, saves
-    # materialising (and, under vmap, transposing) a copy of the client data.
+  def gather(step_idx, step_mask):
     # Padding slots read some valid row; their mask is False.
     rows = jnp.minimum(data.offsets[client_id] + step_idx, last_row)
-    batch = Batch(x=data.x[rows], y=data.y[rows], example_mask=step_mask)
-    new_carry, out = step(carry, batch)
-    return tree_where(step_mask.any(), new_carry, carry), out
+    return Batch(x=data.x[rows], y=data.y[rows], example_mask=step_mask,
+                 index=step_idx)
 
-  carry, outs = jax.lax.scan(body, carry, (idx, mask))
-  return carry, jax.tree.map(lambda o: jnp.sum(o, axis=0), outs)
+  return _scan_batches(step, carry, idx, mask, gather)
+
+
+def public_training(step: Callable[[PyTree, Batch], tuple[PyTree, PyTree]],
+                    carry: PyTree, public_x: Array, rng: PRNGKey, *,
+                    epochs: int, batch_size: int) -> tuple[PyTree, PyTree]:
+  """`local_training` over the shared unlabeled public data (`y` is None)."""
+  n = public_x.shape[0]
+  idx, mask = local_batches(rng, n, n, epochs=epochs, batch_size=batch_size)
+  return _scan_batches(step, carry, idx, mask, lambda i, m: Batch(
+      x=public_x[i], y=None, example_mask=m, index=i))
+
+
+def predict_in_batches(model: nn.Module, params: Params, x: Array, *,
+                       batch_size: int) -> Array:
+  """`model`'s logits on every row of `x`, `batch_size` rows at a time."""
+  n = x.shape[0]
+  steps = -(-n // batch_size)
+  padded = jnp.pad(x, [(0, steps * batch_size - n)] + [(0, 0)] * (x.ndim - 1))
+  logits = jax.lax.map(lambda b: model.apply(params, b),
+                       padded.reshape(steps, batch_size, *x.shape[1:]))
+  return logits.reshape(steps * batch_size, -1)[:n]
 
 
 def sgd_train(loss_fn: Callable[..., tuple[Array, Any]],
@@ -170,6 +209,56 @@ def sgd_train(loss_fn: Callable[..., tuple[Array, Any]],
   return optax.apply_updates(params, updates), opt_state, loss, aux
 
 
+# A per-example loss of the trained parameters on one batch.
+PerExampleLoss = Callable[[Params, Batch], Array]
+
+
+def loss_step(per_example_loss: PerExampleLoss,
+              tx: optax.GradientTransformation, metric: str):
+  """A `local_training` step: one `tx` step on the masked mean loss.
+
+  The carry is (params, opt_state); the step reports the loss summed over the
+  batch's real examples as `metric`.
+  """
+  def loss_fn(params, batch):
+    per_example = per_example_loss(params, batch)
+    return losses.masked_mean(per_example, batch.example_mask), per_example
+
+  def step(carry, batch):
+    params, opt_state, _, per_example = sgd_train(loss_fn, tx, *carry, batch)
+    return (params, opt_state), {
+        metric: jnp.sum(per_example * batch.example_mask)}
+
+  return step
+
+
+def train_from(per_example_loss: PerExampleLoss, params: Params,
+               data: ClientData, client_id: Array, num_examples: Array,
+               rng: PRNGKey, *, tx: optax.GradientTransformation, epochs: int,
+               batch_size: int,
+               metric: str = 'student_loss_sum') -> tuple[Params, PyTree]:
+  """Trains `params` on the client's data with a fresh `tx` state.
+
+  Returns:
+    The trained parameters and the summed step metrics.
+  """
+  (params, _), sums = local_training(
+      loss_step(per_example_loss, tx, metric), (params, tx.init(params)),
+      data, client_id, num_examples, rng, epochs=epochs,
+      batch_size=batch_size)
+  return params, sums
+
+
+def init_models(model: nn.Module, tx: optax.GradientTransformation,
+                input_shape, num_clients: int, rng: PRNGKey) -> PyTree:
+  """(params, opt_state) of one private `model` per client, stacked."""
+  def one(client_id):
+    params = model.init(jax.random.fold_in(rng, client_id),
+                        jnp.zeros((1, *input_shape)))
+    return params, tx.init(params)
+  return map_clients(one)(jnp.arange(num_clients))
+
+
 def delta_output(server_params: Params, params: Params, num_examples: Array,
                  state: PyTree, sums: dict[str, Array], *,
                  epochs: int) -> ClientOutput:
@@ -178,6 +267,30 @@ def delta_output(server_params: Params, params: Params, num_examples: Array,
   metrics = dict(sums, train_examples=num_examples * epochs)
   return ClientOutput(upload=delta, weight=num_examples.astype(jnp.float32),
                       state=state, metrics=metrics)
+
+
+def delta_client_update(
+    per_example_loss: Callable[[Params, Params, Batch], Array], *,
+    tx: optax.GradientTransformation, epochs: int, batch_size: int):
+  """`client_update` of the FedAvg family: train the global model, upload Δ.
+
+  Args:
+    per_example_loss: `(params, server_params, batch) -> [batch]` losses; the
+      server parameters are there for regularisers (FedProx, FedNTD).
+    tx: the local optimizer, fresh every round.
+    epochs: local passes over the client's data.
+    batch_size: local minibatch size.
+  """
+  def client_update(server, client_state, data, client_id, num_examples,
+                    rng):
+    params, sums = train_from(
+        lambda p, batch: per_example_loss(p, server.params, batch),
+        server.params, data, client_id, num_examples, rng, tx=tx,
+        epochs=epochs, batch_size=batch_size)
+    return delta_output(server.params, params, num_examples, client_state,
+                        sums, epochs=epochs)
+
+  return client_update
 
 
 def stack_clients(x, y, parts) -> ClientData:

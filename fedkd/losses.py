@@ -30,3 +30,23 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean of `values` over entries where `mask` is set; 0 when none is."""
   mask = mask.astype(values.dtype)
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def not_true_distillation(student_logits: jax.Array,
+                          teacher_logits: jax.Array, labels: jax.Array,
+                          temperature: float) -> jax.Array:
+  """FedNTD's not-true distillation (Lee et al. 2022), one value per example.
+
+  `distillation` restricted to the classes other than the true label: the
+  true class's logit is dropped from both models before the tempered softmax,
+  so the student keeps the teacher's view of the wrong classes without being
+  pulled towards the teacher's (possibly stale) confidence in the right one.
+  Same conventions as `distillation`: KL(teacher || student), T^2 factor (as
+  in the authors' code), teacher detached.
+  """
+  k = student_logits.shape[-1]
+  others = jnp.arange(k - 1)
+  # Row i lists the classes != labels[i], in order.
+  columns = others + (others >= labels[..., None])
+  take = lambda z: jnp.take_along_axis(z, columns, axis=-1)
+  return distillation(take(student_logits), take(teacher_logits), temperature)

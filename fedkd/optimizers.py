@@ -11,6 +11,11 @@ OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
     'momentum': lambda lr: optax.sgd(lr, momentum=0.9),
     'adam': optax.adam,
     'yogi': optax.yogi,
+    # Server optimizers of Reddi et al., "Adaptive Federated Optimization",
+    # ICLR 2021 (arXiv:2003.00295): beta1 0.9, beta2 0.99, tau (eps) 1e-3.
+    # optax's Adam/Yogi add bias correction, which the paper's omit.
+    'fedadam': lambda lr: optax.adam(lr, b1=0.9, b2=0.99, eps=1e-3),
+    'fedyogi': lambda lr: optax.yogi(lr, b1=0.9, b2=0.99, eps=1e-3),
 }
 
 

@@ -28,6 +28,7 @@ from fedkd import sharding
 from fedkd import synthetic
 from fedkd import validation
 from fedkd import workdir as workdir_lib
+from fedkd.errors import FedkdError
 
 # Columns of the final table: (metrics.jsonl key, header, format, scale).
 _TABLE = (('round', 'round', '{:d}', 1),
@@ -35,6 +36,7 @@ _TABLE = (('round', 'round', '{:d}', 1),
           ('student_loss', 'student loss', '{:.4f}', 1),
           ('teacher_accuracy', 'teacher acc', '{:.4f}', 1),
           ('upload_bytes', 'upload MB', '{:.3f}', 1e-6),
+          ('cumulative_bytes', 'total MB', '{:.3f}', 1e-6),
           ('round_seconds', 'round s', '{:.4f}', 1))
 
 
@@ -99,19 +101,21 @@ class _Run:
   compile_seconds: float
 
 
-def _setup(config, dataset, parts) -> _Run:
+def _setup(config, dataset, parts, public_x) -> _Run:
   mesh = sharding.make_mesh(config.num_devices)
   input_shape = dataset.x_train.shape[1:]
-  built = algorithms.build(config, input_shape, dataset.num_classes)
+  built = algorithms.build(config, input_shape, dataset.num_classes,
+                           len(public_x))
   alg = built.algorithm
   key = jax.random.PRNGKey(config.seed)
   replicated = sharding.replicated(mesh)
   cohort_sharding = sharding.cohort_sharding(mesh)
   client_data = jax.device_put(
-      clients.stack_clients(dataset.x_train, dataset.y_train, parts),
-      replicated)
-  params = built.student.init(jax.random.fold_in(key, 0),
-                              jnp.zeros((1, *input_shape)))
+      clients.stack_clients(dataset.x_train, dataset.y_train, parts).replace(
+          public_x=public_x), replicated)
+  # fd and fedmd have no global model to initialise.
+  params = built.student and built.student.init(
+      jax.random.fold_in(key, 0), jnp.zeros((1, *input_shape)))
   state = jax.device_put(
       jax.jit(alg.init)(params, jax.random.fold_in(key, 1)), replicated)
   cohort_size, chunk = sharding.cohort_layout(
@@ -145,7 +149,8 @@ def _setup(config, dataset, parts) -> _Run:
   batch = min(config.eval_batch_size, len(dataset.y_test))
   evaluate = lambda model, p: metrics_lib.evaluate(model, p, x_test, y_test,
                                                    batch_size=batch)
-  eval_student = jax.jit(lambda p: evaluate(built.student, p))
+  eval_student = built.student and jax.jit(
+      lambda state: evaluate(built.student, built.global_params(state)))
   num_teachers = min(config.eval_teachers, config.num_clients)
   eval_teachers = None
   if built.teacher is not None and num_teachers:
@@ -168,11 +173,10 @@ def _epsilon(config, rounds_done):
 
 
 def _row(run: _Run, state, m, rounds_done, round_seconds, totals):
-  loss, acc = jax.device_get(run.eval_student(state.params))
-  row = {'round': rounds_done, 'student_accuracy': float(acc),
-         'student_loss': float(loss), 'teacher_accuracy': None,
-         'upload_bytes': float(m['upload_bytes']),
-         'download_bytes': float(m['download_bytes']),
+  row = {'round': rounds_done, 'student_accuracy': None,
+         'student_loss': None, 'teacher_accuracy': None,
+         'upload_bytes': int(m['upload_bytes']),
+         'download_bytes': int(m['download_bytes']),
          'clients': int(m['clients']),
          'dropped_clients': int(m['dropped_clients']),
          'nonfinite_clients': int(m['nonfinite_clients']),
@@ -180,12 +184,20 @@ def _row(run: _Run, state, m, rounds_done, round_seconds, totals):
          'dp_epsilon': _epsilon(run.config, rounds_done),
          'round_seconds': round_seconds,
          'compile_seconds': run.compile_seconds}
+  if run.eval_student:
+    loss, acc = jax.device_get(run.eval_student(state))
+    row.update(student_accuracy=float(acc), student_loss=float(loss))
+  if 'server_distill_loss' in m:
+    row['server_distill_loss'] = float(m['server_distill_loss'])
   examples = max(float(m['train_examples']), 1.0)
   for name in ('student', 'teacher'):
     if f'{name}_loss_sum' in m:
       row[f'{name}_train_loss'] = float(m[f'{name}_loss_sum']) / examples
   if run.eval_teachers is not None:
     row['teacher_accuracy'] = float(run.eval_teachers(state))
+  # The headline: the global model, or the clients' own models without one.
+  row['accuracy'] = row['student_accuracy' if run.eval_student else
+                        'teacher_accuracy']
   return row
 
 
@@ -194,9 +206,9 @@ def _loop(run: _Run, work: workdir_lib.Workdir, *, progress: bool):
   state, rows, first = run.state, [], 0
   # Running totals over all rounds so far, reported in every row.
   totals = dict.fromkeys(('cumulative_upload_bytes',
-                          'cumulative_download_bytes',
+                          'cumulative_download_bytes', 'cumulative_bytes',
                           'total_dropped_clients', 'total_nonfinite_clients'),
-                         0.0)
+                         0)
   restored = work.restore(state)
   if restored is not None:
     first, state, meta = restored
@@ -224,15 +236,17 @@ def _loop(run: _Run, work: workdir_lib.Workdir, *, progress: bool):
         raise Diverged(f'the global model became NaN/inf in round {done}; '
                        f'{kept}; lower the learning rates or clip updates '
                        '(dp_clip_norm)')
-      for total, key in (('cumulative_upload_bytes', 'upload_bytes'),
-                         ('cumulative_download_bytes', 'download_bytes'),
-                         ('total_dropped_clients', 'dropped_clients'),
-                         ('total_nonfinite_clients', 'nonfinite_clients')):
-        totals[total] += float(m[key])
+      for total, keys in (
+          ('cumulative_upload_bytes', ('upload_bytes',)),
+          ('cumulative_download_bytes', ('download_bytes',)),
+          ('cumulative_bytes', ('upload_bytes', 'download_bytes')),
+          ('total_dropped_clients', ('dropped_clients',)),
+          ('total_nonfinite_clients', ('nonfinite_clients',))):
+        totals[total] += sum(int(m[k]) for k in keys)
       if done % config.eval_every == 0 or done == config.num_rounds:
         rows.append(_row(run, state, m, done, round_seconds, totals))
         work.append_row(rows[-1])
-        bar.set_postfix(student_acc=f'{rows[-1]["student_accuracy"]:.3f}')
+        bar.set_postfix(accuracy=f'{rows[-1]["accuracy"]:.3f}')
       if stop or done == config.num_rounds or (
           config.checkpoint_every and done % config.checkpoint_every == 0):
         save(done)
@@ -243,19 +257,39 @@ def _loop(run: _Run, work: workdir_lib.Workdir, *, progress: bool):
   return rows
 
 
+def _hold_out_public(dataset: data.Dataset, num_public: int, seed: int):
+  """Splits `num_public` random training examples off as public data.
+
+  Returns:
+    (dataset without them, public features; their labels are dropped).
+  """
+  if num_public >= len(dataset.y_train):
+    raise FedkdError(f'public_examples={num_public} leaves no training data: '
+                     f'{dataset.name} has {len(dataset.y_train)} training '
+                     'examples')
+  order = np.random.default_rng([seed, 1]).permutation(len(dataset.y_train))
+  public, train = order[:num_public], np.sort(order[num_public:])
+  return (dataclasses.replace(dataset, x_train=dataset.x_train[train],
+                              y_train=dataset.y_train[train]),
+          dataset.x_train[public])
+
+
 def load_data(config):
-  """The dataset and its partition into clients, as configured."""
+  """The dataset, its partition into clients and the public data."""
   if config.dataset == 'synthetic':
-    return synthetic.synthetic(
+    dataset, parts = synthetic.synthetic(
         config.num_clients, alpha=config.synthetic_alpha,
         beta=config.synthetic_beta,
         max_examples=config.synthetic_max_examples, seed=config.seed)
-  dataset = data.load_dataset(config.dataset, config.data_dir or None)
+    return dataset, parts, dataset.x_train[:0]
+  dataset, public_x = _hold_out_public(
+      data.load_dataset(config.dataset, config.data_dir or None),
+      config.public_examples, config.seed)
   parts = partition.partition(
       dataset.y_train, config.num_clients, config.partition,
       alpha=config.alpha, shards_per_client=config.shards_per_client,
       seed=config.seed)
-  return dataset, parts
+  return dataset, parts, public_x
 
 
 def _partition_name(config) -> str:
@@ -272,9 +306,9 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
   sharding.initialize_distributed(config.coordinator_address,
                                   config.num_processes, config.process_id)
   validation.validate_config(config)
-  dataset, parts = load_data(config)
+  dataset, parts, public_x = load_data(config)
   validation.validate_workdir(workdir)
-  setup = _setup(config, dataset, parts)
+  setup = _setup(config, dataset, parts, public_x)
   work = workdir_lib.Workdir(workdir, config.to_dict(),
                              overwrite=config.overwrite)
   print(f'{_partition_name(config)} partition of {dataset.name}:')

@@ -12,13 +12,24 @@ import jax
 from fedkd import models
 from fedkd import privacy
 from fedkd.algorithms import ALGORITHMS
+from fedkd.algorithms import PUBLIC_DATA
 from fedkd.errors import FedkdError
 from fedkd.optimizers import OPTIMIZERS
 from fedkd.partition import METHODS
 
 _POSITIVE_INTS = ('num_clients', 'clients_per_round', 'num_rounds',
-                  'local_epochs', 'batch_size', 'eval_every', 'eval_batch_size')
-_POSITIVE_FLOATS = ('client_lr', 'teacher_lr', 'server_lr', 'temperature')
+                  'local_epochs', 'batch_size', 'eval_every', 'eval_batch_size',
+                  'public_batch_size', 'distill_epochs', 'digest_epochs')
+_POSITIVE_FLOATS = ('client_lr', 'teacher_lr', 'server_lr', 'temperature',
+                    'distill_lr')
+_NON_NEGATIVE = ('num_devices', 'clients_per_chunk', 'eval_teachers',
+                 'public_examples', 'prox_mu', 'ntd_beta', 'checkpoint_every')
+# What 0 means, where it means something.
+_ZERO_MEANS = {'num_devices': ' (0 = all devices)',
+               'clients_per_chunk': ' (0 = the whole cohort at once)',
+               'checkpoint_every': ' (0 = only after the last round)'}
+# Algorithms evaluated through the clients' own models.
+_LOCAL_EVAL = ('fd', 'fedmd')
 
 
 def _one_of(config, field, choices):
@@ -37,24 +48,24 @@ def validate_config(config) -> None:
     value = getattr(config, field)
     if not (value > 0 and math.isfinite(value)):
       raise FedkdError(f'{field} must be a finite number > 0, got {value}')
-  if not 0 <= config.num_devices <= jax.device_count():
+  for field in _NON_NEGATIVE:
+    if getattr(config, field) < 0:
+      raise FedkdError(f'{field} must be >= 0{_ZERO_MEANS.get(field, "")}, '
+                       f'got {getattr(config, field)}')
+  if config.num_devices > jax.device_count():
     raise FedkdError(
         f'num_devices must be in [0, {jax.device_count()}] (0 = all '
         f'{jax.device_count()} visible devices), got {config.num_devices}')
-  if config.clients_per_chunk < 0:
-    raise FedkdError(f'clients_per_chunk must be >= 0 (0 = the whole cohort '
-                     f'at once), got {config.clients_per_chunk}')
-  if config.checkpoint_every < 0:
-    raise FedkdError(f'checkpoint_every must be >= 0 (0 = only after the '
-                     f'last round), got {config.checkpoint_every}')
+  for field in ('svd_energy_start', 'svd_energy_end'):
+    if not 0.0 < getattr(config, field) <= 1.0:
+      raise FedkdError(f'{field} must be in (0, 1], got '
+                       f'{getattr(config, field)}')
   if not 0.0 <= config.dropout_rate < 1.0:
     raise FedkdError(f'dropout_rate must be in [0, 1), got '
                      f'{config.dropout_rate}')
   privacy.validate(clip_norm=config.dp_clip_norm,
                    noise_multiplier=config.dp_noise_multiplier,
                    delta=config.dp_delta, accountant=config.dp_accountant)
-  if config.eval_teachers < 0:
-    raise FedkdError(f'eval_teachers must be >= 0, got {config.eval_teachers}')
   if config.clients_per_round > config.num_clients:
     raise FedkdError(
         f'clients_per_round={config.clients_per_round} exceeds num_clients='
@@ -75,6 +86,21 @@ def validate_config(config) -> None:
     if config.synthetic_max_examples < 50:
       raise FedkdError('synthetic_max_examples must be >= 50 (every client '
                        f'has at least 50), got {config.synthetic_max_examples}')
+    if config.public_examples:
+      raise FedkdError('public_examples must be 0 with dataset=synthetic, '
+                       'whose clients hold all of its training data')
+  _one_of(config, 'distill_optimizer', OPTIMIZERS)
+  if config.server_model:
+    if config.algorithm != 'feddf':
+      raise FedkdError(f'server_model is only used by feddf, not '
+                       f'{config.algorithm}; leave it empty')
+    _one_of(config, 'server_model', models.MODEL_NAMES)
+  if config.algorithm in PUBLIC_DATA and config.public_examples < 1:
+    raise FedkdError(f'algorithm {config.algorithm} needs public data; set '
+                     'public_examples >= 1 (held out of the training set)')
+  if config.algorithm in _LOCAL_EVAL and config.eval_teachers < 1:
+    raise FedkdError(f'algorithm {config.algorithm} is evaluated through the '
+                     'clients\' models; set eval_teachers >= 1')
   if config.partition == 'dirichlet' and not config.alpha > 0:
     raise FedkdError(f'alpha must be > 0 for the dirichlet partition, got '
                      f'{config.alpha}')
@@ -91,6 +117,20 @@ def validate_processes(config) -> None:
     raise FedkdError('a multi-process run needs coordinator_address=HOST:PORT '
                      f'(process 0 listens there), got '
                      f'{config.coordinator_address!r}')
+
+
+def validate_comparison(config) -> None:
+  """Checks a `compare` run: every listed algorithm's config, up front."""
+  names = config.compare.split(',')
+  if len(set(names)) != len(names):
+    raise FedkdError(f'compare lists an algorithm twice: {config.compare}')
+  for name in names:
+    single = config.copy_and_resolve_references()
+    single.algorithm = name
+    validate_config(single)
+  if not 0.0 < config.target_accuracy <= 1.0:
+    raise FedkdError(f'target_accuracy must be in (0, 1], got '
+                     f'{config.target_accuracy}')
 
 
 def validate_workdir(workdir: str) -> None:

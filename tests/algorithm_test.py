@@ -3,15 +3,19 @@
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fedkd import algorithm
+from fedkd import algorithms
 from fedkd import loop
 from fedkd import sharding
 import toys
 
 SIZES = (7, 3, 12, 5, 9, 1)  # ragged: partial batches, a 1-example client
-ALGORITHMS = ('fedavg', 'local_kd')
+# (test name suffix, algorithm name) for named_parameters.
+ALGORITHMS = tuple((name, name) for name in algorithms.ALGORITHMS)
 
 
 def _run(apply, state, data, cohorts):
@@ -29,7 +33,7 @@ class RoundTest(parameterized.TestCase):
     self.cohorts = [toys.cohort([0, 2, 3, 5], size=6, num_clients=len(SIZES)),
                     toys.cohort([1, 2, 4], size=6, num_clients=len(SIZES))]
 
-  @parameterized.parameters(*ALGORITHMS)
+  @parameterized.named_parameters(*ALGORITHMS)
   def test_vmapped_round_equals_python_loop(self, name):
     alg = self.algs[name]
     state = toys.init_state(alg)
@@ -39,7 +43,7 @@ class RoundTest(parameterized.TestCase):
     toys.assert_trees_close(m1, m2, atol=1e-4)
     self.assertEqual(int(vmapped.round), 2)
 
-  @parameterized.parameters(*ALGORITHMS)
+  @parameterized.named_parameters(*ALGORITHMS)
   def test_no_recompilation_after_first_round(self, name):
     alg = self.algs[name]
     traces = []
@@ -52,7 +56,7 @@ class RoundTest(parameterized.TestCase):
          self.cohorts + self.cohorts)
     self.assertLen(traces, 1)
 
-  @parameterized.parameters(*ALGORITHMS)
+  @parameterized.named_parameters(*ALGORITHMS)
   def test_padded_clients_change_nothing(self, name):
     alg = self.algs[name]
     state = toys.init_state(alg)
@@ -63,7 +67,7 @@ class RoundTest(parameterized.TestCase):
                      [toys.cohort(ids, size=8, num_clients=n)])
     toys.assert_trees_close(tight, padded)
 
-  @parameterized.parameters(*ALGORITHMS)
+  @parameterized.named_parameters(*ALGORITHMS)
   def test_padded_examples_and_steps_change_nothing(self, name):
     alg = self.algs[name]
     state = toys.init_state(alg)
@@ -85,7 +89,28 @@ class RoundTest(parameterized.TestCase):
       changed = not np.allclose(before[k], after[k])
       self.assertEqual(changed, k in (0, 2, 3, 5), msg=f'client {k}')
 
-  @parameterized.parameters(*ALGORITHMS)
+  def test_feddf_with_a_larger_server_model(self):
+    alg = algorithms.feddf(
+        model=toys.student(), server_model=toys.teacher(),
+        input_shape=toys.INPUT_SHAPE, client_tx=optax.sgd(0.1),
+        server_tx=optax.sgd(1.0), distill_tx=optax.sgd(0.5), epochs=2,
+        batch_size=3, distill_epochs=2, public_batch_size=2, temperature=1.0)
+    big = toys.teacher().init(jax.random.PRNGKey(0),
+                              jnp.zeros((1, *toys.INPUT_SHAPE)))
+    state = alg.init(big, jax.random.PRNGKey(1))
+    vmapped, metrics = _run(jax.jit(alg.apply), state, self.data,
+                            self.cohorts)
+    looped, _ = _run(loop.loop_apply(alg), state, self.data, self.cohorts)
+    toys.assert_trees_close(vmapped, looped)
+    for part in ('client', 'server'):
+      self.assertFalse(np.allclose(
+          jax.tree.leaves(state.params[part])[0],
+          jax.tree.leaves(vmapped.params[part])[0]), part)
+    # The 3 clients of the last cohort download the client model only.
+    self.assertEqual(int(metrics['download_bytes']),
+                     3 * algorithm.tree_bytes(state.params['client']))
+
+  @parameterized.named_parameters(*ALGORITHMS)
   def test_sharded_over_8_devices_equals_one_device(self, name):
     self.assertGreaterEqual(jax.device_count(), 8)
     alg = self.algs[name]
@@ -103,7 +128,7 @@ class RoundTest(parameterized.TestCase):
     toys.assert_trees_close(results[0], results[1])
     self.assertEqual(size, 8)
 
-  @parameterized.parameters(*ALGORITHMS)
+  @parameterized.named_parameters(*ALGORITHMS)
   def test_chunked_equals_unchunked(self, name):
     alg = self.algs[name]
     state = toys.init_state(alg)

@@ -88,11 +88,11 @@ class DpRoundTest(absltest.TestCase):
     dp = privacy.DpSettings(clip, 0.0, expected)
     state, new, m = _round(alg, data, dp=dp)
     # Each client alone, clipped with numpy, summed with weight 1.
-    rng = jax.random.split(jax.random.PRNGKey(7))[0]
+    rng = jax.random.split(jax.random.PRNGKey(7), 3)[0]  # the clients' key
     total = None
     for i in IDS:
       key = jax.random.split(jax.random.fold_in(rng, i))[0]
-      out = alg.client_update(state.params, (), data, jnp.int32(i),
+      out = alg.client_update(state.replace(clients=()), (), data, jnp.int32(i),
                               data.num_examples[i], key)
       leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(out.upload)]
       norm = np.sqrt(sum(np.sum(x**2) for x in leaves))

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedkd import algorithms
+from fedkd import optimizers
 from fedkd.algorithms import fedavg
 from fedkd.algorithms import local_kd
 import toys
@@ -38,6 +40,48 @@ def _sgd(w, b, x, dlogits, lr):
   """One SGD step given d(mean loss)/d(logits) * n, i.e. per-example grads."""
   n = len(x)
   return w - lr * x.T @ dlogits / n, b - lr * dlogits.sum(0) / n
+
+
+def _params(w, b):
+  return {'params': {'layers_1': {'kernel': jnp.asarray(w, jnp.float32),
+                                  'bias': jnp.asarray(b, jnp.float32)}}}
+
+
+def _assert_linear(params, w, b):
+  got_w, got_b = _unpack(params)
+  np.testing.assert_allclose(got_w, w, atol=1e-5)
+  np.testing.assert_allclose(got_b, b, atol=1e-5)
+
+
+def _init():
+  return _linear().init(jax.random.PRNGKey(0), jnp.zeros((1, D)))
+
+
+def _client(state, k):
+  """Client k's private (w, b) from the stacked per-client state."""
+  return _unpack(jax.tree.map(lambda a: a[k], state.clients[0]))
+
+
+def _ce(logits, y):
+  return -np.log(_softmax(logits)[np.arange(len(y)), y])
+
+
+def _kd_grad(s, t, temp):
+  """d/ds of T^2 KL(softmax(t/T) || softmax(s/T)), per example."""
+  return temp * (_softmax(s / temp) - _softmax(t / temp))
+
+
+def _truncate(m, energy):
+  """Numpy SVD truncation to the energy threshold; returns (matrix, rank)."""
+  u, sv, vt = np.linalg.svd(m, full_matrices=False)
+  fraction = np.cumsum(sv**2) / np.sum(sv**2)
+  rank = min(int(np.sum(fraction < energy)) + 1, len(sv))
+  return (u[:, :rank] * sv[:rank]) @ vt[:rank], rank
+
+
+def _round(alg, state, data, ids, seed=2):
+  return jax.jit(alg.apply)(state, data, toys.cohort(ids),
+                            jax.random.PRNGKey(seed))
 
 
 def _client_arrays(data, k):
@@ -100,6 +144,191 @@ class GoldenTest(absltest.TestCase):
                                           new_state.clients[0]))
     np.testing.assert_allclose(got_tw, tw, atol=1e-5)
     np.testing.assert_allclose(got_tb, tb, atol=1e-5)
+
+
+  def test_fedprox_round_two_epochs(self):
+    lr, mu = 0.3, 0.7
+    data = toys.toy_data((3,))
+    alg = algorithms.fedprox(model=_linear(), mu=mu, client_tx=optax.sgd(lr),
+                             server_tx=optax.sgd(1.0), epochs=2,
+                             batch_size=4)
+    params = _init()
+    state, _ = _round(alg, alg.init(params, None), data, [0])
+    x, y = _client_arrays(data, 0)
+    w0, b0 = _unpack(params)
+    w, b = w0, b0
+    for _ in range(2):
+      # CE's gradient plus the proximal term's mu (w - w0).
+      new_w, new_b = _sgd(w, b, x, _softmax(x @ w + b) - np.eye(C)[y], lr)
+      w, b = new_w - lr * mu * (w - w0), new_b - lr * mu * (b - b0)
+    _assert_linear(state.params, w, b)
+
+  def test_fedntd_round(self):
+    lr, beta, temp = 0.4, 0.8, 2.0
+    data = toys.toy_data((4,))
+    alg = algorithms.fedntd(model=_linear(), beta=beta, temperature=temp,
+                            client_tx=optax.sgd(lr), server_tx=optax.sgd(1.0),
+                            epochs=2, batch_size=4)
+    params = _init()
+    state, _ = _round(alg, alg.init(params, None), data, [0])
+    x, y = _client_arrays(data, 0)
+    w0, b0 = _unpack(params)
+    w, b = w0, b0
+    for _ in range(2):
+      s, g = x @ w + b, x @ w0 + b0
+      ds = _softmax(s) - np.eye(C)[y]
+      for i, label in enumerate(y):
+        # The true class's logit gets no distillation gradient.
+        others = [c for c in range(C) if c != label]
+        ds[i, others] += beta * _kd_grad(s[i, others], g[i, others], temp)
+      w, b = _sgd(w, b, x, ds, lr)
+    _assert_linear(state.params, w, b)
+
+
+  def test_fedadam_server_step(self):
+    lr, server_lr = 0.5, 0.1
+    data = toys.toy_data((3,))
+    alg = fedavg(model=_linear(), client_tx=optax.sgd(lr),
+                 server_tx=optimizers.get_optimizer('fedadam', server_lr),
+                 epochs=1, batch_size=4)
+    params = _init()
+    state, _ = _round(alg, alg.init(params, None), data, [0])
+    x, y = _client_arrays(data, 0)
+    w0, b0 = _unpack(params)
+    w1, b1 = _sgd(w0, b0, x, _softmax(x @ w0 + b0) - np.eye(C)[y], lr)
+    # First bias-corrected Adam step on g = -delta: -lr g / (|g| + eps).
+    adam = lambda p0, p1: p0 + server_lr * (p1 - p0) / (abs(p1 - p0) + 1e-3)
+    got_w, got_b = _unpack(state.params)
+    np.testing.assert_allclose(got_w, adam(w0, w1), atol=1e-5)
+    np.testing.assert_allclose(got_b, adam(b0, b1), atol=1e-5)
+
+  def test_fedkd_round_mutual_distillation_and_svd(self):
+    lr, mentor_lr, energy = 0.5, 0.3, 0.9
+    data = toys.toy_data((4,))
+    alg = algorithms.fedkd(
+        mentor=_linear(), mentee=_linear(), input_shape=toys.INPUT_SHAPE,
+        num_clients=1, client_tx=optax.sgd(lr),
+        mentor_tx=optax.sgd(mentor_lr), server_tx=optax.sgd(1.0), epochs=1,
+        batch_size=4, energy_start=energy,
+        energy_end=energy, num_rounds=1)
+    params = _init()
+    state = alg.init(params, jax.random.PRNGKey(1))
+    tw, tb = _client(state, 0)
+    new_state, metrics = _round(alg, state, data, [0])
+    x, y = _client_arrays(data, 0)
+    onehot = np.eye(C)[y]
+    sw, sb = _unpack(params)
+    t, s_ = x @ tw + tb, x @ sw + sb
+    scale = 1 / (_ce(t, y) + _ce(s_, y))[:, None]
+    tw, tb = _sgd(tw, tb, x, _softmax(t) - onehot + scale * _kd_grad(t, s_, 1),
+                  mentor_lr)
+    new_w, new_b = _sgd(sw, sb, x,
+                        _softmax(s_) - onehot + scale * _kd_grad(s_, t, 1), lr)
+    up_w, up_rank = _truncate(new_w - sw, energy)
+    down_w, down_rank = _truncate(up_w, energy)
+    got_w, got_b = _unpack(new_state.params)
+    np.testing.assert_allclose(got_w, sw + down_w, atol=1e-5)
+    np.testing.assert_allclose(got_b, new_b, atol=1e-5)
+    np.testing.assert_allclose(_client(new_state, 0)[0], tw, atol=1e-5)
+    # A rank-r factorisation of a [D, C] kernel sends r (D + C + 1) floats.
+    self.assertEqual(int(metrics['upload_bytes']),
+                     4 * (up_rank * (D + C + 1) + C))
+    self.assertEqual(int(metrics['download_bytes']),
+                     4 * (down_rank * (D + C + 1) + C))
+
+  def test_feddf_round_ensemble_distillation(self):
+    lr, distill_lr, temp = 0.5, 0.2, 2.0
+    sizes = (4, 2)
+    data = toys.toy_data(sizes)
+    alg = algorithms.feddf(
+        model=_linear(), client_tx=optax.sgd(lr), server_tx=optax.sgd(1.0),
+        distill_tx=optax.sgd(distill_lr), epochs=1, batch_size=4,
+        distill_epochs=1, public_batch_size=8, temperature=temp)
+    params = _init()
+    state, metrics = _round(alg, alg.init(params, None), data, [0, 1])
+    w0, b0 = _unpack(params)
+    xp = np.asarray(data.public_x, np.float64).reshape(toys.NUM_PUBLIC, -1)
+    models = []
+    for k in range(2):
+      x, y = _client_arrays(data, k)
+      models.append(_sgd(w0, b0, x, _softmax(x @ w0 + b0) - np.eye(C)[y], lr))
+    mean = lambda vals: sum(n * v for n, v in zip(sizes, vals)) / sum(sizes)
+    w, b = mean([m[0] for m in models]), mean([m[1] for m in models])
+    ensemble = mean([xp @ mw + mb for mw, mb in models])
+    w, b = _sgd(w, b, xp, _kd_grad(xp @ w + b, ensemble, temp), distill_lr)
+    _assert_linear(state.params, w, b)
+    # Only the parameters count as sent: 2 clients x 51 float32.
+    self.assertEqual(int(metrics['upload_bytes']), 2 * 4 * (D * C + C))
+
+  def test_fd_two_rounds(self):
+    lr, weight, temp = 0.5, 0.4, 2.0
+    data = toys.toy_data((4, 3))
+    alg = algorithms.fd(model=_linear(), input_shape=toys.INPUT_SHAPE,
+                        num_clients=2, num_classes=C, client_tx=optax.sgd(lr),
+                        epochs=1, batch_size=4, temperature=temp,
+                        distill_weight=weight)
+    state = alg.init(None, jax.random.PRNGKey(1))
+    means, seen, expected = [], [], []
+    for k in range(2):
+      x, y = _client_arrays(data, k)
+      w, b = _client(state, k)
+      logits, onehot = x @ w + b, np.eye(C)[y]
+      # Per-label mean of the logits of the step's forward pass.
+      counts = onehot.sum(0)
+      means.append(onehot.T @ logits / np.maximum(counts, 1)[:, None] *
+                   (counts > 0)[:, None])
+      seen.append((counts > 0).astype(float))
+      # Round 1 has no global table yet: only (1 - w) CE.
+      expected.append(_sgd(w, b, x, (1 - weight) *
+                           (_softmax(logits) - onehot), lr))
+    state, metrics = _round(alg, state, data, [0, 1])
+    table, presence = (np.asarray(a) for a in state.params)
+    np.testing.assert_allclose(table, (means[0] + means[1]) / 2, atol=1e-5)
+    np.testing.assert_allclose(presence, (seen[0] + seen[1]) / 2)
+    for k in range(2):
+      np.testing.assert_allclose(_client(state, k)[0], expected[k][0],
+                                 atol=1e-5)
+    self.assertEqual(int(metrics['upload_bytes']), 2 * 4 * (C * C + C))
+
+    x, y = _client_arrays(data, 0)
+    w, b = _client(state, 0)
+    targets = table / np.maximum(presence, 1e-12)[:, None]
+    logits = x @ w + b
+    ds = (1 - weight) * (_softmax(logits) - np.eye(C)[y]) + weight * (
+        (presence[y] > 0)[:, None] * _kd_grad(logits, targets[y], temp))
+    w, b = _sgd(w, b, x, ds, lr)
+    state, _ = _round(alg, state, data, [0], seed=3)
+    np.testing.assert_allclose(_client(state, 0)[0], w, atol=1e-5)
+    np.testing.assert_allclose(_client(state, 0)[1], b, atol=1e-5)
+
+  def test_fedmd_two_rounds(self):
+    lr = 0.5
+    data = toys.toy_data((4, 3))
+    alg = algorithms.fedmd(model=_linear(), input_shape=toys.INPUT_SHAPE,
+                           num_clients=2, num_public=toys.NUM_PUBLIC,
+                           num_classes=C, client_tx=optax.sgd(lr), epochs=1,
+                           batch_size=4, digest_epochs=1, public_batch_size=8)
+    state = alg.init(None, jax.random.PRNGKey(1))
+    xp = np.asarray(data.public_x, np.float64).reshape(toys.NUM_PUBLIC, -1)
+
+    def revisit(k, w, b):
+      x, y = _client_arrays(data, k)
+      return _sgd(w, b, x, _softmax(x @ w + b) - np.eye(C)[y], lr)
+
+    models = [revisit(k, *_client(state, k)) for k in range(2)]
+    state, metrics = _round(alg, state, data, [0, 1])
+    consensus = sum(xp @ w + b for w, b in models) / 2
+    np.testing.assert_allclose(state.params, consensus, atol=1e-5)
+    self.assertEqual(int(metrics['upload_bytes']),
+                     2 * 4 * toys.NUM_PUBLIC * C)
+
+    # Round 2 digests: the mean absolute error's gradient is sign / K.
+    w, b = models[0]
+    w, b = _sgd(w, b, xp, np.sign(xp @ w + b - consensus) / C, lr)
+    w, b = revisit(0, w, b)
+    state, _ = _round(alg, state, data, [0], seed=3)
+    np.testing.assert_allclose(_client(state, 0)[0], w, atol=1e-5)
+    np.testing.assert_allclose(state.params, xp @ w + b, atol=1e-5)
 
 
 if __name__ == '__main__':

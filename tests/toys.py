@@ -7,28 +7,30 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedkd import algorithms as algorithms_lib
 from fedkd import clients
-from fedkd.algorithms import fedavg
-from fedkd.algorithms import local_kd
 
 INPUT_SHAPE = (4, 4, 1)
 NUM_CLASSES = 3
+NUM_PUBLIC = 5
 
 
 def toy_data(sizes, seed=0, pad_to=None) -> clients.ClientData:
   """Random client data with the given client sizes.
 
   `pad_to` raises `max_examples`, so every epoch gets extra padded steps.
+  Every toy run also holds `NUM_PUBLIC` public examples.
   """
   rng = np.random.default_rng(seed)
   n = sum(sizes)
   x = rng.normal(size=(n, *INPUT_SHAPE)).astype(np.float32)
   y = rng.integers(0, NUM_CLASSES, n).astype(np.int32)
+  public_x = rng.normal(size=(NUM_PUBLIC, *INPUT_SHAPE)).astype(np.float32)
   bounds = np.cumsum([0, *sizes])
   data = clients.stack_clients(
       x, y, [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
   return jax.tree.map(jnp.asarray, data.replace(
-      max_examples=pad_to or data.max_examples))
+      max_examples=pad_to or data.max_examples, public_x=public_x))
 
 
 def cohort(ids, size=None, num_clients=None) -> clients.Cohort:
@@ -53,15 +55,34 @@ def teacher():
 
 
 def algorithms(num_clients, epochs=2, batch_size=3):
-  """Both algorithms on the toy models, keyed by name."""
-  common = dict(client_tx=optax.sgd(0.1), server_tx=optax.sgd(1.0),
-                epochs=epochs, batch_size=batch_size)
+  """Every algorithm on the toy models, keyed by name."""
+  common = dict(client_tx=optax.sgd(0.1), epochs=epochs,
+                batch_size=batch_size)
+  averaging = dict(common, server_tx=optax.sgd(1.0))
+  private = dict(input_shape=INPUT_SHAPE, num_clients=num_clients)
+  public = dict(public_batch_size=2)
   return {
-      'fedavg': fedavg(model=student(), **common),
-      'local_kd': local_kd(
-          teacher=teacher(), student=student(), input_shape=INPUT_SHAPE,
-          num_clients=num_clients, teacher_tx=optax.sgd(0.05),
-          temperature=2.0, distill_weight=0.5, **common),
+      'fedavg': algorithms_lib.fedavg(model=student(), **averaging),
+      'fedprox': algorithms_lib.fedprox(model=student(), mu=0.1,
+                                        **averaging),
+      'fedntd': algorithms_lib.fedntd(model=student(), beta=1.0,
+                                      temperature=2.0, **averaging),
+      'local_kd': algorithms_lib.local_kd(
+          teacher=teacher(), student=student(), teacher_tx=optax.sgd(0.05),
+          temperature=2.0, distill_weight=0.5, **private, **averaging),
+      'fedkd': algorithms_lib.fedkd(
+          mentor=teacher(), mentee=student(), mentor_tx=optax.sgd(0.05),
+          energy_start=0.8, energy_end=0.9, num_rounds=3,
+          **private, **averaging),
+      'feddf': algorithms_lib.feddf(
+          model=student(), distill_tx=optax.sgd(0.5), distill_epochs=2,
+          temperature=1.0, **public, **averaging),
+      'fd': algorithms_lib.fd(model=student(), num_classes=NUM_CLASSES,
+                              temperature=2.0, distill_weight=0.5,
+                              **private, **common),
+      'fedmd': algorithms_lib.fedmd(
+          model=student(), num_public=NUM_PUBLIC, num_classes=NUM_CLASSES,
+          digest_epochs=1, **public, **private, **common),
   }
 
 

@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_clients = 100
   c.clients_per_round = 100
   # Algorithm and models.
-  c.algorithm = 'local_kd'  # local_kd | fedavg
+  # fedavg | fedprox | fedntd | local_kd | fedkd | feddf | fd | fedmd
+  c.algorithm = 'local_kd'
   c.teacher = 'seed_teacher'
   c.student = 'seed_student'
   c.num_rounds = 30
@@ -39,10 +40,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.client_optimizer = 'sgd'  # sgd | momentum | adam | yogi
   c.client_lr = 0.1  # the student's local learning rate
   c.teacher_lr = 0.1  # the private teachers' learning rate
-  c.server_optimizer = 'sgd'  # sgd with lr 1.0 = FedAvg's weighted mean
+  # sgd with lr 1.0 = FedAvg's weighted mean; momentum | fedadam | fedyogi
+  # (Reddi et al. 2021) | adam | yogi for FedOpt.
+  c.server_optimizer = 'sgd'
   c.server_lr = 1.0
   c.temperature = 2.0
-  c.distill_weight = 0.5
+  c.distill_weight = 0.5  # local_kd, fd: (1 - w) CE + w KD
+  c.prox_mu = 0.01  # fedprox: proximal coefficient
+  c.ntd_beta = 1.0  # fedntd: weight of the not-true distillation
+  c.svd_energy_start = 0.95  # fedkd: SVD energy kept in round 0 ...
+  c.svd_energy_end = 0.98  # ... rising linearly to this in the last round
+  # Public (proxy) data: held out of the training set (feddf, fedmd).
+  c.public_examples = 0
+  c.public_batch_size = 50
+  c.distill_optimizer = 'adam'  # feddf: server distillation optimizer
+  c.distill_lr = 1e-3
+  c.distill_epochs = 1  # feddf: server passes over the public data
+  c.server_model = ''  # feddf: a separate (larger) server model; '' = none
+  c.digest_epochs = 1  # fedmd: client passes over the public data
   # Run.
   c.seed = 0
   c.eval_every = 5
@@ -63,9 +78,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dp_noise_multiplier = 0.0  # z: noise std z*S on the summed updates
   c.dp_delta = 1e-5
   c.dp_accountant = 'rdp'  # rdp | pld
+  # Comparison (experiments/compare.py): comma-separated algorithms run on the
+  # same partition and seed, each into WORKDIR/NAME; '' = one run.
+  c.compare = ''
+  c.target_accuracy = 0.8  # compare: report the first round reaching it
+  return variant(c, arg)
+
+
+def variant(c: ml_collections.ConfigDict,
+            arg: str | None) -> ml_collections.ConfigDict:
+  """Applies a config file's variant: none, or `smoke` (2 rounds).
+
+  A paper config's smoke run swaps in offline digits, 10 clients and the
+  small seed models, so every config runs in seconds in the tests.
+  """
   if arg == 'smoke':
     c.num_rounds = 2
     c.eval_every = 1
+    if c.dataset != 'digits':
+      c.dataset, c.num_clients, c.clients_per_round = 'digits', 10, 10
+      c.student, c.teacher = 'seed_student', 'seed_teacher'
+      c.public_examples = min(c.public_examples, 100)
   elif arg:
     raise ValueError(f'unknown config variant {arg!r}; use :smoke or none')
   return c

@@ -9,11 +9,20 @@ from fedkd import models
 from fedkd import optimizers
 from fedkd.algorithm import FederatedAlgorithm
 from fedkd.algorithm import ServerState
+from fedkd.algorithms.fd import fd
 from fedkd.algorithms.fedavg import fedavg
+from fedkd.algorithms.feddf import feddf
+from fedkd.algorithms.fedkd import fedkd
+from fedkd.algorithms.fedmd import fedmd
+from fedkd.algorithms.fedntd import fedntd
+from fedkd.algorithms.fedprox import fedprox
 from fedkd.algorithms.local_kd import local_kd
 from fedkd.typing import Params
 
-ALGORITHMS = ('fedavg', 'local_kd')
+ALGORITHMS = ('fd', 'fedavg', 'feddf', 'fedkd', 'fedmd', 'fedntd', 'fedprox',
+              'local_kd')
+# Algorithms that read the public (proxy) data, `config.public_examples`.
+PUBLIC_DATA = ('feddf', 'fedmd')
 
 
 class Built(NamedTuple):
@@ -21,33 +30,86 @@ class Built(NamedTuple):
 
   Attributes:
     algorithm: the `FederatedAlgorithm`.
-    student: the global (shared) model, evaluated every `eval_every` rounds.
-    teacher: the clients' private model, or None.
-    teachers: reads the stacked private teacher parameters from a state.
+    student: the global model, evaluated every `eval_every` rounds (for
+      feddf with `server_model`, that model); None for algorithms without
+      one (fd, fedmd).
+    teacher: the clients' private model (teacher, mentor, or for fd and fedmd
+      the clients' only model), or None.
+    teachers: reads the stacked private model parameters from a state.
+    global_params: reads the global model's parameters from a state.
   """
   algorithm: FederatedAlgorithm
-  student: nn.Module
+  student: nn.Module | None
   teacher: nn.Module | None = None
   teachers: Callable[[ServerState], Params] | None = None
+  global_params: Callable[[ServerState], Params] = lambda state: state.params
 
 
-def build(config, input_shape, num_classes: int) -> Built:
-  """The algorithm named by `config.algorithm`, configured from `config`."""
+def _private_models(state: ServerState) -> Params:
+  return state.clients[0]
+
+
+def build(config, input_shape, num_classes: int, num_public: int) -> Built:
+  """The algorithm named by `config.algorithm`, configured from `config`.
+
+  Args:
+    config: a validated run config.
+    input_shape: shape of one example.
+    num_classes: number of labels.
+    num_public: number of public examples held out (`ClientData.public_x`).
+  """
+  name = config.algorithm
   student = models.get_model(config.student, num_classes)
-  common = dict(
-      client_tx=optimizers.get_optimizer(config.client_optimizer,
-                                         config.client_lr),
-      server_tx=optimizers.get_optimizer(config.server_optimizer,
-                                         config.server_lr),
-      epochs=config.local_epochs, batch_size=config.batch_size)
-  if config.algorithm == 'fedavg':
-    return Built(fedavg(model=student, **common), student)
+  optimizer = optimizers.get_optimizer
+  train = dict(client_tx=optimizer(config.client_optimizer, config.client_lr),
+               epochs=config.local_epochs, batch_size=config.batch_size)
+  averaging = dict(train, server_tx=optimizer(config.server_optimizer,
+                                              config.server_lr))
+  private = dict(input_shape=input_shape, num_clients=config.num_clients)
+  if name == 'fedavg':
+    return Built(fedavg(model=student, **averaging), student)
+  if name == 'fedprox':
+    return Built(fedprox(model=student, mu=config.prox_mu, **averaging),
+                 student)
+  if name == 'fedntd':
+    return Built(fedntd(model=student, beta=config.ntd_beta,
+                        temperature=config.temperature, **averaging), student)
+  if name == 'feddf':
+    server_model = config.server_model and models.get_model(
+        config.server_model, num_classes)
+    alg = feddf(
+        model=student, distill_tx=optimizer(config.distill_optimizer,
+                                            config.distill_lr),
+        distill_epochs=config.distill_epochs,
+        public_batch_size=config.public_batch_size,
+        temperature=config.temperature, server_model=server_model or None,
+        input_shape=input_shape, **averaging)
+    if server_model:
+      return Built(alg, server_model,
+                   global_params=lambda state: state.params['server'])
+    return Built(alg, student)
+  # fd and fedmd have no global model: `student` names the clients' model.
+  if name == 'fd':
+    return Built(fd(model=student, num_classes=num_classes,
+                    temperature=config.temperature,
+                    distill_weight=config.distill_weight, **private, **train),
+                 None, student, _private_models)
+  if name == 'fedmd':
+    return Built(fedmd(model=student, num_public=num_public,
+                       num_classes=num_classes,
+                       digest_epochs=config.digest_epochs,
+                       public_batch_size=config.public_batch_size, **private,
+                       **train), None, student, _private_models)
   teacher = models.get_model(config.teacher, num_classes)
-  alg = local_kd(
-      teacher=teacher, student=student, input_shape=input_shape,
-      num_clients=config.num_clients,
-      teacher_tx=optimizers.get_optimizer(config.client_optimizer,
-                                          config.teacher_lr),
-      temperature=config.temperature, distill_weight=config.distill_weight,
-      **common)
-  return Built(alg, student, teacher, lambda state: state.clients[0])
+  teacher_tx = optimizer(config.client_optimizer, config.teacher_lr)
+  if name == 'fedkd':
+    alg = fedkd(mentor=teacher, mentee=student, mentor_tx=teacher_tx,
+                energy_start=config.svd_energy_start,
+                energy_end=config.svd_energy_end,
+                num_rounds=config.num_rounds, **private, **averaging)
+  else:
+    alg = local_kd(teacher=teacher, student=student, teacher_tx=teacher_tx,
+                   temperature=config.temperature,
+                   distill_weight=config.distill_weight, **private,
+                   **averaging)
+  return Built(alg, student, teacher, _private_models)

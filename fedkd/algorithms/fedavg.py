@@ -10,7 +10,6 @@ is used: this is the baseline the distillation algorithms are measured against.
 """
 
 import flax.linen as nn
-import jax.numpy as jnp
 import optax
 
 from fedkd import algorithm
@@ -19,32 +18,36 @@ from fedkd import losses
 from fedkd.typing import Params, PRNGKey
 
 
+def averaging(per_example_loss, *, client_tx: optax.GradientTransformation,
+              server_tx: optax.GradientTransformation, epochs: int,
+              batch_size: int) -> algorithm.FederatedAlgorithm:
+  """The FedAvg family: local training on `per_example_loss`, FedOpt server.
+
+  Args:
+    per_example_loss: `(params, server_params, batch) -> [batch]` losses of
+      the global model's local copy.
+    client_tx: the local optimizer, fresh every round.
+    server_tx: applied to the mean client delta (`optax.sgd(1.0)`: FedAvg).
+    epochs: local passes over each client's data per round.
+    batch_size: local minibatch size.
+  """
+
+  def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
+    del rng  # The FedAvg family keeps no per-client state.
+    return algorithm.server_init(server_tx, params)
+
+  return algorithm.build(
+      init, clients.delta_client_update(per_example_loss, tx=client_tx,
+                                        epochs=epochs, batch_size=batch_size),
+      algorithm.averaging_server_update(server_tx))
+
+
 def fedavg(*, model: nn.Module, client_tx: optax.GradientTransformation,
            server_tx: optax.GradientTransformation, epochs: int,
            batch_size: int) -> algorithm.FederatedAlgorithm:
   """Builds FedAvg over `model` (the shared student)."""
-
-  def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
-    del rng  # FedAvg keeps no per-client state.
-    return algorithm.server_init(server_tx, params)
-
-  def loss_fn(params, batch):
-    per_example = losses.cross_entropy(model.apply(params, batch.x), batch.y)
-    return losses.masked_mean(per_example, batch.example_mask), per_example
-
-  def client_update(server_params, client_state, data, client_id,
-                    num_examples, rng):
-    def step(carry, batch):
-      params, opt_state, _, per_example = clients.sgd_train(
-          loss_fn, client_tx, *carry, batch)
-      return (params, opt_state), {
-          'student_loss_sum': jnp.sum(per_example * batch.example_mask)}
-
-    (params, _), sums = clients.local_training(
-        step, (server_params, client_tx.init(server_params)), data,
-        client_id, num_examples, rng, epochs=epochs, batch_size=batch_size)
-    return clients.delta_output(server_params, params, num_examples,
-                                client_state, sums, epochs=epochs)
-
-  return algorithm.build(init, client_update,
-                         algorithm.averaging_server_update(server_tx))
+  return averaging(
+      lambda params, _, batch: losses.cross_entropy(
+          model.apply(params, batch.x), batch.y),
+      client_tx=client_tx, server_tx=server_tx, epochs=epochs,
+      batch_size=batch_size)

@@ -52,15 +52,9 @@ def local_kd(*, teacher: nn.Module, student: nn.Module, input_shape,
     distill_weight: w, the weight of the distillation term.
   """
 
-  def init_teacher(client_id, rng):
-    params = teacher.init(jax.random.fold_in(rng, client_id),
-                          jnp.zeros((1, *input_shape)))
-    return params, teacher_tx.init(params)
-
   def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
-    teachers = clients.map_clients(lambda i: init_teacher(i, rng))(
-        jnp.arange(num_clients))
-    return algorithm.server_init(server_tx, params, teachers)
+    return algorithm.server_init(server_tx, params, clients.init_models(
+        teacher, teacher_tx, input_shape, num_clients, rng))
 
   def teacher_loss(params, batch):
     logits = teacher.apply(params, batch.x)
@@ -76,7 +70,7 @@ def local_kd(*, teacher: nn.Module, student: nn.Module, input_shape,
                                                temperature))
     return losses.masked_mean(per_example, batch.example_mask), per_example
 
-  def client_update(server_params, client_state, data, client_id,
+  def client_update(server, client_state, data, client_id,
                     num_examples, rng):
     def step(carry, batch):
       teacher_params, teacher_opt, params, opt_state = carry
@@ -90,11 +84,11 @@ def local_kd(*, teacher: nn.Module, student: nn.Module, input_shape,
           'teacher_loss_sum': jnp.sum(teacher_ex * mask),
           'student_loss_sum': jnp.sum(student_ex * mask)}
 
-    carry = (*client_state, server_params, client_tx.init(server_params))
+    carry = (*client_state, server.params, client_tx.init(server.params))
     (*teacher_state, params, _), sums = clients.local_training(
         step, carry, data, client_id, num_examples, rng, epochs=epochs,
         batch_size=batch_size)
-    return clients.delta_output(server_params, params, num_examples,
+    return clients.delta_output(server.params, params, num_examples,
                                 tuple(teacher_state), sums, epochs=epochs)
 
   return algorithm.build(init, client_update,

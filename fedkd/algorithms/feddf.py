@@ -1,0 +1,118 @@
+"""FedDF: Lin, Kong, Stich & Jaggi, "Ensemble Distillation for Robust Model
+Fusion in Federated Learning", NeurIPS 2020, arXiv:2006.07242.
+
+Clients train the global model on cross-entropy as in FedAvg and upload their
+parameters (the delta). The server averages them (through the server
+optimizer, FedOpt), then distills the ensemble of the client models into the
+averaged model on unlabeled proxy data (`ClientData.public_x`): `distill_epochs`
+passes of `distill_tx` steps on `T^2 * KL(softmax(ensemble / T) ||
+softmax(global / T))`, the ensemble's mean logits detached (the paper: T = 1,
+Adam at 1e-3, early stopping on a validation set, which is not implemented).
+
+The ensemble's mean logits are the example-weighted mean of the client models'
+logits on the proxy data (the paper averages uniformly). In this simulation
+each client computes its model's proxy logits and they are averaged with the
+deltas; only the parameters count as uploaded bytes, since the real server
+would evaluate the received models itself.
+
+With `server_model` (e.g. larger than the clients' model, as in the paper's
+Sec. 4), the server keeps that model too and distills the same ensemble into
+it after the averaged client model; `ServerState.params` is then
+`{'client': averaged client model, 'server': server model}`, clients download
+only the former, and the latter is the global model to evaluate. Not
+implemented: several client architectures at once (the paper's
+heterogeneous prototypes).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedkd import aggregation
+from fedkd import algorithm
+from fedkd import clients
+from fedkd import losses
+from fedkd.typing import Params, PRNGKey
+
+
+def feddf(*, model: nn.Module, client_tx: optax.GradientTransformation,
+          server_tx: optax.GradientTransformation,
+          distill_tx: optax.GradientTransformation, epochs: int,
+          batch_size: int, distill_epochs: int, public_batch_size: int,
+          temperature: float, server_model: nn.Module | None = None,
+          input_shape=None) -> algorithm.FederatedAlgorithm:
+  """Builds FedDF over `model` (the clients', and the server's by default).
+
+  Args:
+    model: the global model every client trains.
+    client_tx: the local optimizer, fresh every round.
+    server_tx: applied to the mean client delta before distillation.
+    distill_tx: the server's distillation optimizer, fresh every round.
+    epochs: local passes over each client's data per round.
+    batch_size: local minibatch size.
+    distill_epochs: server passes over the proxy data per round.
+    public_batch_size: proxy minibatch size (logits and distillation).
+    temperature: distillation temperature T.
+    server_model: a separate global model the server distills into; `init`
+      then takes its parameters and initialises the clients' model itself.
+    input_shape: shape of one example (only with `server_model`).
+  """
+
+  def client_params(params):
+    return params['client'] if server_model else params
+
+  def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
+    if not server_model:
+      return algorithm.server_init(server_tx, params)
+    shared = model.init(rng, jnp.zeros((1, *input_shape)))
+    return algorithm.server_init(server_tx, shared).replace(
+        params=dict(client=shared, server=params))
+
+  ce = lambda params, batch: losses.cross_entropy(
+      model.apply(params, batch.x), batch.y)
+
+  def client_update(server, client_state, data, client_id, num_examples,
+                    rng):
+    start = client_params(server.params)
+    params, sums = clients.train_from(
+        ce, start, data, client_id, num_examples, rng, tx=client_tx,
+        epochs=epochs, batch_size=batch_size)
+    out = clients.delta_output(start, params, num_examples,
+                               client_state, sums, epochs=epochs)
+    logits = clients.predict_in_batches(model, params, data.public_x,
+                                        batch_size=public_batch_size)
+    return out._replace(
+        upload=dict(delta=out.upload, logits=logits),
+        metrics=dict(out.metrics,
+                     upload_bytes=jnp.int32(algorithm.tree_bytes(out.upload))))
+
+  def distill(student, params, ensemble, public_x, rng):
+    """`distill_epochs` of `distill_tx` on the proxy data; returns the mean
+    distillation loss too."""
+    kd = lambda p, batch: losses.distillation(
+        student.apply(p, batch.x), ensemble[batch.index], temperature)
+    (params, _), sums = clients.public_training(
+        clients.loss_step(kd, distill_tx, 'loss'),
+        (params, distill_tx.init(params)), public_x, rng,
+        epochs=distill_epochs, batch_size=public_batch_size)
+    return params, sums['loss'] / (distill_epochs * public_x.shape[0])
+
+  def server_update(state, mean_upload, data, rng):
+    params, opt_state = aggregation.server_step(
+        client_params(state.params), state.opt_state, mean_upload['delta'],
+        server_tx)
+    ensemble = mean_upload['logits']
+    client_rng, server_rng = jax.random.split(rng)
+    params, loss = distill(model, params, ensemble, data.public_x, client_rng)
+    metrics = {'server_distill_loss': loss}
+    if server_model:
+      big, metrics['server_distill_loss'] = distill(
+          server_model, state.params['server'], ensemble, data.public_x,
+          server_rng)
+      # Clients receive only their model; the server model stays put.
+      metrics['download_bytes'] = jnp.int32(algorithm.tree_bytes(params))
+      params = dict(client=params, server=big)
+    return state.replace(params=params, opt_state=opt_state), metrics
+
+  return algorithm.build(init, client_update, server_update)
