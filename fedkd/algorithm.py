@@ -77,8 +77,11 @@ class Faults(NamedTuple):
   Attributes:
     dropout_rate: probability that a client of the cohort trains but never
       reports: it neither contributes nor keeps its new state.
+    straggler_rate: probability that a client completes only a uniformly
+      drawn fraction of its local steps; it still reports that partial work.
   """
   dropout_rate: float = 0.0
+  straggler_rate: float = 0.0
 
 
 def _one_client(client_update: ClientUpdate, dp: privacy.DpSettings | None,
@@ -88,15 +91,18 @@ def _one_client(client_update: ClientUpdate, dp: privacy.DpSettings | None,
   # Client randomness depends on (round rng, client id) only, never on the
   # client's slot in the cohort or on the device layout.
   train_rng, fault_rng = jax.random.split(jax.random.fold_in(rng, client_id))
-  out = client_update(server, client_state, data, client_id,
-                      num_examples, train_rng)
-  dropped = jax.random.uniform(fault_rng) < faults.dropout_rate
-  if dp is None:
-    return out, dropped
-  upload, norm = privacy.clip_by_global_norm(out.upload, dp.clip_norm)
-  return out._replace(upload=upload, metrics=dict(
-      out.metrics, clipped_clients=(norm > dp.clip_norm).astype(jnp.int32))
-                      ), dropped
+  drop_u, straggle_u, fraction = jax.random.uniform(fault_rng, (3,))
+  straggler = straggle_u < faults.straggler_rate
+  out = client_update(
+      server, client_state,
+      data.replace(work_fraction=jnp.where(straggler, fraction, 1.0)),
+      client_id, num_examples, train_rng)
+  metrics = dict(out.metrics, stragglers=straggler.astype(jnp.int32))
+  if dp is not None:
+    upload, norm = privacy.clip_by_global_norm(out.upload, dp.clip_norm)
+    out = out._replace(upload=upload)
+    metrics['clipped_clients'] = (norm > dp.clip_norm).astype(jnp.int32)
+  return out._replace(metrics=metrics), drop_u < faults.dropout_rate
 
 
 def _all_finite(tree: PyTree) -> Array:

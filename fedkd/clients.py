@@ -39,6 +39,8 @@ class ClientData(struct.PyTreeNode):
     public_x: [num_public, ...] unlabeled public (proxy) features every
       client and the server can read (FedDF, FedMD); [0] when the run holds
       none out. A jit argument like the rest, never a closed-over constant.
+    work_fraction: the share of its local steps a client completes (1.0);
+      the round sets it per client to simulate stragglers.
   """
   x: Array
   y: Array
@@ -47,6 +49,8 @@ class ClientData(struct.PyTreeNode):
   max_examples: int = struct.field(pytree_node=False)
   public_x: Array = struct.field(
       default_factory=lambda: np.zeros((0,), np.float32))
+  work_fraction: Array = struct.field(
+      default_factory=lambda: np.ones((), np.float32))
 
   @property
   def num_clients(self) -> int:
@@ -168,6 +172,10 @@ def local_training(step: Callable[[PyTree, Batch], tuple[PyTree, PyTree]],
   """
   idx, mask = local_batches(rng, num_examples, data.max_examples,
                             epochs=epochs, batch_size=batch_size)
+  # A straggler stops after the first `work_fraction` of its real steps.
+  real = mask.any(axis=1)
+  budget = jnp.floor(data.work_fraction * jnp.sum(real))
+  mask &= (jnp.cumsum(real) <= budget)[:, None]
   last_row = data.x.shape[0] - 1
 
   def gather(step_idx, step_mask):

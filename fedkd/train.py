@@ -137,7 +137,8 @@ def _setup(config, dataset, parts, public_x) -> _Run:
                             expected_clients=config.clients_per_round)
   round_fn = algorithm.make_round(
       alg.client_update, alg.server_update, clients_per_chunk=chunk,
-      faults=algorithm.Faults(dropout_rate=config.dropout_rate), dp=dp)
+      faults=algorithm.Faults(dropout_rate=config.dropout_rate,
+                              straggler_rate=config.straggler_rate), dp=dp)
   apply = jax.jit(
       round_fn, donate_argnums=0,
       in_shardings=(replicated, replicated, cohort_sharding, replicated),
@@ -180,6 +181,7 @@ def _row(run: _Run, state, m, rounds_done, round_seconds, totals):
          'clients': int(m['clients']),
          'dropped_clients': int(m['dropped_clients']),
          'nonfinite_clients': int(m['nonfinite_clients']),
+         'stragglers': int(m['stragglers']),
          **totals,
          'dp_epsilon': _epsilon(run.config, rounds_done),
          'round_seconds': round_seconds,

@@ -63,6 +63,9 @@ def validate_config(config) -> None:
   if not 0.0 <= config.dropout_rate < 1.0:
     raise FedkdError(f'dropout_rate must be in [0, 1), got '
                      f'{config.dropout_rate}')
+  if not 0.0 <= config.straggler_rate <= 1.0:
+    raise FedkdError(f'straggler_rate must be in [0, 1], got '
+                     f'{config.straggler_rate}')
   privacy.validate(clip_norm=config.dp_clip_norm,
                    noise_multiplier=config.dp_noise_multiplier,
                    delta=config.dp_delta, accountant=config.dp_accountant)

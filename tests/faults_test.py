@@ -12,6 +12,7 @@ import numpy as np
 
 from experiments.configs import default
 from fedkd import algorithm
+from fedkd import clients
 from fedkd import loop
 from fedkd import privacy
 from fedkd import train
@@ -149,3 +150,34 @@ class RunLevelTest(absltest.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+class StragglerTest(parameterized.TestCase):
+
+  @parameterized.parameters((1.0, 6), (0.5, 3), (0.34, 2), (0.0, 0))
+  def test_work_fraction_limits_real_steps(self, fraction, expected):
+    # 7 examples, batch 3: 3 real steps per epoch, padded to 4 by pad_to=12.
+    data = toys.toy_data((7,), pad_to=12).replace(
+        work_fraction=jnp.float32(fraction))
+    count = lambda carry, batch: (carry + 1, jnp.sum(batch.example_mask))
+    steps, examples = clients.local_training(
+        count, 0, data, 0, jnp.int32(7), jax.random.PRNGKey(0), epochs=2,
+        batch_size=3)
+    self.assertEqual(int(steps), expected)
+    self.assertLessEqual(int(examples), 7 * 2)
+
+  def test_stragglers_are_counted_and_match_the_loop(self):
+    alg = toys.algorithms(len(SIZES))['local_kd']
+    data, state = toys.toy_data(SIZES), toys.init_state(alg)
+    options = dict(faults=algorithm.Faults(straggler_rate=1.0))
+    vmapped = jax.jit(algorithm.make_round(
+        alg.client_update, alg.server_update, **options))
+    looped = algorithm.make_round(alg.client_update, alg.server_update,
+                                  map_fn=loop.python_map, **options)
+    args = (state, data, toys.cohort(IDS), jax.random.PRNGKey(3))
+    new, m = vmapped(*args)
+    self.assertEqual(int(m['stragglers']), 8)
+    toys.assert_trees_close((new, m), looped(*args), atol=1e-5)
+    full, _ = jax.jit(alg.apply)(*args)
+    self.assertFalse(np.allclose(jax.tree.leaves(new.params)[0],
+                                 jax.tree.leaves(full.params)[0]))

@@ -97,6 +97,7 @@ BAD_INPUTS = (
     ('server_optimizer', ['--config.server_optimizer=nope'],
      'unknown server_optimizer'),
     ('dropout', ['--config.dropout_rate=1.0'], 'dropout_rate must be in'),
+    ('straggler', ['--config.straggler_rate=-0.1'], 'straggler_rate must be'),
     ('noise_without_clip', ['--config.dp_noise_multiplier=1.0'],
      'needs clip_norm > 0'),
     ('dp_delta', ['--config.dp_delta=0'], 'delta must be in (0, 1)'),

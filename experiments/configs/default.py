@@ -73,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.overwrite = False  # replace a run of another config in --workdir
   # Faults, simulated inside the compiled round.
   c.dropout_rate = 0.0  # probability a sampled client never reports
+  c.straggler_rate = 0.0  # probability it does only part of its local steps
   # Client-level DP (DP-FedAvg, McMahan et al. 2018); off while clip is 0.
   c.dp_clip_norm = 0.0  # S: each client's update clipped to this L2 norm
   c.dp_noise_multiplier = 0.0  # z: noise std z*S on the summed updates
