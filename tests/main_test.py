@@ -1,6 +1,9 @@
-"""The CLI end to end: the smoke config, and one clear line for bad input."""
+"""The CLI end to end: the smoke config, and one clear line for bad input.
 
-from concurrent import futures
+The bad-input cases run through tests/cli_forkserver.py: main.py in a forked
+child per case, so each sees its real exit code and stderr.
+"""
+
 import json
 import os
 import subprocess
@@ -149,27 +152,31 @@ class BadInputTest(parameterized.TestCase):
     assert proc.returncode == 0, proc.stderr
     cls.before = _snapshot(cls.workdir)
 
-    def run(case):
+    def args_of(case):
       name, args, _ = case
       args = [a.format(tmp=tmp) for a in args]
       if name.startswith('npz'):
         args += _NPZ_ARGS
       if not any(a.startswith('--config=') for a in args):
         args = [SMOKE] + args
-      return name, _main(*args, f'--workdir={cls.workdir}')
+      return args + [f'--workdir={cls.workdir}']
 
-    # Each case is its own process; run a few at a time.
-    with futures.ThreadPoolExecutor(4) as pool:
-      cls.results = dict(pool.map(run, BAD_INPUTS))
+    env = dict(os.environ, XLA_FLAGS='')
+    proc = subprocess.run(
+        [sys.executable, 'tests/cli_forkserver.py'], cwd=ROOT, env=env,
+        input=json.dumps([args_of(c) for c in BAD_INPUTS]),
+        capture_output=True, text=True, timeout=600, check=True)
+    cls.results = {case[0]: result for case, result in
+                   zip(BAD_INPUTS, json.loads(proc.stdout))}
 
   @parameterized.named_parameters(*BAD_INPUTS)
   def test_bad_input(self, args, expected):
     del args
-    proc = self.results[self._testMethodName.removeprefix('test_bad_input')
-                        .lstrip('_')]
-    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    self.assertLen(lines, 1, proc.stderr)
+    code, stderr = self.results[
+        self._testMethodName.removeprefix('test_bad_input').lstrip('_')]
+    self.assertEqual(code, 2, stderr[-2000:])
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    self.assertLen(lines, 1, stderr)
     self.assertStartsWith(lines[0], 'error: ')
     self.assertIn(expected, lines[0])
     self.assertEqual(_snapshot(self.workdir), self.before)
