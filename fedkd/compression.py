@@ -9,8 +9,15 @@ _FLOAT_BYTES = 4
 
 
 def _svd_truncate(matrix: Array, energy: Array) -> tuple[Array, Array]:
-  """Keeps the fewest singular values holding `energy` of sum(sigma^2)."""
-  u, s, vt = jnp.linalg.svd(matrix, full_matrices=False)
+  """Keeps the fewest singular values holding `energy` of sum(sigma^2).
+
+  LAPACK's SVD may never return on NaN or inf input, so a non-finite matrix
+  is decomposed as zeros and comes back as all-NaN: the update stays visibly
+  broken instead of hanging the round.
+  """
+  finite = jnp.all(jnp.isfinite(matrix))
+  u, s, vt = jnp.linalg.svd(jnp.where(finite, matrix, 0),
+                            full_matrices=False)
   power = jnp.square(s)
   total = jnp.sum(power)
   fraction = jnp.cumsum(power) / jnp.maximum(total, jnp.finfo(s.dtype).tiny)
@@ -20,7 +27,7 @@ def _svd_truncate(matrix: Array, energy: Array) -> tuple[Array, Array]:
   rank = jnp.where(total > 0, rank, 0).astype(jnp.int32)
   kept = jnp.where(jnp.arange(s.shape[0]) < rank, s, 0)
   sent = rank * (matrix.shape[0] + matrix.shape[1] + 1) * _FLOAT_BYTES
-  return (u * kept) @ vt, sent
+  return jnp.where(finite, (u * kept) @ vt, jnp.nan), sent
 
 
 def svd_compress(tree: PyTree, energy: Array) -> tuple[PyTree, Array]:

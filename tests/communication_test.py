@@ -2,7 +2,10 @@
 
 from absl.testing import absltest
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from fedkd import compression
 from fedkd.algorithm import tree_bytes
 import toys
 
@@ -59,6 +62,12 @@ class BytesTest(absltest.TestCase):
     most = 4 * (8 * (D + 8 + 1) + K * (8 + K + 1) + 8 + K)
     for key in ('upload_bytes', 'download_bytes'):
       self.assertBetween(int(m[key]), REPORTING * least, REPORTING * most)
+
+
+  def test_svd_of_a_non_finite_update_is_nan_not_a_hang(self):
+    bad = jnp.ones((4, 3)).at[1, 2].set(jnp.nan)
+    update, _ = jax.jit(compression.svd_compress)({'w': bad}, 0.9)
+    self.assertTrue(np.all(np.isnan(update['w'])))
 
 
 if __name__ == '__main__':

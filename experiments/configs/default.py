@@ -3,7 +3,8 @@
 Every client trains a private `seed_teacher` MLP on its labels and distills it
 into the shared `seed_student` MLP; the server averages the students.
 
-    python experiments/main.py --config=experiments/configs/default.py \
+    python experiments/main.py \
+        --config=experiments/configs/default.py \
         --workdir=/tmp/fedkd_default
 
 Hardware: a laptop CPU (about a minute with 2 cores, compile included).

@@ -7,7 +7,8 @@ Private Data", NeurIPS 2018 workshop (MLPCD), arXiv:1811.11479. Setup: MNIST,
 10 devices, non-IID, a small CNN; FD's per-round payload is K x K logits
 (K = 10 labels), FedAvg's the whole model.
 
-    python experiments/main.py --config=experiments/configs/fd_jeong2018_table1.py \
+    python experiments/main.py \
+        --config=experiments/configs/fd_jeong2018_table1.py \
         --workdir=/tmp/fd_table1
 
 The paper's Table 1 reports FD's accuracy below FL's with a payload smaller

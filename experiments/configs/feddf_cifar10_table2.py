@@ -7,7 +7,8 @@ sampled per round, 40 local epochs, 100 rounds, ResNet-8; proxy data is
 unlabeled CIFAR-100 / STL-10 in the paper, here a held-out part of the
 CIFAR-10 training set (`public_examples`, 10,000 examples).
 
-    python experiments/main.py --config=experiments/configs/feddf_cifar10_table2.py \
+    python experiments/main.py \
+        --config=experiments/configs/feddf_cifar10_table2.py \
         --workdir=/tmp/feddf_a1
     python experiments/main.py \
         --config=experiments/configs/feddf_cifar10_table2.py:alpha0.1 \

@@ -7,7 +7,8 @@ reporting, Dirichlet alpha 0.1, 200 rounds, 20 local steps of batch 32 (here
 local epochs of batch 32), an MLP; FedDF's proxy data is a held-out part of
 the training set. FedGen itself is not implemented in fedkd.
 
-    python experiments/main.py --config=experiments/configs/fedgen_mnist_table1.py \
+    python experiments/main.py \
+        --config=experiments/configs/fedgen_mnist_table1.py \
         --workdir=/tmp/fedgen_t1
 
 The paper's numbers are in its Table 1 (MNIST, alpha = 0.1 column, rows

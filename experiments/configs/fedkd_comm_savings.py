@@ -9,7 +9,8 @@ factors, energy 0.95 -> 0.98, both directions) against FedAvg sending the
 mentee's parameters, on MNIST with an MLP mentee (mnist_2nn) and a CNN
 mentor (mnist_cnn), 100 clients, Dirichlet alpha 0.5, 10 per round.
 
-    python experiments/main.py --config=experiments/configs/fedkd_comm_savings.py \
+    python experiments/main.py \
+        --config=experiments/configs/fedkd_comm_savings.py \
         --workdir=/tmp/fedkd_savings
 
 The paper reports (abstract) communication cost reductions of up to 94.89%

@@ -20,7 +20,6 @@ by example count on the server, as in FedAvg.
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import optax
 
