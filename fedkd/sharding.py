@@ -46,6 +46,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def state_sharding(state, mesh: Mesh):
+  """Shardings for a `ServerState`: per-client state split, the rest copied.
+
+  The stacked per-client state ([num_clients, ...], e.g. 10,000 private
+  teachers) is split over the `clients` axis when the client count divides
+  evenly by the device count, so each device holds its share; otherwise it is
+  replicated like the server's model.
+  """
+  rep = replicated(mesh)
+  leaves = jax.tree.leaves(state.clients)
+  split = bool(leaves) and leaves[0].shape[0] % mesh.size == 0
+  clients = jax.tree.map(
+      lambda _: cohort_sharding(mesh) if split else rep, state.clients)
+  return jax.tree.map(lambda _: rep, state.replace(clients=())).replace(
+      clients=clients)
+
+
 def cohort_layout(clients_per_round: int, mesh: Mesh,
                   clients_per_chunk: int = 0) -> tuple[int, int]:
   """Cohort slots and chunk size for a round on `mesh`.

@@ -116,8 +116,9 @@ def _setup(config, dataset, parts, public_x) -> _Run:
   # fd and fedmd have no global model to initialise.
   params = built.student and built.student.init(
       jax.random.fold_in(key, 0), jnp.zeros((1, *input_shape)))
-  state = jax.device_put(
-      jax.jit(alg.init)(params, jax.random.fold_in(key, 1)), replicated)
+  state = jax.jit(alg.init)(params, jax.random.fold_in(key, 1))
+  state_shardings = sharding.state_sharding(state, mesh)
+  state = jax.device_put(state, state_shardings)
   cohort_size, chunk = sharding.cohort_layout(
       config.clients_per_round, mesh, config.clients_per_chunk)
 
@@ -141,8 +142,9 @@ def _setup(config, dataset, parts, public_x) -> _Run:
                               straggler_rate=config.straggler_rate), dp=dp)
   apply = jax.jit(
       round_fn, donate_argnums=0,
-      in_shardings=(replicated, replicated, cohort_sharding, replicated),
-      out_shardings=replicated).lower(
+      in_shardings=(state_shardings, replicated, cohort_sharding,
+                    replicated),
+      out_shardings=(state_shardings, replicated)).lower(
           state, client_data, cohort_for(0), round_key).compile()
   compile_seconds = time.perf_counter() - start
 

@@ -31,6 +31,14 @@ def _round(alg, data, **options):
   return state, new, metrics
 
 
+def _both_ways(alg, **options):
+  """The round jitted and vmapped, and as a Python loop over clients."""
+  return (jax.jit(algorithm.make_round(alg.client_update, alg.server_update,
+                                       **options)),
+          algorithm.make_round(alg.client_update, alg.server_update,
+                               map_fn=loop.python_map, **options))
+
+
 def _poisoned(client):
   data = toys.toy_data(SIZES)
   start = int(data.offsets[client])
@@ -71,11 +79,8 @@ class FaultsTest(parameterized.TestCase):
   def test_dropout_matches_python_loop(self):
     alg = toys.algorithms(len(SIZES))['local_kd']
     data, state = toys.toy_data(SIZES), toys.init_state(alg)
-    options = dict(faults=algorithm.Faults(dropout_rate=0.5))
-    vmapped = jax.jit(algorithm.make_round(
-        alg.client_update, alg.server_update, **options))
-    looped = algorithm.make_round(alg.client_update, alg.server_update,
-                                  map_fn=loop.python_map, **options)
+    vmapped, looped = _both_ways(
+        alg, faults=algorithm.Faults(dropout_rate=0.5))
     args = (state, data, toys.cohort(IDS), jax.random.PRNGKey(3))
     toys.assert_trees_close(vmapped(*args), looped(*args), atol=1e-5)
 
@@ -169,11 +174,8 @@ class StragglerTest(parameterized.TestCase):
   def test_stragglers_are_counted_and_match_the_loop(self):
     alg = toys.algorithms(len(SIZES))['local_kd']
     data, state = toys.toy_data(SIZES), toys.init_state(alg)
-    options = dict(faults=algorithm.Faults(straggler_rate=1.0))
-    vmapped = jax.jit(algorithm.make_round(
-        alg.client_update, alg.server_update, **options))
-    looped = algorithm.make_round(alg.client_update, alg.server_update,
-                                  map_fn=loop.python_map, **options)
+    vmapped, looped = _both_ways(
+        alg, faults=algorithm.Faults(straggler_rate=1.0))
     args = (state, data, toys.cohort(IDS), jax.random.PRNGKey(3))
     new, m = vmapped(*args)
     self.assertEqual(int(m['stragglers']), 8)

@@ -110,8 +110,10 @@ class DeterminismTest(absltest.TestCase):
 
   def test_one_device_and_eight_devices_agree(self):
     self.assertGreaterEqual(jax.device_count(), 8)
-    _, one = self._run(num_devices=1)
-    _, eight = self._run(num_devices=8)
+    # 40 private teachers: split 5 per device over 8 devices.
+    kw = dict(num_clients=40, clients_per_round=20)
+    _, one = self._run(num_devices=1, **kw)
+    _, eight = self._run(num_devices=8, **kw)
     self.assertLen(eight, len(one))
     for a, b in zip(one, eight):
       for key in ('student_accuracy', 'student_loss', 'teacher_accuracy',

@@ -1,0 +1,40 @@
+"""The `clients` mesh: cohort layout and where state lives."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+from jax.sharding import PartitionSpec as P
+
+from fedkd import sharding
+import toys
+
+
+class ShardingTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      # (clients_per_round, devices, clients_per_chunk) -> (size, chunk)
+      (10, 1, 0, 10, 0), (10, 8, 0, 16, 0), (100, 8, 0, 104, 0),
+      (100, 8, 30, 128, 32), (100, 2, 25, 104, 26), (5, 2, 1, 6, 2),
+      (20, 4, 64, 20, 0))
+  def test_cohort_layout(self, per_round, devices, per_chunk, size, chunk):
+    mesh = sharding.make_mesh(devices)
+    self.assertEqual(
+        sharding.cohort_layout(per_round, mesh, per_chunk), (size, chunk))
+
+  @parameterized.parameters((8, P('clients')), (6, P()))
+  def test_per_client_state_is_split_when_it_divides(self, clients, spec):
+    alg = toys.algorithms(clients)['local_kd']
+    state = toys.init_state(alg)
+    shardings = sharding.state_sharding(state, sharding.make_mesh(8))
+    for s in jax.tree.leaves(shardings.clients):
+      self.assertEqual(s.spec, spec)
+    for s in jax.tree.leaves(shardings.replace(clients=())):
+      self.assertEqual(s.spec, P())
+    placed = jax.device_put(state, shardings)
+    teachers = jax.tree.leaves(placed.clients)[0]
+    self.assertEqual(teachers.addressable_shards[0].data.shape[0],
+                     clients // 8 if spec == P('clients') else clients)
+
+
+if __name__ == '__main__':
+  absltest.main()
