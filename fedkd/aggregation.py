@@ -13,15 +13,14 @@ def weighted_sum(tree: PyTree, weights: jax.Array) -> PyTree:
       lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1), tree)
 
 
-def weighted_mean(tree: PyTree, weights: jax.Array) -> PyTree:
-  """Weighted mean over axis 0; a cohort of zero total weight gives zeros.
+def mean_from_sums(total: PyTree, weight: jax.Array) -> PyTree:
+  """`total / weight` leafwise, from sums accumulated over clients or chunks.
 
   Padded clients carry weight 0, so they change neither numerator nor
-  denominator.
+  denominator; a round whose total weight is 0 gives zeros.
   """
-  total = jnp.sum(weights)
-  return jax.tree.map(lambda s: s / jnp.maximum(total, 1e-12).astype(s.dtype),
-                      weighted_sum(tree, weights))
+  return jax.tree.map(
+      lambda t: t / jnp.maximum(weight, 1e-12).astype(t.dtype), total)
 
 
 def server_step(params: Params, opt_state: OptState, mean_delta: Params,

@@ -204,8 +204,7 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
       (total, weight, sums, clients), _ = jax.lax.scan(
           body, (*init, state.clients), chunked)
     if dp is None:
-      mean = jax.tree.map(
-          lambda t: t / jnp.maximum(weight, 1e-12).astype(t.dtype), total)
+      mean = aggregation.mean_from_sums(total, weight)
     else:
       mean = privacy.noised_mean(
           total, noise_rng, clip_norm=dp.clip_norm,
