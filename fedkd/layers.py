@@ -54,3 +54,27 @@ class Dense(nn.Module):
                         (x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
     return dense(x, kernel, bias)
+
+
+class Conv(nn.Module):
+  """`flax.linen.Conv` for [batch, height, width, channels] inputs.
+
+  Same parameter names, shapes and initialisers: `kernel` [kh, kw, in, out],
+  `bias` [out]. `padding` is 'SAME' or 'VALID'.
+  """
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: str = 'SAME'
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (*self.kernel_size, x.shape[-1], self.features))
+    y = jax.lax.conv_general_dilated(
+        x, kernel, self.strides, self.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      y += self.param('bias', nn.initializers.zeros, (self.features,))
+    return y

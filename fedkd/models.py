@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from fedkd.errors import FedkdError
+from fedkd.layers import Conv
 from fedkd.layers import Dense
 
 
@@ -38,7 +39,7 @@ class MnistCNN(nn.Module):
   @nn.compact
   def __call__(self, x):
     for features in (32, 64):
-      x = nn.relu(nn.Conv(features, (5, 5), padding='SAME')(x))
+      x = nn.relu(Conv(features, (5, 5))(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(Dense(512)(x))
