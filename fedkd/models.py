@@ -1,10 +1,12 @@
 """Teacher and student networks (flax linen), chosen by name from the config.
 
 Every model maps a batch of examples to logits. MLPs flatten any input shape,
-so the same MLP runs on digits [8, 8, 1], MNIST [28, 28, 1] or vector data.
+so the same MLP runs on digits [8, 8, 1], MNIST [28, 28, 1] or vector data;
+the CNN and ResNets need images [batch, height, width, channels].
 """
 
 from collections.abc import Callable, Sequence
+import math
 
 import flax.linen as nn
 import jax
@@ -46,6 +48,96 @@ class MnistCNN(nn.Module):
     return Dense(self.num_classes)(x)
 
 
+def _conv3x3(features: int, strides: int, x: jax.Array) -> jax.Array:
+  """PyTorch's `Conv2d(kernel_size=3, padding=1, bias=False)`.
+
+  'SAME' pads a stride-2 conv of an even input only after (0, 1), shifting
+  the sampling grid by a pixel against PyTorch's (1, 1): pad explicitly.
+  """
+  if strides == 1:
+    return Conv(features, (3, 3), use_bias=False)(x)
+  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return Conv(features, (3, 3), (strides, strides), 'VALID',
+              use_bias=False)(x)
+
+
+def _group_norm(num_groups: int) -> nn.Module:
+  return nn.GroupNorm(num_groups, epsilon=1e-5)  # PyTorch's epsilon
+
+
+class _BasicBlock(nn.Module):
+  """He et al.'s basic block: conv3x3-norm-relu, conv3x3-norm, add, relu.
+
+  Where the shape changes, the shortcut is a 1x1 conv (no bias) and a norm,
+  as in FedDF's code ("option B" of He et al.).
+  """
+  features: int
+  strides: int
+  num_groups: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = _conv3x3(self.features, self.strides, x)
+    y = nn.relu(_group_norm(self.num_groups)(y))
+    y = _group_norm(self.num_groups)(_conv3x3(self.features, 1, y))
+    if self.strides != 1 or x.shape[-1] != self.features:
+      stride = (self.strides, self.strides)
+      x = Conv(self.features, (1, 1), stride, use_bias=False)(x)
+      x = _group_norm(self.num_groups)(x)
+    return nn.relu(x + y)
+
+
+class CifarResNet(nn.Module):
+  """CIFAR ResNet with GroupNorm, as FedDF's `ResNet_cifar` (basic blocks).
+
+  He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, Sec.
+  4.2: a 3x3 conv to 16 channels, then 3 stages of n = (depth - 2) / 6 basic
+  blocks with 16, 32, 64 channels (stride 2 entering stages 2 and 3), global
+  average pooling and a dense layer. The structure is that of
+  `pcode/models/resnet.py` `ResNet_cifar` in FedDF's official code
+  (github.com/epfml/federated-learning-public-code, codes/FedDF-code; Lin et
+  al., NeurIPS 2020, arXiv:2006.07242): convs without bias, norm after every
+  conv, 1x1-conv + norm shortcuts where the shape changes, a dense layer with
+  bias. Depth 8 has 78,042 parameters with 10 classes, depth 20 272,474.
+
+  Differences from that code:
+  * GroupNorm with `num_groups` groups (2, as Hsieh et al. 2020's released
+    ResNet-20 GN in github.com/kevinhsieh/non_iid_dml and the example in
+    FedDF's resnet.py) instead of its default BatchNorm; eps 1e-5 as
+    PyTorch. FedDF's Table 2 runs used BatchNorm. GroupNorm has the same
+    parameters (a scale and a bias per channel) and no running statistics,
+    so nothing but parameters is averaged.
+  * Kernels start from `fedkd.layers`' LeCun normal (variance 1 / fan_in),
+    not He normal over fan_out (variance 2 / (9 out)); the dense layer from
+    LeCun normal with zero bias, not PyTorch's uniform(+-1/sqrt(fan_in)).
+  * Global average pooling instead of `AvgPool2d(8)`: the same on 32x32
+    inputs, and it also runs on other sizes (28x28 MNIST gives 7x7 maps).
+  * Depth >= 44 uses bottleneck blocks there; only basic blocks here.
+  He et al. use zero-padding ("option A") shortcuts instead, without
+  parameters: 269,722 for their ResNet-20 ("0.27M", Table 6).
+  """
+  depth: int
+  num_classes: int
+  num_groups: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    if (self.depth - 2) % 6 or not 8 <= self.depth < 44:
+      raise FedkdError(f'CifarResNet depth must be 6n + 2 in [8, 38] (basic '
+                       f'blocks), got {self.depth}')
+    if x.ndim != 4:
+      raise FedkdError(
+          'ResNets need images [batch, height, width, channels], got inputs '
+          f'of shape {x.shape}; use an MLP (e.g. mnist_2nn) for vector data')
+    x = Conv(16, (3, 3), use_bias=False)(x)
+    x = nn.relu(_group_norm(self.num_groups)(x))
+    for stage, features in enumerate((16, 32, 64)):
+      for block in range((self.depth - 2) // 6):
+        strides = 2 if stage and not block else 1
+        x = _BasicBlock(features, strides, self.num_groups)(x)
+    return Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
 _MODELS: dict[str, Callable[[int], nn.Module]] = {
     # The seed's pair: a private teacher and the shared, smaller student.
     'seed_teacher': lambda k: MLP(hidden=(64, 32), num_classes=k),
@@ -53,19 +145,41 @@ _MODELS: dict[str, Callable[[int], nn.Module]] = {
     # McMahan et al. 2017 "2NN": 199,210 parameters on MNIST.
     'mnist_2nn': lambda k: MLP(hidden=(200, 200), num_classes=k),
     'mnist_cnn': MnistCNN,
+    'resnet8_gn': lambda k: CifarResNet(depth=8, num_classes=k),
+    'resnet20_gn': lambda k: CifarResNet(depth=20, num_classes=k),
 }
 
 MODEL_NAMES = tuple(sorted(_MODELS))
 
+# The papers' ResNets use BatchNorm, whose running statistics would be mutable
+# per-client state that the round does not carry. Offering them with batch
+# statistics at test time would be silently wrong, so they are refused.
+_BATCHNORM = {'resnet8': 'resnet8_gn', 'resnet20': 'resnet20_gn'}
+
+
+def check_name(name: str, field: str = 'model') -> None:
+  """Raises `FedkdError` unless `name` is a registered model.
+
+  Args:
+    name: the model name.
+    field: the config field that holds it, for the message.
+  """
+  if name in _BATCHNORM:
+    raise FedkdError(
+        f'{field} {name!r} would need BatchNorm, which fedkd does not support '
+        '(its running statistics are per-client state); use '
+        f'{_BATCHNORM[name]!r}, the same network with GroupNorm')
+  if name not in _MODELS:
+    raise FedkdError(
+        f'unknown {field} {name!r}; choose one of {", ".join(MODEL_NAMES)}')
+
 
 def get_model(name: str, num_classes: int) -> nn.Module:
   """Returns the model registered as `name` with `num_classes` logits."""
-  if name not in _MODELS:
-    raise FedkdError(
-        f'unknown model {name!r}; choose one of {", ".join(MODEL_NAMES)}')
+  check_name(name)
   return _MODELS[name](num_classes)
 
 
 def num_params(params) -> int:
-  """Number of scalars in a parameter pytree."""
-  return sum(int(jnp.size(p)) for p in jax.tree.leaves(params))
+  """Number of scalars in a parameter pytree (or its `jax.eval_shape`)."""
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(params))

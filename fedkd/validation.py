@@ -78,8 +78,8 @@ def validate_config(config) -> None:
                      f'{config.distill_weight}')
   _one_of(config, 'algorithm', ALGORITHMS)
   _one_of(config, 'partition', METHODS)
-  _one_of(config, 'teacher', models.MODEL_NAMES)
-  _one_of(config, 'student', models.MODEL_NAMES)
+  models.check_name(config.teacher, 'teacher')
+  models.check_name(config.student, 'student')
   _one_of(config, 'client_optimizer', OPTIMIZERS)
   _one_of(config, 'server_optimizer', OPTIMIZERS)
   if config.dataset == 'synthetic':
@@ -97,7 +97,7 @@ def validate_config(config) -> None:
     if config.algorithm != 'feddf':
       raise FedkdError(f'server_model is only used by feddf, not '
                        f'{config.algorithm}; leave it empty')
-    _one_of(config, 'server_model', models.MODEL_NAMES)
+    models.check_name(config.server_model, 'server_model')
   if config.algorithm in PUBLIC_DATA and config.public_examples < 1:
     raise FedkdError(f'algorithm {config.algorithm} needs public data; set '
                      'public_examples >= 1 (held out of the training set)')
