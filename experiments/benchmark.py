@@ -1,62 +1,120 @@
 """Seconds per federated round: fedkd's vmapped round against per-client loops.
 
-    python -m experiments.benchmark [--clients=10,100,1000] [--rounds=5]
+    python -m experiments.benchmark [--workload=mlp,cnn_fedavg,cnn_kd,resnet8]
+        [--clients=...] [--rounds=...] [--torch_threads=1,2]
 
-On CPU, splitting the cores into several XLA devices lets (a) shard the cohort
-over a `clients` mesh and run the shards in parallel:
+Workloads (E=1, B=10, 10 classes, SGD at 0.05, random data; local KD with
+T=2, w=0.5 and the teacher's SGD at 0.05):
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 \
-        python -m experiments.benchmark
+  mlp         local KD, seed teacher -> seed student (MLPs), 50 examples of
+              8x8x1 per client, 10, 100 and 1000 clients;
+  cnn_fedavg  FedAvg of McMahan et al.'s CNN, 50 clients x 80 of 28x28x1;
+  cnn_kd      local KD, teacher `mnist_cnn` -> student `mnist_2nn`, same data;
+  resnet8     FedAvg of ResNet-8 with GroupNorm (FedDF's), 10 clients x 50
+              of 32x32x3.
 
-For each cohort size, the same local-KD round (seed teacher and student, 50
-examples of 8x8x1 per client, E=1, B=10, 10 classes) is run by
+Each is run three ways in one process:
 
   (a) fedkd: one jitted call, all clients vmapped;
   (b) loop:  a Python loop over clients, each calling the same one-client
              update jitted for a single client (FedJAX's execution model).
              Per-client state, keys and ids are prepared outside the timing;
-  (c) torch: a plain PyTorch loop over clients (`experiments/torch_baseline`),
-             when torch is installed (the `bench` extra).
+  (c) torch: a plain PyTorch loop over clients on the CPU
+             (`experiments/torch_baseline`), when torch is installed (the
+             `bench` extra). On a GPU host (a) and (b) run on the GPU and (c)
+             still on the CPU (labelled so); `--torch=false` skips it.
 
-It prints the median seconds per round over `--rounds` rounds after a warm-up
-round (compile time separately), the ratios, achieved GFLOP/s of (a) (the
-matmul FLOPs of the round, counted from the layer shapes: the same work for
-every arm) and one JSON line. (a) uses all visible devices; (b) and (c) one.
-Timings are noisy; only ratios measured side by side in one run mean much.
+It prints, per workload, a table of the median seconds per round over
+`--rounds` rounds after a warm-up round (compile time of (a) separately), the
+ratios (b)/(a) and (c)/(a), and achieved GFLOP/s of (a) against the matmul
+peak of device 0; then one JSON line with every row (`--json_only`: only that
+line, which `experiments/scaling.py` reads). (a) uses all visible devices;
+(b) and (c) one. `--torch_threads` takes a list: (c) is timed with each
+thread count and the fastest is reported. Timings are noisy; only ratios
+measured side by side in one run mean much.
+
+FLOPs are counted by hand per layer, the same for every arm: each Dense or
+Conv output costs 2 x its kernel's fan-in (in features, or kh*kw*in
+channels) per example; training costs the forward pass, the same again for
+the weight gradients and again for the input gradients but the first layer's
+(never computed). Activations, norms, pooling, losses and optimizer updates
+are left out (a few percent; `tests/benchmark_test.py` checks the count
+against XLA's cost analysis of one unvmapped training step). XLA's count of
+the whole round cannot be used: it visits each `lax.scan` body once, however
+many local steps it runs.
 """
 
+from collections.abc import Sequence
 import json
 import resource
 import statistics
 import time
+from typing import NamedTuple
 
 from absl import app
 from absl import flags
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedkd import algorithm
 from fedkd import clients
 from fedkd import models
 from fedkd import sharding
+from fedkd.algorithms import fedavg
 from fedkd.algorithms import local_kd
 
-_CLIENTS = flags.DEFINE_list('clients', ['10', '100', '1000'],
-                             'Cohort sizes to time.')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed rounds per arm.')
-_EXAMPLES = flags.DEFINE_integer('examples', 50, 'Examples per client.')
+
+class Workload(NamedTuple):
+  """One benchmarked round.
+
+  Attributes:
+    description: a line for the table's title.
+    student: the shared model (`fedkd.models` name).
+    teacher: each client's private teacher for local KD; None for FedAvg.
+    input_shape: one example, channels last.
+    clients: default cohort sizes.
+    examples: examples per client.
+    rounds: default timed rounds per arm.
+  """
+  description: str
+  student: str
+  teacher: str | None
+  input_shape: tuple[int, int, int]
+  clients: tuple[int, ...]
+  examples: int
+  rounds: int
+
+
+WORKLOADS = {
+    'mlp': Workload('local KD, seed MLP teacher -> seed MLP student',
+                    'seed_student', 'seed_teacher', (8, 8, 1),
+                    (10, 100, 1000), 50, 5),
+    'cnn_fedavg': Workload('FedAvg, McMahan et al. CNN', 'mnist_cnn', None,
+                           (28, 28, 1), (50,), 80, 1),
+    'cnn_kd': Workload('local KD, CNN teacher -> 2NN student', 'mnist_2nn',
+                       'mnist_cnn', (28, 28, 1), (50,), 80, 1),
+    'resnet8': Workload('FedAvg, ResNet-8 (GroupNorm)', 'resnet8_gn', None,
+                        (32, 32, 3), (10,), 50, 1),
+}
+
+_WORKLOAD = flags.DEFINE_list('workload', list(WORKLOADS),
+                              f'Workloads to time, of {", ".join(WORKLOADS)}.')
+_CLIENTS = flags.DEFINE_list('clients', None, 'Cohort sizes to time, for '
+                             'every workload (default: each its own).')
+_ROUNDS = flags.DEFINE_integer('rounds', None, 'Timed rounds per arm '
+                               '(default: each workload its own).')
 _TORCH = flags.DEFINE_bool('torch', True, 'Time baseline (c) if torch is '
                            'installed.')
 _LOOP = flags.DEFINE_bool('loop', True, 'Time baseline (b).')
 _JSON_ONLY = flags.DEFINE_bool('json_only', False, 'Print only the JSON line '
                                '(used by experiments/scaling.py).')
-_TORCH_THREADS = flags.DEFINE_integer(
-    'torch_threads', 1, 'torch.set_num_threads for (c); 1 is fastest here '
-    'for these small models.')
+_TORCH_THREADS = flags.DEFINE_list(
+    'torch_threads', ['1'], 'torch.set_num_threads values to time (c) with; '
+    'the fastest is reported.')
 
-INPUT_SHAPE, NUM_CLASSES, EPOCHS, BATCH = (8, 8, 1), 10, 1, 10
+NUM_CLASSES, EPOCHS, BATCH = 10, 1, 10
 HPARAMS = dict(client_lr=0.05, teacher_lr=0.05, temperature=2.0,
                distill_weight=0.5)
 
@@ -71,45 +129,74 @@ def _median_seconds(fn, rounds):
   return statistics.median(times)
 
 
-def _setup(num_clients):
+def random_clients(workload: Workload, num_clients: int):
+  """Every client's random examples: x [C, n, *input_shape], y [C, n]."""
   rng = np.random.default_rng(0)
-  n = _EXAMPLES.value
-  x = rng.random((num_clients, n, *INPUT_SHAPE), np.float32)
-  y = rng.integers(0, NUM_CLASSES, (num_clients, n)).astype(np.int32)
+  shape = (num_clients, workload.examples)
+  x = rng.random((*shape, *workload.input_shape), np.float32)
+  y = rng.integers(0, NUM_CLASSES, shape).astype(np.int32)
+  return x, y
+
+
+def build(workload: Workload, num_clients: int):
+  """The workload's algorithm, initial server state and stacked data."""
+  x, y = random_clients(workload, num_clients)
   data = jax.tree.map(jnp.asarray, clients.stack_clients(
-      x.reshape(-1, *INPUT_SHAPE), y.reshape(-1),
-      np.arange(num_clients * n).reshape(num_clients, n)))
-  student = models.get_model('seed_student', NUM_CLASSES)
-  alg = local_kd(
-      teacher=models.get_model('seed_teacher', NUM_CLASSES), student=student,
-      input_shape=INPUT_SHAPE, num_clients=num_clients,
-      client_tx=optax.sgd(HPARAMS['client_lr']),
-      teacher_tx=optax.sgd(HPARAMS['teacher_lr']), server_tx=optax.sgd(1.0),
-      epochs=EPOCHS, batch_size=BATCH,
-      temperature=HPARAMS['temperature'],
-      distill_weight=HPARAMS['distill_weight'])
-  params = student.init(jax.random.PRNGKey(0), jnp.zeros((1, *INPUT_SHAPE)))
-  state = alg.init(params, jax.random.PRNGKey(1))
-  return alg, state, data, (x, y)
+      x.reshape(-1, *workload.input_shape), y.reshape(-1),
+      np.arange(x.shape[0] * x.shape[1]).reshape(x.shape[:2])))
+  student = models.get_model(workload.student, NUM_CLASSES)
+  common = dict(client_tx=optax.sgd(HPARAMS['client_lr']),
+                server_tx=optax.sgd(1.0), epochs=EPOCHS, batch_size=BATCH)
+  if workload.teacher:
+    alg = local_kd(
+        teacher=models.get_model(workload.teacher, NUM_CLASSES),
+        student=student, input_shape=workload.input_shape,
+        num_clients=num_clients, teacher_tx=optax.sgd(HPARAMS['teacher_lr']),
+        temperature=HPARAMS['temperature'],
+        distill_weight=HPARAMS['distill_weight'], **common)
+  else:
+    alg = fedavg(model=student, **common)
+  params = student.init(jax.random.PRNGKey(0),
+                        jnp.zeros((1, *workload.input_shape)))
+  return alg, alg.init(params, jax.random.PRNGKey(1)), data
 
 
-def _matmul_flops(params, train: bool) -> int:
-  """FLOPs of one example through an MLP: forward, plus backward if `train`.
+def layer_flops(model: nn.Module, input_shape) -> list[int]:
+  """Forward FLOPs of one example through each Dense or Conv, in call order.
 
-  Per [in, out] kernel: 2*in*out forward, 2*in*out for its gradient and
-  2*in*out for the input gradient, which the first layer does not need.
+  Every module call whose parameters hold a `kernel` counts 2 x its output
+  elements x the kernel's fan-in (all its axes but the last).
   """
-  kernels = [p for p in jax.tree.leaves(params) if p.ndim == 2]
-  forward = sum(2 * k.size for k in kernels)
-  return forward if not train else 2 * forward + forward - 2 * kernels[0].size
+  flops = []
+
+  def count(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    kernel = context.module.variables.get('params', {}).get('kernel')
+    if context.method_name == '__call__' and kernel is not None:
+      flops.append(2 * y.size * (kernel.size // kernel.shape[-1]))
+    return y
+
+  x = jnp.zeros((1, *input_shape))
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  with nn.intercept_methods(count):
+    jax.eval_shape(model.apply, params, x)
+  return flops
 
 
-def round_flops(state, num_clients) -> float:
-  """Matmul FLOPs of one local-KD round of the benchmark's cohort."""
-  teacher = jax.tree.map(lambda t: t[0], state.clients[0])
-  per_example = (_matmul_flops(teacher, train=True) +
-                 _matmul_flops(state.params, train=True))
-  return float(per_example * _EXAMPLES.value * EPOCHS * num_clients)
+def training_flops(model: nn.Module, input_shape) -> int:
+  """FLOPs of one training example: forward, weight and input gradients."""
+  flops = layer_flops(model, input_shape)
+  return 3 * sum(flops) - flops[0]
+
+
+def round_flops(workload: Workload, num_clients: int) -> float:
+  """Matmul and conv FLOPs of one round of `workload`."""
+  trained = [workload.student] + ([workload.teacher] if workload.teacher
+                                  else [])
+  per_example = sum(
+      training_flops(models.get_model(name, NUM_CLASSES), workload.input_shape)
+      for name in trained)
+  return float(per_example * workload.examples * EPOCHS * num_clients)
 
 
 def time_vmapped(alg, state, data, rounds):
@@ -170,19 +257,32 @@ def time_loop(alg, state, data, rounds):
   return _median_seconds(one_round, rounds)
 
 
-def time_torch(arrays, rounds):
-  """(c): plain PyTorch loop over clients, or None without torch."""
+def time_torch(workload: Workload, num_clients: int, rounds: int,
+               threads: int) -> float:
+  """(c): a plain PyTorch loop over clients on the CPU."""
+  from experiments import torch_baseline  # pylint: disable=g-import-not-at-top
+  x, y = random_clients(workload, num_clients)
+  x = np.moveaxis(x, -1, 2)  # channels first: [C, n, channels, h, w]
+  builder = lambda name: lambda: torch_baseline.get_model(
+      name, x.shape[2:], NUM_CLASSES)
+  distillation = torch_baseline.Distillation(
+      builder(workload.teacher), HPARAMS['teacher_lr'],
+      HPARAMS['temperature'],
+      HPARAMS['distill_weight']) if workload.teacher else None
+  sim = torch_baseline.TorchFederated(
+      list(x), list(y), builder(workload.student),
+      client_lr=HPARAMS['client_lr'], epochs=EPOCHS, batch_size=BATCH,
+      distillation=distillation, num_threads=threads)
+  cohort = list(range(num_clients))
+  return _median_seconds(lambda: sim.run_round(cohort), rounds)
+
+
+def _torch_installed() -> bool:
   try:
     import torch  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
-    return None
-  from experiments import torch_baseline  # pylint: disable=g-import-not-at-top
-  x, y = arrays
-  sim = torch_baseline.TorchLocalKD(
-      list(x), list(y.astype(np.int64)), NUM_CLASSES, epochs=EPOCHS,
-      batch_size=BATCH, num_threads=_TORCH_THREADS.value, **HPARAMS)
-  cohort = list(range(len(x)))
-  return _median_seconds(lambda: sim.run_round(cohort), rounds)
+    return False
+  return True
 
 
 def matmul_peak_gflop_s(size: int = 2048, repeats: int = 5) -> float:
@@ -194,49 +294,100 @@ def matmul_peak_gflop_s(size: int = 2048, repeats: int = 5) -> float:
   return 2 * size**3 / seconds / 1e9
 
 
+def benchmark(name: str, workload: Workload, num_clients: int, *,
+              rounds: int, peak: float, loop: bool,
+              torch_threads: Sequence[int]) -> dict:
+  """Times the arms of `workload`; returns its JSON row.
+
+  Args:
+    name: the workload's name, for the row.
+    workload: what to time.
+    num_clients: cohort size.
+    rounds: timed rounds per arm, after one warm-up round.
+    peak: the matmul peak in GFLOP/s, for the row.
+    loop: whether to time (b).
+    torch_threads: thread counts to time (c) with, if torch is installed;
+      empty skips (c).
+  """
+  alg, state, data = build(workload, num_clients)
+  vmapped, compile_s = time_vmapped(alg, state, data, rounds)
+  looped = loop and time_loop(
+      alg, jax.device_put(state, jax.devices()[0]),
+      jax.device_put(data, jax.devices()[0]), rounds)
+  torch_by_threads = {}
+  if torch_threads and _torch_installed():
+    torch_by_threads = {
+        threads: time_torch(workload, num_clients, rounds, threads)
+        for threads in torch_threads}
+  torch_s = min(torch_by_threads.values(), default=None)
+  flops = round_flops(workload, num_clients)
+  return dict(
+      workload=name, clients=num_clients, devices=jax.device_count(),
+      backend=jax.default_backend(), rounds=rounds, vmapped_s=vmapped,
+      compile_s=compile_s, clients_per_s=num_clients / vmapped,
+      loop_s=looped or None, torch_s=torch_s,
+      torch_threads=min(torch_by_threads, key=torch_by_threads.get,
+                        default=None),
+      torch_s_by_threads=torch_by_threads,
+      loop_over_vmapped=looped and looped / vmapped,
+      torch_over_vmapped=torch_s and torch_s / vmapped,
+      gflops_per_round=flops / 1e9, vmapped_gflop_s=flops / 1e9 / vmapped,
+      matmul_peak_gflop_s=peak,
+      # ru_maxrss is in KiB on Linux; the peak so far in this process.
+      peak_host_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+      / 1024)
+
+
+def markdown_table(rows: list[dict]) -> str:
+  """One workload's rows as a markdown table."""
+  lines = ['| clients | (a) vmapped s | compile s | (b) loop s | (c) torch s '
+           '| (b)/(a) | (c)/(a) | GFLOP/round | GFLOP/s (a) | % of peak |',
+           '| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: '
+           '| ---: |']
+  ratio = lambda x: f'{x:.1f}x' if x else '-'
+  for r in rows:
+    loop_s = f'{r["loop_s"]:.4f}' if r['loop_s'] else '-'
+    torch_s = (f'{r["torch_s"]:.4f} ({r["torch_threads"]}t)' if r['torch_s']
+               else '-')
+    lines.append(
+        f'| {r["clients"]} | {r["vmapped_s"]:.4f} | {r["compile_s"]:.2f} | '
+        f'{loop_s} | {torch_s} | '
+        f'{ratio(r["loop_over_vmapped"])} | {ratio(r["torch_over_vmapped"])} '
+        f'| {r["gflops_per_round"]:.2f} | {r["vmapped_gflop_s"]:.1f} | '
+        f'{100 * r["vmapped_gflop_s"] / r["matmul_peak_gflop_s"]:.1f}% |')
+  return '\n'.join(lines)
+
+
 def main(argv):
   del argv
+  unknown = set(_WORKLOAD.value) - set(WORKLOADS)
+  if unknown:
+    raise app.UsageError(f'unknown workloads {sorted(unknown)}; choose from '
+                         f'{", ".join(WORKLOADS)}')
+  for name in _WORKLOAD.value:  # fail before timing anything
+    for model in filter(None, (WORKLOADS[name].student,
+                               WORKLOADS[name].teacher)):
+      models.get_model(model, NUM_CLASSES)
+  peak = matmul_peak_gflop_s()
   if not _JSON_ONLY.value:
     print(f'backend: {jax.default_backend()}, devices: {jax.device_count()} '
-          f'x {jax.devices()[0].device_kind}')
-  peak = matmul_peak_gflop_s()
+          f'x {jax.devices()[0].device_kind}; (c) torch on the CPU; matmul '
+          f'peak (2048^3 float32 on one device): {peak:.1f} GFLOP/s')
+  torch_threads = [int(t) for t in _TORCH_THREADS.value if _TORCH.value]
   results = []
-  for num_clients in map(int, _CLIENTS.value):
-    alg, state, data, arrays = _setup(num_clients)
-    vmapped, compile_s = time_vmapped(alg, state, data, _ROUNDS.value)
-    flops = round_flops(state, num_clients)
-    looped = _LOOP.value and time_loop(
-        alg, jax.device_put(state, jax.devices()[0]),
-        jax.device_put(data, jax.devices()[0]), _ROUNDS.value)
-    torch_s = (time_torch(arrays, _ROUNDS.value) if _TORCH.value else None)
-    results.append(dict(
-        clients=num_clients, devices=jax.device_count(), vmapped_s=vmapped,
-        compile_s=compile_s, clients_per_s=num_clients / vmapped,
-        loop_s=looped or None, torch_s=torch_s,
-        loop_over_vmapped=looped and looped / vmapped,
-        torch_over_vmapped=torch_s and torch_s / vmapped,
-        gflops_per_round=flops / 1e9, vmapped_gflop_s=flops / 1e9 / vmapped,
-        matmul_peak_gflop_s=peak,
-        # ru_maxrss is in KiB on Linux; the peak so far in this process.
-        peak_host_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        / 1024))
-  if _JSON_ONLY.value:
-    print(json.dumps(results))
-    return
-  print(f'matmul peak (2048^3 float32 on one device): {peak:.1f} GFLOP/s')
-  header = ('clients | vmapped s | compile s | loop s | torch s | loop/vmapped'
-            ' | torch/vmapped | GFLOP/s (a)')
-  print(header)
-  print('-' * len(header))
-  for r in results:
-    loop_s, loop_x = ((f'{r["loop_s"]:.4f}', f'{r["loop_over_vmapped"]:.1f}x')
-                      if r['loop_s'] else ('-', '-'))
-    torch_s, torch_x = (
-        (f'{r["torch_s"]:.4f}', f'{r["torch_over_vmapped"]:.1f}x')
-        if r['torch_s'] else ('-', '-'))
-    print(f'{r["clients"]:7d} | {r["vmapped_s"]:9.4f} | {r["compile_s"]:9.2f}'
-          f' | {loop_s:>6} | {torch_s:>7} | {loop_x:>12} | {torch_x:>13} | '
-          f'{r["vmapped_gflop_s"]:11.2f}')
+  for name in _WORKLOAD.value:
+    workload = WORKLOADS[name]
+    rows = [benchmark(name, workload, num_clients,
+                      rounds=_ROUNDS.value or workload.rounds, peak=peak,
+                      loop=_LOOP.value, torch_threads=torch_threads)
+            for num_clients in map(int, _CLIENTS.value or workload.clients)]
+    results += rows
+    if not _JSON_ONLY.value:
+      print(f'\n{name}: {workload.description}, {workload.examples} '
+            f'examples of {"x".join(map(str, workload.input_shape))} per '
+            f'client, E={EPOCHS}, B={BATCH}; median of {rows[0]["rounds"]} '
+            'round(s)\n')
+      print(markdown_table(rows), flush=True)
   print(json.dumps(results))
 
 

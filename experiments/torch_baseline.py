@@ -1,29 +1,35 @@
-"""Baseline (c): federated local KD as typical PyTorch FL code runs it.
+"""Baseline (c): federated rounds as typical PyTorch FL code runs them.
 
-The same round as `fedkd.algorithms.local_kd` (SGD clients, FedAvg server),
-written the way PyTorch FL code usually is: a Python loop over the cohort, one
-client at a time, each with its own `nn.Module` teacher and `torch.optim.SGD`
-optimizer. It is meant to be a fair, reasonably efficient implementation, not a
-straw man: data lives in preallocated per-client tensors, one student module
-is reused across clients, and server-side work runs under `torch.no_grad`.
+The same rounds as `fedkd.algorithms.fedavg` and `fedkd.algorithms.local_kd`
+(SGD clients, FedAvg server), written the way PyTorch FL code usually is: a
+Python loop over the cohort, one client at a time, each with its own
+`nn.Module` teacher and `torch.optim.SGD` optimizer. It is meant to be a fair,
+reasonably efficient implementation, not a straw man: data lives in
+preallocated per-client tensors, one student module is reused across clients,
+and server-side work runs under `torch.no_grad`.
 
 Per minibatch, as in the JAX engine:
 
-* teacher: forward, mean cross-entropy, backward, SGD step (`teacher_lr`);
-  its logits from that forward pass (before the step), detached, are the
-  distillation targets;
-* student: one SGD step (`client_lr`) on `(1 - w) * CE + w * T^2 *
+* FedAvg: one SGD step (`client_lr`) of the student on mean cross-entropy.
+* Local KD (with `Distillation`): the teacher takes a forward pass, mean
+  cross-entropy, backward and an SGD step (`teacher_lr`); its logits from that
+  forward pass (before the step), detached, are the distillation targets. The
+  student takes one SGD step (`client_lr`) on `(1 - w) * CE + w * T^2 *
   KL(softmax(teacher / T) || softmax(student / T))`, averaged over the batch.
 
 Teachers and their optimizers persist across rounds; the student starts every
 round from the global model with a fresh optimizer, and the server replaces
 the global student with the example-count-weighted mean of the cohort's.
 
+The models are twins of `fedkd.models` (same layers and parameter counts),
+channels-first: image inputs are [n, channels, height, width].
+
 Requires the optional `bench` extra (`torch`).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,44 +37,89 @@ from torch import nn
 import torch.nn.functional as F
 
 
-def teacher_mlp(in_features: int, num_classes: int) -> nn.Module:
-  """The seed teacher: the torch twin of `models.get_model('seed_teacher')`."""
+def mlp(example_shape: Sequence[int], hidden: Sequence[int],
+        num_classes: int) -> nn.Module:
+  """ReLU MLP over flattened inputs, the twin of `fedkd.models.MLP`."""
+  layers = [nn.Flatten()]
+  width = math.prod(example_shape)
+  for out in hidden:
+    layers += [nn.Linear(width, out), nn.ReLU()]
+    width = out
+  return nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
+def mnist_cnn(example_shape: Sequence[int], num_classes: int) -> nn.Module:
+  """McMahan et al. 2017 "CNN", the twin of `fedkd.models.MnistCNN`."""
+  channels, height, width = example_shape
   return nn.Sequential(
+      nn.Conv2d(channels, 32, 5, padding='same'), nn.ReLU(), nn.MaxPool2d(2),
+      nn.Conv2d(32, 64, 5, padding='same'), nn.ReLU(), nn.MaxPool2d(2),
       nn.Flatten(),
-      nn.Linear(in_features, 64), nn.ReLU(),
-      nn.Linear(64, 32), nn.ReLU(),
-      nn.Linear(32, num_classes))
+      nn.Linear(64 * (height // 4) * (width // 4), 512), nn.ReLU(),
+      nn.Linear(512, num_classes))
 
 
-def student_mlp(in_features: int, num_classes: int) -> nn.Module:
-  """The seed student: the torch twin of `models.get_model('seed_student')`."""
-  return nn.Sequential(
-      nn.Flatten(),
-      nn.Linear(in_features, 32), nn.ReLU(),
-      nn.Linear(32, num_classes))
+_MODELS: dict[str, Callable[[Sequence[int], int], nn.Module]] = {
+    'seed_teacher': lambda shape, k: mlp(shape, (64, 32), k),
+    'seed_student': lambda shape, k: mlp(shape, (32,), k),
+    'mnist_2nn': lambda shape, k: mlp(shape, (200, 200), k),
+    'mnist_cnn': mnist_cnn,
+}
 
 
-class TorchLocalKD:
-  """Local KD federated rounds, one client after another, on the CPU."""
+def get_model(name: str, example_shape: Sequence[int],
+              num_classes: int) -> nn.Module:
+  """The torch twin of `fedkd.models.get_model(name, num_classes)`.
+
+  Args:
+    name: a `fedkd.models` name that has a twin here.
+    example_shape: one example's shape, channels first.
+    num_classes: number of logits.
+  """
+  if name not in _MODELS:
+    raise ValueError(f'no torch twin of model {name!r}; twins exist for '
+                     f'{", ".join(sorted(_MODELS))}')
+  return _MODELS[name](tuple(example_shape), num_classes)
+
+
+class Distillation(NamedTuple):
+  """Local KD settings: each client trains a private teacher beside the
+  student and distills it into the student.
+
+  Attributes:
+    teacher: builds one client's teacher.
+    teacher_lr: the teachers' SGD learning rate.
+    temperature: distillation temperature T.
+    distill_weight: w, the weight of the distillation term.
+  """
+  teacher: Callable[[], nn.Module]
+  teacher_lr: float
+  temperature: float
+  distill_weight: float
+
+
+class TorchFederated:
+  """FedAvg or local-KD rounds, one client after another."""
 
   def __init__(self, client_x: Sequence[np.ndarray],
-               client_y: Sequence[np.ndarray], num_classes: int, *,
-               client_lr: float, teacher_lr: float, epochs: int,
-               batch_size: int, temperature: float, distill_weight: float,
-               seed: int = 0, num_threads: int | None = None):
-    """Builds every client's teacher and the global student.
+               client_y: Sequence[np.ndarray],
+               student: Callable[[], nn.Module], *, client_lr: float,
+               epochs: int, batch_size: int,
+               distillation: Distillation | None = None, seed: int = 0,
+               num_threads: int | None = None):
+    """Builds the global student and, with `distillation`, every teacher.
 
     Args:
-      client_x: per client, [n_k, ...] float32 features (any example shape;
-        the models flatten it). Every client must have the same example shape.
-      client_y: per client, [n_k] integer labels in [0, num_classes).
-      num_classes: number of logits.
+      client_x: per client, [n_k, ...] float32 features in the models' layout.
+        Every client must have the same example shape.
+      client_y: per client, [n_k] integer labels.
+      student: builds the shared model (called for the global and the local
+        copy).
       client_lr: the student's local SGD learning rate.
-      teacher_lr: the teachers' SGD learning rate.
       epochs: local passes over each client's data per round.
       batch_size: local minibatch size; the last minibatch may be partial.
-      temperature: distillation temperature T.
-      distill_weight: w, the weight of the distillation term.
+      distillation: local KD settings; None trains the student alone
+        (FedAvg).
       seed: seeds model initialisation (without touching torch's global RNG)
         and the generator that shuffles every client's examples.
       num_threads: if given, calls `torch.set_num_threads(num_threads)`. That
@@ -84,7 +135,6 @@ class TorchLocalKD:
     if num_threads is not None:
       torch.set_num_threads(num_threads)
     example_shape = np.shape(client_x[0])[1:]
-    in_features = math.prod(example_shape)
     self._x = []
     self._y = []
     for k, (x, y) in enumerate(zip(client_x, client_y)):
@@ -100,18 +150,18 @@ class TorchLocalKD:
     self._client_lr = client_lr
     self._epochs = epochs
     self._batch_size = batch_size
-    self._temperature = temperature
-    self._distill_weight = distill_weight
+    self._distillation = distillation
 
     with torch.random.fork_rng(devices=[]):
       torch.manual_seed(seed)
-      self._student = student_mlp(in_features, num_classes)
-      self._teachers = [teacher_mlp(in_features, num_classes)
-                        for _ in self._x]
-    self._teacher_opts = [torch.optim.SGD(t.parameters(), lr=teacher_lr)
-                          for t in self._teachers]
-    # One local student, loaded from the global one for every client.
-    self._local = student_mlp(in_features, num_classes)
+      self._student = student()
+      self._teachers = ([distillation.teacher() for _ in self._x]
+                        if distillation else [])
+      # One local student, loaded from the global one for every client.
+      self._local = student()
+    self._teacher_opts = [
+        torch.optim.SGD(t.parameters(), lr=distillation.teacher_lr)
+        for t in self._teachers]
     self._generator = torch.Generator().manual_seed(seed)
 
   @property
@@ -144,37 +194,50 @@ class TorchLocalKD:
         param.copy_(total.div_(count))
 
   def _train_client(self, k: int) -> None:
-    """Trains client k's teacher and the local student on its data in place."""
+    """Trains client k's local student (and teacher) on its data in place."""
     x, y = self._x[k], self._y[k]
-    teacher, teacher_opt = self._teachers[k], self._teacher_opts[k]
-    student = self._local
-    student_opt = torch.optim.SGD(student.parameters(), lr=self._client_lr)
-    t, w = self._temperature, self._distill_weight
+    student_opt = torch.optim.SGD(self._local.parameters(),
+                                  lr=self._client_lr)
     for _ in range(self._epochs):
       perm = torch.randperm(len(y), generator=self._generator)
       for idx in perm.split(self._batch_size):
         xb, yb = x[idx], y[idx]
-
-        teacher_logits = teacher(xb)
-        teacher_opt.zero_grad()
-        F.cross_entropy(teacher_logits, yb).backward()
-        teacher_opt.step()
-        targets = F.softmax(teacher_logits.detach() / t, dim=-1)
-
-        logits = student(xb)
-        kl = F.kl_div(F.log_softmax(logits / t, dim=-1), targets,
-                      reduction='none').sum(-1).mean()
-        loss = (1.0 - w) * F.cross_entropy(logits, yb) + w * t**2 * kl
+        logits = self._local(xb)
+        loss = F.cross_entropy(logits, yb)
+        if self._distillation:
+          loss = self._distilled(k, xb, yb, logits, loss)
         student_opt.zero_grad()
         loss.backward()
         student_opt.step()
 
+  def _distilled(self, k: int, xb: torch.Tensor, yb: torch.Tensor,
+                 logits: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+    """Steps client k's teacher on the batch; returns the student's KD loss."""
+    teacher, teacher_opt = self._teachers[k], self._teacher_opts[k]
+    t, w = self._distillation.temperature, self._distillation.distill_weight
+    teacher_logits = teacher(xb)
+    teacher_opt.zero_grad()
+    F.cross_entropy(teacher_logits, yb).backward()
+    teacher_opt.step()
+    targets = F.softmax(teacher_logits.detach() / t, dim=-1)
+    kl = F.kl_div(F.log_softmax(logits / t, dim=-1), targets,
+                  reduction='none').sum(-1).mean()
+    return (1.0 - w) * ce + w * t**2 * kl
+
   def global_student_state(self) -> dict[str, np.ndarray]:
     """A copy of the global student's parameters, by `state_dict` name."""
-    return {name: value.detach().numpy().copy()
-            for name, value in self._student.state_dict().items()}
+    return _numpy_state(self._student)
 
   def teacher_state(self, client: int) -> dict[str, np.ndarray]:
     """A copy of client `client`'s private teacher, by `state_dict` name."""
-    return {name: value.detach().numpy().copy()
-            for name, value in self._teachers[client].state_dict().items()}
+    return _numpy_state(self._teachers[client])
+
+  def load_global_student(self, state: dict[str, np.ndarray]) -> None:
+    """Replaces the global student's parameters (`state_dict` names)."""
+    self._student.load_state_dict(
+        {name: torch.tensor(value) for name, value in state.items()})
+
+
+def _numpy_state(module: nn.Module) -> dict[str, np.ndarray]:
+  return {name: value.detach().numpy().copy()
+          for name, value in module.state_dict().items()}

@@ -1,10 +1,18 @@
-"""Tests for experiments.torch_baseline against a NumPy reference."""
+"""Tests for experiments.torch_baseline: local KD against a NumPy reference,
+FedAvg of the CNN against fedkd's own round."""
 
 import unittest
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+
+from fedkd import clients
+from fedkd import models
+from fedkd.algorithms import fedavg
 
 try:
   import torch
@@ -90,6 +98,18 @@ def _assert_layers_close(testcase, state, layers):
 _HPARAMS = dict(client_lr=0.3, teacher_lr=0.2, temperature=2.0)
 
 
+def _local_kd(xs, ys, *, client_lr, teacher_lr, temperature, distill_weight,
+              **kwargs):
+  """The torch local-KD simulator of the seed MLPs over clients xs, ys."""
+  model = lambda name: lambda: torch_baseline.get_model(
+      name, _EXAMPLE_SHAPE, _NUM_CLASSES)
+  return torch_baseline.TorchFederated(
+      xs, ys, model('seed_student'), client_lr=client_lr,
+      distillation=torch_baseline.Distillation(
+          model('seed_teacher'), teacher_lr, temperature, distill_weight),
+      **kwargs)
+
+
 @unittest.skipIf(torch is None, 'torch (the `bench` extra) is not installed')
 class TorchLocalKDTest(parameterized.TestCase):
 
@@ -101,9 +121,8 @@ class TorchLocalKDTest(parameterized.TestCase):
   def test_matches_numpy_reference(self, distill_weight, epochs, batch_size):
     n, seed = 7, 3
     x, y = _data(n, seed=0)
-    kd = torch_baseline.TorchLocalKD(
-        [x], [y], _NUM_CLASSES, epochs=epochs, batch_size=batch_size,
-        distill_weight=distill_weight, seed=seed, **_HPARAMS)
+    kd = _local_kd([x], [y], epochs=epochs, batch_size=batch_size,
+                   distill_weight=distill_weight, seed=seed, **_HPARAMS)
     student = _layers(kd.global_student_state())
     teacher = _layers(kd.teacher_state(0))
     # The baseline shuffles with one generator seeded by `seed`.
@@ -127,8 +146,7 @@ class TorchLocalKDTest(parameterized.TestCase):
                   **_HPARAMS)
 
     def round_over(cohort):
-      kd = torch_baseline.TorchLocalKD([x0, x1], [y0, y1], _NUM_CLASSES,
-                                       **config)
+      kd = _local_kd([x0, x1], [y0, y1], **config)
       initial = kd.global_student_state()
       kd.run_round(cohort)
       return initial, kd.global_student_state()
@@ -145,9 +163,8 @@ class TorchLocalKDTest(parameterized.TestCase):
 
   def test_only_cohort_teachers_train(self):
     data = [_data(4, seed=s) for s in range(3)]
-    kd = torch_baseline.TorchLocalKD(
-        [x for x, _ in data], [y for _, y in data], _NUM_CLASSES, epochs=1,
-        batch_size=2, distill_weight=0.5, **_HPARAMS)
+    kd = _local_kd([x for x, _ in data], [y for _, y in data], epochs=1,
+                   batch_size=2, distill_weight=0.5, **_HPARAMS)
     before = [kd.teacher_state(k) for k in range(3)]
     kd.run_round([2, 0])
     for k, changed in ((0, True), (1, False), (2, True)):
@@ -159,11 +176,75 @@ class TorchLocalKDTest(parameterized.TestCase):
 
   def test_rejects_unknown_client(self):
     x, y = _data(4, seed=0)
-    kd = torch_baseline.TorchLocalKD([x], [y], _NUM_CLASSES, epochs=1,
-                                     batch_size=2, distill_weight=0.0,
-                                     **_HPARAMS)
+    kd = _local_kd([x], [y], epochs=1, batch_size=2, distill_weight=0.0,
+                   **_HPARAMS)
     with self.assertRaisesRegex(ValueError, 'out of range'):
       kd.run_round([1])
+
+
+def _cnn_to_torch(params):
+  """fedkd's MnistCNN parameters as its torch twin's `state_dict`."""
+  p = jax.tree.map(np.asarray, params['params'])
+  # Flax flattens [h, w, c] feature maps, torch [c, h, w]: reorder the rows
+  # of the first Dense kernel accordingly.
+  hidden = p['Dense_0']['kernel']
+  channels = p['Conv_1']['kernel'].shape[-1]
+  side = int(np.sqrt(hidden.shape[0] // channels))
+  hidden = hidden.reshape(side, side, channels, -1).transpose(2, 0, 1, 3)
+  return {
+      '0.weight': p['Conv_0']['kernel'].transpose(3, 2, 0, 1),
+      '0.bias': p['Conv_0']['bias'],
+      '3.weight': p['Conv_1']['kernel'].transpose(3, 2, 0, 1),
+      '3.bias': p['Conv_1']['bias'],
+      '7.weight': hidden.reshape(-1, hidden.shape[-1]).T,
+      '7.bias': p['Dense_0']['bias'],
+      '9.weight': p['Dense_1']['kernel'].T,
+      '9.bias': p['Dense_1']['bias'],
+  }
+
+
+@unittest.skipIf(torch is None, 'torch (the `bench` extra) is not installed')
+class TorchFedAvgTest(absltest.TestCase):
+
+  def test_cnn_round_matches_fedkd(self):
+    # Two clients of 4 and 3 examples, full batches (so the shuffle orders,
+    # which differ between the two, change nothing), two local epochs.
+    num_clients, n, shape, lr = 2, 4, (8, 8, 1), 0.05
+    rng = np.random.default_rng(0)
+    x = rng.random((num_clients * n, *shape), np.float32)
+    y = rng.integers(0, 10, num_clients * n).astype(np.int64)
+    parts = [np.arange(4), np.arange(4, 7)]
+    model = models.get_model('mnist_cnn', 10)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)))
+    alg = fedavg(model=model, client_tx=optax.sgd(lr),
+                 server_tx=optax.sgd(1.0), epochs=2, batch_size=n)
+    state, _ = jax.jit(alg.apply)(
+        alg.init(params, jax.random.PRNGKey(1)),
+        clients.stack_clients(x, y, parts),
+        clients.Cohort(client_ids=jnp.arange(num_clients),
+                       client_mask=jnp.ones(num_clients, bool)),
+        jax.random.PRNGKey(2))
+
+    channels_first = x.transpose(0, 3, 1, 2)
+    sim = torch_baseline.TorchFederated(
+        [channels_first[p] for p in parts], [y[p] for p in parts],
+        lambda: torch_baseline.get_model('mnist_cnn', (1, 8, 8), 10),
+        client_lr=lr, epochs=2, batch_size=n)
+    sim.load_global_student(_cnn_to_torch(params))
+    sim.run_round([0, 1])
+
+    expected = _cnn_to_torch(state.params)
+    initial = _cnn_to_torch(params)
+    got = sim.global_student_state()
+    self.assertEqual(set(got), set(expected))
+    for name, value in got.items():
+      self.assertFalse(np.allclose(value, initial[name]), msg=name)
+      np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-5,
+                                 err_msg=name)
+
+  def test_unknown_model(self):
+    with self.assertRaisesRegex(ValueError, 'no torch twin'):
+      torch_baseline.get_model('resnet9000', (3, 32, 32), 10)
 
 
 if __name__ == '__main__':
