@@ -59,11 +59,56 @@ def mnist_cnn(example_shape: Sequence[int], num_classes: int) -> nn.Module:
       nn.Linear(512, num_classes))
 
 
+class _BasicBlock(nn.Module):
+  """The twin of `fedkd.models._BasicBlock`: conv3x3-norm-relu,
+  conv3x3-norm, add the (1x1 conv + norm where the shape changes) shortcut,
+  relu."""
+
+  def __init__(self, in_channels: int, features: int, stride: int,
+               num_groups: int):
+    super().__init__()
+    self.conv1 = nn.Conv2d(in_channels, features, 3, stride, padding=1,
+                           bias=False)
+    self.norm1 = nn.GroupNorm(num_groups, features)
+    self.conv2 = nn.Conv2d(features, features, 3, padding=1, bias=False)
+    self.norm2 = nn.GroupNorm(num_groups, features)
+    self.shortcut = nn.Identity()
+    if stride != 1 or in_channels != features:
+      self.shortcut = nn.Sequential(
+          nn.Conv2d(in_channels, features, 1, stride, bias=False),
+          nn.GroupNorm(num_groups, features))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    y = F.relu(self.norm1(self.conv1(x)))
+    y = self.norm2(self.conv2(y))
+    return F.relu(self.shortcut(x) + y)
+
+
+def cifar_resnet(depth: int, example_shape: Sequence[int], num_classes: int,
+                 num_groups: int = 2) -> nn.Module:
+  """The twin of `fedkd.models.CifarResNet` (FedDF's ResNet, GroupNorm).
+
+  Parameters are registered in the order fedkd creates them.
+  """
+  blocks = []
+  channels = 16
+  for stage, features in enumerate((16, 32, 64)):
+    for block in range((depth - 2) // 6):
+      blocks.append(_BasicBlock(channels, features,
+                                2 if stage and not block else 1, num_groups))
+      channels = features
+  return nn.Sequential(
+      nn.Conv2d(example_shape[0], 16, 3, padding=1, bias=False),
+      nn.GroupNorm(num_groups, 16), nn.ReLU(), *blocks,
+      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+
+
 _MODELS: dict[str, Callable[[Sequence[int], int], nn.Module]] = {
     'seed_teacher': lambda shape, k: mlp(shape, (64, 32), k),
     'seed_student': lambda shape, k: mlp(shape, (32,), k),
     'mnist_2nn': lambda shape, k: mlp(shape, (200, 200), k),
     'mnist_cnn': mnist_cnn,
+    'resnet8_gn': lambda shape, k: cifar_resnet(8, shape, k),
 }
 
 

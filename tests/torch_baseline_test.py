@@ -1,6 +1,8 @@
 """Tests for experiments.torch_baseline: local KD against a NumPy reference,
 FedAvg of the CNN against fedkd's own round."""
 
+import functools
+import operator
 import unittest
 
 from absl.testing import absltest
@@ -182,34 +184,65 @@ class TorchLocalKDTest(parameterized.TestCase):
       kd.run_round([1])
 
 
-def _cnn_to_torch(params):
+def _paths_in_creation_order(tree, prefix=()):
+  """Key paths of nested dicts in insertion order."""
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _paths_in_creation_order(value, prefix + (key,))
+    else:
+      yield prefix + (key,)
+
+
+def _to_torch(params, name, example_shape):
+  """fedkd parameters of model `name` as its torch twin's `state_dict`.
+
+  The twins register their parameters in the order fedkd creates them:
+  conv kernels go from HWIO to OIHW, dense kernels are transposed.
+  """
+  channels, height, width = example_shape
+  paths = []
+
+  def init(x):
+    # Only `init`'s own dicts keep flax's creation order: returning them
+    # through any pytree operation (jit, eval_shape, tree.map) sorts keys.
+    variables = models.get_model(name, 10).init(jax.random.PRNGKey(0), x)
+    paths.extend(_paths_in_creation_order(variables['params']))
+    return variables
+
+  jax.eval_shape(init, jnp.zeros((1, height, width, channels)))
+  module = torch_baseline.get_model(name, example_shape, 10)
+  layouts = {4: (3, 2, 0, 1), 2: (1, 0), 1: (0,)}
+  state = {}
+  for (key, value), path in zip(module.state_dict().items(), paths,
+                                strict=True):
+    leaf = np.asarray(functools.reduce(operator.getitem, path,
+                                       params['params']))
+    state[key] = leaf.transpose(layouts[leaf.ndim])
+    assert state[key].shape == tuple(value.shape), (key, path)
+  return state
+
+
+def _cnn_to_torch(params, example_shape):
   """fedkd's MnistCNN parameters as its torch twin's `state_dict`."""
   p = jax.tree.map(np.asarray, params['params'])
   # Flax flattens [h, w, c] feature maps, torch [c, h, w]: reorder the rows
   # of the first Dense kernel accordingly.
-  hidden = p['Dense_0']['kernel']
-  channels = p['Conv_1']['kernel'].shape[-1]
-  side = int(np.sqrt(hidden.shape[0] // channels))
-  hidden = hidden.reshape(side, side, channels, -1).transpose(2, 0, 1, 3)
-  return {
-      '0.weight': p['Conv_0']['kernel'].transpose(3, 2, 0, 1),
-      '0.bias': p['Conv_0']['bias'],
-      '3.weight': p['Conv_1']['kernel'].transpose(3, 2, 0, 1),
-      '3.bias': p['Conv_1']['bias'],
-      '7.weight': hidden.reshape(-1, hidden.shape[-1]).T,
-      '7.bias': p['Dense_0']['bias'],
-      '9.weight': p['Dense_1']['kernel'].T,
-      '9.bias': p['Dense_1']['bias'],
-  }
+  kernel = p['Dense_0']['kernel']
+  _, height, width = example_shape
+  p['Dense_0']['kernel'] = kernel.reshape(
+      height // 4, width // 4, -1, kernel.shape[-1]).transpose(
+          2, 0, 1, 3).reshape(kernel.shape)
+  return _to_torch({'params': p}, 'mnist_cnn', example_shape)
 
 
 @unittest.skipIf(torch is None, 'torch (the `bench` extra) is not installed')
-class TorchFedAvgTest(absltest.TestCase):
+class TorchTwinsTest(absltest.TestCase):
 
   def test_cnn_round_matches_fedkd(self):
     # Two clients of 4 and 3 examples, full batches (so the shuffle orders,
     # which differ between the two, change nothing), two local epochs.
     num_clients, n, shape, lr = 2, 4, (8, 8, 1), 0.05
+    torch_shape = (1, 8, 8)
     rng = np.random.default_rng(0)
     x = rng.random((num_clients * n, *shape), np.float32)
     y = rng.integers(0, 10, num_clients * n).astype(np.int64)
@@ -228,19 +261,41 @@ class TorchFedAvgTest(absltest.TestCase):
     channels_first = x.transpose(0, 3, 1, 2)
     sim = torch_baseline.TorchFederated(
         [channels_first[p] for p in parts], [y[p] for p in parts],
-        lambda: torch_baseline.get_model('mnist_cnn', (1, 8, 8), 10),
+        lambda: torch_baseline.get_model('mnist_cnn', torch_shape, 10),
         client_lr=lr, epochs=2, batch_size=n)
-    sim.load_global_student(_cnn_to_torch(params))
+    sim.load_global_student(_cnn_to_torch(params, torch_shape))
     sim.run_round([0, 1])
 
-    expected = _cnn_to_torch(state.params)
-    initial = _cnn_to_torch(params)
+    expected = _cnn_to_torch(state.params, torch_shape)
+    initial = _cnn_to_torch(params, torch_shape)
     got = sim.global_student_state()
     self.assertEqual(set(got), set(expected))
     for name, value in got.items():
       self.assertFalse(np.allclose(value, initial[name]), msg=name)
       np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-5,
                                  err_msg=name)
+
+  def test_resnet8_gn_forward_matches_fedkd(self):
+    # 12x12: stride 2 on even maps (12, 6), where PyTorch's padding differs
+    # from 'SAME', and odd 3x3 maps in the last stage.
+    shape, torch_shape = (12, 12, 3), (3, 12, 12)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, *shape)).astype(np.float32)
+    model = models.get_model('resnet8_gn', 10)
+    # Random values for every parameter, GroupNorm scales and biases too, so
+    # a mismatch cannot hide behind ones and zeros.
+    params = jax.tree.map(
+        lambda p: rng.normal(0.0, 0.5, p.shape).astype(np.float32),
+        jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                       jnp.zeros((1, *shape))))
+    twin = torch_baseline.get_model('resnet8_gn', torch_shape, 10)
+    twin.load_state_dict({
+        key: torch.tensor(value)
+        for key, value in _to_torch(params, 'resnet8_gn', torch_shape).items()})
+    with torch.no_grad():
+      got = twin(torch.tensor(x.transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(got, jax.jit(model.apply)(params, x),
+                               rtol=1e-4, atol=1e-5)
 
   def test_unknown_model(self):
     with self.assertRaisesRegex(ValueError, 'no torch twin'):
