@@ -146,7 +146,13 @@ def _np_resnet(params, x, depth):
 def _compiled(name, shape):
   """(model, params, jitted apply), shared by the tests below."""
   model = models.get_model(name, 10)
-  return model, _random_params(model, shape, seed=0), jax.jit(model.apply)
+  return model, _random_params(model, shape, seed=0), jax.jit(
+      _float32(model.apply))
+
+
+def _float32(f):
+  # Full float32 convs: GPUs default to TF32, 1e-3 off the float64 reference.
+  return jax.default_matmul_precision('float32')(f)
 
 
 class ResNetTest(parameterized.TestCase):
@@ -181,7 +187,7 @@ class ResNetTest(parameterized.TestCase):
     per_client = [_random_params(model, shape, seed) for seed in (3, 4)]
     x = np.random.default_rng(5).normal(size=(2, 2, *shape))
     stacked = jax.tree.map(lambda *a: np.stack(a), *per_client)
-    together = jax.jit(jax.vmap(model.apply))(stacked, x)
+    together = jax.jit(jax.vmap(_float32(model.apply)))(stacked, x)
     for i, params in enumerate(per_client):
       np.testing.assert_allclose(together[i], apply(params, x[i]),
                                  rtol=1e-5, atol=1e-5)
@@ -192,7 +198,7 @@ class ResNetTest(parameterized.TestCase):
     x = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
     tangent = _random_params(model, (32, 32, 3), seed=7)
     cotangent = rng.normal(size=(2, 10)).astype(np.float32)
-    f = lambda p: model.apply(p, x)
+    f = _float32(lambda p: model.apply(p, x))
     # layers.dense is a custom_vjp, which has no forward mode yet; the plain
     # matmul isolates what the ResNet itself adds (pad, conv, GroupNorm).
     with mock.patch.object(layers, 'dense', lambda x, k, b: x @ k + b):
