@@ -88,33 +88,34 @@ class _BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-  """CIFAR ResNet with GroupNorm, as FedDF's `ResNet_cifar` (basic blocks).
+  """FedDF's CIFAR ResNet (`ResNet_cifar`, basic blocks) with GroupNorm.
 
   He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, Sec.
-  4.2: a 3x3 conv to 16 channels, then 3 stages of n = (depth - 2) / 6 basic
-  blocks with 16, 32, 64 channels (stride 2 entering stages 2 and 3), global
-  average pooling and a dense layer. The structure is that of
-  `pcode/models/resnet.py` `ResNet_cifar` in FedDF's official code
-  (github.com/epfml/federated-learning-public-code, codes/FedDF-code; Lin et
-  al., NeurIPS 2020, arXiv:2006.07242): convs without bias, norm after every
-  conv, 1x1-conv + norm shortcuts where the shape changes, a dense layer with
-  bias. Depth 8 has 78,042 parameters with 10 classes, depth 20 272,474.
+  4.2: a 3x3 conv to 16 channels, 3 stages of n = (depth - 2) / 6 basic
+  blocks with 16, 32 and 64 channels (stride 2 entering stages 2 and 3),
+  global average pooling and a dense layer. As in FedDF's official code (Lin
+  et al., NeurIPS 2020, arXiv:2006.07242; github.com/epfml/
+  federated-learning-public-code, codes/FedDF-code/pcode/models/resnet.py):
+  convs without bias, a norm after every conv, and 1x1-conv + norm shortcuts
+  where the shape changes, where He et al. pad with zeros instead (their
+  ResNet-20 has 269,722 parameters, "0.27M" in their Table 6). With 10
+  classes, depth 8 has 78,042 parameters and depth 20 272,474.
 
-  Differences from that code:
-  * GroupNorm with `num_groups` groups (2, as Hsieh et al. 2020's released
-    ResNet-20 GN in github.com/kevinhsieh/non_iid_dml and the example in
-    FedDF's resnet.py) instead of its default BatchNorm; eps 1e-5 as
-    PyTorch. FedDF's Table 2 runs used BatchNorm. GroupNorm has the same
-    parameters (a scale and a bias per channel) and no running statistics,
-    so nothing but parameters is averaged.
+  Differences from FedDF's code:
+  * GroupNorm with `num_groups` groups instead of its default BatchNorm,
+    which its Table 2 runs used. 2 groups, as in the ResNet-20 GN released
+    with Hsieh et al., "The Non-IID Data Quagmire of Decentralized Machine
+    Learning", ICML 2020 (github.com/kevinhsieh/non_iid_dml) and in the
+    example of FedDF's resnet.py; epsilon 1e-5 as in PyTorch. GroupNorm
+    learns BatchNorm's parameters (a scale and a bias per channel) and keeps
+    no running statistics, so clients upload and the server averages
+    parameters only.
   * Kernels start from `fedkd.layers`' LeCun normal (variance 1 / fan_in),
     not He normal over fan_out (variance 2 / (9 out)); the dense layer from
-    LeCun normal with zero bias, not PyTorch's uniform(+-1/sqrt(fan_in)).
+    LeCun normal with zero bias, not PyTorch's uniform(+-1 / sqrt(fan_in)).
   * Global average pooling instead of `AvgPool2d(8)`: the same on 32x32
-    inputs, and it also runs on other sizes (28x28 MNIST gives 7x7 maps).
-  * Depth >= 44 uses bottleneck blocks there; only basic blocks here.
-  He et al. use zero-padding ("option A") shortcuts instead, without
-  parameters: 269,722 for their ResNet-20 ("0.27M", Table 6).
+    inputs, and defined on others (28x28 inputs end in 7x7 maps).
+  * Depths 8 to 38 only: from 44 on, FedDF's code uses bottleneck blocks.
   """
   depth: int
   num_classes: int
