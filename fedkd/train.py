@@ -3,11 +3,18 @@
 `run(config, workdir)` is everything `experiments/main.py` does after parsing
 flags. It validates all input before writing anything to `workdir`, resumes
 from the newest checkpoint there, and checkpoints every `checkpoint_every`
-rounds, on the last round and on SIGINT/SIGTERM.
+rounds, on the last round and on SIGINT/SIGTERM (see `fedkd.stopping`).
+
+Rounds are dispatched asynchronously: the host keeps one round queued behind
+the running one and fetches metrics (all rounds' at once) only at rounds it
+evaluates or checkpoints. Evaluation and compilation are sized to fit the
+memory; running out of it anyway ends the run with `OutOfMemory`, naming the
+settings to lower.
 """
 
 import contextlib
 import dataclasses
+import functools
 import signal
 import time
 from typing import Any
@@ -25,6 +32,7 @@ from fedkd import metrics as metrics_lib
 from fedkd import partition
 from fedkd import privacy
 from fedkd import sharding
+from fedkd import stopping
 from fedkd import synthetic
 from fedkd import validation
 from fedkd import workdir as workdir_lib
@@ -38,19 +46,38 @@ _TABLE = (('round', 'round', '{:d}', 1),
           ('upload_bytes', 'upload MB', '{:.3f}', 1e-6),
           ('cumulative_bytes', 'total MB', '{:.3f}', 1e-6),
           ('round_seconds', 'round s', '{:.4f}', 1))
+# Running totals over all rounds so far, reported in every row, and the
+# per-round counters that add up to each.
+_TOTALS = (('cumulative_upload_bytes', ('upload_bytes',)),
+           ('cumulative_download_bytes', ('download_bytes',)),
+           ('cumulative_bytes', ('upload_bytes', 'download_bytes')),
+           ('total_dropped_clients', ('dropped_clients',)),
+           ('total_nonfinite_clients', ('nonfinite_clients',)))
+# How XLA and its CPU kernels report a failed allocation.
+_OOM_MARKERS = ('RESOURCE_EXHAUSTED', 'out of memory', 'allocat',
+                'YNNPACK operation failed')
 
 
 class Diverged(Exception):
   """The global model became NaN/inf; the last good checkpoint is kept."""
 
 
+class OutOfMemory(FedkdError):
+  """A setting needs more memory than there is; the message names it."""
+
+
 class Interrupted(Exception):
   """SIGINT/SIGTERM arrived; a checkpoint of the last finished round exists."""
 
-  def __init__(self, signum: int, rounds_done: int):
-    super().__init__(f'stopped by {signal.Signals(signum).name} after round '
-                     f'{rounds_done}; checkpoint saved, rerun the same '
-                     'command to resume')
+  def __init__(self, signum: int, rounds_done: int, num_rounds: int):
+    name = signal.Signals(signum).name
+    if rounds_done == num_rounds:
+      message = (f'stopped by {name} after the last round ({rounds_done}); '
+                 'the run is complete and saved')
+    else:
+      message = (f'stopped by {name} after round {rounds_done}; checkpoint '
+                 'saved, rerun the same command to resume')
+    super().__init__(message)
     self.signum = signum
 
 
@@ -68,22 +95,42 @@ def format_table(rows) -> str:
   return '\n'.join(lines)
 
 
-@contextlib.contextmanager
-def _signals_to_flag():
-  """While active, SIGINT/SIGTERM only append themselves to the yielded list.
+def _is_out_of_memory(e: BaseException) -> bool:
+  text = str(e).lower()
+  return isinstance(e, MemoryError) or (
+      isinstance(e, jax.errors.JaxRuntimeError) and
+      any(marker.lower() in text for marker in _OOM_MARKERS))
 
-  The host loop checks it between rounds, so a stop never lands in the middle
-  of a round or of a checkpoint write.
-  """
-  received = []
-  handler = lambda signum, frame: received.append(signum)
-  previous = {s: signal.signal(s, handler)
-              for s in (signal.SIGINT, signal.SIGTERM)}
+
+@contextlib.contextmanager
+def _out_of_memory_is(where: str, advice: str):
+  """Turns a failed allocation inside into `OutOfMemory`: where, and advice."""
   try:
-    yield received
-  finally:
-    for s, h in previous.items():
-      signal.signal(s, h)
+    yield
+  except (jax.errors.JaxRuntimeError, MemoryError) as e:
+    if not _is_out_of_memory(e):
+      raise
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    raise OutOfMemory(f'out of memory {where} ({lines[0][:200]}); '
+                      f'{advice}') from None
+
+
+def _round_advice(config, cohort_size: int, chunk: int) -> str:
+  """Which settings bound the memory of a training round."""
+  at_once = chunk or cohort_size
+  if at_once > 1:
+    lower = (f'lower clients_per_chunk (clients trained at once, now '
+             f'{at_once}), e.g. --config.clients_per_chunk={at_once // 4 or 1},'
+             ' or')
+  else:
+    lower = 'lower'
+  return (f'{lower} clients_per_round (now {config.clients_per_round}) or '
+          f'batch_size (now {config.batch_size})')
+
+
+def _eval_advice(config) -> str:
+  return (f'lower eval_batch_size (now {config.eval_batch_size}) or '
+          f'eval_teachers (now {config.eval_teachers})')
 
 
 @dataclasses.dataclass
@@ -96,12 +143,46 @@ class _Run:
   apply: Any  # the compiled round
   cohort_for: Any  # round index -> sharded Cohort
   round_key: jax.Array
-  eval_student: Any
-  eval_teachers: Any
+  eval_student: Any  # compiled: (state, x, y) -> (loss, accuracy) or None
+  eval_teachers: Any  # compiled: (state, x, y) -> mean accuracy, or None
+  test: tuple[jax.Array, jax.Array]
   compile_seconds: float
+  round_advice: str
 
 
-def _setup(config, dataset, parts, public_x) -> _Run:
+def _compile_evaluation(model, read_params, state, x, y, *, num_models: int,
+                        max_batch_size: int, budget: int):
+  """Compiles `state, x, y -> evaluate_stacked(read_params(state)...)`.
+
+  The chunks come from `metrics.activation_bytes` and `budget`; where the
+  compiler reports more working memory than that (accelerators count their
+  kernels' scratch space, XLA:CPU does not), they shrink to match and it
+  compiles again.
+
+  Returns:
+    The compiled function, returning ([N] losses, [N] accuracies).
+  """
+  one = jax.eval_shape(
+      lambda s: jax.tree.map(lambda p: p[0], read_params(s)), state)
+  per_example = metrics_lib.activation_bytes(
+      model, one, jax.ShapeDtypeStruct(x.shape[1:], x.dtype))
+  while True:
+    batch, chunk = metrics_lib.plan_chunks(
+        per_example, num_models=num_models, num_examples=len(y),
+        max_batch_size=max_batch_size, budget_bytes=budget)
+    evaluate = functools.partial(metrics_lib.evaluate_stacked, model,
+                                 batch_size=batch, models_per_chunk=chunk)
+    compiled = jax.jit(lambda s, x, y, evaluate=evaluate: evaluate(
+        jax.tree.map(lambda p: p[:num_models], read_params(s)), x,
+        y)).lower(state, x, y).compile()
+    analysis = compiled.memory_analysis()
+    used = analysis.temp_size_in_bytes if analysis else 0
+    if used <= budget or batch * chunk == 1:
+      return compiled
+    per_example = -(-used // (batch * chunk))
+
+
+def _setup(config, dataset, parts, public_x, stop: stopping.Stopper) -> _Run:
   mesh = sharding.make_mesh(config.num_devices)
   input_shape = dataset.x_train.shape[1:]
   built = algorithms.build(config, input_shape, dataset.num_classes,
@@ -110,17 +191,19 @@ def _setup(config, dataset, parts, public_x) -> _Run:
   key = jax.random.PRNGKey(config.seed)
   replicated = sharding.replicated(mesh)
   cohort_sharding = sharding.cohort_sharding(mesh)
-  client_data = jax.device_put(
-      clients.stack_clients(dataset.x_train, dataset.y_train, parts).replace(
-          public_x=public_x), replicated)
-  # fd and fedmd have no global model to initialise.
-  params = built.student and built.student.init(
-      jax.random.fold_in(key, 0), jnp.zeros((1, *input_shape)))
-  state = jax.jit(alg.init)(params, jax.random.fold_in(key, 1))
-  state_shardings = sharding.state_sharding(state, mesh)
-  state = jax.device_put(state, state_shardings)
   cohort_size, chunk = sharding.cohort_layout(
       config.clients_per_round, mesh, config.clients_per_chunk)
+  round_advice = _round_advice(config, cohort_size, chunk)
+  with _out_of_memory_is('placing the data and models', round_advice):
+    client_data = jax.device_put(
+        clients.stack_clients(dataset.x_train, dataset.y_train, parts).replace(
+            public_x=public_x), replicated)
+    # fd and fedmd have no global model to initialise.
+    params = built.student and built.student.init(
+        jax.random.fold_in(key, 0), jnp.zeros((1, *input_shape)))
+    state = jax.jit(alg.init)(params, jax.random.fold_in(key, 1))
+    state_shardings = sharding.state_sharding(state, mesh)
+    state = jax.device_put(state, state_shardings)
 
   def cohort_for(round_index):
     # Cohorts depend on (seed, round) only, so a resumed run samples the same.
@@ -131,6 +214,8 @@ def _setup(config, dataset, parts, public_x) -> _Run:
         cohort_sharding)
 
   round_key = jax.random.fold_in(key, 2)
+  stop.phase('compilation')
+  print('compiling the round and the evaluation', flush=True)
   start = time.perf_counter()
   dp = None
   if config.dp_clip_norm > 0:
@@ -140,28 +225,33 @@ def _setup(config, dataset, parts, public_x) -> _Run:
       alg.client_update, alg.server_update, clients_per_chunk=chunk,
       faults=algorithm.Faults(dropout_rate=config.dropout_rate,
                               straggler_rate=config.straggler_rate), dp=dp)
-  apply = jax.jit(
-      round_fn, donate_argnums=0,
-      in_shardings=(state_shardings, replicated, cohort_sharding,
-                    replicated),
-      out_shardings=(state_shardings, replicated)).lower(
-          state, client_data, cohort_for(0), round_key).compile()
+  with _out_of_memory_is('compiling the round', round_advice):
+    apply = jax.jit(
+        round_fn, donate_argnums=0,
+        in_shardings=(state_shardings, replicated, cohort_sharding,
+                      replicated),
+        out_shardings=(state_shardings, replicated)).lower(
+            state, client_data, cohort_for(0), round_key).compile()
   compile_seconds = time.perf_counter() - start
 
-  x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)
-  batch = min(config.eval_batch_size, len(dataset.y_test))
-  evaluate = lambda model, p: metrics_lib.evaluate(model, p, x_test, y_test,
-                                                   batch_size=batch)
-  eval_student = built.student and jax.jit(
-      lambda state: evaluate(built.student, built.global_params(state)))
-  num_teachers = min(config.eval_teachers, config.num_clients)
-  eval_teachers = None
-  if built.teacher is not None and num_teachers:
-    eval_teachers = jax.jit(lambda state: jnp.mean(clients.map_clients(
-        lambda p: evaluate(built.teacher, p)[1])(jax.tree.map(
-            lambda t: t[:num_teachers], built.teachers(state)))))
+  test = jax.device_put((dataset.x_test, dataset.y_test), replicated)
+  evaluation = functools.partial(
+      _compile_evaluation, state=state, x=test[0], y=test[1],
+      max_batch_size=config.eval_batch_size,
+      budget=metrics_lib.eval_budget_bytes(jax.local_devices()[0]))
+  with _out_of_memory_is('compiling the evaluation', _eval_advice(config)):
+    eval_student = built.student and evaluation(
+        built.student, lambda s: jax.tree.map(lambda p: p[None],
+                                              built.global_params(s)),
+        num_models=1)
+    num_teachers = min(config.eval_teachers, config.num_clients)
+    eval_teachers = None
+    if built.teacher is not None and num_teachers:
+      eval_teachers = evaluation(built.teacher, built.teachers,
+                                 num_models=num_teachers)
   return _Run(config, built, state, client_data, apply, cohort_for, round_key,
-              eval_student, eval_teachers, compile_seconds)
+              eval_student, eval_teachers, test, compile_seconds,
+              round_advice)
 
 
 def _epsilon(config, rounds_done):
@@ -175,9 +265,24 @@ def _epsilon(config, rounds_done):
       accountant=config.dp_accountant)
 
 
-def _row(run: _Run, state, m, rounds_done, round_seconds, totals):
-  row = {'round': rounds_done, 'student_accuracy': None,
-         'student_loss': None, 'teacher_accuracy': None,
+def _evaluate(run: _Run, state) -> dict:
+  """Test-set figures of the global model and the evaluated private ones."""
+  row = dict(student_accuracy=None, student_loss=None, teacher_accuracy=None)
+  with _out_of_memory_is('evaluating', _eval_advice(run.config)):
+    if run.eval_student:
+      loss, acc = jax.device_get(run.eval_student(state, *run.test))
+      row.update(student_accuracy=float(acc[0]), student_loss=float(loss[0]))
+    if run.eval_teachers is not None:
+      _, acc = run.eval_teachers(state, *run.test)
+      row['teacher_accuracy'] = float(jnp.mean(acc))
+  # The headline: the global model, or the clients' own models without one.
+  row['accuracy'] = row['student_accuracy' if run.eval_student else
+                        'teacher_accuracy']
+  return row
+
+
+def _row(run: _Run, m, rounds_done, round_seconds, totals, evaluated):
+  row = {'round': rounds_done,
          'upload_bytes': int(m['upload_bytes']),
          'download_bytes': int(m['download_bytes']),
          'clients': int(m['clients']),
@@ -187,32 +292,40 @@ def _row(run: _Run, state, m, rounds_done, round_seconds, totals):
          **totals,
          'dp_epsilon': _epsilon(run.config, rounds_done),
          'round_seconds': round_seconds,
-         'compile_seconds': run.compile_seconds}
-  if run.eval_student:
-    loss, acc = jax.device_get(run.eval_student(state))
-    row.update(student_accuracy=float(acc), student_loss=float(loss))
+         'compile_seconds': run.compile_seconds,
+         **evaluated}
   if 'server_distill_loss' in m:
     row['server_distill_loss'] = float(m['server_distill_loss'])
   examples = max(float(m['train_examples']), 1.0)
   for name in ('student', 'teacher'):
     if f'{name}_loss_sum' in m:
       row[f'{name}_train_loss'] = float(m[f'{name}_loss_sum']) / examples
-  if run.eval_teachers is not None:
-    row['teacher_accuracy'] = float(run.eval_teachers(state))
-  # The headline: the global model, or the clients' own models without one.
-  row['accuracy'] = row['student_accuracy' if run.eval_student else
-                        'teacher_accuracy']
   return row
 
 
-def _loop(run: _Run, work: workdir_lib.Workdir, *, progress: bool):
+def _account(pending, fetched, totals: dict, kept) -> None:
+  """Adds fetched rounds to `totals`; raises `Diverged` at the first NaN/inf.
+
+  Args:
+    pending: (round, device metrics) of the rounds fetched.
+    fetched: their metrics on the host.
+    totals: the running totals, updated in place.
+    kept: () -> what the workdir still holds, for the message.
+  """
+  for (round_done, _), m in zip(pending, fetched):
+    if not m['params_finite']:
+      raise Diverged(f'the global model became NaN/inf in round {round_done}; '
+                     f'{kept()}; lower the learning rates or clip updates '
+                     '(dp_clip_norm)')
+    for total, keys in _TOTALS:
+      totals[total] += sum(int(m[k]) for k in keys)
+
+
+def _loop(run: _Run, work: workdir_lib.Workdir, stop: stopping.Stopper, *,
+          progress: bool):
   config = run.config
   state, rows, first = run.state, [], 0
-  # Running totals over all rounds so far, reported in every row.
-  totals = dict.fromkeys(('cumulative_upload_bytes',
-                          'cumulative_download_bytes', 'cumulative_bytes',
-                          'total_dropped_clients', 'total_nonfinite_clients'),
-                         0)
+  totals = dict.fromkeys((name for name, _ in _TOTALS), 0)
   restored = work.restore(state)
   if restored is not None:
     first, state, meta = restored
@@ -220,44 +333,56 @@ def _loop(run: _Run, work: workdir_lib.Workdir, *, progress: bool):
     print(f'resuming from the checkpoint after round {first}')
   work.start(rows)
   last_saved = first
+  if stop.signum:
+    raise Interrupted(stop.signum, first, config.num_rounds)
+  pending = []  # (round, metrics on device) not yet fetched
+  seconds, timed = 0.0, 0  # training wall time and rounds since the last row
 
-  def save(rounds_done):
-    work.save(rounds_done, state, {'rows': rows, 'totals': totals})
+  def kept():
+    return (f'the last good checkpoint, from round {last_saved}, is kept in '
+            f'{work.path}' if last_saved else 'no checkpoint was saved')
 
-  with _signals_to_flag() as stop, tqdm.tqdm(
-      range(first, config.num_rounds), desc='rounds', initial=first,
-      total=config.num_rounds, disable=not progress) as bar:
+  with tqdm.tqdm(range(first, config.num_rounds), desc='rounds',
+                 initial=first, total=config.num_rounds,
+                 disable=not progress) as bar:
+    mark = time.perf_counter()
     for r in bar:
-      start = time.perf_counter()
-      state, m = run.apply(state, run.client_data, run.cohort_for(r),
-                           jax.random.fold_in(run.round_key, r))
-      m = jax.device_get(m)
-      round_seconds = time.perf_counter() - start
       done = r + 1
-      if not m['params_finite']:
-        kept = (f'the last good checkpoint, from round {last_saved}, is kept '
-                f'in {work.path}' if last_saved else 'no checkpoint was saved')
-        raise Diverged(f'the global model became NaN/inf in round {done}; '
-                       f'{kept}; lower the learning rates or clip updates '
-                       '(dp_clip_norm)')
-      for total, keys in (
-          ('cumulative_upload_bytes', ('upload_bytes',)),
-          ('cumulative_download_bytes', ('download_bytes',)),
-          ('cumulative_bytes', ('upload_bytes', 'download_bytes')),
-          ('total_dropped_clients', ('dropped_clients',)),
-          ('total_nonfinite_clients', ('nonfinite_clients',))):
-        totals[total] += sum(int(m[k]) for k in keys)
-      if done % config.eval_every == 0 or done == config.num_rounds:
-        rows.append(_row(run, state, m, done, round_seconds, totals))
+      with _out_of_memory_is(f'in round {done}',
+                             f'{run.round_advice}; {kept()}'):
+        state, m = run.apply(state, run.client_data, run.cohort_for(r),
+                             jax.random.fold_in(run.round_key, r))
+        pending.append((done, m))
+        # Waiting for the previous round keeps one round queued, never more,
+        # so a stop comes within a round.
+        if len(pending) > 1:
+          jax.block_until_ready(pending[-2][1])
+        evaluate = done % config.eval_every == 0 or done == config.num_rounds
+        save = done == config.num_rounds or (
+            config.checkpoint_every and done % config.checkpoint_every == 0)
+        if not (evaluate or save or stop.signum):
+          continue
+        fetched = jax.device_get([m for _, m in pending])
+      seconds += time.perf_counter() - mark
+      timed += len(pending)
+      _account(pending, fetched, totals, kept)
+      pending.clear()
+      if evaluate:
+        evaluated = _evaluate(run, state)
+        rows.append(_row(run, fetched[-1], done, seconds / timed, totals,
+                         evaluated))
+        seconds, timed = 0.0, 0
         work.append_row(rows[-1])
         bar.set_postfix(accuracy=f'{rows[-1]["accuracy"]:.3f}')
-      if stop or done == config.num_rounds or (
-          config.checkpoint_every and done % config.checkpoint_every == 0):
-        save(done)
+      if save or stop.signum:
+        work.save(done, state, {'rows': rows, 'totals': totals})
         last_saved = done
-      if stop:
-        raise Interrupted(stop[0], done)
+      if stop.signum and done < config.num_rounds:
+        raise Interrupted(stop.signum, done, config.num_rounds)
+      mark = time.perf_counter()
   work.write_final(state.params)
+  if stop.signum:
+    raise Interrupted(stop.signum, config.num_rounds, config.num_rounds)
   return rows
 
 
@@ -300,25 +425,42 @@ def _partition_name(config) -> str:
   return 'natural' if config.dataset == 'synthetic' else config.partition
 
 
+
 def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
   """Trains as configured, writing results to `workdir` (see fedkd.workdir).
 
+  The work runs in a worker thread, so SIGINT/SIGTERM are handled at once
+  from any point, compilation included (see `fedkd.stopping`).
+
   Returns:
     The rows of metrics.jsonl, one per evaluated round.
+
+  Raises:
+    FedkdError: bad input (`OutOfMemory`: a setting too large for memory).
+    Diverged: the global model became NaN/inf.
+    Interrupted: SIGINT/SIGTERM once the workdir was in use.
   """
+  with stopping.handling_signals() as stop:
+    return stopping.run_in_worker(_run, config, workdir, stop, progress)
+
+
+def _run(config, workdir: str, stop: stopping.Stopper, progress: bool):
   validation.validate_processes(config)
   sharding.initialize_distributed(config.coordinator_address,
                                   config.num_processes, config.process_id)
   validation.validate_config(config)
+  stop.phase('data loading')
   dataset, parts, public_x = load_data(config)
   validation.validate_workdir(workdir)
-  setup = _setup(config, dataset, parts, public_x)
+  stop.phase('set-up')
+  setup = _setup(config, dataset, parts, public_x, stop)
+  stop.defer()  # the workdir is written from here on
   work = workdir_lib.Workdir(workdir, config.to_dict(),
                              overwrite=config.overwrite)
   print(f'{_partition_name(config)} partition of {dataset.name}:')
   print(partition.describe(dataset.y_train, parts, dataset.num_classes))
   try:
-    rows = _loop(setup, work, progress=progress)
+    rows = _loop(setup, work, stop, progress=progress)
   finally:
     work.close()
   print(format_table(rows))
