@@ -3,12 +3,13 @@
     python -m experiments.scaling [--clients=10,100,1000,10000] \\
         [--devices=1,2,8] [--out=docs/scaling]
 
-Each cell runs `experiments/benchmark.py` (arms (a) and (b), no torch) in a
-fresh process, on CPU with `--xla_force_host_platform_device_count=D` (on a
-GPU/TPU host pass the real device counts, e.g. `--devices=1,8`, and
-`--cpu=false`). Writes OUT.json, OUT.md (seconds per round, compile seconds,
-clients/s, GFLOP/s against the measured matmul peak, peak host memory, the
-per-client-loop ratio) and OUT.png (seconds per round against clients).
+Each cell runs `experiments/benchmark.py` (its `mlp` workload, arms (a) and
+(b), no torch) in a fresh process, on CPU with
+`--xla_force_host_platform_device_count=D` (on a GPU/TPU host pass the real
+device counts, e.g. `--devices=1,8`, and `--cpu=false`). Writes OUT.json,
+OUT.md (seconds per round, compile seconds, clients/s, GFLOP/s against the
+measured matmul peak, peak host memory, the per-client-loop ratio) and OUT.png
+(seconds per round against clients).
 """
 
 import json
@@ -36,8 +37,9 @@ def _cell(clients: int, devices: int) -> dict:
   else:
     env['CUDA_VISIBLE_DEVICES'] = ','.join(map(str, range(devices)))
   proc = subprocess.run(
-      [sys.executable, '-m', 'experiments.benchmark', f'--clients={clients}',
-       '--torch=false', '--json_only', f'--rounds={_ROUNDS.value}'],
+      [sys.executable, '-m', 'experiments.benchmark', '--workload=mlp',
+       f'--clients={clients}', '--torch=false', '--json_only',
+       f'--rounds={_ROUNDS.value}'],
       cwd=_ROOT, env=env, capture_output=True, text=True, check=True)
   return json.loads(proc.stdout.strip().splitlines()[-1])[0]
 

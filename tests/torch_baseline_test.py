@@ -251,12 +251,13 @@ class TorchTwinsTest(absltest.TestCase):
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)))
     alg = fedavg(model=model, client_tx=optax.sgd(lr),
                  server_tx=optax.sgd(1.0), epochs=2, batch_size=n)
-    state, _ = jax.jit(alg.apply)(
-        alg.init(params, jax.random.PRNGKey(1)),
-        clients.stack_clients(x, y, parts),
-        clients.Cohort(client_ids=jnp.arange(num_clients),
-                       client_mask=jnp.ones(num_clients, bool)),
-        jax.random.PRNGKey(2))
+    with jax.default_matmul_precision('highest'):  # no TF32 on GPUs
+      state, _ = jax.jit(alg.apply)(
+          alg.init(params, jax.random.PRNGKey(1)),
+          clients.stack_clients(x, y, parts),
+          clients.Cohort(client_ids=jnp.arange(num_clients),
+                         client_mask=jnp.ones(num_clients, bool)),
+          jax.random.PRNGKey(2))
 
     channels_first = x.transpose(0, 3, 1, 2)
     sim = torch_baseline.TorchFederated(
@@ -294,8 +295,9 @@ class TorchTwinsTest(absltest.TestCase):
         for key, value in _to_torch(params, 'resnet8_gn', torch_shape).items()})
     with torch.no_grad():
       got = twin(torch.tensor(x.transpose(0, 3, 1, 2))).numpy()
-    np.testing.assert_allclose(got, jax.jit(model.apply)(params, x),
-                               rtol=1e-4, atol=1e-5)
+    with jax.default_matmul_precision('highest'):  # no TF32 on GPUs
+      expected = jax.jit(model.apply)(params, x)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
   def test_unknown_model(self):
     with self.assertRaisesRegex(ValueError, 'no torch twin'):

@@ -1,0 +1,177 @@
+"""Tests for experiments/benchmark.py: FLOP counts against hand counts and
+XLA's, and a smoke run of every workload's arms (2 clients, 1 round)."""
+
+import contextlib
+import io
+import json
+import unittest
+
+from absl.testing import absltest
+from absl.testing import flagsaver
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+
+from experiments import benchmark
+from fedkd import layers
+from fedkd import losses
+from fedkd import models
+
+try:
+  import torch  # pylint: disable=unused-import
+except ImportError:  # torch is the optional `bench` extra.
+  torch = None
+
+# Forward FLOPs of one example per layer, by hand. A 'SAME' k x k conv over
+# an n x n map has k*n - 2 * (1 + ... + (k-1)/2) taps inside the input per
+# axis: 5x5 on 28 (14): 134 (64); 3x3 on 32 (16, 8): 94 (46, 22).
+# ResNet's stride-2 3x3 convs pad one pixel on each side (PyTorch's grid):
+# (16 * 3)**2 taps if the model pads explicitly (jnp.pad: its zeros are
+# input), (16 * 3 - 1)**2 if the conv pads (taps on padding do not count).
+_STRIDED = {'explicit': lambda n: (n * 3)**2, 'conv': lambda n: (n * 3 - 1)**2}
+_LAYERS = {
+    'seed_student': [2 * 64 * 32, 2 * 32 * 10],
+    'mnist_2nn': [2 * 784 * 200, 2 * 200 * 200, 2 * 200 * 10],
+    'mnist_cnn': [2 * 1 * 32 * 134**2, 2 * 32 * 64 * 64**2,
+                  2 * 7 * 7 * 64 * 512, 2 * 512 * 10],
+}
+for _pad, _strided in _STRIDED.items():
+  # Stem; block 1: two 3x3; blocks 2 and 3: the stride-2 3x3, a 3x3, the
+  # 1x1 shortcut; the dense layer.
+  _LAYERS[f'resnet8_gn_{_pad}'] = [
+      2 * 3 * 16 * 94**2, 2 * 16 * 16 * 94**2, 2 * 16 * 16 * 94**2,
+      2 * 16 * 32 * _strided(16), 2 * 32 * 32 * 46**2, 2 * 16 * 32 * 16**2,
+      2 * 32 * 64 * _strided(8), 2 * 64 * 64 * 22**2, 2 * 32 * 64 * 8**2,
+      2 * 64 * 10]
+
+
+def _training(layers_flops):
+  """Hand count: 3 forwards, less the first layer's input gradient."""
+  return 3 * sum(layers_flops) - layers_flops[0]
+
+
+class FlopsTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ('seed_student', (8, 8, 1)), ('mnist_2nn', (28, 28, 1)),
+      ('mnist_cnn', (28, 28, 1)))
+  def test_layers_by_hand(self, name, shape):
+    model = models.get_model(name, 10)
+    self.assertEqual(benchmark.layer_flops(model, shape), _LAYERS[name])
+    self.assertEqual(benchmark.training_flops(model, shape),
+                     _training(_LAYERS[name]))
+
+  def test_resnet8_gn_layers_by_hand(self):
+    model = models.get_model('resnet8_gn', 10)
+    self.assertIn(benchmark.layer_flops(model, (32, 32, 3)),
+                  [_LAYERS[f'resnet8_gn_{pad}'] for pad in _STRIDED])
+
+  @parameterized.parameters(
+      # Outputs at 0 and 2, one pixel of padding after: 3 + 2 taps per axis.
+      ('SAME', 5**2),
+      # Rows: outputs at -1 and 1 (2 + 3 taps); columns: 0 and 2 (3 + 2).
+      (((1, 0), (0, 1)), 5 * 5),
+      # Rows as above; columns: one output, at 0 (3 taps).
+      (((1, 1), (0, 0)), (2 + 3) * 3),
+  )
+  def test_strided_conv_skips_padding_taps(self, padding, taps):
+    # 3x3 kernel, stride 2, over 4x4 inputs of 3 channels, 4 outputs.
+    conv = layers.Conv(4, (3, 3), (2, 2), padding)
+    self.assertEqual(benchmark.layer_flops(conv, (4, 4, 3)),
+                     [2 * 3 * 4 * taps])
+
+  @parameterized.parameters(
+      ('seed_teacher', (8, 8, 1)), ('mnist_2nn', (28, 28, 1)),
+      ('mnist_cnn', (28, 28, 1)), ('resnet8_gn', (32, 32, 3)))
+  def test_close_to_xla_count_of_one_training_step(self, name, shape):
+    model = models.get_model(name, 10)
+    x = jnp.zeros((10, *shape))
+    y = jnp.zeros((10,), jnp.int32)
+
+    def step(params):
+      grads = jax.grad(lambda p: jnp.mean(
+          losses.cross_entropy(model.apply(p, x), y)))(params)
+      return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    # Lowered for GPU (no GPU needed to lower): XLA's own dot and convolution
+    # ops, whose count is the arithmetic the model needs. fedkd's CPU kernels
+    # (im2col over padding, outer products) count differently.
+    xla = jax.jit(step).trace(params).lower(
+        lowering_platforms=('cuda',)).cost_analysis()['flops']
+    # XLA also counts activations, norms, the loss and the update.
+    ratio = xla / (10 * benchmark.training_flops(model, shape))
+    self.assertBetween(ratio, 1.0, 1.1)
+
+
+class WorkloadsTest(parameterized.TestCase):
+
+  def _check_row(self, row, num_clients, flops_per_example, examples, *,
+                 timed_torch):
+    for arm in ('vmapped_s', 'loop_s') + (('torch_s',) if timed_torch else ()):
+      self.assertGreater(row[arm], 0.0, msg=arm)
+    self.assertAlmostEqual(row['loop_over_vmapped'],
+                           row['loop_s'] / row['vmapped_s'])
+    if timed_torch:
+      self.assertAlmostEqual(row['torch_over_vmapped'],
+                             row['torch_s'] / row['vmapped_s'])
+      self.assertEqual(row['torch_s'], min(row['torch_s_by_threads'].values()))
+    else:
+      self.assertIsNone(row['torch_s'])
+    self.assertEqual(row['clients'], num_clients)
+    self.assertAlmostEqual(row['gflops_per_round'],
+                           flops_per_example * examples * num_clients / 1e9)
+    self.assertAlmostEqual(row['vmapped_gflop_s'],
+                           row['gflops_per_round'] / row['vmapped_s'])
+
+  @parameterized.parameters(
+      ('cnn_fedavg', ['mnist_cnn']),
+      ('cnn_kd', ['mnist_2nn', 'mnist_cnn']),
+      ('resnet8', None))
+  def test_arms_run(self, name, trained):
+    # One local step per client keeps the smoke run cheap.
+    workload = benchmark.WORKLOADS[name]._replace(examples=10)
+    row = benchmark.benchmark(name, workload, 2, rounds=1, peak=1.0,
+                              loop=True, torch_threads=[1] if torch else [])
+    per_example = (
+        sum(_training(_LAYERS[model]) for model in trained) if trained
+        else benchmark.training_flops(models.get_model('resnet8_gn', 10),
+                                      (32, 32, 3)))  # checked by hand above
+    self._check_row(row, 2, per_example, 10, timed_torch=torch is not None)
+    table = benchmark.markdown_table([row]).splitlines()
+    self.assertLen(table, 3)
+    self.assertEqual(table[0].count('|'), table[2].count('|'))
+
+  @unittest.skipIf(torch is None, 'torch (the `bench` extra) is not installed')
+  def test_torch_threads_each_timed(self):
+    workload = benchmark.WORKLOADS['mlp']
+    row = benchmark.benchmark('mlp', workload, 2, rounds=1, peak=1.0,
+                              loop=False, torch_threads=[1, 2])
+    self.assertSameElements(row['torch_s_by_threads'], [1, 2])
+    self.assertEqual(
+        row['torch_s_by_threads'][row['torch_threads']], row['torch_s'])
+
+  def test_json_only_prints_one_parsable_line(self):
+    # The interface experiments/scaling.py reads.
+    out = io.StringIO()
+    # As scaling.py calls it: (a) and (b), no torch.
+    with flagsaver.flagsaver(workload=['mlp'], clients=['2'], rounds=1,
+                             json_only=True, torch=False), \
+        contextlib.redirect_stdout(out):
+      benchmark.main([])
+    (line,) = out.getvalue().splitlines()
+    (row,) = json.loads(line)
+    self.assertEqual(row['workload'], 'mlp')
+    # Seed teacher and student, 50 examples per client.
+    teacher = _training([2 * 64 * 64, 2 * 64 * 32, 2 * 32 * 10])
+    self._check_row(row, 2, teacher + _training(_LAYERS['seed_student']), 50,
+                    timed_torch=False)
+
+  def test_unknown_workload(self):
+    with flagsaver.flagsaver(workload=['mlp', 'vgg']):
+      with self.assertRaisesRegex(Exception, 'unknown workloads'):
+        benchmark.main([])
+
+
+if __name__ == '__main__':
+  absltest.main()
