@@ -25,13 +25,17 @@ Each is run three ways in one process:
              still on the CPU (labelled so); `--torch=false` skips it.
 
 It prints, per workload, a table of the median seconds per round over
-`--rounds` rounds after a warm-up round (compile time of (a) separately), the
-ratios (b)/(a) and (c)/(a), and achieved GFLOP/s of (a) against the matmul
-peak of device 0; then one JSON line with every row (`--json_only`: only that
-line, which `experiments/scaling.py` reads). (a) uses all visible devices;
-(b) and (c) one. `--torch_threads` takes a list: (c) is timed with each
-thread count and the fastest is reported. Timings are noisy; only ratios
-measured side by side in one run mean much.
+`--rounds` rounds (default: 5 for mlp, 1 for the others, so that everything
+runs in about 10 minutes on 2 CPU cores), the ratios (b)/(a) and (c)/(a), and
+achieved GFLOP/s of (a) against the matmul peak of device 0; then one JSON
+line with every row (`--json_only`: only that line, which
+`experiments/scaling.py` reads). Compilation is not timed: (a) is compiled
+ahead of time (its compile seconds are reported), (b) first runs one client
+and the server step, (c) one client. (a) uses all visible devices; (b) and
+(c) one. `--torch_threads` takes a list: (c) is timed with each thread count
+and the fastest is reported (1 thread, the default, beat 2 on a shared 2-core
+CPU for every workload). Timings are noisy; only ratios measured side by side
+in one run mean much.
 
 FLOPs are counted by hand per layer, the same for every arm: a multiply-add
 is 2 FLOPs; a Dense costs 2 x in x out per example, a Conv 2 x in x out
@@ -124,8 +128,10 @@ HPARAMS = dict(client_lr=0.05, teacher_lr=0.05, temperature=2.0,
                distill_weight=0.5)
 
 
-def _median_seconds(fn, rounds):
-  fn()  # warm-up
+def _median_seconds(fn, rounds, warm_up=None):
+  """Median wall time of `rounds` calls of `fn`, after `warm_up()` if any."""
+  if warm_up:
+    warm_up()
   times = []
   for _ in range(rounds):
     start = time.perf_counter()
@@ -252,6 +258,7 @@ def time_vmapped(alg, state, data, rounds):
     carry[0], _ = compiled(carry[0], data, cohort, rng)
     jax.block_until_ready(carry[0])
 
+  # Compiled ahead of time: no warm-up needed, the first round is timed too.
   return _median_seconds(one_round, rounds), compile_seconds
 
 
@@ -271,20 +278,28 @@ def time_loop(alg, state, data, rounds):
   keys = [jax.random.fold_in(jax.random.PRNGKey(2), i) for i in range(k)]
   carry = [state]
 
+  def server_step(server, uploads, weights):
+    stacked = jax.tree.map(lambda *u: jnp.stack(u), *uploads)
+    server, _ = server_update(server, mean(stacked, jnp.stack(weights)), data,
+                              server_key)
+    return jax.block_until_ready(server)
+
   def one_round():
-    server = carry[0]
     uploads, weights = [], []
     for i in range(k):
-      out = client_update(server, states[i], data, ids[i], sizes[i], keys[i])
+      out = client_update(carry[0], states[i], data, ids[i], sizes[i],
+                          keys[i])
       states[i] = out.state
       uploads.append(out.upload)
       weights.append(out.weight)
-    stacked = jax.tree.map(lambda *u: jnp.stack(u), *uploads)
-    carry[0], _ = server_update(server, mean(stacked, jnp.stack(weights)),
-                                data, server_key)
-    jax.block_until_ready(carry[0])
+    carry[0] = server_step(carry[0], uploads, weights)
 
-  return _median_seconds(one_round, rounds)
+  def warm_up():
+    """Compiles all three functions: one client, the server step."""
+    out = client_update(state, states[0], data, ids[0], sizes[0], keys[0])
+    server_step(state, [out.upload] * k, [out.weight] * k)
+
+  return _median_seconds(one_round, rounds, warm_up)
 
 
 def time_torch(workload: Workload, num_clients: int, rounds: int,
@@ -304,7 +319,9 @@ def time_torch(workload: Workload, num_clients: int, rounds: int,
       client_lr=HPARAMS['client_lr'], epochs=EPOCHS, batch_size=BATCH,
       distillation=distillation, num_threads=threads)
   cohort = list(range(num_clients))
-  return _median_seconds(lambda: sim.run_round(cohort), rounds)
+  # One client warms up torch's kernels (oneDNN primitives, allocator).
+  return _median_seconds(lambda: sim.run_round(cohort), rounds,
+                         lambda: sim.run_round(cohort[:1]))
 
 
 def _torch_installed() -> bool:
@@ -320,7 +337,8 @@ def matmul_peak_gflop_s(size: int = 2048, repeats: int = 5) -> float:
   practical peak, against which the rounds' GFLOP/s are read."""
   a = jax.device_put(jnp.ones((size, size), jnp.float32), jax.devices()[0])
   matmul = jax.jit(lambda a: a @ a)
-  seconds = _median_seconds(lambda: matmul(a).block_until_ready(), repeats)
+  run = lambda: matmul(a).block_until_ready()
+  seconds = _median_seconds(run, repeats, warm_up=run)
   return 2 * size**3 / seconds / 1e9
 
 
