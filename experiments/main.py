@@ -5,12 +5,29 @@
 
 Writes WORKDIR/metrics.jsonl and WORKDIR/config.json and prints a table. A
 config whose `compare` field lists algorithms runs each of them instead (see
-`experiments/compare.py`). Bad input prints one line starting with `error:`
-and exits with code 2.
+`experiments/compare.py`). Bad input, or a setting too large for the memory,
+prints one line starting with `error:` and exits with code 2; SIGINT/SIGTERM
+print one line and exit with 128 + the signal number (see `fedkd.stopping`).
 """
 
+import os
+import signal
 import sys
 
+
+def _stop_outside_runs(signum, frame):
+  del frame
+  print(f'stopped by {signal.Signals(signum).name} before training started '
+        'or between runs; nothing was lost', file=sys.stderr, flush=True)
+  os._exit(128 + signum)  # pylint: disable=protected-access
+
+
+# Importing JAX takes seconds: a signal meanwhile ends the process with one
+# line, not a traceback. `train.run` handles signals itself while it runs.
+for _signum in (signal.SIGINT, signal.SIGTERM):
+  signal.signal(_signum, _stop_outside_runs)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -20,6 +37,7 @@ import compare  # experiments/compare.py, beside this file
 from fedkd import train
 from fedkd import validation
 from fedkd.errors import FedkdError
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Directory for metrics.jsonl and config.json.')

@@ -62,7 +62,8 @@ class Stopper:
     elif self.signum is None:
       self.signum = signum
     else:
-      exit_now(f'stopped by a second {name}; rounds after the newest '
+      # A leading newline ends a progress bar's line.
+      exit_now(f'\nstopped by a second {name}; rounds after the newest '
                'checkpoint are lost, rerun the same command to resume',
                128 + signum)
 
