@@ -6,6 +6,7 @@ child per case, so each sees its real exit code and stderr.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -189,6 +190,62 @@ class BadInputTest(parameterized.TestCase):
     proc = _main(SMOKE, f'--workdir={blocker}/run')
     self.assertEqual(proc.returncode, 2, proc.stderr)
     self.assertIn('cannot create workdir', proc.stderr)
+
+
+class SignalTest(parameterized.TestCase):
+  """A signal during compilation: one line, 128 + signal, nothing written."""
+
+  @parameterized.parameters(signal.SIGINT, signal.SIGTERM)
+  def test_signal_during_compilation(self, signum):
+    workdir = self.create_tempdir().full_path
+    proc = subprocess.Popen(
+        [sys.executable, 'experiments/main.py', SMOKE, f'--workdir={workdir}'],
+        cwd=ROOT, env=dict(os.environ, XLA_FLAGS=''), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+      if line.startswith('compiling'):
+        break
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    self.assertEqual(proc.returncode, 128 + signum, err)
+    name = signal.Signals(signum).name
+    self.assertEqual(err, f'stopped by {name} during compilation; no round '
+                     'was run, nothing saved\n')
+    self.assertEmpty(os.listdir(workdir))
+
+
+# Runs main.py with the address space limited to what JAX occupies once
+# started plus 2 GiB, so an allocation beyond that fails whatever the
+# machine's memory and overcommit policy.
+_LIMITED_MAIN = """
+import os, resource, runpy, sys
+import jax
+jax.jit(lambda x: x + 1)(1.0)
+with open('/proc/self/status') as f:
+  vm = next(int(l.split()[1]) * 1024 for l in f if l.startswith('VmSize'))
+resource.setrlimit(resource.RLIMIT_AS, (vm + (2 << 30), resource.RLIM_INFINITY))
+sys.argv = ['experiments/main.py', *sys.argv[1:]]
+sys.path[0] = os.path.abspath('experiments')
+runpy.run_path('experiments/main.py', run_name='__main__')
+"""
+
+
+class OutOfMemoryTest(absltest.TestCase):
+
+  def test_round_too_large_names_the_settings_to_lower(self):
+    workdir = self.create_tempdir().full_path
+    # A million local epochs: the round's step schedule alone needs ~40 GB.
+    env = dict(os.environ, XLA_FLAGS='', MALLOC_ARENA_MAX='2')
+    proc = subprocess.run(
+        [sys.executable, '-c', _LIMITED_MAIN, SMOKE, f'--workdir={workdir}',
+         '--config.local_epochs=1000000'], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=300, check=False)
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertNotIn('Traceback', proc.stderr)
+    last = proc.stderr.strip().splitlines()[-1]
+    self.assertStartsWith(last, 'error: out of memory in round 1 (')
+    self.assertIn('--config.clients_per_chunk=25', last)
+    self.assertIn('no checkpoint was saved', last)
 
 
 def _snapshot(workdir):
