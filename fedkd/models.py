@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from fedkd.errors import FedkdError
 from fedkd.layers import Conv
 from fedkd.layers import Dense
+from fedkd.layers import max_pool
 
 
 class MLP(nn.Module):
@@ -42,7 +43,7 @@ class MnistCNN(nn.Module):
   def __call__(self, x):
     for features in (32, 64):
       x = nn.relu(Conv(features, (5, 5))(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool(x, 2)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(Dense(512)(x))
     return Dense(self.num_classes)(x)
