@@ -4,7 +4,6 @@ XLA's, and a smoke run of every workload's arms (2 clients, 1 round)."""
 import contextlib
 import io
 import json
-import unittest
 
 from absl.testing import absltest
 from absl.testing import flagsaver
@@ -142,21 +141,11 @@ class WorkloadsTest(parameterized.TestCase):
     self.assertLen(table, 3)
     self.assertEqual(table[0].count('|'), table[2].count('|'))
 
-  @unittest.skipIf(torch is None, 'torch (the `bench` extra) is not installed')
-  def test_torch_threads_each_timed(self):
-    workload = benchmark.WORKLOADS['mlp']
-    row = benchmark.benchmark('mlp', workload, 2, rounds=1, peak=1.0,
-                              loop=False, torch_threads=[1, 2])
-    self.assertSameElements(row['torch_s_by_threads'], [1, 2])
-    self.assertEqual(
-        row['torch_s_by_threads'][row['torch_threads']], row['torch_s'])
-
   def test_json_only_prints_one_parsable_line(self):
-    # The interface experiments/scaling.py reads.
+    # The interface experiments/scaling.py reads; (c) with each thread count.
     out = io.StringIO()
-    # As scaling.py calls it: (a) and (b), no torch.
     with flagsaver.flagsaver(workload=['mlp'], clients=['2'], rounds=1,
-                             json_only=True, torch=False), \
+                             json_only=True, torch_threads=['1', '2']), \
         contextlib.redirect_stdout(out):
       benchmark.main([])
     (line,) = out.getvalue().splitlines()
@@ -165,7 +154,11 @@ class WorkloadsTest(parameterized.TestCase):
     # Seed teacher and student, 50 examples per client.
     teacher = _training([2 * 64 * 64, 2 * 64 * 32, 2 * 32 * 10])
     self._check_row(row, 2, teacher + _training(_LAYERS['seed_student']), 50,
-                    timed_torch=False)
+                    timed_torch=torch is not None)
+    if torch:
+      self.assertSameElements(row['torch_s_by_threads'], ['1', '2'])
+      self.assertEqual(row['torch_s_by_threads'][str(row['torch_threads'])],
+                       row['torch_s'])
 
   def test_unknown_workload(self):
     with flagsaver.flagsaver(workload=['mlp', 'vgg']):
