@@ -24,6 +24,8 @@ def _start(args):
   if pid == 0:
     os.dup2(write, 2)
     os.close(read)
+    # The parent's stdout carries the JSON answer; the run's output goes.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     sys.stderr = os.fdopen(2, 'w')
     sys.argv = ['experiments/main.py', *args]
     # As for `python experiments/main.py`: the script's folder comes first.
