@@ -248,7 +248,8 @@ class TorchTwinsTest(absltest.TestCase):
     y = rng.integers(0, 10, num_clients * n).astype(np.int64)
     parts = [np.arange(4), np.arange(4, 7)]
     model = models.get_model('mnist_cnn', 10)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0),
+                                 jnp.zeros((1, *shape)))
     alg = fedavg(model=model, client_tx=optax.sgd(lr),
                  server_tx=optax.sgd(1.0), epochs=2, batch_size=n)
     with jax.default_matmul_precision('highest'):  # no TF32 on GPUs
