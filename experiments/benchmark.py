@@ -31,11 +31,13 @@ achieved GFLOP/s of (a) against the matmul peak of device 0; then one JSON
 line with every row (`--json_only`: only that line, which
 `experiments/scaling.py` reads). Compilation is not timed: (a) is compiled
 ahead of time (its compile seconds are reported), (b) first runs one client
-and the server step, (c) one client. (a) uses all visible devices; (b) and
-(c) one. `--torch_threads` takes a list: (c) is timed with each thread count
-and the fastest is reported (1 thread, the default, beat 2 on a shared 2-core
-CPU for every workload). Timings are noisy; only ratios measured side by side
-in one run mean much.
+and the server step, (c) one client. (a)'s first round is timed with whatever
+a first execution costs once: a median over 3 or more rounds leaves that out,
+and beside a CNN round it does not matter. (a) uses all visible devices; (b)
+and (c) one. `--torch_threads` takes a list: (c) is timed with each thread
+count and the fastest is reported (1 thread, the default, beat 2 on a shared
+2-core CPU for every workload). Timings are noisy; only ratios measured side
+by side in one run mean much.
 
 FLOPs are counted by hand per layer, the same for every arm: a multiply-add
 is 2 FLOPs; a Dense costs 2 x in x out per example, a Conv 2 x in x out
