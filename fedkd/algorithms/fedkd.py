@@ -21,7 +21,8 @@ fraction T_t of each matrix's singular-value energy, T_t linear from
 `energy_start` to `energy_end` over `num_rounds` (paper: 0.95 to 0.98). The
 server averages the compressed updates by example count, compresses the mean
 the same way for the download, and applies it through the server optimizer.
-Both directions count the bytes of the factors actually sent.
+Both directions count the bytes of the factors actually sent, or of the
+matrix where the factors would be larger.
 """
 
 import flax.linen as nn

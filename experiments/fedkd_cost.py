@@ -1,0 +1,90 @@
+"""Seconds per round of FedKD against FedAvg and local KD, side by side.
+
+    python -m experiments.fedkd_cost [--setups=50:10:80,50:50:80,1000:1000:20]
+
+Each setup is clients:cohort:examples per client, on MNIST-sized random data
+(28x28x1, 10 classes) with mnist_2nn (784-200-200-10) as the shared model and
+as every client's private teacher (mentor), E=1, B=10, SGD. FedKD is local KD
+plus mutual distillation plus the SVD compression of both directions, so
+fedkd / local_kd is essentially the price of the compression. It prints the
+median seconds of `--rounds` rounds after a first round that compiles (its
+time is printed too). Timings are noisy; compare ratios from one run only.
+"""
+
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedkd import algorithms
+from fedkd import clients
+from fedkd import models
+
+_SETUPS = flags.DEFINE_list('setups', ['50:10:80', '50:50:80', '1000:1000:20'],
+                            'clients:cohort:examples triples to time.')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Timed rounds per algorithm.')
+
+INPUT_SHAPE, NUM_CLASSES, MODEL = (28, 28, 1), 10, 'mnist_2nn'
+
+
+def _algorithms(num_clients: int) -> dict[str, algorithms.FederatedAlgorithm]:
+  model = models.get_model(MODEL, NUM_CLASSES)
+  common = dict(client_tx=optax.sgd(0.05), server_tx=optax.sgd(1.0),
+                epochs=1, batch_size=10)
+  private = dict(input_shape=INPUT_SHAPE, num_clients=num_clients, **common)
+  return {
+      'fedavg': algorithms.fedavg(model=model, **common),
+      'local_kd': algorithms.local_kd(
+          teacher=model, student=model, teacher_tx=optax.sgd(0.05),
+          temperature=2.0, distill_weight=0.5, **private),
+      'fedkd': algorithms.fedkd(
+          mentor=model, mentee=model, mentor_tx=optax.sgd(0.05),
+          energy_start=0.95, energy_end=0.98, num_rounds=10, **private),
+  }
+
+
+def _time(alg, data, cohort) -> tuple[float, float]:
+  """(seconds of the first round, median seconds of the next rounds)."""
+  params = models.get_model(MODEL, NUM_CLASSES).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, *INPUT_SHAPE)))
+  state = alg.init(params, jax.random.PRNGKey(1))
+  apply = jax.jit(alg.apply)
+  times = []
+  for i in range(_ROUNDS.value + 1):
+    start = time.perf_counter()
+    state, _ = apply(state, data, cohort, jax.random.PRNGKey(i))
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+  return times[0], statistics.median(times[1:])
+
+
+def main(argv):
+  del argv
+  print('clients | cohort | examples | fedavg s | local_kd s | fedkd s | '
+        'fedkd/fedavg | fedkd/local_kd | fedkd first round s')
+  for setup in _SETUPS.value:
+    num_clients, size, examples = map(int, setup.split(':'))
+    rng = np.random.default_rng(0)
+    n = num_clients * examples
+    data = jax.tree.map(jnp.asarray, clients.stack_clients(
+        rng.random((n, *INPUT_SHAPE), np.float32),
+        rng.integers(0, NUM_CLASSES, n),
+        np.arange(n).reshape(num_clients, examples)))
+    cohort = clients.sample_cohort(rng, num_clients, size, size)
+    first, seconds = {}, {}
+    for name, alg in _algorithms(num_clients).items():
+      first[name], seconds[name] = _time(alg, data, cohort)
+    print(f'{num_clients} | {size} | {examples} | {seconds["fedavg"]:.3f} | '
+          f'{seconds["local_kd"]:.3f} | {seconds["fedkd"]:.3f} | '
+          f'{seconds["fedkd"] / seconds["fedavg"]:.2f} | '
+          f'{seconds["fedkd"] / seconds["local_kd"]:.2f} | '
+          f'{first["fedkd"]:.1f}', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,166 @@
+"""FedKD's truncated SVD against numpy's, and a 2NN round that cannot hang."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedkd import algorithms
+from fedkd import clients
+from fedkd import compression
+from fedkd import models
+
+_COMPRESS = jax.jit(compression.svd_compress)
+
+
+def _numpy_truncation(a, energy):
+  """(rank, U_r S_r V_r^T) by numpy's SVD in float64, FedKD's criterion."""
+  u, s, vt = np.linalg.svd(a.astype(np.float64), full_matrices=False)
+  if not s.any():
+    return 0, np.zeros_like(a, np.float64)
+  fraction = np.cumsum(s**2) / np.sum(s**2)
+  rank = min(int(np.sum(fraction < energy)) + 1, len(s))
+  return rank, (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
+def _factor_bytes(rank, m, n):
+  """What FedKD sends for a rank-r factorisation: never more than dense."""
+  return 4 * min(rank * (m + n + 1), m * n)
+
+
+def _matrix(kind, shape, seed=0):
+  """A float32 test matrix: Gaussian, of a given rank, or fast decaying."""
+  rng = np.random.default_rng(seed)
+  m, n = shape
+  if kind.startswith('rank'):
+    k = int(kind[4:])
+    a = rng.normal(size=(m, k)) @ rng.normal(size=(k, n))
+  elif kind == 'decaying':  # singular values 0.7^i, random singular vectors
+    u = np.linalg.qr(rng.normal(size=(m, min(shape))))[0]
+    v = np.linalg.qr(rng.normal(size=(n, min(shape))))[0]
+    a = (u * 0.7**np.arange(min(shape))) @ v.T
+  else:
+    a = rng.normal(size=shape)
+  return a.astype(np.float32)
+
+
+def _compress(a, energy):
+  update, sent = _COMPRESS({'w': jnp.asarray(a)}, energy)
+  return np.asarray(update['w'], np.float64), int(sent)
+
+
+class SvdCompressTest(parameterized.TestCase):
+
+  # Gram matrices this small are diagonalised exactly (Jacobi).
+  @parameterized.parameters((12, 7), (7, 12), (9, 9))
+  def test_small_matrices_match_numpy(self, m, n):
+    for kind in ('gaussian', 'rank0', 'rank1', 'rank3', 'decaying'):
+      for energy in (0.5, 0.9, 0.99):
+        with self.subTest(kind=kind, energy=energy):
+          a = _matrix(kind, (m, n))
+          rank, expected = _numpy_truncation(a, energy)
+          got, sent = _compress(a, energy)
+          self.assertEqual(sent, _factor_bytes(rank, m, n))
+          if rank * (m + n + 1) > m * n:
+            expected = a  # Sent dense: exact.
+          np.testing.assert_allclose(got, expected,
+                                     atol=2e-5 * np.abs(a).max())
+
+  # Larger ones go by blocks of subspace iteration (n > 40 here).
+  @parameterized.parameters((150, 60), (60, 150))
+  def test_large_decaying_and_low_rank_matrices_match_numpy(self, m, n):
+    for kind, energy in (('decaying', 0.9), ('decaying', 0.999),
+                         ('rank5', 0.95), ('rank0', 0.9)):
+      with self.subTest(kind=kind, energy=energy):
+        a = _matrix(kind, (m, n))
+        rank, expected = _numpy_truncation(a, energy)
+        got, sent = _compress(a, energy)
+        self.assertEqual(sent, _factor_bytes(rank, m, n))
+        np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(a).max())
+
+  @parameterized.parameters((150, 60), (60, 150))
+  def test_large_flat_spectrum_keeps_the_energy_with_a_near_optimal_rank(
+      self, m, n):
+    a = _matrix('gaussian', (m, n), seed=1)
+    total = np.sum(a.astype(np.float64)**2)
+    for energy in (0.3, 0.6):
+      with self.subTest(energy=energy):
+        best, _ = _numpy_truncation(a, energy)
+        got, sent = _compress(a, energy)
+        rank = sent // 4 // (m + n + 1)
+        # The factors span at most `rank` directions and hold the energy:
+        # got projects A's longer side onto them (got = A P for a tall A,
+        # P an orthogonal projector), so the residual is orthogonal to got.
+        self.assertBetween(rank, best, best + 3)
+        self.assertLessEqual(np.linalg.matrix_rank(got, tol=1e-4), rank)
+        residual = a - got
+        np.testing.assert_allclose(
+            residual @ got.T if m >= n else residual.T @ got, 0, atol=1e-3)
+        self.assertGreaterEqual(np.sum(got**2) / total, energy)
+
+  def test_a_rank_dense_would_beat_is_sent_dense(self):
+    a = _matrix('gaussian', (150, 60))
+    rank, _ = _numpy_truncation(a, 0.95)
+    self.assertGreater(rank * (150 + 60 + 1), 150 * 60)
+    got, sent = _compress(a, 0.95)
+    self.assertEqual(sent, 4 * 150 * 60)
+    np.testing.assert_array_equal(got, a)
+
+  def test_bytes_of_a_tree(self):
+    # A conv kernel [3, 3, 2, 4] is the matrix [18, 4]; biases go whole.
+    kernel = _matrix('rank1', (18, 4)).reshape(3, 3, 2, 4)
+    tree = {'conv': kernel, 'bias': np.ones(4, np.float32),
+            'dense': _matrix('rank3', (12, 7))}
+    update, sent = _COMPRESS(jax.tree.map(jnp.asarray, tree), 0.99)
+    self.assertEqual(int(sent), 4 * (1 * (18 + 4 + 1) + 4 + 3 * (12 + 7 + 1)))
+    self.assertEqual(update['conv'].shape, kernel.shape)
+    np.testing.assert_allclose(update['conv'], kernel, atol=1e-5)
+    np.testing.assert_array_equal(update['bias'], tree['bias'])
+
+  def test_no_lapack_in_the_vmapped_compression(self):
+    # jaxlib's batched CPU LAPACK kernels wait on the XLA thread pool they
+    # run on: concurrent calls deadlocked FedKD rounds. The check can fail:
+    # a vmapped jnp.linalg.svd lowers to LAPACK's gesdd.
+    stacked = {'h1': jnp.zeros((10, 784, 200)), 'h2': jnp.zeros((10, 200, 200)),
+               'out': jnp.zeros((10, 200, 10)), 'bias': jnp.zeros((10, 200))}
+    hlo = jax.jit(jax.vmap(compression.svd_compress, (0, None))).lower(
+        stacked, 0.95).as_text()
+    self.assertNotIn('lapack', hlo)
+    self.assertIn('lapack', jax.jit(jax.vmap(jnp.linalg.svd)).lower(
+        stacked['h2']).as_text())
+
+
+class MnistSizedRoundTest(absltest.TestCase):
+
+  def test_vmapped_fedkd_round_with_2nn_models_is_finite(self):
+    # The shapes that hung in LAPACK: 784-200-200-10 mentor and mentee, 10
+    # clients in one vmapped (unchunked) round, one local step each.
+    num_clients, examples, shape = 10, 20, (28, 28, 1)
+    rng = np.random.default_rng(0)
+    n = num_clients * examples
+    data = jax.tree.map(jnp.asarray, clients.stack_clients(
+        rng.random((n, *shape), np.float32), rng.integers(0, 10, n),
+        np.arange(n).reshape(num_clients, examples)))
+    model = models.get_model('mnist_2nn', 10)
+    alg = algorithms.fedkd(
+        mentor=model, mentee=model, input_shape=shape,
+        num_clients=num_clients, client_tx=optax.sgd(0.1),
+        mentor_tx=optax.sgd(0.1), server_tx=optax.sgd(1.0), epochs=1,
+        batch_size=examples, energy_start=0.95, energy_end=0.98, num_rounds=2)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)))
+    state = alg.init(params, jax.random.PRNGKey(1))
+    cohort = clients.Cohort(client_ids=jnp.arange(num_clients),
+                            client_mask=jnp.ones(num_clients, bool))
+    state, metrics = jax.jit(alg.apply)(state, data, cohort,
+                                        jax.random.PRNGKey(2))
+    self.assertTrue(bool(metrics['params_finite']))
+    self.assertEqual(int(metrics['clients']), num_clients)
+    dense = 4 * models.num_params(params)
+    self.assertLess(int(metrics['upload_bytes']), num_clients * dense)
+    self.assertLess(int(metrics['download_bytes']), num_clients * dense)
+
+
+if __name__ == '__main__':
+  absltest.main()
