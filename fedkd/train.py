@@ -7,9 +7,9 @@ rounds, on the last round and on SIGINT/SIGTERM (see `fedkd.stopping`).
 
 Rounds are dispatched asynchronously: the host keeps one round queued behind
 the running one and fetches metrics (all rounds' at once) only at rounds it
-evaluates or checkpoints. Evaluation and compilation are sized to fit the
-memory; running out of it anyway ends the run with `OutOfMemory`, naming the
-settings to lower.
+evaluates or checkpoints. Evaluation is sized to fit the memory (see
+`fedkd.metrics`); running out of memory anywhere ends the run with
+`OutOfMemory`, naming the settings to lower.
 """
 
 import contextlib
@@ -54,8 +54,8 @@ _TOTALS = (('cumulative_upload_bytes', ('upload_bytes',)),
            ('total_dropped_clients', ('dropped_clients',)),
            ('total_nonfinite_clients', ('nonfinite_clients',)))
 # How XLA and its CPU kernels report a failed allocation.
-_OOM_MARKERS = ('RESOURCE_EXHAUSTED', 'out of memory', 'allocat',
-                'YNNPACK operation failed')
+_OOM_MARKERS = ('resource_exhausted', 'out of memory', 'allocat',
+                'ynnpack operation failed')
 
 
 class Diverged(Exception):
@@ -95,24 +95,18 @@ def format_table(rows) -> str:
   return '\n'.join(lines)
 
 
-def _is_out_of_memory(e: BaseException) -> bool:
-  text = str(e).lower()
-  return isinstance(e, MemoryError) or (
-      isinstance(e, jax.errors.JaxRuntimeError) and
-      any(marker.lower() in text for marker in _OOM_MARKERS))
-
-
 @contextlib.contextmanager
 def _out_of_memory_is(where: str, advice: str):
   """Turns a failed allocation inside into `OutOfMemory`: where, and advice."""
   try:
     yield
   except (jax.errors.JaxRuntimeError, MemoryError) as e:
-    if not _is_out_of_memory(e):
+    text = str(e).strip()
+    if isinstance(e, jax.errors.JaxRuntimeError) and not any(
+        marker in text.lower() for marker in _OOM_MARKERS):
       raise
-    lines = str(e).strip().splitlines() or [type(e).__name__]
-    raise OutOfMemory(f'out of memory {where} ({lines[0][:200]}); '
-                      f'{advice}') from None
+    first = text.splitlines()[0][:200] if text else type(e).__name__
+    raise OutOfMemory(f'out of memory {where} ({first}); {advice}') from None
 
 
 def _round_advice(config, cohort_size: int, chunk: int) -> str:
@@ -143,8 +137,10 @@ class _Run:
   apply: Any  # the compiled round
   cohort_for: Any  # round index -> sharded Cohort
   round_key: jax.Array
-  eval_student: Any  # compiled: (state, x, y) -> (loss, accuracy) or None
-  eval_teachers: Any  # compiled: (state, x, y) -> mean accuracy, or None
+  # Compiled (state, x_test, y_test) -> ([N] losses, [N] accuracies) of the
+  # global model (N = 1) and of the evaluated private models, or None.
+  eval_student: Any
+  eval_teachers: Any
   test: tuple[jax.Array, jax.Array]
   compile_seconds: float
   round_advice: str
@@ -265,10 +261,10 @@ def _epsilon(config, rounds_done):
       accountant=config.dp_accountant)
 
 
-def _evaluate(run: _Run, state) -> dict:
+def _evaluate(run: _Run, state, kept: str) -> dict:
   """Test-set figures of the global model and the evaluated private ones."""
   row = dict(student_accuracy=None, student_loss=None, teacher_accuracy=None)
-  with _out_of_memory_is('evaluating', _eval_advice(run.config)):
+  with _out_of_memory_is('evaluating', f'{_eval_advice(run.config)}; {kept}'):
     if run.eval_student:
       loss, acc = jax.device_get(run.eval_student(state, *run.test))
       row.update(student_accuracy=float(acc[0]), student_loss=float(loss[0]))
@@ -368,7 +364,7 @@ def _loop(run: _Run, work: workdir_lib.Workdir, stop: stopping.Stopper, *,
       _account(pending, fetched, totals, kept)
       pending.clear()
       if evaluate:
-        evaluated = _evaluate(run, state)
+        evaluated = _evaluate(run, state, kept())
         rows.append(_row(run, fetched[-1], done, seconds / timed, totals,
                          evaluated))
         seconds, timed = 0.0, 0
