@@ -12,9 +12,10 @@ on each minibatch, by adaptive mutual distillation:
 per example, each KL as `losses.distillation` at T = 1 (KL(other || self)),
 the other model detached, and the adaptive scale `1 / (CE_t + CE_s)` detached
 too (it weighs the terms; it is not meant to be minimised) and floored at
-1e-6 in the denominator, so two perfectly confident models give 0, not NaN. Both models use the logits of the step's forward
-pass, before either update. The paper's hidden-state and attention losses are
-not implemented: no model here exposes hidden states.
+1e-6 in the denominator, so two perfectly confident models give 0, not NaN.
+Both models use the logits of the step's forward pass, before either update.
+The paper's hidden-state and attention losses are not implemented: no model
+here exposes hidden states.
 
 The mentee's update is SVD-compressed (`compression.svd_compress`) keeping a
 fraction T_t of each matrix's singular-value energy, T_t linear from
