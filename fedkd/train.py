@@ -191,6 +191,9 @@ def _setup(config, dataset, parts, public_x, stop: stopping.Stopper) -> _Run:
       config.clients_per_round, mesh, config.clients_per_chunk)
   round_advice = _round_advice(config, cohort_size, chunk)
   with _out_of_memory_is('placing the data and models', round_advice):
+    # Every device holds all client data: cohorts are random, so split rows
+    # would sit on any device, and XLA then gathers each local step's batch
+    # with an all-reduce across devices (rounds ~1.3x slower on 8 CPU devices).
     client_data = jax.device_put(
         clients.stack_clients(dataset.x_train, dataset.y_train, parts).replace(
             public_x=public_x), replicated)

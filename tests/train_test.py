@@ -6,6 +6,7 @@ line, in main_test.py.
 
 import json
 import os
+import tempfile
 from unittest import mock
 
 from absl.testing import absltest
@@ -48,7 +49,7 @@ class LoopTest(absltest.TestCase):
       return device_get(x)
 
     with mock.patch.object(jax, 'device_get', recording_device_get):
-      cls.rows = _run(absltest.get_default_test_tmpdir() + '/loop')
+      cls.rows = _run(tempfile.mkdtemp())
     cls.fetches = fetches
 
   def test_metrics_are_fetched_only_at_evaluated_rounds(self):
