@@ -141,20 +141,17 @@ def _kept(power: Array, before: Array, target: Array) -> Array:
   return jnp.where(before < target, jnp.minimum(needed, power.shape[0]), 0)
 
 
-def _project(a: Array, v: Array) -> Array:
-  """A V V^T: `a` with its rows projected onto the orthonormal columns `v`."""
-  return _dot(_dot(a, v), v.T)
-
-
-def _factor_exact(a: Array, gram: Array, target: Array):
-  """(rank, A V_r V_r^T) from the full eigendecomposition of a small `gram`."""
+def _factor_exact(gram: Array, target: Array) -> tuple[Array, Array]:
+  """(rank, V_r V_r^T) from the full eigendecomposition of a small `gram`."""
   power, v = _jacobi_eigh(gram)
   rank = _kept(power, jnp.zeros_like(target), target)
-  return rank, _project(a, v * (jnp.arange(v.shape[1]) < rank))
+  v *= jnp.arange(v.shape[1]) < rank
+  return rank, _dot(v, v.T)
 
 
-def _factor_blocks(a: Array, gram: Array, target: Array, max_rank: int):
-  """(rank, A V_r V_r^T) from blocks of subspace iteration on `gram`.
+def _factor_blocks(gram: Array, target: Array,
+                   max_rank: int) -> tuple[Array, Array]:
+  """(rank, V_r V_r^T) from blocks of subspace iteration on `gram`.
 
   Each block finds the next _BLOCK eigenvectors, then projects them out of
   the Gram matrix (G <- P G P, P = I - V V^T), so the next block works in the
@@ -164,30 +161,30 @@ def _factor_blocks(a: Array, gram: Array, target: Array, max_rank: int):
   n = gram.shape[0]
 
   def unfinished(state):
-    block, _, rank, kept, _ = state
+    block, _, _, rank, kept = state
     return (kept < target) & (block * _BLOCK < max_rank) & (rank <= max_rank)
 
   def next_block(state):
-    block, gram, rank, kept, recon = state
+    block, gram, projector, rank, kept = state
     y = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), block),
-                          (n, _BLOCK + _OVERSAMPLE), a.dtype)
+                          (n, _BLOCK + _OVERSAMPLE), gram.dtype)
     y = jax.lax.fori_loop(
         0, _POWER_STEPS, lambda _, y: _orthonormalize(_dot(gram, y)), y)
     power, w = _jacobi_eigh(_dot(y.T, _dot(gram, y)))
     v = _dot(y, w[:, :_BLOCK])
     take = _kept(power[:_BLOCK], kept, target)
-    used = jnp.arange(_BLOCK) < take
+    mask = jnp.arange(_BLOCK) < take
+    used = v * mask
     # P G P = G - V W^T - W V^T with W = G V - V (V^T G V) / 2.
     gv = _dot(gram, v)
     vw = _dot(v, (gv - _dot(v, _dot(v.T, gv)) / 2).T)
-    gram = gram - vw - vw.T
-    return (block + 1, gram, rank + take,
-            kept + jnp.sum(jnp.where(used, power[:_BLOCK], 0)),
-            recon + _project(a, v * used))
+    return (block + 1, gram - vw - vw.T, projector + _dot(used, used.T),
+            rank + take, kept + jnp.sum(jnp.where(mask, power[:_BLOCK], 0)))
 
-  state = (0, gram, 0, jnp.zeros_like(target), jnp.zeros_like(a))
-  _, _, rank, kept, recon = jax.lax.while_loop(unfinished, next_block, state)
-  return jnp.where(kept < target, max_rank + 1, rank), recon
+  state = (0, gram, jnp.zeros_like(gram), 0, jnp.zeros_like(target))
+  _, _, projector, rank, kept = jax.lax.while_loop(
+      unfinished, next_block, state)
+  return jnp.where(kept < target, max_rank + 1, rank), projector
 
 
 def _svd_truncate(matrix: Array, energy: Array) -> tuple[Array, Array]:
@@ -195,28 +192,31 @@ def _svd_truncate(matrix: Array, energy: Array) -> tuple[Array, Array]:
 
   The factors `U_r diag(s_r) V_r^T` cost r (m + n + 1) floats; when that is
   more than the m n of the matrix itself, the matrix is sent instead (and
-  arrives exact). A zero matrix sends nothing. A non-finite matrix is
-  decomposed as zeros and comes back as all-NaN, so the update stays
-  visibly broken.
+  arrives exact). A zero matrix sends nothing. A non-finite matrix (or one
+  whose squares overflow) is decomposed as zeros and comes back as all-NaN,
+  so the update stays visibly broken.
   """
   m, n = matrix.shape
-  finite = jnp.all(jnp.isfinite(matrix))
-  a = jnp.where(finite, matrix, 0)
-  a = a if m >= n else a.T
-  gram = _dot(a.T, a)
+  wide = m < n  # The Gram matrix of the shorter side, and V on that side.
+  gram = _dot(matrix, matrix.T) if wide else _dot(matrix.T, matrix)
   total = jnp.trace(gram)
+  finite = jnp.isfinite(total)  # Any NaN or inf reaches the diagonal.
+  gram = jnp.where(finite, gram, 0)
   target = energy * total
   max_rank = m * n // (m + n + 1)  # Above it, the dense matrix is smaller.
   if gram.shape[0] <= _BLOCK + _OVERSAMPLE:
-    rank, recon = _factor_exact(a, gram, target)
+    rank, projector = _factor_exact(gram, target)
   else:
-    rank, recon = _factor_blocks(a, gram, target, max_rank)
-  rank = jnp.where(total > 0, rank, 0).astype(jnp.int32)
+    rank, projector = _factor_blocks(gram, target, max_rank)
+  rank = jnp.where(finite & (total > 0), rank, 0).astype(jnp.int32)
   dense = rank > max_rank
-  recon = jnp.where(dense, a, recon)
-  recon = recon if m >= n else recon.T
+  # A V_r V_r^T (or V_r V_r^T A), A itself when dense, all NaN if not finite.
+  projector = jnp.where(dense, jnp.eye(gram.shape[0], dtype=gram.dtype),
+                        projector)
+  projector = jnp.where(finite, projector, jnp.nan)
+  recon = _dot(projector, matrix) if wide else _dot(matrix, projector)
   sent = jnp.where(dense, m * n, rank * (m + n + 1)) * _FLOAT_BYTES
-  return jnp.where(finite, recon, jnp.nan), sent
+  return recon, sent
 
 
 def svd_compress(tree: PyTree, energy: Array) -> tuple[PyTree, Array]:
