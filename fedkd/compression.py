@@ -7,18 +7,17 @@ a two-thread pool wait for each other forever (a vmapped FedKD round, whose
 layers are compressed concurrently, hung in `gesdd`). Everything here is
 matmuls, elementwise ops and loops, which batch under `vmap` on any backend.
 
-Of `A` ([m, n], n <= m after transposing), only the eigenvectors of the small
-Gram matrix `G = A^T A` that the energy criterion keeps are computed, a block
-of them at a time: each block runs a few steps of subspace iteration on `G`
-with the directions already found projected out, then a Rayleigh-Ritz step
-(cyclic Jacobi on the block's small projected matrix). Blocks stop as soon as
-the kept energy is reached, so a typical update costs one or two blocks.
-Squaring `A` into `G` loses singular values below ~sqrt(eps) sigma_1, which
-hold a negligible share of the energy; `U_r = A V_r` is recomputed from `A`,
-so the kept directions are reconstructed to float32 accuracy. The energy of
-the kept directions is measured exactly, so the target is always met; only
-where the singular values are flat at the cut may r exceed the optimal rank
-by a few.
+Of `A` ([m, n]), only the eigenvectors V_r of the Gram matrix of its shorter
+side (`G = A^T A` for m >= n) that the energy criterion keeps are computed, a
+block of them at a time: a few steps of subspace iteration on `G`, with the
+directions already found projected out, then Jacobi rotations within the
+block (Rayleigh-Ritz). Blocks stop once the kept energy is reached, so an
+update typically costs one or two. The receiver's matrix `A V_r V_r^T` is
+then one matmul with `A`, so the kept directions come out to float32
+accuracy although `G` squares the condition number (it loses singular values
+below ~sqrt(eps) sigma_1, a negligible share of the energy). The kept energy
+is measured exactly, so the target is always met; where the singular values
+are flat at the cut, r may exceed the optimal rank by a few.
 """
 
 import functools
@@ -29,15 +28,17 @@ import jax.numpy as jnp
 from fedkd.typing import Array, PyTree
 
 _FLOAT_BYTES = 4
-# A Gram matrix of at most _BLOCK + _OVERSAMPLE rows is diagonalised outright.
-# Larger ones go by blocks of _BLOCK eigenvectors, iterated with _OVERSAMPLE
-# extra vectors (which speed up the convergence of the kept ones) for
-# _POWER_STEPS steps: on FedKD updates of a 2NN the rank is then the optimal
-# one or one more (tests/compression_test.py checks the other cases).
+# A Gram matrix of at most _BLOCK + _OVERSAMPLE rows is diagonalised outright
+# (Jacobi until converged, at most _MAX_SWEEPS sweeps). Larger ones go by
+# blocks of _BLOCK eigenvectors, iterated with _OVERSAMPLE extra vectors
+# (which speed up the convergence of the kept ones) for _POWER_STEPS steps,
+# then _RITZ_SWEEPS Jacobi sweeps: on FedKD updates of a 2NN the rank is then
+# the optimal one or one more (tests/compression_test.py checks the rest).
 _BLOCK = 32
 _OVERSAMPLE = 8
 _POWER_STEPS = 3
 _MAX_SWEEPS = 12
+_RITZ_SWEEPS = 3
 _JACOBI_TOL = 1e-6  # of the Frobenius norm; rounding leaves ~2e-7
 
 _dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
@@ -84,16 +85,18 @@ def _jacobi_round(carry, _):
           _rotate_rows(vt, c, s)), None
 
 
-def _jacobi_eigh(sym: Array) -> tuple[Array, Array]:
+def _jacobi_eigh(sym: Array, max_sweeps: int) -> tuple[Array, Array]:
   """Cyclic Jacobi on a small symmetric matrix, in parallel round-robin order.
 
   Sweeps of n - 1 rounds (each rotating n / 2 disjoint pairs) repeat until
   the off-diagonal part is at rounding level (a few sweeps: the convergence
-  is quadratic), at most _MAX_SWEEPS.
+  is quadratic), at most `max_sweeps`.
 
   Returns:
-    Eigenvalues, descending, and the eigenvectors as columns (an odd matrix
-    gets one more eigenvalue, 0, with a zero vector).
+    (w, v), v orthogonal with w = diag(v^T sym v) descending: eigenvalues
+    and eigenvectors once converged, and in any case the exact Rayleigh
+    quotients of the columns of v. An odd matrix gets one more value, 0,
+    with a zero vector.
   """
   n = sym.shape[0]
   size = n + n % 2  # An odd matrix gets a zero row and column, never rotated.
@@ -104,7 +107,7 @@ def _jacobi_eigh(sym: Array) -> tuple[Array, Array]:
     g, _, sweeps = state
     off = g - jnp.diag(_diagonal(g))
     return (jnp.sqrt(jnp.sum(off * off)) > _JACOBI_TOL * norm) & (
-        sweeps < _MAX_SWEEPS)
+        sweeps < max_sweeps)
 
   def sweep(state):
     g, vt, sweeps = state
@@ -143,7 +146,7 @@ def _kept(power: Array, before: Array, target: Array) -> Array:
 
 def _factor_exact(gram: Array, target: Array) -> tuple[Array, Array]:
   """(rank, V_r V_r^T) from the full eigendecomposition of a small `gram`."""
-  power, v = _jacobi_eigh(gram)
+  power, v = _jacobi_eigh(gram, _MAX_SWEEPS)
   rank = _kept(power, jnp.zeros_like(target), target)
   v *= jnp.arange(v.shape[1]) < rank
   return rank, _dot(v, v.T)
@@ -170,7 +173,7 @@ def _factor_blocks(gram: Array, target: Array,
                           (n, _BLOCK + _OVERSAMPLE), gram.dtype)
     y = jax.lax.fori_loop(
         0, _POWER_STEPS, lambda _, y: _orthonormalize(_dot(gram, y)), y)
-    power, w = _jacobi_eigh(_dot(y.T, _dot(gram, y)))
+    power, w = _jacobi_eigh(_dot(y.T, _dot(gram, y)), _RITZ_SWEEPS)
     v = _dot(y, w[:, :_BLOCK])
     take = _kept(power[:_BLOCK], kept, target)
     mask = jnp.arange(_BLOCK) < take
