@@ -153,8 +153,11 @@ class MnistSizedRoundTest(absltest.TestCase):
     state = alg.init(params, jax.random.PRNGKey(1))
     cohort = clients.Cohort(client_ids=jnp.arange(num_clients),
                             client_mask=jnp.ones(num_clients, bool))
-    state, metrics = jax.jit(alg.apply)(state, data, cohort,
-                                        jax.random.PRNGKey(2))
+    round_ = jax.jit(alg.apply).lower(state, data, cohort,
+                                      jax.random.PRNGKey(2))
+    self.assertNotIn('lapack', round_.as_text())
+    state, metrics = round_.compile()(state, data, cohort,
+                                      jax.random.PRNGKey(2))
     self.assertTrue(bool(metrics['params_finite']))
     self.assertEqual(int(metrics['clients']), num_clients)
     dense = 4 * models.num_params(params)
