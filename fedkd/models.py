@@ -146,6 +146,9 @@ _MODELS: dict[str, Callable[[int], nn.Module]] = {
     'seed_student': lambda k: MLP(hidden=(32,), num_classes=k),
     # McMahan et al. 2017 "2NN": 199,210 parameters on MNIST.
     'mnist_2nn': lambda k: MLP(hidden=(200, 200), num_classes=k),
+    # Multinomial logistic regression (one Dense layer on the flattened
+    # input): FedProx's model for its Synthetic(alpha, beta) data.
+    'logreg': lambda k: MLP(hidden=(), num_classes=k),
     'mnist_cnn': MnistCNN,
     'resnet8_gn': lambda k: CifarResNet(depth=8, num_classes=k),
     'resnet20_gn': lambda k: CifarResNet(depth=20, num_classes=k),

@@ -24,6 +24,8 @@ class ModelsTest(parameterized.TestCase):
       # 64*64+64 + 64*32+32 + 32*10+10 and 64*32+32 + 32*10+10.
       ('seed_teacher', (8, 8, 1), 6_570),
       ('seed_student', (8, 8, 1), 2_410),
+      # Synthetic(alpha, beta)'s 60 features to 10 classes: 60*10 + 10.
+      ('logreg', (60,), 610),
       # FedDF's ResNet_cifar (kernels [3, 3, in, out], no conv bias; every
       # GroupNorm a scale and a bias per channel; 1x1 projection shortcuts):
       # stem 3*3*3*16 + 2*16 = 464; a 16->16 block 2*(9*16*16 + 2*16) = 4,672;
@@ -54,6 +56,17 @@ class ModelsTest(parameterized.TestCase):
     model = models.get_model('seed_student', 4)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
     self.assertEqual(model.apply(params, jnp.ones((2, 5))).shape, (2, 4))
+
+  def test_logreg_is_affine_logits(self):
+    # Logistic regression: logits x W + b of the flattened input, no hidden
+    # layer, against numpy with the model's own parameters.
+    model = models.get_model('logreg', 3)
+    x = np.random.default_rng(0).normal(size=(4, 2, 5)).astype(np.float32)
+    params = model.init(jax.random.PRNGKey(0), x[:1])
+    (layer,) = params['params'].values()
+    expected = x.reshape(4, 10) @ layer['kernel'] + layer['bias']
+    np.testing.assert_allclose(model.apply(params, x), expected, rtol=1e-5,
+                               atol=1e-6)
 
   def test_unknown_model(self):
     with self.assertRaisesRegex(FedkdError, 'unknown model'):
