@@ -62,16 +62,23 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   return x @ kernel + bias
 
 
+def _tangent_sum(y, *terms):
+  """Sums the `(fn, tangent)` terms whose tangent is not a symbolic zero.
+
+  Symbolic zeros (e.g. the data fed to a first layer) then cost nothing.
+  """
+  return functools.reduce(
+      jnp.add, [fn(t) for fn, t in terms if not isinstance(t, SymbolicZero)],
+      jnp.zeros_like(y))
+
+
 def _dense_jvp(primals, tangents):
   x, kernel, bias = primals
   dx, d_kernel, d_bias = tangents
   y = dense(x, kernel, bias)
-  # Symbolic zeros (e.g. the data fed to a first layer) cost nothing.
-  terms = [f(t) for f, t in ((lambda t: t @ kernel, dx),
-                             (lambda t: _weight_tangent(x, t), d_kernel),
-                             (lambda t: jnp.broadcast_to(t, y.shape), d_bias))
-           if not isinstance(t, SymbolicZero)]
-  return y, functools.reduce(jnp.add, terms, jnp.zeros_like(y))
+  return y, _tangent_sum(y, (lambda t: t @ kernel, dx),
+                         (lambda t: _weight_tangent(x, t), d_kernel),
+                         (lambda t: jnp.broadcast_to(t, y.shape), d_bias))
 
 
 dense.defjvp(_dense_jvp, symbolic_zeros=True)
@@ -133,12 +140,10 @@ def _conv_im2col_jvp(strides, pads, primals, tangents):
   out = kernel.shape[-1]
   patches = _im2col(x, kernel.shape[:2], strides, pads)
   y = patches @ kernel.reshape(-1, out)
-  terms = []
-  if not isinstance(dx, SymbolicZero):
-    terms.append(_input_tangent(dx, kernel, y.shape[1:3], strides, pads))
-  if not isinstance(d_kernel, SymbolicZero):
-    terms.append(patches @ d_kernel.reshape(-1, out))
-  return y, functools.reduce(jnp.add, terms, jnp.zeros_like(y))
+  return y, _tangent_sum(
+      y,
+      (lambda t: _input_tangent(t, kernel, y.shape[1:3], strides, pads), dx),
+      (lambda t: patches @ t.reshape(-1, out), d_kernel))
 
 
 _conv_im2col.defjvp(_conv_im2col_jvp, symbolic_zeros=True)
