@@ -18,6 +18,7 @@ leaf paths, shapes and dtypes against the target before reading arrays, and
 falls back to older steps when the newest cannot be loaded.
 """
 
+from collections.abc import Callable
 import json
 import os
 import re
@@ -110,13 +111,34 @@ class Checkpointer:
     """The newest committed step (not checked for loadability), or None."""
     return self._manager.latest_step()
 
-  def restore(self, state_like: PyTree) -> tuple[int, PyTree, dict] | None:
+  def metas(self) -> dict[int, object]:
+    """Step -> `meta` of every committed step whose `meta` item reads.
+
+    Reads no arrays: what a run checks (e.g. its config) before restoring.
+    """
+    self._manager.reload()
+    metas = {}
+    for step in self._manager.all_steps():
+      try:
+        metas[step] = self._manager.restore(step, args=ocp.args.Composite(**{
+            _META: ocp.args.JsonRestore()}))[_META]
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        logging.warning('Cannot read the metadata of checkpoint %s (%s).',
+                        self._step_dir(step), _one_line(e))
+    return metas
+
+  def restore(
+      self, state_like: PyTree,
+      check_meta: Callable[[object, int], None] | None = None,
+  ) -> tuple[int, PyTree, dict] | None:
     """Restores the newest checkpoint that loads into `state_like`.
 
     Args:
       state_like: pytree of arrays or `jax.ShapeDtypeStruct`s with the
         structure, shapes and dtypes of the saved state. Restored leaves get
         its shardings; leaves without one land on the first device.
+      check_meta: `(meta, step) -> None`, raising ValueError for a `meta`
+        that cannot be used: that step is skipped like a corrupt one.
 
     Returns:
       `(step, state, meta)`, or None if the directory holds no checkpoint.
@@ -139,6 +161,8 @@ class Checkpointer:
                 _STATE: ocp.args.StandardRestore(target),
                 _META: ocp.args.JsonRestore(),
             }))
+        if check_meta is not None:
+          check_meta(restored[_META], step)
       except Exception as e:  # pylint: disable=broad-exception-caught
         # Any failure means this step cannot be trusted; try older ones.
         first_error = first_error or e

@@ -6,6 +6,7 @@ format, since nothing is downloaded here.
 """
 
 import dataclasses
+import hashlib
 import zipfile
 
 import numpy as np
@@ -43,6 +44,20 @@ class Dataset:
   x_test: np.ndarray
   y_test: np.ndarray
   num_classes: int
+
+
+def fingerprint(dataset: Dataset, *more: np.ndarray) -> str:
+  """sha256 (hex) of the dataset's arrays and `more`: dtypes, shapes, bytes.
+
+  A checkpoint keeps it, so a run never resumes on data that changed.
+  """
+  h = hashlib.sha256(f'{dataset.num_classes};'.encode())
+  for a in (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test,
+            *more):
+    a = np.ascontiguousarray(a)
+    h.update(f'{a.dtype.str}{a.shape};'.encode())
+    h.update(a.data)
+  return h.hexdigest()
 
 
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
@@ -151,10 +166,11 @@ def _check_npz_split(
     )
   if not len(x):
     raise errors.FedkdError(f'{path}: the {split} split is empty')
-  if y.min() < 0:
+  # Checked before the int32 cast, which would wrap (uint64 2**32 + 1 -> 1).
+  if y.min() < 0 or y.max() >= np.iinfo(np.int32).max:
     raise errors.FedkdError(
-        f'{path}: {y_key} has negative labels (min {y.min()}); labels must be'
-        ' 0, 1, ..., num_classes - 1'
+        f'{path}: {y_key} has labels in [{y.min()}, {y.max()}]; labels must be'
+        ' 0, 1, ..., num_classes - 1: not negative, below 2**31 - 1'
     )
   if np.issubdtype(x.dtype, np.integer):
     # Integer features are 8-bit pixels; anything else would be mis-scaled.

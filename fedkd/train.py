@@ -299,7 +299,7 @@ def _row(run: _Run, m, rounds_done, round_seconds, totals, evaluated):
   for name in ('student', 'teacher'):
     if f'{name}_loss_sum' in m:
       row[f'{name}_train_loss'] = float(m[f'{name}_loss_sum']) / examples
-  return row
+  return workdir_lib.json_row(row)
 
 
 def _account(pending, fetched, totals: dict, kept) -> None:
@@ -325,7 +325,7 @@ def _loop(run: _Run, work: workdir_lib.Workdir, stop: stopping.Stopper, *,
   config = run.config
   state, rows, first = run.state, [], 0
   totals = dict.fromkeys((name for name, _ in _TOTALS), 0)
-  restored = work.restore(state)
+  restored = work.restore(state, totals)
   if restored is not None:
     first, state, meta = restored
     rows, totals = meta['rows'], meta['totals']
@@ -451,14 +451,17 @@ def _run(config, workdir: str, stop: stopping.Stopper, progress: bool):
   stop.phase('data loading')
   dataset, parts, public_x = load_data(config)
   validation.validate_workdir(workdir)
-  stop.phase('set-up')
-  setup = _setup(config, dataset, parts, public_x, stop)
-  stop.defer()  # the workdir is written from here on
+  # Locks the workdir and refuses another run's files before the set-up;
+  # nothing in it changes before the loop starts.
   work = workdir_lib.Workdir(workdir, config.to_dict(),
+                             data=data.fingerprint(dataset, public_x),
                              overwrite=config.overwrite)
-  print(f'{_partition_name(config)} partition of {dataset.name}:')
-  print(partition.describe(dataset.y_train, parts, dataset.num_classes))
   try:
+    stop.phase('set-up')
+    setup = _setup(config, dataset, parts, public_x, stop)
+    stop.defer()  # the workdir is written from here on
+    print(f'{_partition_name(config)} partition of {dataset.name}:')
+    print(partition.describe(dataset.y_train, parts, dataset.num_classes))
     rows = _loop(setup, work, stop, progress=progress)
   finally:
     work.close()

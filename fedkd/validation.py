@@ -83,9 +83,11 @@ def validate_config(config) -> None:
   _one_of(config, 'client_optimizer', OPTIMIZERS)
   _one_of(config, 'server_optimizer', OPTIMIZERS)
   if config.dataset == 'synthetic':
-    if not (config.synthetic_alpha >= 0 and config.synthetic_beta >= 0):
-      raise FedkdError('synthetic_alpha and synthetic_beta must be >= 0, got '
-                       f'{config.synthetic_alpha}, {config.synthetic_beta}')
+    if not all(0 <= v < math.inf for v in (config.synthetic_alpha,
+                                            config.synthetic_beta)):
+      raise FedkdError('synthetic_alpha and synthetic_beta must be finite and '
+                       f'>= 0, got {config.synthetic_alpha}, '
+                       f'{config.synthetic_beta}')
     if config.synthetic_max_examples < 50:
       raise FedkdError('synthetic_max_examples must be >= 50 (every client '
                        f'has at least 50), got {config.synthetic_max_examples}')

@@ -1,19 +1,28 @@
 """What a run keeps in its work directory, and resuming from it.
 
+    WORKDIR/.fedkd.lock           locked (flock) while a run uses the workdir
     WORKDIR/config.json           the run's config
     WORKDIR/metrics.jsonl         one JSON row per evaluated round
-    WORKDIR/checkpoints/<round>/  orbax checkpoints (state + rows so far)
+    WORKDIR/checkpoints/<round>/  orbax checkpoints (state; rows so far, the
+                                  config and the dataset's fingerprint)
     WORKDIR/final_params.msgpack  the global model after the last round
 
 Rerunning the same command on the same workdir resumes from the newest
-checkpoint; a workdir that holds a run of a different config is refused unless
-`overwrite` is set.
+checkpoint. A workdir in use by another run, holding a run of a different
+config or dataset (by config.json or by any checkpoint), or holding files of
+the wrong type is refused before anything in it changes; `overwrite` replaces
+the old run only once the new one has started (`Workdir.start`).
 """
 
+import errno
+import fcntl
 import json
+import math
 import os
 import shutil
+import tempfile
 
+from absl import logging
 from flax import serialization
 import jax
 from jax.experimental import multihost_utils
@@ -22,96 +31,321 @@ from fedkd import checkpoint
 from fedkd.errors import FedkdError
 from fedkd.typing import Params, PyTree
 
+LOCK = '.fedkd.lock'
 CONFIG = 'config.json'
 METRICS = 'metrics.jsonl'
 CHECKPOINTS = 'checkpoints'
 FINAL_PARAMS = 'final_params.msgpack'
+NONFINITE = 'nonfinite_metrics'
 
-# Fields a resumed run may change: they do not change what a round computes.
+# Fields a resumed run may change: the rounds compute the same (evaluation,
+# checkpoint cadence, layout: up to float rounding), or are checked otherwise
+# (`data_dir`: the dataset's fingerprint). `num_rounds`: see _SAME_RUN_HINT.
 _RESUMABLE = frozenset({
-    'num_rounds', 'overwrite', 'checkpoint_every', 'eval_every',
-    'eval_batch_size', 'eval_teachers', 'num_devices', 'clients_per_chunk',
-    'process_id', 'coordinator_address'})
+    'overwrite', 'checkpoint_every', 'eval_every', 'eval_batch_size',
+    'eval_teachers', 'num_devices', 'clients_per_chunk', 'process_id',
+    'coordinator_address', 'data_dir', 'target_accuracy'})
+_FILES = (CONFIG, METRICS, FINAL_PARAMS)
 
 
-def _atomic_write(path: str, text: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
+def json_row(row: dict) -> dict:
+  """`row` with NaN/inf as None, their names listed under `nonfinite_metrics`.
+
+  JSON has no NaN or infinity (Python would write bare `NaN`, which strict
+  readers reject), so non-finite figures become `null` and are named.
+  """
+  bad = sorted(k for k, v in row.items()
+               if isinstance(v, float) and not math.isfinite(v))
+  return {**{k: None if k in bad else v for k, v in row.items()},
+          NONFINITE: bad}
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+  """Writes `path` through a fresh temporary file beside it, then renames.
+
+  `mkstemp` never opens an existing name (nor follows a planted symlink), and
+  `os.replace` replaces the name itself, not what a symlink there points to.
+  """
+  directory, name = os.path.split(path)
+  fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=directory)
+  try:
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from others
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def _json_bytes(value) -> bytes:
+  return json.dumps(value, indent=2, sort_keys=True).encode()
+
+
+def _num_rounds_matters(config: dict) -> bool:
+  """Whether a round's computation depends on `num_rounds` (see build()).
+
+  fedkd's SVD energy threshold moves from svd_energy_start to svd_energy_end
+  over num_rounds.
+  """
+  return (config.get('algorithm') == 'fedkd' and
+          config.get('svd_energy_start') != config.get('svd_energy_end'))
+
+
+def _changed_field(old: dict, new: dict) -> str | None:
+  """The first field whose change would make a resumed run differ."""
+  # Fields missing from the old config came with a newer fedkd.
+  for k in sorted(old):
+    same = old[k] == new.get(k) or json.dumps(old[k]) == json.dumps(new.get(k))
+    if same or k in _RESUMABLE or (k == 'num_rounds' and
+                                   not _num_rounds_matters(new)):
+      continue
+    return k
+  return None
+
+
+def _meta_problem(meta, step: int) -> str | None:
+  """What is wrong with a checkpoint's metadata, or None."""
+  if not isinstance(meta, dict):
+    return 'its metadata is not a JSON object'
+  for key, kind in (('config', dict), ('data', str), ('rows', list),
+                    ('totals', dict)):
+    if not isinstance(meta.get(key), kind):
+      return f'its metadata has no {key} ({kind.__name__})'
+  rounds = [r.get('round') if isinstance(r, dict) else None
+            for r in meta['rows']]
+  if not all(type(r) is int and 0 < r <= step for r in rounds) or (
+      rounds != sorted(set(rounds))):
+    return 'its metric rows are not objects with increasing rounds'
+  if not all(type(v) is int for v in meta['totals'].values()):
+    return 'its totals are not integers'
+  return None
 
 
 class Workdir:
-  """A run's files. Construct only after all input has been validated."""
+  """A run's files. Construct only after the config and data are validated.
 
-  def __init__(self, path: str, config: dict, *, overwrite: bool):
+  Construction takes the workdir's lock and checks the files there without
+  changing any; `start` is where an `overwrite` run replaces the old one.
+  """
+
+  def __init__(self, path: str, config: dict, *, data: str, overwrite: bool):
+    """Locks and checks `path`.
+
+    Args:
+      path: the workdir; it exists.
+      config: the run's config; what it may differ in from the config of a
+        run there is `_RESUMABLE` (and `num_rounds`, see _changed_field).
+      data: the dataset's fingerprint (`fedkd.data.fingerprint`).
+      overwrite: replace a run of another config or dataset instead of
+        refusing.
+
+    Raises:
+      FedkdError: another run uses `path`, or it holds files that cannot be
+        resumed (of the wrong type, corrupt, or of a different run).
+    """
     self.path = path
-    self._config = config
+    self._config = json.loads(json.dumps(config))  # as read back from JSON
+    self._data = data
+    self._overwrite = overwrite
+    self._checkpoints = None
     # In a multi-process run all processes share the workdir; process 0
-    # writes the files, orbax coordinates the checkpoints of all of them.
+    # locks and writes the files, orbax coordinates the checkpoints.
     self._writer = jax.process_index() == 0
-    old = self._read_config()
-    if old is not None and not overwrite:
-      # Fields missing from the old config came with a newer fedkd.
-      changed = sorted(k for k in old
-                       if k not in _RESUMABLE and old[k] != config.get(k))
-      if changed:
-        k = changed[0]
-        raise FedkdError(
-            f'workdir {path} holds a run with a different config ({k}: '
-            f'{old.get(k)!r} there, {config.get(k)!r} now); use another '
-            '--workdir, or --config.overwrite=True to replace that run')
-    if overwrite and self._writer:
-      for name in (METRICS, FINAL_PARAMS, CONFIG):
-        if os.path.exists(self._file(name)):
-          os.remove(self._file(name))
-      shutil.rmtree(self._file(CHECKPOINTS), ignore_errors=True)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices('fedkd workdir ready')
-    self._checkpoints = checkpoint.Checkpointer(self._file(CHECKPOINTS))
+    self._lock = self._take_lock() if self._writer else None
+    try:
+      self._check_file_types()
+      if not overwrite:
+        self._check_same_run()
+    except BaseException:
+      self.close()
+      raise
 
   def _file(self, name: str) -> str:
     return os.path.join(self.path, name)
 
+  def _take_lock(self) -> int:
+    """Locks the workdir for this process's lifetime; returns the fd.
+
+    The kernel drops a flock when its holder dies, so a lock file left by a
+    killed run blocks nothing.
+    """
+    name = self._file(LOCK)
+    try:
+      fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   0o644)
+    except OSError as e:
+      raise FedkdError(f'cannot open the lock file {name} ({e.strerror}); '
+                       'remove it or use another --workdir') from e
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      os.close(fd)
+      if e.errno in (errno.EAGAIN, errno.EACCES):
+        raise FedkdError(f'workdir {self.path} is in use by another run '
+                         f'(it holds {name}); wait for that run to end or '
+                         'use another --workdir') from e
+      raise FedkdError(f'cannot lock {name} ({e.strerror}); use a --workdir '
+                       'on a local filesystem') from e
+    return fd
+
+  def _check_file_types(self) -> None:
+    for name in (*_FILES, CHECKPOINTS):
+      path, want_dir = self._file(name), name == CHECKPOINTS
+      if os.path.lexists(path) and not (
+          os.path.isdir(path) if want_dir else os.path.isfile(path)):
+        kind = 'directory' if want_dir else 'regular file'
+        raise FedkdError(f'{path} is not a {kind}; move it out of the workdir'
+                         ' or use another --workdir')
+
+  def _refuse(self, where: str, field: str, old, now) -> None:
+    hint = ''
+    if field == 'num_rounds':
+      hint = ('; fedkd\'s SVD energy schedule spans num_rounds, so only a run'
+              ' with svd_energy_start == svd_energy_end may change it')
+    raise FedkdError(
+        f'workdir {self.path} holds a run with a different {where} ({field}: '
+        f'{old!r} there, {now!r} now{hint}); use another --workdir, or '
+        '--config.overwrite=True to replace that run')
+
+  def _check_same_run(self) -> None:
+    """Refuses a workdir holding another run, by config.json or checkpoint."""
+    old = self._read_config()
+    if old is not None:
+      field = _changed_field(old, self._config)
+      if field:
+        self._refuse(f'config in {CONFIG}', field, old.get(field),
+                     self._config.get(field))
+    metas = self._checkpoint_metas()
+    if old is None and not metas and any(
+        os.path.lexists(self._file(n)) for n in _FILES):
+      raise FedkdError(f'workdir {self.path} holds run files but neither '
+                       f'{CONFIG} nor a checkpoint to check them against; '
+                       'use another --workdir, or --config.overwrite=True '
+                       'to replace them')
+    problems = {step: _meta_problem(meta, step) for step, meta in
+                metas.items()}
+    for step, meta in sorted(metas.items()):
+      if not problems[step]:
+        self._check_checkpoint(step, meta)
+    if metas and all(problems.values()):
+      newest = max(metas)
+      raise FedkdError(
+          f'no checkpoint in {self._file(CHECKPOINTS)} loads (newest, step '
+          f'{newest}: {problems[newest]}); use a new --workdir, or '
+          '--config.overwrite=True to start over')
+
+  def _check_checkpoint(self, step: int, meta: dict) -> None:
+    """Refuses to resume checkpoint `step` of another config or dataset."""
+    field = _changed_field(meta['config'], self._config)
+    if field:
+      self._refuse(f'config in checkpoint {step}', field,
+                   meta['config'].get(field), self._config.get(field))
+    if meta['data'] != self._data:
+      raise FedkdError(
+          f'the dataset differs from the one checkpoint {step} in {self.path}'
+          f' was trained on (sha256 {meta["data"][:12]}... there, '
+          f'{self._data[:12]}... now); restore that data, use another '
+          '--workdir, or --config.overwrite=True to replace that run')
+    if step > self._config['num_rounds']:
+      raise FedkdError(
+          f'num_rounds={self._config["num_rounds"]} is below the {step} '
+          f'rounds the checkpoint in {self.path} has done; set num_rounds '
+          f'>= {step}, or --config.overwrite=True to start over')
+
   def _read_config(self) -> dict | None:
     try:
       with open(self._file(CONFIG)) as f:
-        return json.load(f)
+        config = json.load(f)
     except FileNotFoundError:
       return None
     except (OSError, ValueError) as e:
       raise FedkdError(f'cannot read {self._file(CONFIG)} ({e}); use another '
                        '--workdir or --config.overwrite=True') from e
+    if not isinstance(config, dict):
+      raise FedkdError(f'{self._file(CONFIG)} holds {type(config).__name__},'
+                       ' not a config object; use another --workdir or '
+                       '--config.overwrite=True')
+    return config
 
-  def restore(self, state_like: PyTree) -> tuple[int, PyTree, dict] | None:
-    """(rounds done, state, meta) of the newest loadable checkpoint."""
-    return self._checkpoints.restore(state_like)
+  def _checkpoint_metas(self) -> dict[int, object]:
+    """Step -> metadata of every checkpoint whose metadata reads."""
+    if not os.path.isdir(self._file(CHECKPOINTS)):
+      return {}
+    return self._checkpointer().metas()
+
+  def _checkpointer(self) -> checkpoint.Checkpointer:
+    if self._checkpoints is None:
+      self._checkpoints = checkpoint.Checkpointer(self._file(CHECKPOINTS))
+    return self._checkpoints
+
+  def restore(self, state_like: PyTree,
+              totals_like: dict) -> tuple[int, PyTree, dict] | None:
+    """(rounds done, state, meta) of the newest loadable checkpoint.
+
+    None when there is none, or when `overwrite` replaces the old run.
+    Checkpoints whose metadata lacks this run's totals are skipped.
+    """
+    if self._overwrite or not os.path.isdir(self._file(CHECKPOINTS)):
+      return None
+
+    def check_meta(meta, step):
+      problem = _meta_problem(meta, step)
+      if not problem and meta['totals'].keys() != totals_like.keys():
+        problem = 'its totals are not those of this fedkd version'
+      if problem:
+        raise ValueError(problem)
+
+    return self._checkpointer().restore(state_like, check_meta=check_meta)
 
   def start(self, rows: list[dict]) -> None:
-    """Writes config.json and metrics.jsonl holding `rows` (from a resume)."""
+    """Writes config.json and metrics.jsonl holding `rows` (from a resume).
+
+    An `overwrite` run first deletes the old run's files.
+    """
+    if self._overwrite and self._writer:
+      for name in _FILES:
+        if os.path.lexists(self._file(name)):
+          os.remove(self._file(name))
+      if self._checkpoints is not None:
+        self._checkpoints.close()
+        self._checkpoints = None
+      shutil.rmtree(self._file(CHECKPOINTS), ignore_errors=True)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('fedkd workdir ready')
+    self._checkpointer()
     if not self._writer:
       return
-    _atomic_write(self._file(CONFIG),
-                  json.dumps(self._config, indent=2, sort_keys=True))
-    _atomic_write(self._file(METRICS),
-                  ''.join(json.dumps(r) + '\n' for r in rows))
+    _atomic_write(self._file(CONFIG), _json_bytes(self._config))
+    _atomic_write(self._file(METRICS), b''.join(map(_row_bytes, rows)))
 
   def append_row(self, row: dict) -> None:
     if not self._writer:
       return
-    with open(self._file(METRICS), 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    fd = os.open(self._file(METRICS), os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(_row_bytes(row))
 
   def save(self, rounds_done: int, state: PyTree, meta: dict) -> None:
-    self._checkpoints.save(rounds_done, state, meta)
+    """Checkpoints `state` with `meta`, this run's config and dataset."""
+    self._checkpointer().save(
+        rounds_done, state, {**meta, 'config': self._config,
+                             'data': self._data})
 
   def write_final(self, params: Params) -> None:
-    if not self._writer:
-      return
-    tmp = self._file(FINAL_PARAMS) + '.tmp'
-    with open(tmp, 'wb') as f:
-      f.write(serialization.to_bytes(params))
-    os.replace(tmp, self._file(FINAL_PARAMS))
+    if self._writer:
+      _atomic_write(self._file(FINAL_PARAMS), serialization.to_bytes(params))
 
   def close(self) -> None:
-    self._checkpoints.close()
+    """Releases the checkpointer and the lock."""
+    if self._checkpoints is not None:
+      self._checkpoints.close()
+      self._checkpoints = None
+    if self._lock is not None:
+      os.close(self._lock)  # drops the flock
+      self._lock = None
+
+
+def _row_bytes(row: dict) -> bytes:
+  # allow_nan=False: rows pass through json_row; a bare NaN is a bug.
+  return (json.dumps(row, allow_nan=False) + '\n').encode()
