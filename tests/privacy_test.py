@@ -1,6 +1,7 @@
 """DP-FedAvg: per-client clipping, the noised fixed-denominator mean, eps."""
 
 import math
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -152,6 +153,62 @@ class EpsilonTest(parameterized.TestCase):
       privacy.epsilon(**{**kw, **bad})
 
 
+class AccountantTest(parameterized.TestCase):
+  """Epsilon composed row by row equals one composition of all rounds."""
+
+  def setUp(self):
+    super().setUp()
+    # PLD steps of 2 rounds keep the tests small; z = 3 keeps the PLDs short.
+    self.enter_context(mock.patch.object(privacy, '_PLD_ROUNDS_PER_STEP', 2))
+
+  def _accountant(self, accountant, z=3.0, q=0.05):
+    return privacy.Accountant(noise_multiplier=z, sampling_probability=q,
+                              delta=1e-5, accountant=accountant)
+
+  @parameterized.parameters('rdp', 'pld')
+  def test_incremental_equals_one_shot(self, accountant):
+    acc = self._accountant(accountant)
+    # 7 - 2 rounds take three PLD steps (2 + 2 + 1).
+    for rounds in (1, 2, 7):
+      want = _direct_epsilon(accountant, 3.0, 0.05, rounds, 1e-5)
+      self.assertAlmostEqual(acc.epsilon(rounds), want, delta=1e-6 * want)
+
+  def test_pld_mechanism_is_built_once(self):
+    build = dp_accounting.pld.privacy_loss_distribution.from_gaussian_mechanism
+    with mock.patch.object(dp_accounting.pld.privacy_loss_distribution,
+                           'from_gaussian_mechanism', wraps=build) as spy:
+      acc = self._accountant('pld')
+      for rounds in (1, 3, 4):
+        acc.epsilon(rounds)
+    self.assertEqual(spy.call_count, 1)
+
+  def test_stop_request_between_steps_returns_none_then_resumes(self):
+    acc = self._accountant('pld')
+    asked = []
+
+    def stop_on_second_question():
+      asked.append(True)
+      return len(asked) == 2
+
+    # 3 rounds are two steps; the stop comes after the first (2 rounds).
+    self.assertIsNone(acc.epsilon(3, stop_on_second_question))
+    self.assertLen(asked, 2)
+    want = _direct_epsilon('pld', 3.0, 0.05, 3, 1e-5)
+    self.assertAlmostEqual(acc.epsilon(3), want, delta=1e-6 * want)
+
+  @parameterized.parameters('rdp', 'pld')
+  def test_fewer_rounds_start_over(self, accountant):
+    acc = self._accountant(accountant)
+    acc.epsilon(5)
+    want = _direct_epsilon(accountant, 3.0, 0.05, 2, 1e-5)
+    self.assertAlmostEqual(acc.epsilon(2), want, delta=1e-6 * want)
+
+  @parameterized.parameters('rdp', 'pld')
+  def test_no_sampling_is_free_and_no_noise_is_unbounded(self, accountant):
+    self.assertEqual(self._accountant(accountant, q=0.0).epsilon(5), 0.0)
+    self.assertEqual(self._accountant(accountant, z=0.0).epsilon(5), math.inf)
+
+
 class ValidateTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
@@ -159,6 +216,8 @@ class ValidateTest(parameterized.TestCase):
       ('negative_clip_norm', dict(clip_norm=-1.0, noise_multiplier=0.0)),
       ('negative_noise', dict(noise_multiplier=-0.5)),
       ('nan_noise', dict(noise_multiplier=float('nan'))),
+      ('inf_noise', dict(noise_multiplier=math.inf)),
+      ('inf_clip_norm', dict(clip_norm=math.inf)),
       ('delta_zero', dict(delta=0.0)),
       ('delta_one', dict(delta=1.0)),
       ('delta_negative', dict(delta=-1e-5)),
