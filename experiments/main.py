@@ -27,13 +27,17 @@ def _stop_outside_runs(signum, frame):
 for _signum in (signal.SIGINT, signal.SIGTERM):
   signal.signal(_signum, _stop_outside_runs)
 
+# `python experiments/main.py` puts experiments/ first on the path, `python -m
+# experiments.main` the working directory: either way the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-import compare  # experiments/compare.py, beside this file
+from experiments import compare
 from fedkd import train
 from fedkd import validation
 from fedkd.errors import FedkdError

@@ -27,8 +27,11 @@ def initialize_distributed(coordinator_address: str, num_processes: int,
 
 def make_mesh(num_devices: int = 0) -> Mesh:
   """A 1-D mesh over the first `num_devices` devices (0 means all of them)."""
-  # Random bits must not depend on how arrays are split across devices.
-  jax.config.update('jax_threefry_partitionable', True)
+  if not jax.config.jax_threefry_partitionable:
+    # Its default since JAX 0.5; off, random bits depend on the sharding.
+    raise FedkdError('jax_threefry_partitionable is off, so a sharded run '
+                     'would draw other random numbers than an unsharded one; '
+                     'leave it at its default (True)')
   devices = jax.devices()
   if num_devices > len(devices):
     raise FedkdError(f'num_devices={num_devices} but only {len(devices)} '

@@ -144,6 +144,7 @@ class _Run:
   test: tuple[jax.Array, jax.Array]
   compile_seconds: float
   round_advice: str
+  accountant: privacy.Accountant | None  # None without DP noise
 
 
 def _compile_evaluation(model, read_params, state, x, y, *, num_models: int,
@@ -213,6 +214,9 @@ def _setup(config, dataset, parts, public_x, stop: stopping.Stopper) -> _Run:
         cohort_sharding)
 
   round_key = jax.random.fold_in(key, 2)
+  # Built before compilation (seconds for pld), where a signal still ends
+  # the run at once.
+  accountant = _accountant(config)
   stop.phase('compilation')
   print('compiling the round and the evaluation', flush=True)
   start = time.perf_counter()
@@ -250,18 +254,17 @@ def _setup(config, dataset, parts, public_x, stop: stopping.Stopper) -> _Run:
                                  num_models=num_teachers)
   return _Run(config, built, state, client_data, apply, cohort_for, round_key,
               eval_student, eval_teachers, test, compile_seconds,
-              round_advice)
+              round_advice, accountant)
 
 
-def _epsilon(config, rounds_done):
-  """(epsilon, delta) spent so far, or None without DP noise."""
+def _accountant(config) -> privacy.Accountant | None:
+  """The run's privacy accountant, or None without DP noise."""
   if not (config.dp_clip_norm > 0 and config.dp_noise_multiplier > 0):
     return None
-  return privacy.epsilon(
+  return privacy.Accountant(
       noise_multiplier=config.dp_noise_multiplier,
       sampling_probability=config.clients_per_round / config.num_clients,
-      rounds=rounds_done, delta=config.dp_delta,
-      accountant=config.dp_accountant)
+      delta=config.dp_delta, accountant=config.dp_accountant)
 
 
 def _evaluate(run: _Run, state, kept: str) -> dict:
@@ -280,7 +283,8 @@ def _evaluate(run: _Run, state, kept: str) -> dict:
   return row
 
 
-def _row(run: _Run, m, rounds_done, round_seconds, totals, evaluated):
+def _row(run: _Run, m, rounds_done, round_seconds, totals, evaluated,
+         epsilon):
   row = {'round': rounds_done,
          'upload_bytes': int(m['upload_bytes']),
          'download_bytes': int(m['download_bytes']),
@@ -289,7 +293,7 @@ def _row(run: _Run, m, rounds_done, round_seconds, totals, evaluated):
          'nonfinite_clients': int(m['nonfinite_clients']),
          'stragglers': int(m['stragglers']),
          **totals,
-         'dp_epsilon': _epsilon(run.config, rounds_done),
+         'dp_epsilon': epsilon,
          'round_seconds': round_seconds,
          'compile_seconds': run.compile_seconds,
          **evaluated}
@@ -368,8 +372,12 @@ def _loop(run: _Run, work: workdir_lib.Workdir, stop: stopping.Stopper, *,
       pending.clear()
       if evaluate:
         evaluated = _evaluate(run, state, kept())
+        # A stop request ends the accounting early: this row's epsilon is
+        # then null, the next row's complete.
+        epsilon = run.accountant and run.accountant.epsilon(
+            done, lambda: stop.signum is not None)
         rows.append(_row(run, fetched[-1], done, seconds / timed, totals,
-                         evaluated))
+                         evaluated, epsilon))
         seconds, timed = 0.0, 0
         work.append_row(rows[-1])
         bar.set_postfix(accuracy=f'{rows[-1]["accuracy"]:.3f}')

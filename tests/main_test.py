@@ -4,8 +4,10 @@ The bad-input cases run through tests/cli_forkserver.py: main.py in a forked
 child per case, so each sees its real exit code and stderr.
 """
 
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,8 @@ import tempfile
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+
+import rundirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = '--config=experiments/configs/default.py:smoke'
@@ -57,17 +61,37 @@ class SmokeTest(absltest.TestCase):
     with open(os.path.join(workdir, 'config.json')) as f:
       self.assertEqual(json.load(f)['num_rounds'], 2)
 
+  def test_runs_as_a_module_too(self):
+    proc = subprocess.run(
+        [sys.executable, '-m', 'experiments.main', '--help'], cwd=ROOT,
+        capture_output=True, text=True, timeout=300, check=False)
+    # absl's --help exits 1 after printing the flags.
+    self.assertEqual(proc.stderr, '')
+    self.assertIn('--workdir', proc.stdout)
+
   def test_npz_dataset_and_overrides(self):
     workdir = self.create_tempdir().full_path
     path = _npz(os.path.join(workdir, 'd.npz'))
-    proc = _main(SMOKE, f'--workdir={workdir}/run',
-                 f'--config.dataset=npz:{path}', '--config.num_clients=4',
-                 '--config.clients_per_round=3', '--config.algorithm=fedavg')
+    args = (SMOKE, f'--workdir={workdir}/run', f'--config.dataset=npz:{path}',
+            '--config.num_clients=4', '--config.clients_per_round=3',
+            '--config.algorithm=fedavg')
+    proc = _main(*args)
     self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
     with open(os.path.join(workdir, 'run', 'metrics.jsonl')) as f:
       rows = [json.loads(line) for line in f]
     self.assertEqual(rows[-1]['clients'], 3)
     self.assertIsNone(rows[-1]['teacher_accuracy'])  # fedavg has no teacher
+    # The same command on a changed .npz is refused, not resumed.
+    before = rundirs.snapshot(f'{workdir}/run')
+    x = np.load(path)['x_train']
+    x[0, 0] += 1
+    _npz(path, x_train=x)
+    proc = _main(*args)
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertStartsWith(proc.stderr, 'error: the dataset differs from the '
+                          'one checkpoint 2')
+    self.assertLen(proc.stderr.strip().splitlines(), 1, proc.stderr)
+    self.assertEqual(rundirs.snapshot(f'{workdir}/run'), before)
 
 
 # (name, extra arguments, text the one error line must contain). `{tmp}` is a
@@ -133,7 +157,83 @@ BAD_INPUTS = (
      'x_train has 40 examples but y_train has 39'),
     ('npz_nan', ['--config.dataset=npz:{tmp}/nan.npz'], 'NaN'),
     ('other_run', ['--config.seed=5'], 'holds a run with a different config'),
+    # The run directory: `workdir_*` cases run against a copy of the existing
+    # run changed by _PREPARED[name] (locked while they run: _LOCKED).
+    ('npz_labels_int64', ['--config.dataset=npz:{tmp}/labels_int64.npz'],
+     'y_train has labels in [0, 2147483648]'),
+    ('npz_labels_uint64', ['--config.dataset=npz:{tmp}/labels_uint64.npz'],
+     'y_test has labels in [0, 4294967297]'),
+    ('npz_labels_overwrite', ['--config.overwrite=True',
+                              '--config.dataset=npz:{tmp}/labels_int64.npz'],
+     'y_train has labels in'),
+    ('synthetic_alpha_inf', ['--config.dataset=synthetic',
+                             '--config.synthetic_alpha=inf'],
+     'synthetic_alpha and synthetic_beta must be finite'),
+    ('synthetic_beta_inf', ['--config.dataset=synthetic',
+                            '--config.synthetic_beta=inf'],
+     'synthetic_alpha and synthetic_beta must be finite'),
+    ('num_rounds_below_done', ['--config.num_rounds=1'],
+     'num_rounds=1 is below the 2 rounds'),
+    ('workdir_locked', [], 'is in use by another run'),
+    ('workdir_locked_overwrite', ['--config.overwrite=True'],
+     'is in use by another run'),
+    ('workdir_no_config', ['--config.algorithm=fedkd', '--config.seed=5'],
+     "config in checkpoint 2 (algorithm: 'local_kd' there, 'fedkd' now)"),
+    ('workdir_config_null', ['--config.seed=5'],
+     'config.json holds null, not a config object'),
+    ('workdir_config_list', [], 'config.json holds [], not a config object'),
+    ('workdir_checkpoints_file', [], 'checkpoints is not a directory'),
+    ('workdir_metrics_dir', [], 'metrics.jsonl is not a regular file'),
+    ('workdir_meta_empty', [], 'its metadata has no config'),
+    ('workdir_meta_rows', [], 'its metric rows are not objects'),
+    ('workdir_other_data', [], 'the dataset differs from the one checkpoint'),
+    ('workdir_fedkd_rounds', ['--config.algorithm=fedkd',
+                              '--config.num_rounds=3'],
+     "(num_rounds: 2 there, 3 now; fedkd's SVD energy schedule"),
 )
+
+
+def _replace(name, text=None):
+  """Prepares a workdir whose `name` holds `text`, or is a directory."""
+  def prepare(workdir):
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
+    if text is None:
+      os.makedirs(os.path.join(path, 'inner'))
+    else:
+      with open(path, 'w') as f:
+        f.write(text)
+  return prepare
+
+
+def _as_fedkd(workdir):
+  """The existing run as if it had been a fedkd run."""
+  fedkd = lambda config: {**config, 'algorithm': 'fedkd'}
+  rundirs.edit_json(os.path.join(workdir, 'config.json'), fedkd)
+  rundirs.edit_checkpoint_metas(
+      workdir, lambda meta: {**meta, 'config': fedkd(meta['config'])})
+
+
+_LOCKED = ('workdir_locked', 'workdir_locked_overwrite')
+_PREPARED = {
+    'workdir_locked': lambda workdir: None,
+    'workdir_locked_overwrite': lambda workdir: None,
+    'workdir_no_config': lambda w: os.remove(os.path.join(w, 'config.json')),
+    'workdir_config_null': _replace('config.json', 'null'),
+    'workdir_config_list': _replace('config.json', '[]'),
+    'workdir_checkpoints_file': _replace('checkpoints', 'x'),
+    'workdir_metrics_dir': _replace('metrics.jsonl'),
+    'workdir_meta_empty': lambda w: rundirs.edit_checkpoint_metas(
+        w, lambda meta: {}),
+    'workdir_meta_rows': lambda w: rundirs.edit_checkpoint_metas(
+        w, lambda meta: {**meta, 'rows': ['x']}),
+    'workdir_other_data': lambda w: rundirs.edit_checkpoint_metas(
+        w, lambda meta: {**meta, 'data': 'f' * 64}),
+    'workdir_fedkd_rounds': _as_fedkd,
+}
 _NPZ_ARGS = ['--config.num_clients=4', '--config.clients_per_round=4']
 
 
@@ -147,11 +247,21 @@ class BadInputTest(parameterized.TestCase):
     _npz(f'{tmp}/keys.npz', x_test=None)
     _npz(f'{tmp}/shapes.npz', y_train=np.zeros(39, int))
     _npz(f'{tmp}/nan.npz', x_train=np.full((40, 5), np.nan, np.float32))
+    _npz(f'{tmp}/labels_int64.npz', y_train=np.arange(40) % 3 + 2**31 * (
+        np.arange(40) == 7))
+    _npz(f'{tmp}/labels_uint64.npz',
+         y_test=np.array([0, 1, 2] * 3 + [2**32 + 1], np.uint64))
     # A finished run every bad invocation points at.
     cls.workdir = f'{tmp}/existing'
     proc = _main(SMOKE, f'--workdir={cls.workdir}')
     assert proc.returncode == 0, proc.stderr
-    cls.before = _snapshot(cls.workdir)
+    cls.before = rundirs.snapshot(cls.workdir)
+    cls.prepared = {}
+    for name, prepare in _PREPARED.items():
+      path = f'{tmp}/{name}'
+      shutil.copytree(cls.workdir, path)
+      prepare(path)
+      cls.prepared[name] = path, rundirs.snapshot(path)
 
     def args_of(case):
       name, args, _ = case
@@ -160,27 +270,38 @@ class BadInputTest(parameterized.TestCase):
         args += _NPZ_ARGS
       if not any(a.startswith('--config=') for a in args):
         args = [SMOKE] + args
-      return args + [f'--workdir={cls.workdir}']
+      workdir = cls.prepared.get(name, (cls.workdir,))[0]
+      return args + [f'--workdir={workdir}']
 
     env = dict(os.environ, XLA_FLAGS='')
-    proc = subprocess.run(
-        [sys.executable, 'tests/cli_forkserver.py'], cwd=ROOT, env=env,
-        input=json.dumps([args_of(c) for c in BAD_INPUTS]),
-        capture_output=True, text=True, timeout=600, check=True)
+    # What a live run holds on its workdir.
+    locks = [os.open(f'{tmp}/{name}/.fedkd.lock', os.O_RDWR)
+             for name in _LOCKED]
+    for lock in locks:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      proc = subprocess.run(
+          [sys.executable, 'tests/cli_forkserver.py'], cwd=ROOT, env=env,
+          input=json.dumps([args_of(c) for c in BAD_INPUTS]),
+          capture_output=True, text=True, timeout=600, check=True)
+    finally:
+      for lock in locks:
+        os.close(lock)
     cls.results = {case[0]: result for case, result in
                    zip(BAD_INPUTS, json.loads(proc.stdout))}
 
   @parameterized.named_parameters(*BAD_INPUTS)
   def test_bad_input(self, args, expected):
     del args
-    code, stderr = self.results[
-        self._testMethodName.removeprefix('test_bad_input').lstrip('_')]
+    name = self._testMethodName.removeprefix('test_bad_input').lstrip('_')
+    code, stderr = self.results[name]
     self.assertEqual(code, 2, stderr[-2000:])
     lines = [l for l in stderr.splitlines() if l.strip()]
     self.assertLen(lines, 1, stderr)
     self.assertStartsWith(lines[0], 'error: ')
     self.assertIn(expected, lines[0])
-    self.assertEqual(_snapshot(self.workdir), self.before)
+    workdir, before = self.prepared.get(name, (self.workdir, self.before))
+    self.assertEqual(rundirs.snapshot(workdir), before)
 
   def test_at_least_25_cases(self):
     self.assertGreaterEqual(len(BAD_INPUTS), 25)
@@ -246,17 +367,6 @@ class OutOfMemoryTest(absltest.TestCase):
     self.assertStartsWith(last, 'error: out of memory in round 1 (')
     self.assertIn('--config.clients_per_chunk=25', last)
     self.assertIn('no checkpoint was saved', last)
-
-
-def _snapshot(workdir):
-  """Every file under `workdir` with its bytes."""
-  files = {}
-  for root, _, names in os.walk(workdir):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        files[os.path.relpath(path, workdir)] = f.read()
-  return files
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from fedkd import sharding
+from fedkd.errors import FedkdError
 import toys
 
 
@@ -34,6 +35,13 @@ class ShardingTest(parameterized.TestCase):
     teachers = jax.tree.leaves(placed.clients)[0]
     self.assertEqual(teachers.addressable_shards[0].data.shape[0],
                      clients // 8 if spec == P('clients') else clients)
+
+  def test_refuses_sharding_dependent_random_bits(self):
+    # The library never flips global JAX flags; it refuses the one setting
+    # under which sharded and unsharded runs would differ.
+    with jax.threefry_partitionable(False):
+      with self.assertRaisesRegex(FedkdError, 'jax_threefry_partitionable'):
+        sharding.make_mesh(2)
 
 
 if __name__ == '__main__':
