@@ -20,10 +20,31 @@ def distillation(student_logits: jax.Array, teacher_logits: jax.Array,
   magnitudes comparable across temperatures. The teacher is not differentiated
   (`stop_gradient`), so only the student learns from this term.
   """
+  return temperature**2 * soft_target_kl(student_logits, teacher_logits,
+                                         temperature)
+
+
+def soft_target_kl(student_logits: jax.Array, teacher_logits: jax.Array,
+                   temperature: float) -> jax.Array:
+  """`distillation` without the T^2 factor, one value per example.
+
+  `KL(softmax(teacher / T) || softmax(student / T))`, teacher detached: the
+  form of FedDF's official code (`F.kl_div(..., reduction='batchmean')`).
+  """
   t = temperature
   targets = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / t)
   log_predictions = jax.nn.log_softmax(student_logits / t)
-  return t**2 * optax.losses.kl_divergence(log_predictions, targets)
+  return optax.losses.kl_divergence(log_predictions, targets)
+
+
+def mutual_kl(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
+  """`KL(softmax(target) || softmax(logits))` per example, T = 1.
+
+  Neither side is detached: FedKD's official code (`nn.KLDivLoss`) lets the
+  gradient reach both models through each KL term.
+  """
+  return optax.losses.kl_divergence_with_log_targets(
+      jax.nn.log_softmax(logits), jax.nn.log_softmax(target_logits))
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:

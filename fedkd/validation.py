@@ -13,6 +13,8 @@ from fedkd import models
 from fedkd import privacy
 from fedkd.algorithms import ALGORITHMS
 from fedkd.algorithms import PUBLIC_DATA
+from fedkd.algorithms.fedkd import LOSS_SCALES
+from fedkd.algorithms.fedkd import WEIGHTINGS
 from fedkd.errors import FedkdError
 from fedkd.optimizers import OPTIMIZERS
 from fedkd.partition import METHODS
@@ -21,13 +23,15 @@ _POSITIVE_INTS = ('num_clients', 'clients_per_round', 'num_rounds',
                   'local_epochs', 'batch_size', 'eval_every', 'eval_batch_size',
                   'public_batch_size', 'distill_epochs', 'digest_epochs')
 _POSITIVE_FLOATS = ('client_lr', 'teacher_lr', 'server_lr', 'temperature',
-                    'distill_lr')
+                    'distill_lr', 'ntd_tau', 'distill_temperature')
 _NON_NEGATIVE = ('num_devices', 'clients_per_chunk', 'eval_teachers',
-                 'public_examples', 'prox_mu', 'ntd_beta', 'checkpoint_every')
+                 'public_examples', 'prox_mu', 'ntd_beta', 'checkpoint_every',
+                 'distill_clip_norm')
 # What 0 means, where it means something.
 _ZERO_MEANS = {'num_devices': ' (0 = all devices)',
                'clients_per_chunk': ' (0 = the whole cohort at once)',
-               'checkpoint_every': ' (0 = only after the last round)'}
+               'checkpoint_every': ' (0 = only after the last round)',
+               'distill_clip_norm': ' (0 = no clipping)'}
 # Algorithms evaluated through the clients' own models.
 _LOCAL_EVAL = ('fd', 'fedmd')
 
@@ -95,6 +99,9 @@ def validate_config(config) -> None:
       raise FedkdError('public_examples must be 0 with dataset=synthetic, '
                        'whose clients hold all of its training data')
   _one_of(config, 'distill_optimizer', OPTIMIZERS)
+  _one_of(config, 'distill_schedule', ('constant', 'cosine'))
+  _one_of(config, 'fedkd_loss_scale', LOSS_SCALES)
+  _one_of(config, 'fedkd_weighting', WEIGHTINGS)
   if config.server_model:
     if config.algorithm != 'feddf':
       raise FedkdError(f'server_model is only used by feddf, not '

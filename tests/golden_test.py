@@ -6,15 +6,19 @@ the softmax-regression gradient `x^T (softmax(x W + b) - onehot(y)) / n`.
 """
 
 from absl.testing import absltest
+from absl.testing import parameterized
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
+from experiments.configs import default as default_config
 from fedkd import algorithms
 from fedkd import optimizers
 from fedkd.algorithms import fedavg
+from fedkd.algorithms.fedkd import energy_schedule
 from fedkd.algorithms import local_kd
 import toys
 
@@ -71,6 +75,33 @@ def _kd_grad(s, t, temp):
   return temp * (_softmax(s / temp) - _softmax(t / temp))
 
 
+def _fedkd_grads(t, s, y):
+  """Per-example FedKD: n x d(mean loss)/d(logits) of mentor t, mentee s."""
+  onehot = np.eye(C)[y]
+  scale = 1 / (_ce(t, y) + _ce(s, y))[:, None]
+  return (_softmax(t) - onehot + scale * _kd_grad(t, s, 1),
+          _softmax(s) - onehot + scale * _kd_grad(s, t, 1))
+
+
+def _fedkd_batch_grads(t, s, y):
+  """FedKD's official loss, `A + D / A` with A = mean CE_t + mean CE_s and
+  D = (mean KL(p_s||p_t) + mean KL(p_t||p_s)) / K, nothing detached: n x its
+  gradient with respect to each model's logits."""
+  onehot, pt, ps = np.eye(C)[y], _softmax(t), _softmax(s)
+  kl = lambda p, q: np.sum(p * np.log(p / q), -1)
+  a = np.mean(_ce(t, y)) + np.mean(_ce(s, y))
+  d = (np.mean(kl(ps, pt)) + np.mean(kl(pt, ps))) / C
+
+  def dkl_first(p, q):
+    """d KL(softmax(z) || q) / dz at softmax(z) = p."""
+    v = np.log(p) - np.log(q)
+    return p * (v - np.sum(p * v, -1, keepdims=True))
+
+  grad = lambda p, q: ((p - onehot) * (1 - d / a**2) +
+                       ((p - q) + dkl_first(p, q)) / (C * a))
+  return grad(pt, ps), grad(ps, pt)
+
+
 def _truncate(m, energy):
   """Numpy SVD truncation to the energy threshold; returns (matrix, rank)."""
   u, sv, vt = np.linalg.svd(m, full_matrices=False)
@@ -91,7 +122,7 @@ def _client_arrays(data, k):
           np.asarray(data.y[rows]))
 
 
-class GoldenTest(absltest.TestCase):
+class GoldenTest(parameterized.TestCase):
 
   def test_fedavg_round(self):
     lr, sizes = 0.5, (4, 2)
@@ -202,7 +233,9 @@ class GoldenTest(absltest.TestCase):
     np.testing.assert_allclose(got_w, adam(w0, w1), atol=1e-5)
     np.testing.assert_allclose(got_b, adam(b0, b1), atol=1e-5)
 
-  def test_fedkd_round_mutual_distillation_and_svd(self):
+  @parameterized.named_parameters(('official_batch', 'batch'),
+                                  ('per_example', 'example'))
+  def test_fedkd_round_mutual_distillation_and_svd(self, loss_scale):
     lr, mentor_lr, energy = 0.5, 0.3, 0.9
     data = toys.toy_data((4,))
     alg = algorithms.fedkd(
@@ -210,22 +243,19 @@ class GoldenTest(absltest.TestCase):
         num_clients=1, client_tx=optax.sgd(lr),
         mentor_tx=optax.sgd(mentor_lr), server_tx=optax.sgd(1.0), epochs=1,
         batch_size=4, energy_start=energy,
-        energy_end=energy, num_rounds=1)
+        energy_end=energy, num_rounds=1, loss_scale=loss_scale)
     params = _init()
     state = alg.init(params, jax.random.PRNGKey(1))
     tw, tb = _client(state, 0)
     new_state, metrics = _round(alg, state, data, [0])
     x, y = _client_arrays(data, 0)
-    onehot = np.eye(C)[y]
     sw, sb = _unpack(params)
-    t, s_ = x @ tw + tb, x @ sw + sb
-    scale = 1 / (_ce(t, y) + _ce(s_, y))[:, None]
-    tw, tb = _sgd(tw, tb, x, _softmax(t) - onehot + scale * _kd_grad(t, s_, 1),
-                  mentor_lr)
-    new_w, new_b = _sgd(sw, sb, x,
-                        _softmax(s_) - onehot + scale * _kd_grad(s_, t, 1), lr)
+    grads = _fedkd_batch_grads if loss_scale == 'batch' else _fedkd_grads
+    g_t, g_s = grads(x @ tw + tb, x @ sw + sb, y)
+    tw, tb = _sgd(tw, tb, x, g_t, mentor_lr)
+    new_w, new_b = _sgd(sw, sb, x, g_s, lr)
     up_w, up_rank = _truncate(new_w - sw, energy)
-    down_w, _ = _truncate(up_w, energy)
+    down_w, down_rank = _truncate(up_w, energy)
     got_w, got_b = _unpack(new_state.params)
     np.testing.assert_allclose(got_w, sw + down_w, atol=1e-5)
     np.testing.assert_allclose(got_b, new_b, atol=1e-5)
@@ -233,8 +263,33 @@ class GoldenTest(absltest.TestCase):
     # A rank-r factorisation of a [D, C] kernel sends r (D + C + 1) floats.
     self.assertEqual(int(metrics['upload_bytes']),
                      4 * (up_rank * (D + C + 1) + C))
-    # The client's first download is the whole mentee.
-    self.assertEqual(int(metrics['download_bytes']), 4 * (D * C + C))
+    self.assertEqual(int(metrics['download_bytes']),
+                     4 * (down_rank * (D + C + 1) + C))
+
+  def test_fedkd_averages_clients_uniformly_or_by_examples(self):
+    # Energy 1 keeps every update whole, so the round's mean update is the
+    # mean of the updates of each client alone; clients hold 4 and 2 examples.
+    data = toys.toy_data((4, 2))
+    params = _init()
+    for weighting, w in (('uniform', (0.5, 0.5)), ('examples', (4 / 6, 2 / 6))):
+      alg = algorithms.fedkd(
+          mentor=_linear(), mentee=_linear(), input_shape=toys.INPUT_SHAPE,
+          num_clients=2, client_tx=optax.sgd(0.5), mentor_tx=optax.sgd(0.3),
+          server_tx=optax.sgd(1.0), epochs=1, batch_size=4, energy_start=1.0,
+          energy_end=1.0, num_rounds=1, weighting=weighting)
+      state = alg.init(params, jax.random.PRNGKey(1))
+      step = jax.jit(alg.apply)
+      delta = lambda ids: _unpack(step(
+          state, data, toys.cohort(ids, size=2, num_clients=2),
+          jax.random.PRNGKey(2))[0].params)[0] - _unpack(params)[0]
+      np.testing.assert_allclose(
+          delta([0, 1]), w[0] * delta([0]) + w[1] * delta([1]), atol=1e-5)
+
+  def test_fedkd_energy_schedule_is_the_official_one(self):
+    # run.py: energy = tmin + ((1 + r) / R) (tmax - tmin), r = 0 .. R - 1.
+    energy = energy_schedule(0.5, 0.9, 4)
+    np.testing.assert_allclose([float(energy(r)) for r in range(6)],
+                               [0.6, 0.7, 0.8, 0.9, 0.9, 0.9], rtol=1e-6)
 
   def test_feddf_round_ensemble_distillation(self):
     lr, distill_lr, temp = 0.5, 0.2, 2.0
@@ -255,10 +310,37 @@ class GoldenTest(absltest.TestCase):
     mean = lambda vals: sum(n * v for n, v in zip(sizes, vals)) / sum(sizes)
     w, b = mean([m[0] for m in models]), mean([m[1] for m in models])
     ensemble = mean([xp @ mw + mb for mw, mb in models])
-    w, b = _sgd(w, b, xp, _kd_grad(xp @ w + b, ensemble, temp), distill_lr)
+    # The official KL has no T^2 factor: T^-2 times the Hinton gradient.
+    w, b = _sgd(w, b, xp, _kd_grad(xp @ w + b, ensemble, temp) / temp**2,
+                distill_lr)
     _assert_linear(state.params, w, b)
     # Only the parameters count as sent: 2 clients x 51 float32.
     self.assertEqual(int(metrics['upload_bytes']), 2 * 4 * (D * C + C))
+
+  def test_feddf_distill_optimizer_clips_then_decays(self):
+    # SGD at lr 1 shows the official transform: the gradient clipped to norm
+    # 5, then a cosine decay over 2 epochs x ceil(5 / 2) batches = 6 steps.
+    config = ml_collections.ConfigDict(dict(
+        distill_optimizer='sgd', distill_lr=1.0, distill_schedule='cosine',
+        distill_clip_norm=5.0, distill_epochs=2, public_batch_size=2))
+    tx = algorithms.feddf_distill_tx(config, num_public=5)
+    state, grad = tx.init(jnp.zeros(2)), jnp.array([6.0, 8.0])  # norm 10
+    updates = []
+    for _ in range(7):
+      update, state = tx.update(grad, state)
+      updates.append(np.asarray(update))
+    lrs = [0.5 * (1 + np.cos(np.pi * min(t, 6) / 6)) for t in range(7)]
+    np.testing.assert_allclose(
+        updates, [-lr * np.array([3.0, 4.0]) for lr in lrs], atol=1e-6)
+
+  def test_defaults_are_the_papers(self):
+    config = default_config.get_config()
+    self.assertEqual((config.prox_mu, config.ntd_tau, config.ntd_beta),
+                     (1, 1, 1))
+    self.assertEqual((config.distill_temperature, config.distill_clip_norm,
+                      config.distill_schedule), (1.0, 5.0, 'cosine'))
+    self.assertEqual((config.fedkd_loss_scale, config.fedkd_weighting),
+                     ('batch', 'uniform'))
 
   def test_fd_two_rounds(self):
     lr, weight, temp = 0.5, 0.4, 2.0
@@ -318,7 +400,7 @@ class GoldenTest(absltest.TestCase):
     models = [revisit(k, *_client(state, k)) for k in range(2)]
     state, metrics = _round(alg, state, data, [0, 1])
     consensus = sum(xp @ w + b for w, b in models) / 2
-    np.testing.assert_allclose(state.params[0], consensus, atol=1e-5)
+    np.testing.assert_allclose(state.params, consensus, atol=1e-5)
     self.assertEqual(int(metrics['upload_bytes']),
                      2 * 4 * toys.NUM_PUBLIC * C)
 
@@ -328,7 +410,7 @@ class GoldenTest(absltest.TestCase):
     w, b = revisit(0, w, b)
     state, _ = _round(alg, state, data, [0], seed=3)
     np.testing.assert_allclose(_client(state, 0)[0], w, atol=1e-5)
-    np.testing.assert_allclose(state.params[0], xp @ w + b, atol=1e-5)
+    np.testing.assert_allclose(state.params, xp @ w + b, atol=1e-5)
 
 
 if __name__ == '__main__':

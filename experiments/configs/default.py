@@ -47,16 +47,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.server_lr = 1.0
   c.temperature = 2.0
   c.distill_weight = 0.5  # local_kd, fd: (1 - w) CE + w KD
-  c.prox_mu = 0.01  # fedprox: proximal coefficient
+  c.prox_mu = 1.0  # fedprox: proximal coefficient (paper's best, MNIST)
   c.ntd_beta = 1.0  # fedntd: weight of the not-true distillation
-  c.svd_energy_start = 0.95  # fedkd: SVD energy kept in round 0 ...
-  c.svd_energy_end = 0.98  # ... rising linearly to this in the last round
+  c.ntd_tau = 1.0  # fedntd: its temperature (paper and official code)
+  # fedkd: SVD energy start + (r + 1) / R (end - start) in round r of R.
+  c.svd_energy_start = 0.95
+  c.svd_energy_end = 0.98
+  c.fedkd_loss_scale = 'batch'  # batch (official code) | example
+  c.fedkd_weighting = 'uniform'  # uniform (official mean) | examples
   # Public (proxy) data: held out of the training set (feddf, fedmd).
   c.public_examples = 0
   c.public_batch_size = 50
   c.distill_optimizer = 'adam'  # feddf: server distillation optimizer
   c.distill_lr = 1e-3
   c.distill_epochs = 1  # feddf: server passes over the public data
+  c.distill_temperature = 1.0  # feddf: T of KL(ensemble_T || global_T)
+  c.distill_schedule = 'cosine'  # feddf: cosine | constant learning rate
+  c.distill_clip_norm = 5.0  # feddf: gradient norm clip (0 = none)
   c.server_model = ''  # feddf: a separate (larger) server model; '' = none
   c.digest_epochs = 1  # fedmd: client passes over the public data
   # Run.

@@ -4,6 +4,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import flax.linen as nn
+import optax
 
 from fedkd import models
 from fedkd import optimizers
@@ -49,6 +50,19 @@ def _private_models(state: ServerState) -> Params:
   return state.clients[0]
 
 
+def feddf_distill_tx(config, num_public: int) -> optax.GradientTransformation:
+  """FedDF's server optimizer, fresh every round (official: Adam, cosine
+  decay over the round's distillation steps, gradient norm clipped to 5)."""
+  lr = config.distill_lr
+  if config.distill_schedule == 'cosine':
+    steps = config.distill_epochs * -(-num_public // config.public_batch_size)
+    lr = optax.cosine_decay_schedule(lr, max(steps, 1))
+  tx = optimizers.get_optimizer(config.distill_optimizer, lr)
+  if config.distill_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(config.distill_clip_norm), tx)
+  return tx
+
+
 def build(config, input_shape, num_classes: int, num_public: int) -> Built:
   """The algorithm named by `config.algorithm`, configured from `config`.
 
@@ -73,17 +87,17 @@ def build(config, input_shape, num_classes: int, num_public: int) -> Built:
                  student)
   if name == 'fedntd':
     return Built(fedntd(model=student, beta=config.ntd_beta,
-                        temperature=config.temperature, **averaging), student)
+                        temperature=config.ntd_tau, **averaging), student)
   if name == 'feddf':
     server_model = config.server_model and models.get_model(
         config.server_model, num_classes)
     alg = feddf(
-        model=student, distill_tx=optimizer(config.distill_optimizer,
-                                            config.distill_lr),
+        model=student, distill_tx=feddf_distill_tx(config, num_public),
         distill_epochs=config.distill_epochs,
         public_batch_size=config.public_batch_size,
-        temperature=config.temperature, server_model=server_model or None,
-        input_shape=input_shape, **averaging)
+        temperature=config.distill_temperature,
+        server_model=server_model or None, input_shape=input_shape,
+        **averaging)
     if server_model:
       return Built(alg, server_model,
                    global_params=lambda state: state.params['server'])
@@ -106,7 +120,9 @@ def build(config, input_shape, num_classes: int, num_public: int) -> Built:
     alg = fedkd(mentor=teacher, mentee=student, mentor_tx=teacher_tx,
                 energy_start=config.svd_energy_start,
                 energy_end=config.svd_energy_end,
-                num_rounds=config.num_rounds, **private, **averaging)
+                num_rounds=config.num_rounds,
+                loss_scale=config.fedkd_loss_scale,
+                weighting=config.fedkd_weighting, **private, **averaging)
   else:
     alg = local_kd(teacher=teacher, student=student, teacher_tx=teacher_tx,
                    temperature=config.temperature,

@@ -1,27 +1,39 @@
 """FedDF: Lin, Kong, Stich & Jaggi, "Ensemble Distillation for Robust Model
-Fusion in Federated Learning", NeurIPS 2020, arXiv:2006.07242.
+Fusion in Federated Learning", NeurIPS 2020, arXiv:2006.07242. Official code:
+github.com/epfml/federated-learning-public-code (`codes/FedDF-code`,
+`pcode/aggregation/noise_knowledge_transfer.py`).
 
 Clients train the global model on cross-entropy as in FedAvg and upload their
 parameters (the delta). The server averages them (through the server
 optimizer, FedOpt), then distills the ensemble of the client models into the
 averaged model on unlabeled proxy data (`ClientData.public_x`): `distill_epochs`
-passes of `distill_tx` steps on `T^2 * KL(softmax(ensemble / T) ||
-softmax(global / T))`, the ensemble's mean logits detached (the paper: T = 1,
-Adam at 1e-3, early stopping on a validation set, which is not implemented).
+passes of `distill_tx` steps on `KL(softmax(ensemble / T) || softmax(global /
+T))` (`losses.soft_target_kl`: no T^2 factor, as the official `divergence`),
+the ensemble's mean logits detached. The official defaults are T = 1 and Adam
+at 1e-3 with cosine decay over the distillation steps and gradients clipped
+to norm 5; `fedkd.algorithms.build` makes `distill_tx` that way from the
+config (`distill_temperature`, `distill_schedule`, `distill_clip_norm`).
 
 The ensemble's mean logits are the example-weighted mean of the client models'
-logits on the proxy data (the paper averages uniformly). In this simulation
-each client computes its model's proxy logits and they are averaged with the
-deltas; only the parameters count as uploaded bytes, since the real server
-would evaluate the received models itself.
+logits on the proxy data. In this simulation each client computes its model's
+proxy logits and they are averaged with the deltas; only the parameters count
+as uploaded bytes, since the real server would evaluate the received models
+itself.
 
 With `server_model` (e.g. larger than the clients' model, as in the paper's
 Sec. 4), the server keeps that model too and distills the same ensemble into
 it after the averaged client model; `ServerState.params` is then
 `{'client': averaged client model, 'server': server model}`, clients download
-only the former, and the latter is the global model to evaluate. Not
-implemented: several client architectures at once (the paper's
-heterogeneous prototypes).
+only the former, and the latter is the global model to evaluate.
+
+Differences from the official code: its ensemble is the uniform mean of the
+client logits (`avg_logits`; here weighted by example count, like the
+deltas); it runs up to 10,000 distillation batches of 128 per round, checks
+accuracy on a labelled validation split every 100 and stops after 1,000
+without improvement, keeping the best model (here a fixed `distill_epochs`
+passes over the public data, no validation split, the last model); several
+client architectures at once (the paper's heterogeneous prototypes) are not
+implemented.
 """
 
 import flax.linen as nn
@@ -90,7 +102,7 @@ def feddf(*, model: nn.Module, client_tx: optax.GradientTransformation,
   def distill(student, params, ensemble, public_x, rng):
     """`distill_epochs` of `distill_tx` on the proxy data; returns the mean
     distillation loss too."""
-    kd = lambda p, batch: losses.distillation(
+    kd = lambda p, batch: losses.soft_target_kl(
         student.apply(p, batch.x), ensemble[batch.index], temperature)
     (params, _), sums = clients.public_training(
         clients.loss_step(kd, distill_tx, 'loss'),

@@ -6,8 +6,13 @@ FedAvg whose local loss is `CE(local, y) + beta * NTD(global, local)`: the
 not-true distillation (`losses.not_true_distillation`) runs from the frozen
 global model of the round start (teacher, detached) to the local model
 (student) over the classes other than the label, KL(global || local) at
-temperature T with the T^2 factor of the authors' code. The paper's defaults
-are T = 1, beta = 1.
+temperature T with the T^2 factor of the authors' code
+(github.com/Lee-Gihun/FedNTD, `algorithms/fedntd/criterion.py`: KL with
+'batchmean' reduction, the global model's logits under `no_grad`). The paper's
+and `config/fedntd.json`'s values, tau = 1 and beta = 1, are the config's
+defaults (`ntd_tau`, `ntd_beta`). That config also trains locally with SGD
+momentum 0.9 and weight decay 1e-5 and decays the local learning rate by 0.99
+a round; here the client optimizer is the run's (`client_optimizer`).
 """
 
 import flax.linen as nn
