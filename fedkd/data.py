@@ -1,11 +1,13 @@
 """Datasets as numpy arrays: scikit-learn digits, a user's .npz, or TFDS.
 
-TFDS datasets are read through `tfds.data_source` (ArrayRecord files), which
-needs no TensorFlow; they must be prepared beforehand in the array_record file
-format, since nothing is downloaded here.
+TFDS datasets are read as ArrayRecord files (`as_data_source`), which needs no
+TensorFlow. A dataset not prepared in `data_dir` is downloaded and prepared on
+first use, as `tfds.load` does; where that cannot happen (offline, or a
+builder that needs TensorFlow), the error gives the command that prepares it.
 """
 
 import dataclasses
+import errno
 import hashlib
 import zipfile
 
@@ -60,7 +62,8 @@ def fingerprint(dataset: Dataset, *more: np.ndarray) -> str:
   return h.hexdigest()
 
 
-def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+def load_dataset(name: str, data_dir: str | None = None, *,
+                 download: bool = True) -> Dataset:
   """Loads a dataset by name.
 
   Args:
@@ -69,19 +72,21 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
       classification dataset such as `mnist` or `cifar10`.
     data_dir: TFDS data directory; None means TFDS's default
       ($TFDS_DATA_DIR or ~/tensorflow_datasets). Only used for TFDS.
+    download: download and prepare a TFDS dataset that `data_dir` lacks.
 
   Returns:
     The dataset.
 
   Raises:
     FedkdError: the name is unknown, the .npz file is missing or malformed, or
-      the TFDS dataset is not prepared under `data_dir`.
+      the TFDS dataset is not prepared under `data_dir` and cannot be (or
+      `download` is False).
   """
   if name == 'digits':
     return _load_digits()
   if name.startswith(NPZ_PREFIX):
     return _load_npz(name, name[len(NPZ_PREFIX):])
-  return _load_tfds(name, data_dir)
+  return _load_tfds(name, data_dir, download)
 
 
 def _load_digits() -> Dataset:
@@ -198,10 +203,14 @@ def _check_npz_split(
   return x, y.astype(np.int32)
 
 
-def _load_tfds(name: str, data_dir: str | None) -> Dataset:
-  """Reads a prepared TFDS image classification dataset into memory."""
+def _load_tfds(name: str, data_dir: str | None, download: bool) -> Dataset:
+  """Reads a TFDS image classification dataset into memory.
+
+  Prepares it first (array_record files) if `data_dir` lacks it.
+  """
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    builder = tfds.builder(name, data_dir=data_dir,
+                           file_format='array_record')
   except tfds.core.DatasetNotFoundError as e:
     raise errors.FedkdError(
         f'unknown dataset {name!r}; use digits, npz:PATH or any TFDS image'
@@ -222,18 +231,73 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
         ' dataset (needs a uint8 [H, W, C] "image" and a class "label");'
         ' use e.g. mnist, fashion_mnist or cifar10'
     )
-  x_train, y_train = _read_tfds_split(builder, name, 'train', data_dir)
-  x_test, y_test = _read_tfds_split(builder, name, 'test', data_dir)
+  if not builder.is_prepared():
+    _prepare(builder, name, download)
+  x_train, y_train = _read_tfds_split(builder, name, 'train')
+  x_test, y_test = _read_tfds_split(builder, name, 'test')
   return Dataset(
       name, x_train, y_train, x_test, y_test, int(label.num_classes)
   )
+
+
+def _build_command(name: str, root: str, *flags: str) -> str:
+  """The shell command that prepares TFDS dataset `name` under `root`.
+
+  The `tfds` command line tool imports TensorFlow, as do many builders.
+  """
+  return (f'`pip install tensorflow && tfds build {name} --data_dir={root}'
+          f' --file_format=array_record{"".join(" " + f for f in flags)}`')
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, name: str,
+             download: bool) -> None:
+  """Downloads and prepares `builder`'s dataset, as `tfds.load` would."""
+  root = builder.data_dir_root
+  command = _build_command(name, root)
+  if not download:
+    raise errors.FedkdError(
+        f'TFDS dataset {name!r} is not prepared under {root} and downloading'
+        f' is off (tfds_download=False); run {command}, or turn downloading'
+        ' on'
+    )
+  print(f'downloading and preparing TFDS dataset {name!r} under {root} '
+        '(tfds_download=False turns this off)', flush=True)
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except
+    # Any dataset's own download and generation code runs here; what it
+    # raises is reported as one line, with the way to prepare it elsewhere.
+    raise errors.FedkdError(
+        _preparation_failure(e, builder, name, command)) from e
+
+
+def _preparation_failure(e: Exception, builder: tfds.core.DatasetBuilder,
+                         name: str, command: str) -> str:
+  """One line: why `builder` could not be prepared here, and what to run."""
+  root = builder.data_dir_root
+  lines = str(e).strip().splitlines()
+  cause = f'{type(e).__name__}: {lines[0][:160] if lines else ""}'
+  if isinstance(e, ImportError):
+    if (e.name or '').partition('.')[0] == 'tensorflow':
+      return (f'TFDS dataset {name!r} needs TensorFlow to be prepared'
+              f' ({cause}); run {command}')
+    return (f'TFDS dataset {name!r} needs the Python module {e.name} to be'
+            f' prepared ({cause}); install it, then run {command}')
+  if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    return (f'no space left under {root} to prepare TFDS dataset {name!r}'
+            f' ({cause}); free space there or set data_dir to a disk with'
+            ' room')
+  if isinstance(e, OSError):  # requests' and urllib's errors are OSErrors.
+    return (f'cannot download TFDS dataset {name!r} ({cause}); without'
+            f' internet here, run {command} on a machine with internet and'
+            f' copy {root}/{builder.name} here')
+  return f'cannot prepare TFDS dataset {name!r} ({cause}); run {command}'
 
 
 def _read_tfds_split(
     builder: tfds.core.DatasetBuilder,
     name: str,
     split: str,
-    data_dir: str | None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Returns float32 [N, H, W, C] images in [0, 1] and int32 [N] labels."""
   # Split names are only known once the dataset is prepared.
@@ -243,21 +307,20 @@ def _read_tfds_split(
         f'TFDS dataset {name!r} has no {split!r} split (only'
         f' {", ".join(known_splits)}); fedkd needs train and test splits'
     )
+  root = builder.data_dir_root
   try:
-    source = tfds.data_source(
-        name, split=split, data_dir=data_dir, download=False
-    )
-  except (NotImplementedError, KeyError) as e:
-    # tfds raises NotImplementedError when data_dir holds no array_record
-    # files for the dataset (nothing, or only tfrecords), and KeyError when it
-    # holds nothing and data_dir is None.
-    root = builder.data_dir_root
+    source = builder.as_data_source(split=split)
+  except KeyError as e:  # No splits: a preparation that wrote nothing.
     raise errors.FedkdError(
-        f'TFDS dataset {name!r} is not prepared in the array_record format'
-        f' under {root}; on a machine with internet run `tfds build {name}'
-        f' --data_dir={root} --file_format=array_record` (or'
-        f' tfds.builder({name!r}, data_dir=..., file_format="array_record")'
-        '.download_and_prepare()) and copy the data here'
+        f'TFDS dataset {name!r} is not prepared under {root}; run'
+        f' {_build_command(name, root)}'
+    ) from e
+  except NotImplementedError as e:
+    # Prepared in another file format (tfrecord), which needs TensorFlow.
+    raise errors.FedkdError(
+        f'TFDS dataset {name!r} is prepared under {root} without array_record'
+        ' files, which fedkd reads without TensorFlow; run'
+        f' {_build_command(name, root, "--overwrite")}'
     ) from e
   if not len(source):
     raise errors.FedkdError(f'TFDS dataset {name!r}: split {split!r} is empty')

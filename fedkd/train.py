@@ -419,7 +419,8 @@ def load_data(config):
         max_examples=config.synthetic_max_examples, seed=config.seed)
     return dataset, parts, dataset.x_train[:0]
   dataset, public_x = _hold_out_public(
-      data.load_dataset(config.dataset, config.data_dir or None),
+      data.load_dataset(config.dataset, config.data_dir or None,
+                        download=config.tfds_download),
       config.public_examples, config.seed)
   parts = partition.partition(
       dataset.y_train, config.num_clients, config.partition,

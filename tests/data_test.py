@@ -1,18 +1,24 @@
 """Tests for fedkd.data."""
 
+import errno
+import io
 import os
+import sys
 import tempfile
 import time
+import zipfile
 from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import requests
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking as tfds_mocking
 
 from fedkd import data
 from fedkd import errors
+from fedkd import npzfile
 
 _TINY_TRAIN = 12
 _TINY_TEST = 5
@@ -42,6 +48,21 @@ class FedkdTinyImages(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, start, count):
     for i in range(start, start + count):
       yield i, {'image': np.full((4, 3, 2), 10 * i, np.uint8), 'label': i % 3}
+
+
+class FedkdOnlineImages(FedkdTinyImages):
+  """Like FedkdTinyImages but downloads a file first, as real datasets do."""
+
+  def _split_generators(self, dl_manager):
+    dl_manager.download('https://fedkd.invalid/images.bin')
+    return super()._split_generators(dl_manager)
+
+
+def _import_tensorflow(dl_manager):
+  """A builder step that imports TensorFlow, on a machine without it."""
+  del dl_manager
+  with mock.patch.dict(sys.modules, {'tensorflow': None}):
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
 
 
 class FedkdTinyImagesNoTest(FedkdTinyImages):
@@ -163,6 +184,10 @@ class NpzTest(parameterized.TestCase):
       ('x_1d', dict(x_train=np.zeros(6)), 'x_train has shape'),
       ('int_not_pixels', dict(x_train=np.full((6, 3), 300)), r'\[0, 255\]'),
       ('strings', dict(x_train=np.full((6, 3), 'a')), 'integers or floats'),
+      ('zero_width', dict(x_train=np.zeros((6, 0)), x_test=np.zeros((4, 0))),
+       'without features'),
+      ('zero_channels', dict(x_train=np.zeros((6, 2, 2, 0))),
+       r'\(6, 2, 2, 0\): examples without features'),
   )
   def test_bad_arrays_raise(self, changes, message):
     arrays = self._valid() | changes
@@ -193,8 +218,62 @@ class NpzTest(parameterized.TestCase):
     with self.assertRaisesRegex(errors.FedkdError, 'cannot read'):
       data.load_dataset(f'npz:{path}')
 
+  def _claiming(self, shape) -> str:
+    """A .npz whose x_train header claims `shape` over 24 bytes of data."""
+    arrays = self._valid()
+    del arrays['x_train']
+    path = self._save(**arrays)
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        member, {'descr': '<f8', 'fortran_order': False, 'shape': shape})
+    with zipfile.ZipFile(path, 'a') as archive:
+      archive.writestr('x_train.npy', member.getvalue() + bytes(24))
+    return path
 
-class TfdsTest(absltest.TestCase):
+  def test_header_claiming_more_than_the_file_raises_before_loading(self):
+    path = self._claiming((10**12, 3))
+    with mock.patch.object(np, 'load', side_effect=AssertionError('loaded')):
+      with self.assertRaisesRegex(
+          errors.FedkdError, r'x_train claims shape \(1000000000000, 3\) of '
+          r'float64 \(24,000,000,000,000 bytes\) but the archive holds 24 '):
+        data.load_dataset(f'npz:{path}')
+
+  def test_arrays_larger_than_memory_raise_before_loading(self):
+    path = self._save(**self._valid())
+    # 6 * 3 + 4 * 3 float64 features and 10 int64 labels: 320 bytes.
+    with mock.patch.object(npzfile, 'memory_bytes', return_value=319), \
+        mock.patch.object(np, 'load', side_effect=AssertionError('loaded')):
+      with self.assertRaisesRegex(errors.FedkdError, 'more than this machine'):
+        data.load_dataset(f'npz:{path}')
+    with mock.patch.object(npzfile, 'memory_bytes', return_value=320):
+      data.load_dataset(f'npz:{path}')
+
+  def test_device_and_directory_paths_raise(self):
+    for path in ('/dev/zero', self.dir):
+      with self.assertRaisesRegex(errors.FedkdError, 'not a regular file'):
+        data.load_dataset(f'npz:{path}')
+
+  def test_fifo_path_raises_without_reading_it(self):
+    path = os.path.join(self.dir, 'fifo.npz')
+    os.mkfifo(path)
+    # Held open for writing with bytes waiting, so a reader never blocks.
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+    self.addCleanup(os.close, fd)
+    os.write(fd, b'not an npz' * 10)
+    with self.assertRaisesRegex(errors.FedkdError, 'not a regular file'):
+      data.load_dataset(f'npz:{path}')
+
+
+class DatasetNameTest(parameterized.TestCase):
+
+  @parameterized.parameters('', ' ', 'a b', '../x', 'mnist/', 'x-y')
+  def test_names_tfds_cannot_parse_raise(self, name):
+    with self.assertRaisesRegex(errors.FedkdError, r'^dataset .*digits, '
+                                'synthetic, npz:PATH'):
+      data.load_dataset(name)
+
+
+class TfdsTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
@@ -223,7 +302,21 @@ class TfdsTest(absltest.TestCase):
     FedkdTinyImages(
         data_dir=self.dir, file_format='array_record'
     ).download_and_prepare()
+    with mock.patch.object(
+        tfds.core.DatasetBuilder, 'download_and_prepare'
+    ) as prepare:
+      ds = data.load_dataset('fedkd_tiny_images', data_dir=self.dir)
+    prepare.assert_not_called()
+    self._check_tiny(ds)
+
+  def test_unprepared_dataset_is_prepared_on_first_use(self):
     ds = data.load_dataset('fedkd_tiny_images', data_dir=self.dir)
+    self._check_tiny(ds)
+    builder = FedkdTinyImages(data_dir=self.dir, file_format='array_record')
+    self.assertTrue(builder.is_prepared())
+    self.assertEqual(builder.info.file_format.value, 'array_record')
+
+  def _check_tiny(self, ds):
     self.assertEqual(ds.num_classes, 3)
     self.assertEqual(ds.x_train.shape, (_TINY_TRAIN, 4, 3, 2))
     self.assertEqual(ds.x_test.shape, (_TINY_TEST, 4, 3, 2))
@@ -259,7 +352,7 @@ class TfdsTest(absltest.TestCase):
     with self.assertRaisesRegex(errors.FedkdError, 'not a fixed-size image'):
       data.load_dataset('imdb_reviews', data_dir=self.dir)
 
-  def test_unprepared_dataset_raises_without_downloading(self):
+  def test_download_off_raises_without_downloading(self):
     start = time.monotonic()
     with (
         mock.patch.object(
@@ -267,13 +360,77 @@ class TfdsTest(absltest.TestCase):
         ) as download,
         self.assertRaisesRegex(
             errors.FedkdError,
-            f'not prepared .* under {self.dir}.*tfds build mnist',
+            f'not prepared under {self.dir} and downloading is off .*'
+            f'`pip install tensorflow && tfds build mnist'
+            f' --data_dir={self.dir} --file_format=array_record`',
         ),
     ):
-      data.load_dataset('mnist', data_dir=self.dir)
+      data.load_dataset('mnist', data_dir=self.dir, download=False)
     download.assert_not_called()
     self.assertLess(time.monotonic() - start, 5)
     self.assertEmpty(os.listdir(self.dir))
+
+  def test_mocked_mnist_download(self):
+    with (
+        mock.patch.object(tfds_mocking, '_getitems', _getitems_without_self),
+        tfds.testing.mock_data(
+            num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE
+        ),
+    ):
+      # mock_data's no-op preparation, patched again to see the call.
+      with mock.patch.object(
+          tfds.core.DatasetBuilder, 'download_and_prepare'
+      ) as prepare:
+        ds = data.load_dataset('mnist', data_dir=self.dir)
+      prepare.assert_called_once()
+      self.assertEqual(ds.x_train.shape, (3, 28, 28, 1))
+      with self.assertRaisesRegex(errors.FedkdError, 'downloading is off'):
+        data.load_dataset('mnist', data_dir=self.dir, download=False)
+
+  def test_offline_download_names_the_command(self):
+    offline = requests.exceptions.ConnectionError(
+        'Failed to resolve fedkd.invalid')
+    with (
+        mock.patch.object(
+            requests.Session, 'send', side_effect=offline
+        ) as send,
+        self.assertRaisesRegex(
+            errors.FedkdError,
+            "cannot download TFDS dataset 'fedkd_online_images' \\("
+            'ConnectionError: Failed to resolve fedkd.invalid\\); without'
+            ' internet here, run `pip install tensorflow && tfds build'
+            f' fedkd_online_images --data_dir={self.dir}'
+            ' --file_format=array_record` on a machine with internet and'
+            f' copy {self.dir}/fedkd_online_images here$',
+        ),
+    ):
+      data.load_dataset('fedkd_online_images', data_dir=self.dir)
+    send.assert_called()
+    self.assertFalse(FedkdOnlineImages(data_dir=self.dir).is_prepared())
+
+  @parameterized.named_parameters(
+      ('tensorflow', _import_tensorflow,
+       "needs TensorFlow to be prepared \\(ModuleNotFoundError: import of"
+       " tensorflow halted.*\\); run `pip install tensorflow && tfds build"),
+      ('other_module', ModuleNotFoundError('no beam', name='apache_beam'),
+       'needs the Python module apache_beam to be prepared .*; install it,'
+       ' then run `pip install tensorflow && tfds build'),
+      ('disk_full', OSError(errno.ENOSPC, 'No space left on device'),
+       'no space left under .* to prepare .*; free space there'),
+      ('other', RuntimeError('manual download needed\nsee the catalog'),
+       "cannot prepare TFDS dataset 'fedkd_tiny_images' \\(RuntimeError:"
+       ' manual download needed\\); run `pip install tensorflow'),
+  )
+  def test_failed_preparation_is_one_line(self, failure, message):
+    with (
+        mock.patch.object(
+            FedkdTinyImages, '_split_generators', side_effect=failure
+        ),
+        self.assertRaisesRegex(errors.FedkdError, message) as raised,
+    ):
+      data.load_dataset('fedkd_tiny_images', data_dir=self.dir)
+    self.assertNotIn('\n', str(raised.exception))
+    self.assertFalse(FedkdTinyImages(data_dir=self.dir).is_prepared())
 
 
 if __name__ == '__main__':

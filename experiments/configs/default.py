@@ -20,6 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Data and partition.
   c.dataset = 'digits'  # digits | synthetic | npz:PATH | TFDS dataset name
   c.data_dir = ''  # TFDS data_dir; '' = the TFDS default
+  c.tfds_download = True  # TFDS: download and prepare what data_dir lacks
   # dataset='synthetic': Synthetic(alpha, beta) of Li et al. 2020, generated
   # per client (its own natural partition; `partition` is not used).
   c.synthetic_alpha = 1.0
