@@ -9,7 +9,6 @@ builder that needs TensorFlow), the error gives the command that prepares it.
 import dataclasses
 import errno
 import hashlib
-import zipfile
 
 import numpy as np
 from sklearn import datasets as sk_datasets
@@ -17,6 +16,7 @@ from sklearn import model_selection
 import tensorflow_datasets as tfds
 
 from fedkd import errors
+from fedkd import npzfile
 
 NPZ_PREFIX = 'npz:'
 _NPZ_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
@@ -86,7 +86,24 @@ def load_dataset(name: str, data_dir: str | None = None, *,
     return _load_digits()
   if name.startswith(NPZ_PREFIX):
     return _load_npz(name, name[len(NPZ_PREFIX):])
+  _check_tfds_name(name)
   return _load_tfds(name, data_dir, download)
+
+
+def _check_tfds_name(name: str) -> None:
+  """Refuses a dataset name that TFDS cannot parse, before TFDS sees it."""
+  if not name.strip():
+    raise errors.FedkdError(
+        'dataset is empty; use digits, synthetic, npz:PATH or a TFDS image'
+        ' classification dataset such as mnist'
+    )
+  try:
+    tfds.core.naming.parse_builder_name_kwargs(name)
+  except ValueError as e:
+    raise errors.FedkdError(
+        f'dataset {name!r} is neither digits, synthetic, npz:PATH nor a TFDS'
+        ' name (NAME[/CONFIG][:VERSION], e.g. mnist or cifar10)'
+    ) from e
 
 
 def _load_digits() -> Dataset:
@@ -134,18 +151,7 @@ def _load_npz(name: str, path: str) -> Dataset:
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
   """Returns those of the dataset arrays that the .npz file holds."""
-  try:
-    npz = np.load(path, allow_pickle=False)
-    if not isinstance(npz, np.lib.npyio.NpzFile):  # A bare .npy array.
-      raise errors.FedkdError(
-          f'{path} is not an .npz archive; save one with np.savez'
-      )
-    with npz:
-      return {k: npz[k] for k in _NPZ_KEYS if k in npz.files}
-  except errors.FedkdError:
-    raise
-  except (OSError, ValueError, zipfile.BadZipFile) as e:
-    raise errors.FedkdError(f'cannot read .npz file {path}: {e}') from e
+  return npzfile.read(path, _NPZ_KEYS)
 
 
 def _check_npz_split(
@@ -158,6 +164,11 @@ def _check_npz_split(
     raise errors.FedkdError(
         f'{path}: {x_key} has shape {x.shape}; use [N, D] vectors or'
         ' [N, H, W] / [N, H, W, C] images'
+    )
+  if 0 in x.shape[1:]:
+    raise errors.FedkdError(
+        f'{path}: {x_key} has shape {x.shape}: examples without features;'
+        ' every example needs at least one value'
     )
   if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
     raise errors.FedkdError(
