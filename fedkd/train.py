@@ -459,6 +459,8 @@ def _run(config, workdir: str, stop: stopping.Stopper, progress: bool):
   validation.validate_config(config)
   stop.phase('data loading')
   dataset, parts, public_x = load_data(config)
+  validation.validate_models(config, dataset.x_train.shape[1:],
+                             dataset.num_classes, len(public_x))
   validation.validate_workdir(workdir)
   # Locks the workdir and refuses another run's files before the set-up;
   # nothing in it changes before the loop starts.

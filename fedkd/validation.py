@@ -8,7 +8,9 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 
+from fedkd import algorithms
 from fedkd import models
 from fedkd import privacy
 from fedkd.algorithms import ALGORITHMS
@@ -48,6 +50,12 @@ def validate_config(config) -> None:
   for field in _POSITIVE_INTS:
     if getattr(config, field) < 1:
       raise FedkdError(f'{field} must be >= 1, got {getattr(config, field)}')
+  # PRNGKey keeps a seed's low 32 bits: 2**32 would silently rerun seed 0.
+  if not 0 <= config.seed < 2**32:
+    raise FedkdError(f'seed must be in [0, 2**32), got {config.seed}')
+  if config.num_rounds >= 2**31:
+    raise FedkdError('num_rounds must be < 2**31 (rounds are counted in '
+                     f'int32), got {config.num_rounds}')
   for field in _POSITIVE_FLOATS:
     value = getattr(config, field)
     if not (value > 0 and math.isfinite(value)):
@@ -116,6 +124,51 @@ def validate_config(config) -> None:
   if config.partition == 'dirichlet' and not config.alpha > 0:
     raise FedkdError(f'alpha must be > 0 for the dirichlet partition, got '
                      f'{config.alpha}')
+
+
+def validate_models(config, input_shape, num_classes: int,
+                    num_public: int) -> None:
+  """Checks that the run's models take examples of `input_shape`.
+
+  Initialises them abstractly (`jax.eval_shape`, no compute), as the run
+  will, so a CNN given vector data fails here with one line, not in set-up.
+  """
+  built = algorithms.build(config, input_shape, num_classes, num_public)
+  key = jax.random.PRNGKey(0)
+  try:
+    params = built.student and jax.eval_shape(
+        built.student.init, key, _batch_of_one(input_shape))
+    jax.eval_shape(built.algorithm.init, params, key)
+  except FedkdError:
+    raise
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    # Whatever flax or lax raise for a shape a layer cannot take.
+    failing = [f'{f} {getattr(config, f)!r}' for f in _MODEL_FIELDS
+               if getattr(config, f) and _init_fails(
+                   getattr(config, f), input_shape, num_classes)]
+    raise FedkdError(
+        f'{(failing or ["a model"])[0]} cannot take examples of shape '
+        f'{input_shape} '
+        f'({type(e).__name__}: {str(e).splitlines()[0][:120]}); mnist_cnn and'
+        ' the ResNets need [H, W, C] images, use an MLP (seed_student, '
+        'mnist_2nn, logreg) for vector data') from e
+
+
+def _batch_of_one(input_shape) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+
+
+# Config fields naming models, in the order a failure is reported.
+_MODEL_FIELDS = ('student', 'teacher', 'server_model')
+
+
+def _init_fails(name: str, input_shape, num_classes: int) -> bool:
+  try:
+    jax.eval_shape(models.get_model(name, num_classes).init,
+                   jax.random.PRNGKey(0), _batch_of_one(input_shape))
+  except Exception:  # pylint: disable=broad-exception-caught
+    return True
+  return False
 
 
 def validate_processes(config) -> None:
