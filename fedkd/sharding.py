@@ -1,28 +1,47 @@
 """The device mesh: one axis, `clients`, over which cohorts are split."""
 
+import threading
+
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedkd import stopping
 from fedkd.clients import CLIENTS_AXIS
 from fedkd.errors import FedkdError
 
 
 def initialize_distributed(coordinator_address: str, num_processes: int,
-                           process_id: int) -> None:
+                           process_id: int, timeout_s: float = 300) -> None:
   """Joins a multi-process (multi-host) run; call before any other JAX use.
 
   Each process then sees every process's devices in `jax.devices()`, and the
   `clients` mesh spans them all: each process computes its devices' share of
   the cohort, and the weighted mean over clients becomes a cross-process
   reduction.
+
+  If the coordinator cannot be reached, or not every process joins, within
+  `timeout_s`, the process ends with one `error:` line and exit code 2. (At
+  its own deadline XLA aborts the process with a stack trace, which Python
+  cannot catch, so a timer here comes first.)
   """
   if num_processes == 1:
     return
   # CPU processes need an explicit collectives backend to reduce across.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes,
-                             process_id=process_id)
+  timer = threading.Timer(timeout_s, stopping.exit_now, args=(
+      f'error: the {num_processes} processes did not all join within '
+      f'coordinator_timeout={timeout_s:g} s (this is process {process_id}, '
+      f'coordinator_address={coordinator_address}); start every process, '
+      'check the address and that process 0 runs there, or raise '
+      'coordinator_timeout', 2))
+  timer.daemon = True
+  timer.start()
+  try:
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes,
+        process_id=process_id, initialization_timeout=int(timeout_s) + 60)
+  finally:
+    timer.cancel()
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:

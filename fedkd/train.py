@@ -455,7 +455,8 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
 def _run(config, workdir: str, stop: stopping.Stopper, progress: bool):
   validation.validate_processes(config)
   sharding.initialize_distributed(config.coordinator_address,
-                                  config.num_processes, config.process_id)
+                                  config.num_processes, config.process_id,
+                                  config.coordinator_timeout)
   validation.validate_config(config)
   stop.phase('data loading')
   dataset, parts, public_x = load_data(config)

@@ -178,6 +178,9 @@ def validate_processes(config) -> None:
   if not 0 <= config.process_id < config.num_processes:
     raise FedkdError(f'process_id must be in [0, {config.num_processes}), '
                      f'got {config.process_id}')
+  if not 0 < config.coordinator_timeout < math.inf:
+    raise FedkdError('coordinator_timeout must be a finite number of seconds '
+                     f'> 0, got {config.coordinator_timeout}')
   if config.num_processes > 1 and ':' not in config.coordinator_address:
     raise FedkdError('a multi-process run needs coordinator_address=HOST:PORT '
                      f'(process 0 listens there), got '

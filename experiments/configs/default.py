@@ -77,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_processes = 1
   c.process_id = 0
   c.coordinator_address = ''  # HOST:PORT of process 0
+  c.coordinator_timeout = 300.0  # seconds for every process to join
   c.clients_per_chunk = 0  # > 0: run the cohort in chunks (bounds memory)
   c.checkpoint_every = 10  # rounds between checkpoints (0 = only the last)
   c.overwrite = False  # replace a run of another config in --workdir
