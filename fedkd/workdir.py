@@ -6,6 +6,8 @@
     WORKDIR/checkpoints/<round>/  orbax checkpoints (state; rows so far, the
                                   config and the dataset's fingerprint)
     WORKDIR/final_params.msgpack  the global model after the last round
+    WORKDIR/tensorboard/          TensorBoard event files: each row's scalars,
+                                  the config (`fedkd.tensorboard`)
 
 Rerunning the same command on the same workdir resumes from the newest
 checkpoint. A workdir in use by another run, holding a run of a different
@@ -35,6 +37,7 @@ LOCK = '.fedkd.lock'
 CONFIG = 'config.json'
 METRICS = 'metrics.jsonl'
 CHECKPOINTS = 'checkpoints'
+TENSORBOARD = 'tensorboard'
 FINAL_PARAMS = 'final_params.msgpack'
 NONFINITE = 'nonfinite_metrics'
 
@@ -149,6 +152,7 @@ class Workdir:
     self._data = data
     self._overwrite = overwrite
     self._checkpoints = None
+    self._tensorboard = None
     # In a multi-process run all processes share the workdir; process 0
     # locks and writes the files, orbax coordinates the checkpoints.
     self._writer = jax.process_index() == 0
@@ -190,8 +194,8 @@ class Workdir:
     return fd
 
   def _check_file_types(self) -> None:
-    for name in (*_FILES, CHECKPOINTS):
-      path, want_dir = self._file(name), name == CHECKPOINTS
+    for name in (*_FILES, CHECKPOINTS, TENSORBOARD):
+      path, want_dir = self._file(name), name in (CHECKPOINTS, TENSORBOARD)
       if os.path.lexists(path) and not (
           os.path.isdir(path) if want_dir else os.path.isfile(path)):
         kind = 'directory' if want_dir else 'regular file'
@@ -263,7 +267,7 @@ class Workdir:
       raise FedkdError(f'cannot read {self._file(CONFIG)} ({e}); use another '
                        '--workdir or --config.overwrite=True') from e
     if not isinstance(config, dict):
-      raise FedkdError(f'{self._file(CONFIG)} holds {type(config).__name__},'
+      raise FedkdError(f'{self._file(CONFIG)} holds {json.dumps(config)[:20]},'
                        ' not a config object; use another --workdir or '
                        '--config.overwrite=True')
     return config
@@ -311,6 +315,7 @@ class Workdir:
         self._checkpoints.close()
         self._checkpoints = None
       shutil.rmtree(self._file(CHECKPOINTS), ignore_errors=True)
+      shutil.rmtree(self._file(TENSORBOARD), ignore_errors=True)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('fedkd workdir ready')
     self._checkpointer()
@@ -318,6 +323,15 @@ class Workdir:
       return
     _atomic_write(self._file(CONFIG), _json_bytes(self._config))
     _atomic_write(self._file(METRICS), b''.join(map(_row_bytes, rows)))
+    # Imported here: tensorboardX imports torch where it is installed
+    # (seconds), which runs that stop before writing should not pay.
+    from fedkd import tensorboard  # pylint: disable=g-import-not-at-top
+    # Without resumed rows, metrics.jsonl starts anew, and so do the events.
+    self._tensorboard = tensorboard.EventWriter(self._file(TENSORBOARD),
+                                                fresh=not rows)
+    self._tensorboard.write_config(self._config,
+                                   rows[-1]['round'] if rows else 0)
+    self._tensorboard.write_rows(rows)
 
   def append_row(self, row: dict) -> None:
     if not self._writer:
@@ -325,6 +339,7 @@ class Workdir:
     fd = os.open(self._file(METRICS), os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
     with os.fdopen(fd, 'wb') as f:
       f.write(_row_bytes(row))
+    self._tensorboard.write_rows([row])
 
   def save(self, rounds_done: int, state: PyTree, meta: dict) -> None:
     """Checkpoints `state` with `meta`, this run's config and dataset."""
@@ -337,7 +352,10 @@ class Workdir:
       _atomic_write(self._file(FINAL_PARAMS), serialization.to_bytes(params))
 
   def close(self) -> None:
-    """Releases the checkpointer and the lock."""
+    """Releases the checkpointer, the event files and the lock."""
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+      self._tensorboard = None
     if self._checkpoints is not None:
       self._checkpoints.close()
       self._checkpoints = None

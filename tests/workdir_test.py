@@ -15,29 +15,13 @@ import numpy as np
 from fedkd import data
 from fedkd import workdir as workdir_lib
 from fedkd.errors import FedkdError
+import rundirs
 
 CONFIG = {'algorithm': 'local_kd', 'seed': 0, 'num_rounds': 3,
           'eval_every': 1, 'svd_energy_start': 0.95, 'svd_energy_end': 0.98}
 DATA = 'a' * 64
 STATE = {'w': jnp.arange(4, dtype=jnp.float32)}
 TOTALS = {'total_bytes': 0}
-
-
-def snapshot(path):
-  """Every entry under `path`: file bytes, 'dir', or a symlink's target."""
-  entries = {}
-  for root, dirs, files in os.walk(path):
-    for name in dirs + files:
-      full = os.path.join(root, name)
-      rel = os.path.relpath(full, path)
-      if os.path.islink(full):
-        entries[rel] = ('link', os.readlink(full))
-      elif os.path.isdir(full):
-        entries[rel] = 'dir'
-      else:
-        with open(full, 'rb') as f:
-          entries[rel] = f.read()
-  return entries
 
 
 def _open(path, *, overwrite=False, data_hash=DATA, **changes):
@@ -58,18 +42,6 @@ def _write_run(path, rounds=(1, 2)):
   work.close()
 
 
-def _edit_json(path, edit):
-  with open(path) as f:
-    value = json.load(f)
-  with open(path, 'w') as f:
-    json.dump(edit(value), f)
-
-
-def _metas(path):
-  return [os.path.join(path, 'checkpoints', s, 'meta', 'metadata')
-          for s in os.listdir(os.path.join(path, 'checkpoints'))]
-
-
 class WorkdirTest(parameterized.TestCase):
 
   @classmethod
@@ -86,12 +58,12 @@ class WorkdirTest(parameterized.TestCase):
 
   def assertRefused(self, expected, **kwargs):
     """Opening the workdir fails with one line and changes nothing."""
-    before = snapshot(self.path)
+    before = rundirs.snapshot(self.path)
     with self.assertRaises(FedkdError) as cm:
       _open(self.path, **kwargs).close()
     self.assertIn(expected, str(cm.exception))
     self.assertNotIn('\n', str(cm.exception))
-    self.assertEqual(snapshot(self.path), before)
+    self.assertEqual(rundirs.snapshot(self.path), before)
 
   def test_same_config_resumes_from_the_newest_checkpoint(self):
     work = _open(self.path)
@@ -104,11 +76,11 @@ class WorkdirTest(parameterized.TestCase):
   # Overwrite.
 
   def test_overwrite_changes_nothing_before_start(self):
-    before = snapshot(self.path)
+    before = rundirs.snapshot(self.path)
     work = _open(self.path, overwrite=True, seed=5)
     self.assertIsNone(work.restore(STATE, TOTALS))
     work.close()
-    self.assertEqual(snapshot(self.path), before)
+    self.assertEqual(rundirs.snapshot(self.path), before)
 
   def test_overwrite_replaces_the_run_at_start(self):
     work = _open(self.path, overwrite=True, seed=5)
@@ -181,9 +153,8 @@ class WorkdirTest(parameterized.TestCase):
                        data_hash='b' * 64)
 
   def test_checkpoint_without_config_is_refused(self):
-    for meta in _metas(self.path):
-      _edit_json(meta, lambda m: {k: v for k, v in m.items()
-                                  if k != 'config'})
+    rundirs.edit_checkpoint_metas(self.path, lambda m: {
+        k: v for k, v in m.items() if k != 'config'})
     self.assertRefused('no checkpoint in')
 
   # What may change on resume.
@@ -206,9 +177,8 @@ class WorkdirTest(parameterized.TestCase):
 
   def test_fedkd_num_rounds_is_fixed_by_its_energy_schedule(self):
     os.remove(os.path.join(self.path, 'config.json'))
-    for meta in _metas(self.path):
-      _edit_json(meta, lambda m: {**m, 'config': {**CONFIG,
-                                                  'algorithm': 'fedkd'}})
+    rundirs.edit_checkpoint_metas(self.path, lambda m: {
+        **m, 'config': {**CONFIG, 'algorithm': 'fedkd'}})
     self.assertRefused('(num_rounds: 3 there, 9 now; fedkd\'s SVD energy',
                        algorithm='fedkd', num_rounds=9)
 
@@ -261,13 +231,12 @@ class WorkdirTest(parameterized.TestCase):
        'its totals are not integers'),
   )
   def test_corrupt_meta_in_every_checkpoint_is_refused(self, edit, expected):
-    for meta in _metas(self.path):
-      _edit_json(meta, edit)
+    rundirs.edit_checkpoint_metas(self.path, edit)
     self.assertRefused(expected)
 
   def test_corrupt_newest_meta_falls_back_to_the_previous_checkpoint(self):
-    _edit_json(os.path.join(self.path, 'checkpoints', '2', 'meta',
-                            'metadata'), lambda m: {})
+    rundirs.edit_json(os.path.join(self.path, 'checkpoints', '2', 'meta',
+                           'metadata'), lambda m: {})
     work = _open(self.path)
     with self.assertLogs(level='WARNING'):
       step, _, _ = work.restore(STATE, TOTALS)
