@@ -86,10 +86,11 @@ class WorkdirTest(parameterized.TestCase):
     work = _open(self.path, overwrite=True, seed=5)
     work.start([])
     work.close()
-    self.assertEqual(sorted(os.listdir(self.path)),
-                     ['.fedkd.lock', 'checkpoints', 'config.json',
-                      'metrics.jsonl'])
+    self.assertFalse(os.path.exists(os.path.join(self.path,
+                                                 'final_params.msgpack')))
     self.assertEmpty(os.listdir(os.path.join(self.path, 'checkpoints')))
+    with open(os.path.join(self.path, 'metrics.jsonl')) as f:
+      self.assertEmpty(f.read())
     with open(os.path.join(self.path, 'config.json')) as f:
       self.assertEqual(json.load(f)['seed'], 5)
 
