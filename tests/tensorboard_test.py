@@ -1,0 +1,167 @@
+"""Tests for fedkd.tensorboard, read back with TensorBoard's own reader."""
+
+import json
+import math
+import os
+
+from absl.testing import absltest
+import numpy as np
+from tensorboard.backend.event_processing import event_accumulator
+
+from experiments.configs import default
+from fedkd import tensorboard
+from fedkd import train
+from fedkd import workdir as workdir_lib
+from fedkd.errors import FedkdError
+
+
+def _read(logdir: str):
+  """({tag: [(step, value)]}, [config texts in order]) as TensorBoard sees."""
+  acc = event_accumulator.EventAccumulator(
+      logdir, size_guidance={event_accumulator.SCALARS: 0,
+                             event_accumulator.TENSORS: 0})
+  acc.Reload()
+  scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+             for tag in acc.Tags()['scalars']}
+  texts = [e.tensor_proto.string_val[0].decode()
+           for tag in acc.Tags()['tensors'] if tag.startswith('config')
+           for e in acc.Tensors(tag)]
+  return scalars, texts
+
+
+def _event_files(logdir: str):
+  return sorted(f for f in os.listdir(logdir) if 'tfevents' in f)
+
+
+class EventWriterTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.dir = self.create_tempdir().full_path
+
+  def _write(self, rows, config=None, *, fresh=False, step=0):
+    writer = tensorboard.EventWriter(self.dir, fresh=fresh)
+    writer.write_config(config or {'seed': 0}, step)
+    writer.write_rows(rows)
+    writer.close()
+
+  def test_scalars_read_back_equal_the_rows(self):
+    rows = [{'round': 5, 'accuracy': 0.25, 'upload_bytes': 123_456_789,
+             'dp_epsilon': None, 'nonfinite_metrics': ['x']},
+            {'round': 10, 'accuracy': 0.5, 'upload_bytes': 7,
+             'dp_epsilon': 1.5, 'nonfinite_metrics': []}]
+    self._write(rows, {'seed': 3, 'algorithm': 'fedkd'})
+    scalars, texts = _read(self.dir)
+    # None and lists are not scalars; TensorBoard keeps float32.
+    self.assertEqual(scalars, {
+        'accuracy': [(5, 0.25), (10, 0.5)],
+        'upload_bytes': [(5, float(np.float32(123_456_789))), (10, 7.0)],
+        'dp_epsilon': [(10, 1.5)]})
+    self.assertLen(texts, 1)
+    self.assertEqual(json.loads(texts[0]), {'seed': 3, 'algorithm': 'fedkd'})
+
+  def test_non_finite_values_are_written(self):
+    self._write([{'round': 1, 'loss': math.nan, 'norm': math.inf,
+                  'low': -math.inf}])
+    scalars, _ = _read(self.dir)
+    self.assertTrue(math.isnan(scalars['loss'][0][1]))
+    self.assertEqual(scalars['norm'], [(1, math.inf)])
+    self.assertEqual(scalars['low'], [(1, -math.inf)])
+
+  def test_resume_writes_only_steps_not_yet_written(self):
+    self._write([{'round': 1, 'acc': 0.1}, {'round': 2, 'acc': 0.2}])
+    # A resume from round 1 recomputes round 2 (same figure up to timing).
+    self._write([{'round': 1, 'acc': 0.1}, {'round': 2, 'acc': 0.25},
+                 {'round': 3, 'acc': 0.3, 'new': 1.0}], step=1)
+    self.assertLen(_event_files(self.dir), 2)
+    scalars, texts = _read(self.dir)
+    self.assertEqual(scalars['acc'], [(1, np.float32(0.1)),
+                                      (2, np.float32(0.2)),
+                                      (3, np.float32(0.3))])
+    self.assertEqual(scalars['new'], [(3, 1.0)])
+    self.assertLen(texts, 1)  # the same config is not written again
+    self._write([], {'seed': 1}, step=3)
+    _, texts = _read(self.dir)
+    self.assertEqual([json.loads(t) for t in texts], [{'seed': 0},
+                                                      {'seed': 1}])
+
+  def test_fresh_removes_earlier_event_files(self):
+    self._write([{'round': 1, 'acc': 0.1}, {'round': 2, 'acc': 0.2}])
+    self._write([{'round': 1, 'acc': 0.5}], fresh=True)
+    self.assertLen(_event_files(self.dir), 1)
+    self.assertEqual(_read(self.dir)[0], {'acc': [(1, 0.5)]})
+
+  def test_torn_last_record_is_rewritten(self):
+    self._write([{'round': 1, 'acc': 0.1}, {'round': 2, 'acc': 0.2}])
+    path = os.path.join(self.dir, _event_files(self.dir)[0])
+    with open(path, 'r+b') as f:  # a writer killed within round 2's record
+      f.truncate(os.path.getsize(path) - 3)
+    self._write([{'round': 1, 'acc': 0.1}, {'round': 2, 'acc': 0.2}])
+    scalars, _ = _read(self.dir)
+    self.assertEqual(scalars['acc'], [(1, np.float32(0.1)),
+                                      (2, np.float32(0.2))])
+
+
+class WorkdirTest(absltest.TestCase):
+  """The event files through `fedkd.workdir`, as a run and its resumes use it."""
+
+  def setUp(self):
+    super().setUp()
+    self.path = self.create_tempdir().full_path
+    self.logdir = os.path.join(self.path, workdir_lib.TENSORBOARD)
+
+  def _session(self, resumed_rows, new_rows, *, overwrite=False):
+    work = workdir_lib.Workdir(self.path, {'num_rounds': 3}, data='sha',
+                               overwrite=overwrite)
+    try:
+      work.start(resumed_rows)
+      for row in new_rows:
+        work.append_row(row)
+    finally:
+      work.close()
+
+  def test_resume_overwrite_and_restart(self):
+    one, two, three = ({'round': r, 'acc': r / 10} for r in (1, 2, 3))
+    self._session([], [one, two])
+    # Resumed from round 1's checkpoint: round 2 again, then round 3.
+    self._session([one], [dict(two, acc=0.9), three])
+    self.assertEqual(_read(self.logdir)[0]['acc'], [
+        (1, np.float32(0.1)), (2, np.float32(0.2)), (3, np.float32(0.3))])
+    # No checkpoint to resume from: the events start anew, as metrics.jsonl.
+    self._session([], [dict(one, acc=0.5)])
+    self.assertEqual(_read(self.logdir)[0], {'acc': [(1, 0.5)]})
+    self._session([], [], overwrite=True)
+    self.assertEqual(_read(self.logdir)[0], {})
+
+  def test_tensorboard_not_a_directory_is_refused(self):
+    with open(self.logdir, 'w') as f:
+      f.write('x')
+    with self.assertRaisesRegex(FedkdError, 'tensorboard is not a directory'):
+      self._session([], [])
+
+
+class RunTest(absltest.TestCase):
+
+  def test_event_files_hold_the_metrics_rows(self):
+    config = default.get_config('smoke')
+    config.update(algorithm='fedavg', num_clients=10, clients_per_round=5,
+                  local_epochs=1)
+    workdir = self.create_tempdir().full_path
+    train.run(config, workdir, progress=False)
+    with open(os.path.join(workdir, workdir_lib.METRICS)) as f:
+      rows = [json.loads(line) for line in f]
+    self.assertEqual([r['round'] for r in rows], [1, 2])
+    expected = {}
+    for row in rows:
+      for tag, value in row.items():
+        if isinstance(value, (int, float)) and tag != 'round':
+          expected.setdefault(tag, []).append(
+              (row['round'], float(np.float32(value))))
+    scalars, texts = _read(os.path.join(workdir, workdir_lib.TENSORBOARD))
+    self.assertEqual(scalars, expected)
+    self.assertIn('student_accuracy', scalars)
+    self.assertEqual(json.loads(texts[0]), config.to_dict())
+
+
+if __name__ == '__main__':
+  absltest.main()
