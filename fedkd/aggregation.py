@@ -23,13 +23,21 @@ def mean_from_sums(total: PyTree, weight: jax.Array) -> PyTree:
       lambda t: t / jnp.maximum(weight, 1e-12).astype(t.dtype), total)
 
 
-def server_step(params: Params, opt_state: OptState, mean_delta: Params,
-                tx: optax.GradientTransformation) -> tuple[Params, OptState]:
+def server_updates(params: Params, opt_state: OptState, mean_delta: Params,
+                   tx: optax.GradientTransformation) -> tuple[Params, OptState]:
   """FedOpt (Reddi et al. 2021): the averaged client delta is -gradient.
 
-  With `optax.sgd(1.0)` this is FedAvg's plain weighted average of client
-  models.
+  Returns:
+    (the update to add to `params`, the new optimizer state); with
+    `optax.sgd(1.0)` the update is `mean_delta` itself.
   """
   pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
-  updates, opt_state = tx.update(pseudo_grad, opt_state, params)
+  return tx.update(pseudo_grad, opt_state, params)
+
+
+def server_step(params: Params, opt_state: OptState, mean_delta: Params,
+                tx: optax.GradientTransformation) -> tuple[Params, OptState]:
+  """`server_updates` applied. With `optax.sgd(1.0)` this is FedAvg's plain
+  weighted average of client models."""
+  updates, opt_state = server_updates(params, opt_state, mean_delta, tx)
   return optax.apply_updates(params, updates), opt_state

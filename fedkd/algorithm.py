@@ -11,12 +11,16 @@ pure functions (like optax's `GradientTransformation`):
   `server` is the `ServerState` without the stacked client states;
 * `server_update(state, mean_upload, data, rng) -> (state, metrics)`.
 
-Communication is counted exactly, in bytes, per round: by default each
-reporting client uploads its whole `upload` pytree and downloads the global
-`params`. A client that sends something else (SVD factors, or parameters when
-its `upload` also carries simulation-only values) reports its own
-`upload_bytes` (int32) in its metrics; a server that broadcasts something else
-reports the per-client `download_bytes` in its metrics.
+Communication is counted exactly, in bytes, per round, as
+`communication.Bytes` (int32 counts times static units, multiplied out on the
+host in Python ints, so no size overflows): by default each reporting client
+uploads its whole `upload` pytree and each sampled client downloads the
+global `params`. A client that sends something else (SVD factors, or
+parameters when its `upload` also carries simulation-only values) reports its
+own `upload_bytes` in its metrics; a server that broadcasts something else
+reports the per-client `download_bytes`. A server that broadcasts compressed
+updates instead keeps a per-client `ServerState.backlog` and reports each
+round's `update_floats` (see `make_round`).
 
 `client_update` and `server_update` are exposed so the per-client Python loop
 (`fedkd.loop`) runs the very same code the vmapped round runs.
@@ -31,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from fedkd import aggregation
+from fedkd import communication
 from fedkd import privacy
 from fedkd.clients import ClientData, ClientOutput, Cohort, map_clients
 from fedkd.typing import Array, Metrics, OptState, Params, PRNGKey, PyTree
@@ -45,11 +50,17 @@ class ServerState(struct.PyTreeNode):
     round: number of rounds applied so far.
     clients: per-client persistent state stacked over all clients
       ([num_clients, ...] leaves, e.g. private teachers); `()` when none.
+    backlog: [num_clients] int32 where the server broadcasts compressed
+      updates: how many float32 values each client must download to hold
+      the current `params`, the updates it missed capped at the whole model
+      (which a client that never took part needs); `()` where clients
+      download the whole model every round.
   """
   params: Params
   opt_state: OptState
   round: Array
   clients: PyTree
+  backlog: PyTree = ()
 
 
 ClientUpdate = Callable[..., ClientOutput]
@@ -68,7 +79,7 @@ class FederatedAlgorithm(NamedTuple):
 
 def tree_bytes(tree: PyTree) -> int:
   """Bytes of every leaf of `tree` as stored (float32 parameters: 4 each)."""
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 class Faults(NamedTuple):
@@ -161,8 +172,9 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
     upload = jax.tree.map(lambda u: jnp.where(_per_client(reported, u), u, 0),
                           out.upload)
     weights = reported * (1.0 if dp else out.weight)
-    sums = {name: jnp.sum(jnp.where(reported, value, 0))
-            for name, value in out.metrics.items()}
+    sums = jax.tree.map(
+        lambda v: jnp.sum(jnp.where(_per_client(reported, v), v, 0), axis=0),
+        out.metrics)
     sums.update(clients=jnp.sum(reported), dropped_clients=jnp.sum(dropped),
                 nonfinite_clients=jnp.sum(mask & ~dropped & ~finite))
     write_ids = jnp.where(reported, ids, data.num_clients)  # others dropped
@@ -216,15 +228,44 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
     # default each reporting client sent one upload-shaped pytree (the
     # summed upload has the shape of one client's upload).
     if 'upload_bytes' not in metrics:
-      metrics['upload_bytes'] = sums['clients'] * tree_bytes(total)
-    metrics['download_bytes'] = jnp.sum(
-        cohort.client_mask, dtype=jnp.int32) * metrics.get(
-            'download_bytes', tree_bytes(state.params))
+      metrics['upload_bytes'] = communication.fixed(sums['clients'],
+                                                    tree_bytes(total))
+    # Every sampled client downloads, dropped and non-finite ones included.
+    if isinstance(state.backlog, tuple):
+      metrics['download_bytes'] = metrics.get(
+          'download_bytes',
+          communication.fixed(1, tree_bytes(state.params))).times(
+              jnp.sum(cohort.client_mask, dtype=jnp.int32))
+    else:
+      metrics['download_bytes'], new_state = _catch_up(
+          new_state, cohort, metrics.pop('update_floats'))
     metrics['params_finite'] = jnp.all(_all_finite(
         jax.tree.map(lambda p: p[None], new_state.params)))
     return new_state.replace(clients=clients, round=state.round + 1), metrics
 
   return apply
+
+
+def _catch_up(state: ServerState, cohort: Cohort,
+              update_floats: Array) -> tuple[communication.Bytes, ServerState]:
+  """Charges the cohort its backlog, then adds this round's update to all.
+
+  A sampled client downloads the updates it missed since it last took part,
+  or the whole model when that is smaller (always, the first time); then
+  every client misses the update this round applied. Exact while the model
+  has fewer than 2^30 float32 values (the int32 backlog stays below 2^31).
+  """
+  owed = jnp.where(cohort.client_mask, state.backlog[cohort.client_ids], 0)
+  synced = state.backlog.at[cohort.client_ids].set(0, mode='drop')
+  full = tree_bytes(state.params) // communication.FLOAT_BYTES
+  backlog = jnp.minimum(synced + update_floats, full).astype(jnp.int32)
+  return communication.summed(owed), state.replace(backlog=backlog)
+
+
+def with_backlog(state: ServerState, num_clients: int) -> ServerState:
+  """`state` whose clients download compressed updates, none yet in sync."""
+  full = tree_bytes(state.params) // communication.FLOAT_BYTES
+  return state.replace(backlog=jnp.full((num_clients,), full, jnp.int32))
 
 
 def averaging_server_update(tx) -> ServerUpdate:
@@ -239,10 +280,24 @@ def averaging_server_update(tx) -> ServerUpdate:
   return server_update
 
 
-def adopt_mean(state: ServerState, mean_upload: PyTree, data, rng):
-  """Server update whose new global state IS the mean upload (FD, FedMD)."""
+def adopt_reported(state: ServerState, mean_upload: PyTree, data, rng):
+  """Server update adopting the mean `(values, presence)` upload (FD, FedMD).
+
+  Every client weighs 1 and sends `presence` (1 per entry it reports, 0
+  elsewhere), so the mean presence is 0 exactly where no reporting client
+  had the entry: there the previous `(values, presence)` are kept, so a
+  round that misses a label, or in which every client drops out, does not
+  wipe what earlier rounds learnt. `values` has `presence`'s shape plus
+  trailing axes.
+  """
   del data, rng  # Nothing is trained on the server.
-  return state.replace(params=mean_upload), {}
+  values, presence = mean_upload
+  old_values, old_presence = state.params
+  reported = presence > 0
+  values = jnp.where(reported.reshape(reported.shape + (1,) * (
+      values.ndim - reported.ndim)), values, old_values)
+  return state.replace(params=(
+      values, jnp.where(reported, presence, old_presence))), {}
 
 
 def build(init, client_update: ClientUpdate,

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 
 from fedkd.typing import Array, PyTree
 
-_FLOAT_BYTES = 4
 # A Gram matrix of at most _BLOCK + _OVERSAMPLE rows is diagonalised outright
 # (Jacobi until converged, at most _MAX_SWEEPS sweeps). Larger ones go by
 # blocks of _BLOCK eigenvectors, iterated with _OVERSAMPLE extra vectors
@@ -194,7 +193,7 @@ def _svd_truncate(matrix: Array, energy: Array) -> tuple[Array, Array]:
   """Keeps the fewest singular values holding `energy` of sum(sigma^2).
 
   The factors `U_r diag(s_r) V_r^T` cost r (m + n + 1) floats; when that is
-  more than the m n of the matrix itself, the matrix is sent instead (and
+  not less than the m n of the matrix itself, the matrix is sent instead (and
   arrives exact). A zero matrix sends nothing. A non-finite matrix (or one
   whose squares overflow) is decomposed as zeros and comes back as all-NaN,
   so the update stays visibly broken.
@@ -206,7 +205,8 @@ def _svd_truncate(matrix: Array, energy: Array) -> tuple[Array, Array]:
   finite = jnp.isfinite(total)  # Any NaN or inf reaches the diagonal.
   gram = jnp.where(finite, gram, 0)
   target = energy * total
-  max_rank = m * n // (m + n + 1)  # Above it, the dense matrix is smaller.
+  # Above it, the dense matrix is no larger than the factors.
+  max_rank = (m * n - 1) // (m + n + 1)
   if gram.shape[0] <= _BLOCK + _OVERSAMPLE:
     rank, projector = _factor_exact(gram, target)
   else:
@@ -218,8 +218,7 @@ def _svd_truncate(matrix: Array, energy: Array) -> tuple[Array, Array]:
                         projector)
   projector = jnp.where(finite, projector, jnp.nan)
   recon = _dot(projector, matrix) if wide else _dot(matrix, projector)
-  sent = jnp.where(dense, m * n, rank * (m + n + 1)) * _FLOAT_BYTES
-  return recon, sent
+  return recon, jnp.where(dense, m * n, rank * (m + n + 1))
 
 
 def svd_compress(tree: PyTree, energy: Array) -> tuple[PyTree, Array]:
@@ -232,21 +231,22 @@ def svd_compress(tree: PyTree, energy: Array) -> tuple[PyTree, Array]:
   sent as they are.
 
   Returns:
-    The reconstructed update (what the receiver applies) and the int32 bytes
-    sent: r (m + n + 1) float32 per factored matrix, m n per dense one, plus
-    the vectors.
+    The reconstructed update (what the receiver applies) and the number of
+    float32 values sent (int32; `communication.floats` turns it into exact
+    bytes): r (m + n + 1) per factored matrix, m n per dense one, plus the
+    vectors.
   """
   leaves, treedef = jax.tree.flatten(tree)
   out, sent = [], jnp.zeros((), jnp.int32)
   for leaf in leaves:
     if leaf.ndim < 2:
       out.append(leaf)
-      sent += leaf.size * _FLOAT_BYTES
+      sent += leaf.size
       continue
-    matrix, leaf_bytes = _svd_truncate(leaf.reshape(-1, leaf.shape[-1]),
-                                       energy)
+    matrix, leaf_floats = _svd_truncate(leaf.reshape(-1, leaf.shape[-1]),
+                                        energy)
     out.append(matrix.reshape(leaf.shape))
-    sent += leaf_bytes
+    sent += leaf_floats
   return jax.tree.unflatten(treedef, out), sent
 
 

@@ -26,8 +26,9 @@ def _numpy_truncation(a, energy):
 
 
 def _factor_bytes(rank, m, n):
-  """What FedKD sends for a rank-r factorisation: never more than dense."""
-  return 4 * min(rank * (m + n + 1), m * n)
+  """What FedKD sends for a rank-r factorisation: less than dense, or dense."""
+  factors = rank * (m + n + 1)
+  return 4 * (factors if factors < m * n else m * n)
 
 
 def _matrix(kind, shape, seed=0):
@@ -47,8 +48,9 @@ def _matrix(kind, shape, seed=0):
 
 
 def _compress(a, energy):
+  """(the matrix received, bytes sent)."""
   update, sent = _COMPRESS({'w': jnp.asarray(a)}, energy)
-  return np.asarray(update['w'], np.float64), int(sent)
+  return np.asarray(update['w'], np.float64), 4 * int(sent)
 
 
 class SvdCompressTest(parameterized.TestCase):
@@ -63,7 +65,7 @@ class SvdCompressTest(parameterized.TestCase):
           rank, expected = _numpy_truncation(a, energy)
           got, sent = _compress(a, energy)
           self.assertEqual(sent, _factor_bytes(rank, m, n))
-          if rank * (m + n + 1) > m * n:
+          if rank * (m + n + 1) >= m * n:
             expected = a  # Sent dense: exact.
           np.testing.assert_allclose(got, expected,
                                      atol=2e-5 * np.abs(a).max())
@@ -108,13 +110,22 @@ class SvdCompressTest(parameterized.TestCase):
     self.assertEqual(sent, 4 * 150 * 60)
     np.testing.assert_array_equal(got, a)
 
+  def test_factors_as_large_as_the_matrix_go_dense(self):
+    # [5, 4] at rank 2: 2 (5 + 4 + 1) = 20 floats, as many as the matrix;
+    # the matrix is sent then, and arrives exact.
+    a = _matrix('rank2', (5, 4))
+    self.assertEqual(_numpy_truncation(a, 0.999)[0], 2)
+    got, sent = _compress(a, 0.999)
+    self.assertEqual(sent, 4 * 20)
+    np.testing.assert_array_equal(got, a)
+
   def test_bytes_of_a_tree(self):
     # A conv kernel [3, 3, 2, 4] is the matrix [18, 4]; biases go whole.
     kernel = _matrix('rank1', (18, 4)).reshape(3, 3, 2, 4)
     tree = {'conv': kernel, 'bias': np.ones(4, np.float32),
             'dense': _matrix('rank3', (12, 7))}
     update, sent = _COMPRESS(jax.tree.map(jnp.asarray, tree), 0.99)
-    self.assertEqual(int(sent), 4 * (1 * (18 + 4 + 1) + 4 + 3 * (12 + 7 + 1)))
+    self.assertEqual(int(sent), 1 * (18 + 4 + 1) + 4 + 3 * (12 + 7 + 1))
     self.assertEqual(update['conv'].shape, kernel.shape)
     np.testing.assert_allclose(update['conv'], kernel, atol=1e-5)
     np.testing.assert_array_equal(update['bias'], tree['bias'])

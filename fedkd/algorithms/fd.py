@@ -10,7 +10,9 @@ produced for each label (before each step's update); it uploads the per-label
 mean logits [K, K] and a [K] presence indicator. The server's state is the
 global table: the mean over the reporting clients of their per-label means,
 per label over the clients that saw it (each client weighs 1, so the ratio of
-the averaged table and presence is that mean).
+the averaged table and presence is that mean). A label no reporting client
+saw keeps its previous entry (`algorithm.adopt_reported`), so partial
+participation and dropped rounds do not wipe it.
 
 Local loss per example: `(1 - w) * CE + w * T^2 * KL(softmax(g_y / T) ||
 softmax(student / T))`, with `g_y` the global mean logits of the example's
@@ -86,4 +88,4 @@ def fd(*, model: nn.Module, input_shape, num_clients: int, num_classes: int,
         upload=(means * seen[:, None], seen), weight=jnp.ones(()),
         state=state, metrics=dict(sums, train_examples=num_examples * epochs))
 
-  return algorithm.build(init, client_update, algorithm.adopt_mean)
+  return algorithm.build(init, client_update, algorithm.adopt_reported)

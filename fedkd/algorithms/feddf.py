@@ -44,6 +44,7 @@ import optax
 from fedkd import aggregation
 from fedkd import algorithm
 from fedkd import clients
+from fedkd import communication
 from fedkd import losses
 from fedkd.typing import Params, PRNGKey
 
@@ -96,8 +97,8 @@ def feddf(*, model: nn.Module, client_tx: optax.GradientTransformation,
                                         batch_size=public_batch_size)
     return out._replace(
         upload=dict(delta=out.upload, logits=logits),
-        metrics=dict(out.metrics,
-                     upload_bytes=jnp.int32(algorithm.tree_bytes(out.upload))))
+        metrics=dict(out.metrics, upload_bytes=communication.fixed(
+            1, algorithm.tree_bytes(out.upload))))
 
   def distill(student, params, ensemble, public_x, rng):
     """`distill_epochs` of `distill_tx` on the proxy data; returns the mean
@@ -123,7 +124,8 @@ def feddf(*, model: nn.Module, client_tx: optax.GradientTransformation,
           server_model, state.params['server'], ensemble, data.public_x,
           server_rng)
       # Clients receive only their model; the server model stays put.
-      metrics['download_bytes'] = jnp.int32(algorithm.tree_bytes(params))
+      metrics['download_bytes'] = communication.fixed(
+          1, algorithm.tree_bytes(params))
       params = dict(client=params, server=big)
     return state.replace(params=params, opt_state=opt_state), metrics
 

@@ -47,6 +47,7 @@ import optax
 from fedkd import aggregation
 from fedkd import algorithm
 from fedkd import clients
+from fedkd import communication
 from fedkd import compression
 from fedkd import losses
 from fedkd.typing import Params, PRNGKey
@@ -87,8 +88,9 @@ def fedkd(*, mentor: nn.Module, mentee: nn.Module, input_shape,
   energy = energy_schedule(energy_start, energy_end, num_rounds)
 
   def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
-    return algorithm.server_init(server_tx, params, clients.init_models(
-        mentor, mentor_tx, input_shape, num_clients, rng))
+    return algorithm.with_backlog(algorithm.server_init(
+        server_tx, params, clients.init_models(
+            mentor, mentor_tx, input_shape, num_clients, rng)), num_clients)
 
   def example_loss(mentor_logits, mentee_logits, ce_t, ce_s, mask):
     scale = jax.lax.stop_gradient(1.0 / jnp.maximum(ce_t + ce_s, 1e-6))
@@ -145,15 +147,16 @@ def fedkd(*, mentor: nn.Module, mentee: nn.Module, input_shape,
     upload, sent = compression.svd_compress(out.upload, energy(server.round))
     weight = out.weight if weighting == 'examples' else jnp.ones(())
     return out._replace(upload=upload, weight=weight,
-                        metrics=dict(out.metrics, upload_bytes=sent))
+                        metrics=dict(out.metrics,
+                                     upload_bytes=communication.floats(sent)))
 
   def server_update(state, mean_delta, data, rng):
     del data, rng  # Averaging needs neither.
-    delta, sent = compression.svd_compress(mean_delta, energy(state.round))
-    params, opt_state = aggregation.server_step(
-        state.params, state.opt_state, delta, server_tx)
-    return (state.replace(params=params, opt_state=opt_state),
-            {'download_bytes': sent})
+    updates, opt_state = aggregation.server_updates(
+        state.params, state.opt_state, mean_delta, server_tx)
+    applied, sent = compression.svd_compress(updates, energy(state.round))
+    return (state.replace(params=optax.apply_updates(state.params, applied),
+                          opt_state=opt_state), {'update_floats': sent})
 
   return algorithm.build(init, client_update, server_update)
 

@@ -4,11 +4,13 @@ Distillation", NeurIPS 2019 Workshop on Federated Learning, arXiv:1910.03581.
 No parameters are exchanged. Every client keeps its own model (stacked in
 `ServerState.clients`); the server's state is the consensus: the mean over
 the reporting clients (each weighs 1) of their logits on the shared public
-data (`ClientData.public_x`, [P, K]). One round, per client:
+data (`ClientData.public_x`, [P, K]), with a flag set once some client has
+reported; a round in which nobody reports keeps the previous consensus
+(`algorithm.adopt_reported`). One round, per client:
 
 1. digest: `digest_epochs` passes over the public data regressing the
    consensus logits with the mean absolute error (the loss of the authors'
-   code), skipped in round 0 when there is no consensus yet;
+   code), skipped while there is no consensus yet;
 2. revisit: `epochs` passes of cross-entropy on its private data;
 3. upload its logits on the public data.
 
@@ -27,6 +29,7 @@ import optax
 
 from fedkd import algorithm
 from fedkd import clients
+from fedkd import communication
 from fedkd import losses
 from fedkd.typing import Params, PRNGKey
 
@@ -54,19 +57,20 @@ def fedmd(*, model: nn.Module, input_shape, num_clients: int,
   def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
     del params  # There is no global model: the global state is the consensus.
     return algorithm.server_init(
-        optax.identity(), jnp.zeros((num_public, num_classes)),
+        optax.identity(), (jnp.zeros((num_public, num_classes)), jnp.zeros(())),
         clients.init_models(model, client_tx, input_shape, num_clients, rng))
 
   def client_update(server, client_state, data, client_id, num_examples,
                     rng):
     digest_rng, local_rng = jax.random.split(rng)
+    consensus, has_consensus = server.params
+    has_consensus = has_consensus > 0
     digest_loss = lambda params, batch: jnp.mean(jnp.abs(
-        model.apply(params, batch.x) - server.params[batch.index]), axis=-1)
+        model.apply(params, batch.x) - consensus[batch.index]), axis=-1)
     digested, digest_sums = clients.public_training(
         clients.loss_step(digest_loss, client_tx, 'digest_loss_sum'),
         client_state, data.public_x, digest_rng, epochs=digest_epochs,
         batch_size=public_batch_size)
-    has_consensus = server.round > 0
     state = clients.tree_where(has_consensus, digested, client_state)
     digest_sums = {k: v * has_consensus for k, v in digest_sums.items()}
     ce = lambda params, batch: losses.cross_entropy(
@@ -78,8 +82,16 @@ def fedmd(*, model: nn.Module, input_shape, num_clients: int,
     logits = clients.predict_in_batches(model, state[0], data.public_x,
                                         batch_size=public_batch_size)
     return clients.ClientOutput(
-        upload=logits, weight=jnp.ones(()), state=state,
+        upload=(logits, jnp.ones(())), weight=jnp.ones(()), state=state,
         metrics=dict(sums, **digest_sums,
-                     train_examples=num_examples * epochs))
+                     train_examples=num_examples * epochs,
+                     upload_bytes=communication.fixed(
+                         1, algorithm.tree_bytes(logits))))
 
-  return algorithm.build(init, client_update, algorithm.adopt_mean)
+  def server_update(state, mean_upload, data, rng):
+    state, metrics = algorithm.adopt_reported(state, mean_upload, data, rng)
+    # The flag is the server's bookkeeping: clients receive the logits.
+    return state, dict(metrics, download_bytes=communication.fixed(
+        1, algorithm.tree_bytes(state.params[0])))
+
+  return algorithm.build(init, client_update, server_update)
