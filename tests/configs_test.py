@@ -40,7 +40,7 @@ class SmokeConfigsTest(absltest.TestCase):
       with self.subTest(os.path.basename(path)):
         self.assertEqual(proc.returncode, 0, err[-2000:])
         # Every paper config compares algorithms: a table per run.
-        self.assertIn('| algorithm | final accuracy', out)
+        self.assertIn('| algorithm | accuracy of | final accuracy', out)
         self.assertTrue(os.path.exists(os.path.join(workdir, 'compare.md')))
         self.assertTrue(os.path.exists(
             os.path.join(workdir, 'accuracy_vs_bytes.png')))

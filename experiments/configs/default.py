@@ -93,6 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # same partition and seed, each into WORKDIR/NAME; '' = one run.
   c.compare = ''
   c.target_accuracy = 0.8  # compare: report the first round reaching it
+  c.num_seeds = 1  # compare: runs per algorithm, seeds seed .. seed + n - 1
   return variant(c, arg)
 
 
