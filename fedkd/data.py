@@ -242,7 +242,8 @@ def _load_tfds(name: str, data_dir: str | None, download: bool) -> Dataset:
         ' dataset (needs a uint8 [H, W, C] "image" and a class "label");'
         ' use e.g. mnist, fashion_mnist or cifar10'
     )
-  if not builder.is_prepared():
+  # is_prepared() logs a warning for a version directory that is missing.
+  if not (builder.data_path.exists() and builder.is_prepared()):
     _prepare(builder, name, download)
   x_train, y_train = _read_tfds_split(builder, name, 'train')
   x_test, y_test = _read_tfds_split(builder, name, 'test')

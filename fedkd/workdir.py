@@ -43,11 +43,12 @@ NONFINITE = 'nonfinite_metrics'
 
 # Fields a resumed run may change: the rounds compute the same (evaluation,
 # checkpoint cadence, layout: up to float rounding), or are checked otherwise
-# (`data_dir`: the dataset's fingerprint). `num_rounds`: see _SAME_RUN_HINT.
+# (`data_dir`, `tfds_download`: where the data comes from; the dataset's
+# fingerprint). `num_rounds`: see _SAME_RUN_HINT.
 _RESUMABLE = frozenset({
     'overwrite', 'checkpoint_every', 'eval_every', 'eval_batch_size',
     'eval_teachers', 'num_devices', 'clients_per_chunk', 'process_id',
-    'coordinator_address', 'data_dir', 'target_accuracy'})
+    'coordinator_address', 'data_dir', 'target_accuracy', 'tfds_download'})
 _FILES = (CONFIG, METRICS, FINAL_PARAMS)
 
 
