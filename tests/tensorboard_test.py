@@ -103,7 +103,7 @@ class EventWriterTest(absltest.TestCase):
 
 
 class WorkdirTest(absltest.TestCase):
-  """The event files through `fedkd.workdir`, as a run and its resumes use it."""
+  """The event files through `fedkd.workdir`, as runs and resumes use it."""
 
   def setUp(self):
     super().setUp()
