@@ -22,6 +22,7 @@ from collections.abc import Callable
 import json
 import os
 import re
+import sys
 
 from absl import logging
 import jax
@@ -151,7 +152,8 @@ class Checkpointer:
     if not steps:
       return None
     target = jax.tree.map(_abstract, state_like)
-    first_error = None
+    _drop_closed_loop_callbacks()
+    first_error, skipped = None, []
     for step in steps:
       try:
         _check_compatible(self._manager.item_metadata(step)[_STATE], target)
@@ -166,9 +168,12 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-exception-caught
         # Any failure means this step cannot be trusted; try older ones.
         first_error = first_error or e
-        logging.warning('Cannot load checkpoint %s (%s); skipping it.',
-                        self._step_dir(step), _one_line(e))
+        skipped.append((self._step_dir(step), _one_line(e)))
         continue
+      # Said only when an older step loads: otherwise the error says it.
+      for directory, why in skipped:
+        logging.warning('Cannot load checkpoint %s (%s); skipping it.',
+                        directory, why)
       if step != steps[0]:
         logging.warning('Restored checkpoint %s, not the newest (step %d).',
                         self._step_dir(step), steps[0])
@@ -190,6 +195,27 @@ class Checkpointer:
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
+
+
+def _drop_closed_loop_callbacks() -> None:
+  """Silences orbax's callbacks into a closed event loop, once per process.
+
+  A restore that fails leaves tensorstore reads whose completion callbacks
+  reach orbax's already closed asyncio loop; each would print a traceback of
+  RuntimeError('Event loop is closed') through `sys.unraisablehook`, after
+  or around the one-line error. Other unraisable errors pass through.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop', False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and
+            str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.drops_closed_loop = True
+  sys.unraisablehook = hook
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:
