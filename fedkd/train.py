@@ -14,6 +14,7 @@ evaluates or checkpoints. Evaluation is sized to fit the memory (see
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import signal
 import time
@@ -107,6 +108,36 @@ def _out_of_memory_is(where: str, advice: str):
       raise
     first = text.splitlines()[0][:200] if text else type(e).__name__
     raise OutOfMemory(f'out of memory {where} ({first}); {advice}') from None
+
+
+# For running out of memory outside the places that name their own settings.
+_RUN_ADVICE = ('lower clients_per_chunk, clients_per_round, batch_size or '
+               'eval_batch_size, or use a smaller dataset')
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXTS = ('no space left on device', 'disk quota exceeded')
+
+
+@contextlib.contextmanager
+def _out_of_space_is(workdir: str):
+  """Turns a full disk inside into one `FedkdError` line: where, and advice.
+
+  Writers that wrap the OSError (orbax, tensorstore) are recognised by its
+  text.
+  """
+  try:
+    yield
+  except FedkdError:
+    raise
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    text = str(e).strip()
+    if not ((isinstance(e, OSError) and e.errno in _NO_SPACE_ERRNOS) or
+            any(t in text.lower() for t in _NO_SPACE_TEXTS)):
+      raise
+    where = getattr(e, 'filename', None) or workdir
+    first = text.splitlines()[0][:200] if text else type(e).__name__
+    raise FedkdError(f'no space left on the disk holding {where} ({first}); '
+                     'free space there, or choose a --workdir on a disk with '
+                     'room') from None
 
 
 def _round_advice(config, cohort_size: int, chunk: int) -> str:
@@ -448,7 +479,8 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
     Diverged: the global model became NaN/inf.
     Interrupted: SIGINT/SIGTERM once the workdir was in use.
   """
-  with stopping.handling_signals() as stop:
+  with stopping.handling_signals() as stop, _out_of_space_is(workdir), \
+      _out_of_memory_is('during the run', _RUN_ADVICE):
     return stopping.run_in_worker(_run, config, workdir, stop, progress)
 
 
