@@ -3,6 +3,7 @@ FedDF CIFAR-10 config's full-size models run on mocked CIFAR-10."""
 
 import glob
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ CONFIGS = sorted(
 class SmokeConfigsTest(absltest.TestCase):
 
   def test_every_config_runs_two_rounds(self):
-    self.assertLen(CONFIGS, 6)
+    self.assertLen(CONFIGS, 7)
     env = dict(os.environ, XLA_FLAGS='')
     runs = {}
     # Concurrently: most of each run is compilation, on its own process.
@@ -82,3 +83,66 @@ class FullSizeConfigTest(absltest.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+class FedproxFigure1Test(absltest.TestCase):
+  """configs/fedprox_synthetic_fig1 and experiments/fedprox_fig1.py."""
+
+  def setUp(self):
+    super().setUp()
+    experiments = os.path.join(ROOT, 'experiments')
+    sys.path.insert(0, experiments)  # as under main.py
+    self.addCleanup(sys.path.remove, experiments)
+    self.fig1 = importlib.import_module('configs.fedprox_synthetic_fig1')
+
+  def test_paper_setting_and_arms(self):
+    config = self.fig1.get_config('0.5,90')
+    # Li et al. 2020, Sec. 5: 30 devices, 10 a round, E = 20, B = 10,
+    # lr 0.01, multinomial logistic regression on Synthetic(a, a).
+    self.assertEqual(
+        (config.dataset, config.synthetic_alpha, config.synthetic_beta,
+         config.num_clients, config.clients_per_round, config.local_epochs,
+         config.batch_size, config.client_lr, config.student),
+        ('synthetic', 0.5, 0.5, 30, 10, 20, 10, 0.01, 'logreg'))
+    arms = {label: (c.algorithm, c.prox_mu, c.dropout_rate, c.straggler_rate)
+            for label, c in self.fig1.arms(config).items()}
+    # FedAvg drops its stragglers; mu = 0 and mu = 1 keep their partial work.
+    self.assertEqual(arms, {'fedavg (drops)': ('fedavg', 0.0, 0.9, 0.0),
+                            'fedavg (partial)': ('fedavg', 0.0, 0.0, 0.9),
+                            'fedprox (mu=1)': ('fedprox', 1.0, 0.0, 0.9)})
+    # Synthetic's client sizes (lognormal(4, 2) + 50, seed 0) stay whole.
+    self.assertGreaterEqual(config.synthetic_max_examples, 889)
+    self.assertEqual(self.fig1.get_config().straggler_rate, 0.9)
+    with self.assertRaisesRegex(ValueError, 'use :ALPHA,PERCENT'):
+      self.fig1.get_config('1')
+
+  def test_figure_and_table_from_finished_runs(self):
+    # Runs whose metrics reach the last round are read, not rerun.
+    workdir, out = (self.create_tempdir().full_path for _ in range(2))
+    expected = []
+    for i, arm in enumerate(('fedavg_drops', 'fedavg_partial',
+                             'fedprox_mu_1')):
+      os.makedirs(os.path.join(workdir, '1_90', arm))
+      rows = [dict(round=r, student_loss=2.0 + i - r, accuracy=0.1 * (i + r))
+              for r in (1, 2)]
+      with open(os.path.join(workdir, '1_90', arm, 'metrics.jsonl'),
+                'w') as f:
+        f.writelines(json.dumps(row) + '\n' for row in rows)
+      # Final loss 0 + i, largest 1 + i; final accuracy 0.1 (i + 2).
+      expected.append(f'{i:.3f} | {1 + i:.3f} | {0.1 * (i + 2):.4f} | '
+                      f'{0.1 * (i + 2):.4f} |')
+    proc = subprocess.run(
+        [sys.executable, 'experiments/fedprox_fig1.py', f'--workdir={workdir}',
+         f'--out={out}', '--alphas=1', '--percents=90', '--num_rounds=2'],
+        cwd=ROOT, env=dict(os.environ, XLA_FLAGS=''), text=True,
+        capture_output=True, timeout=300, check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    self.assertNotIn('compiling', proc.stdout)
+    with open(os.path.join(out, 'fedprox_fig1.md')) as f:
+      lines = f.read().splitlines()[2:]
+    self.assertLen(lines, 3)
+    for line, tail in zip(lines, expected):
+      self.assertTrue(line.endswith(tail), (line, tail))
+    for name in ('loss', 'accuracy'):
+      self.assertGreater(os.path.getsize(
+          os.path.join(out, f'fedprox_fig1_{name}.png')), 1000)

@@ -4,7 +4,9 @@ The bad-input cases run through tests/cli_forkserver.py: main.py in a forked
 child per case, so each sees its real exit code and stderr.
 """
 
+import errno
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -12,6 +14,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from unittest import mock
+import zipfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -39,6 +43,16 @@ def _npz(path, **overrides):
   arrays.update(overrides)
   np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
   return path
+
+
+def _claiming_npz(path, shape):
+  """A dataset .npz whose x_train header claims `shape` over 40 bytes."""
+  _npz(path, x_train=None)
+  header = io.BytesIO()
+  np.lib.format.write_array_header_1_0(
+      header, {'descr': '<f4', 'fortran_order': False, 'shape': shape})
+  with zipfile.ZipFile(path, 'a') as archive:
+    archive.writestr('x_train.npy', header.getvalue() + bytes(40))
 
 
 class SmokeTest(absltest.TestCase):
@@ -190,6 +204,40 @@ BAD_INPUTS = (
     ('workdir_fedkd_rounds', ['--config.algorithm=fedkd',
                               '--config.num_rounds=3'],
      "(num_rounds: 2 there, 3 now; fedkd's SVD energy schedule"),
+    # Clear errors instead of tracebacks or hangs.
+    ('seed_negative', ['--config.seed=-1'], 'seed must be in [0, 2**32)'),
+    ('seed_too_big', ['--config.seed=4294967296'], 'seed must be in [0, 2**32)'),
+    ('alpha_inf', ['--config.alpha=inf'], 'alpha must be a finite'),
+    ('alpha_nan', ['--config.alpha=nan'], 'alpha must be a finite'),
+    ('fedkd_rounds_int32', ['--config.algorithm=fedkd',
+                            '--config.num_rounds=2147483648'],
+     'num_rounds must be < 2**31'),
+    ('dataset_empty', ['--config.dataset='], 'dataset is empty'),
+    ('dataset_unparsable', ['--config.dataset=a b'],
+     "dataset 'a b' is neither digits"),
+    ('npz_zero_width', ['--config.dataset=npz:{tmp}/zero_width.npz'],
+     'examples without features'),
+    ('npz_cnn_on_vectors', ['--config.dataset=npz:{tmp}/vectors.npz',
+                            '--config.student=mnist_cnn'],
+     "student 'mnist_cnn' cannot take examples of shape (5,)"),
+    ('resnet_on_synthetic', ['--config.dataset=synthetic',
+                             '--config.student=resnet8_gn'],
+     'ResNets need images'),
+    ('npz_huge_header', ['--config.dataset=npz:{tmp}/huge.npz'],
+     'x_train claims shape (1000000000000, 5)'),
+    ('npz_device', ['--config.dataset=npz:/dev/zero'], 'not a regular file'),
+    ('coordinator_unreachable', ['--config.num_processes=2',
+                                 '--config.process_id=1',
+                                 '--config.coordinator_address=127.0.0.1:1',
+                                 '--config.coordinator_timeout=2'],
+     'did not all join within coordinator_timeout=2 s'),
+    ('coordinator_timeout', ['--config.coordinator_timeout=0'],
+     'coordinator_timeout must be a finite number of seconds > 0'),
+    ('dp_noise_inf', ['--config.dp_clip_norm=1',
+                      '--config.dp_noise_multiplier=inf'],
+     'dp_noise_multiplier must be a finite'),
+    ('dp_clip_inf', ['--config.dp_clip_norm=inf'],
+     'dp_clip_norm must be a finite'),
 )
 
 
@@ -247,6 +295,10 @@ class BadInputTest(parameterized.TestCase):
     _npz(f'{tmp}/keys.npz', x_test=None)
     _npz(f'{tmp}/shapes.npz', y_train=np.zeros(39, int))
     _npz(f'{tmp}/nan.npz', x_train=np.full((40, 5), np.nan, np.float32))
+    _npz(f'{tmp}/vectors.npz')
+    _npz(f'{tmp}/zero_width.npz', x_train=np.zeros((40, 0), np.float32),
+         x_test=np.zeros((10, 0), np.float32))
+    _claiming_npz(f'{tmp}/huge.npz', (10**12, 5))
     _npz(f'{tmp}/labels_int64.npz', y_train=np.arange(40) % 3 + 2**31 * (
         np.arange(40) == 7))
     _npz(f'{tmp}/labels_uint64.npz',
@@ -367,6 +419,34 @@ class OutOfMemoryTest(absltest.TestCase):
     self.assertStartsWith(last, 'error: out of memory in round 1 (')
     self.assertIn('--config.clients_per_chunk=25', last)
     self.assertIn('no checkpoint was saved', last)
+
+
+class OutOfResourcesAnywhereTest(parameterized.TestCase):
+  """Memory or disk running out outside a round: one line naming the fix."""
+
+  @parameterized.named_parameters(
+      ('memory_loading_data', 'fedkd.data.load_dataset', MemoryError(),
+       r'^out of memory during the run \(MemoryError\); lower '
+       'clients_per_chunk'),
+      ('disk_full_taking_the_lock', 'fedkd.workdir.Workdir.__init__',
+       OSError(errno.ENOSPC, 'No space left on device', '/full/.fedkd.lock'),
+       r'^no space left on the disk holding /full/.fedkd.lock \(\[Errno 28\]'
+       r' No space left on device.*\); free space there'),
+      ('quota_in_a_wrapped_error', 'fedkd.workdir.Workdir.__init__',
+       ValueError('write failed: Disk quota exceeded'),
+       r'^no space left on the disk holding {workdir} \(write failed'))
+  def test_one_line(self, target, error, pattern):
+    # pylint: disable-next=g-import-not-at-top
+    from experiments.configs import default
+    from fedkd import train  # pylint: disable=g-import-not-at-top
+    from fedkd.errors import FedkdError  # pylint: disable=g-import-not-at-top
+    workdir = self.create_tempdir().full_path
+    with mock.patch(target, side_effect=error):
+      with self.assertRaisesRegex(FedkdError, pattern.format(
+          workdir=workdir)) as raised:
+        train.run(default.get_config('smoke'), workdir, progress=False)
+    self.assertNotIn('\n', str(raised.exception))
+    self.assertEmpty(os.listdir(workdir))
 
 
 if __name__ == '__main__':
