@@ -170,6 +170,10 @@ BAD_INPUTS = (
     ('npz_shapes', ['--config.dataset=npz:{tmp}/shapes.npz'],
      'x_train has 40 examples but y_train has 39'),
     ('npz_nan', ['--config.dataset=npz:{tmp}/nan.npz'], 'NaN'),
+    ('tfds_download_off', ['--config.dataset=mnist',
+                           '--config.data_dir={tmp}/tfds',
+                           '--config.tfds_download=False'],
+     'not prepared under '),
     ('other_run', ['--config.seed=5'], 'holds a run with a different config'),
     # The run directory: `workdir_*` cases run against a copy of the existing
     # run changed by _PREPARED[name] (locked while they run: _LOCKED).
