@@ -46,10 +46,12 @@ _STYLES = (('-', 'o'), ('--', 's'), (':', '^'), ('-.', 'v'), ('-', 'D'),
 
 def line_style(index: int) -> dict:
   """matplotlib keyword arguments for the `index`-th line of a plot."""
-  dash, marker = _STYLES[index % len(_STYLES)]
+  slot = index % len(_STYLES)
+  dash, marker = _STYLES[slot]
+  # Earlier lines are wider, so a later one drawn on top leaves them visible.
   return dict(linestyle=dash, marker=marker, markevery=0.1, markersize=4,
               color=f'C{index % 10}',
-              linewidth=2.4 - 1.6 * index / max(len(_STYLES) - 1, 1))
+              linewidth=2.4 - 1.6 * slot / (len(_STYLES) - 1))
 
 
 def accuracy_label(name: str) -> str:

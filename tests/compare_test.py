@@ -61,6 +61,10 @@ class TableTest(absltest.TestCase):
       self.assertTrue(all(a[key] != b[key]
                           for a, b in zip(styles, styles[1:])), key)
     self.assertLen({(s['marker'], s['color']) for s in styles}, 8)
+    # Earlier lines are wider, and every width stays positive.
+    widths = [compare.line_style(i)['linewidth'] for i in range(20)]
+    self.assertTrue(all(w > 0 for w in widths))
+    self.assertGreater(widths[0], widths[1])
 
   def test_title(self):
     config = default.get_config()
