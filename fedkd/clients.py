@@ -161,21 +161,30 @@ def _scan_batches(step, carry, idx: Array, mask: Array,
   return carry, jax.tree.map(lambda o: jnp.sum(o, axis=0), outs)
 
 
-def local_training(step: Callable[[PyTree, Batch], tuple[PyTree, PyTree]],
-                   carry: PyTree, data: ClientData, client_id: Array,
-                   num_examples: Array, rng: PRNGKey, *, epochs: int,
-                   batch_size: int) -> tuple[PyTree, PyTree]:
+def _straggle(mask: Array, work_fraction: Array | float) -> Array:
+  """`mask` cut after the first `work_fraction` of its real steps."""
+  real = mask.any(axis=1)
+  budget = jnp.floor(work_fraction * jnp.sum(real))
+  return mask & (jnp.cumsum(real) <= budget)[:, None]
+
+
+def local_training(
+    step: Callable[[PyTree, Batch], tuple[PyTree, dict[str, Array]]],
+    carry: PyTree, data: ClientData, client_id: Array, num_examples: Array,
+    rng: PRNGKey, *, epochs: int,
+    batch_size: int) -> tuple[PyTree, dict[str, Array]]:
   """Runs `step` over one client's shuffled minibatches with `lax.scan`.
 
+  A straggler stops after the first `data.work_fraction` of its real steps.
+
   Returns:
-    The final carry and `step`'s second outputs summed over steps.
+    The final carry and `step`'s metric sums summed over steps, plus
+    `train_examples`: the examples actually trained on (a straggler's share
+    only), which its loss sums are normalised by.
   """
   idx, mask = local_batches(rng, num_examples, data.max_examples,
                             epochs=epochs, batch_size=batch_size)
-  # A straggler stops after the first `work_fraction` of its real steps.
-  real = mask.any(axis=1)
-  budget = jnp.floor(data.work_fraction * jnp.sum(real))
-  mask &= (jnp.cumsum(real) <= budget)[:, None]
+  mask = _straggle(mask, data.work_fraction)
   last_row = data.x.shape[0] - 1
 
   def gather(step_idx, step_mask):
@@ -184,15 +193,23 @@ def local_training(step: Callable[[PyTree, Batch], tuple[PyTree, PyTree]],
     return Batch(x=data.x[rows], y=data.y[rows], example_mask=step_mask,
                  index=step_idx)
 
-  return _scan_batches(step, carry, idx, mask, gather)
+  carry, sums = _scan_batches(step, carry, idx, mask, gather)
+  return carry, dict(sums, train_examples=jnp.sum(mask, dtype=jnp.int32))
 
 
 def public_training(step: Callable[[PyTree, Batch], tuple[PyTree, PyTree]],
                     carry: PyTree, public_x: Array, rng: PRNGKey, *,
-                    epochs: int, batch_size: int) -> tuple[PyTree, PyTree]:
-  """`local_training` over the shared unlabeled public data (`y` is None)."""
+                    epochs: int, batch_size: int,
+                    work_fraction: Array | float = 1.0
+                    ) -> tuple[PyTree, PyTree]:
+  """`local_training` over the shared unlabeled public data (`y` is None).
+
+  A client passes its `work_fraction`, so a straggler also completes only
+  that share of its public steps; the server trains them all.
+  """
   n = public_x.shape[0]
   idx, mask = local_batches(rng, n, n, epochs=epochs, batch_size=batch_size)
+  mask = _straggle(mask, work_fraction)
   return _scan_batches(step, carry, idx, mask, lambda i, m: Batch(
       x=public_x[i], y=None, example_mask=m, index=i))
 
@@ -268,13 +285,14 @@ def init_models(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def delta_output(server_params: Params, params: Params, num_examples: Array,
-                 state: PyTree, sums: dict[str, Array], *,
-                 epochs: int) -> ClientOutput:
-  """`ClientOutput` uploading the model delta, weighted by example count."""
+                 state: PyTree, sums: dict[str, Array]) -> ClientOutput:
+  """`ClientOutput` uploading the model delta, weighted by example count.
+
+  `sums` are `local_training`'s, `train_examples` included.
+  """
   delta = jax.tree.map(jnp.subtract, params, server_params)
-  metrics = dict(sums, train_examples=num_examples * epochs)
   return ClientOutput(upload=delta, weight=num_examples.astype(jnp.float32),
-                      state=state, metrics=metrics)
+                      state=state, metrics=sums)
 
 
 def delta_client_update(
@@ -296,7 +314,7 @@ def delta_client_update(
         server.params, data, client_id, num_examples, rng, tx=tx,
         epochs=epochs, batch_size=batch_size)
     return delta_output(server.params, params, num_examples, client_state,
-                        sums, epochs=epochs)
+                        sums)
 
   return client_update
 

@@ -3,7 +3,9 @@
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fedkd import clients
 
@@ -28,6 +30,44 @@ class LocalBatchesTest(parameterized.TestCase):
     idx, _ = clients.local_batches(jax.random.PRNGKey(0), 20, 20, epochs=2,
                                    batch_size=20)
     self.assertFalse(np.array_equal(idx[0], idx[1]))
+
+
+def _slope_loss(w, batch):
+  """Per-example loss `w * x`: its gradient is 1 whatever the batch."""
+  return w * batch.x[:, 0]
+
+
+class StragglerTest(parameterized.TestCase):
+  """8 identical examples, batch 2, one epoch: 4 steps of SGD(1) on `w x`
+  from w = 1 see losses 1, 0, -1, -2 (w drops by 1 a step)."""
+
+  @parameterized.parameters((1.0, 4, -3.0), (0.5, 2, -1.0), (0.3, 1, 0.0),
+                            (0.0, 0, 1.0))
+  def test_loss_is_normalised_by_the_examples_trained(self, fraction, steps,
+                                                      final_w):
+    data = clients.stack_clients(np.ones((8, 1), np.float32),
+                                 np.zeros(8, np.int32), [np.arange(8)])
+    data = jax.tree.map(jnp.asarray,
+                        data.replace(work_fraction=np.float32(fraction)))
+    w, sums = clients.train_from(
+        _slope_loss, jnp.float32(1.0), data, 0, jnp.int32(8),
+        jax.random.PRNGKey(0), tx=optax.sgd(1.0), epochs=1, batch_size=2)
+    self.assertEqual(float(w), final_w)
+    self.assertEqual(int(sums['train_examples']), 2 * steps)
+    # The mean of the losses of the steps run, each step's loss per example.
+    expected = np.mean([1, 0, -1, -2][:steps]) if steps else 0.0
+    reported = float(sums['student_loss_sum']) / max(
+        int(sums['train_examples']), 1)
+    self.assertAlmostEqual(reported, expected)
+
+  def test_public_training_stops_at_the_work_fraction(self):
+    step = clients.loss_step(_slope_loss, optax.sgd(1.0), 'loss')
+    carry = (jnp.float32(1.0), optax.sgd(1.0).init(0.0))
+    (w, _), sums = clients.public_training(
+        step, carry, jnp.ones((8, 1)), jax.random.PRNGKey(0), epochs=1,
+        batch_size=2, work_fraction=jnp.float32(0.5))
+    self.assertEqual(float(w), -1.0)
+    self.assertEqual(float(sums['loss']), 2 * (1 + 0))
 
 
 class StackAndSampleTest(absltest.TestCase):

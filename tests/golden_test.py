@@ -412,6 +412,28 @@ class GoldenTest(parameterized.TestCase):
     np.testing.assert_allclose(_client(state, 0)[0], w, atol=1e-5)
     np.testing.assert_allclose(state.params[0], xp @ w + b, atol=1e-5)
 
+  def test_fedmd_straggler_digests_and_revisits_its_fraction(self):
+    lr = 0.5
+    data = toys.toy_data((4, 3))
+    alg = algorithms.fedmd(model=_linear(), input_shape=toys.INPUT_SHAPE,
+                           num_clients=2, num_public=toys.NUM_PUBLIC,
+                           num_classes=C, client_tx=optax.sgd(lr), epochs=2,
+                           batch_size=4, digest_epochs=2, public_batch_size=8)
+    state, _ = _round(alg, alg.init(None, jax.random.PRNGKey(1)), data,
+                      [0, 1])
+    xp = np.asarray(data.public_x, np.float64).reshape(toys.NUM_PUBLIC, -1)
+    x, y = _client_arrays(data, 0)
+    # Half of 2 full-batch digest steps and of 2 revisit steps: one each.
+    w, b = _client(state, 0)
+    w, b = _sgd(w, b, xp, np.sign(xp @ w + b - state.params[0]) / C, lr)
+    w, b = _sgd(w, b, x, _softmax(x @ w + b) - np.eye(C)[y], lr)
+    out = jax.jit(alg.client_update)(
+        state.replace(clients=()), jax.tree.map(lambda a: a[0], state.clients),
+        data.replace(work_fraction=jnp.float32(0.5)), 0, jnp.int32(4),
+        jax.random.PRNGKey(0))
+    _assert_linear(out.state[0], w, b)
+    self.assertEqual(int(out.metrics['train_examples']), 4)
+
 
 if __name__ == '__main__':
   absltest.main()

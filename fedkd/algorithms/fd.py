@@ -86,6 +86,6 @@ def fd(*, model: nn.Module, input_shape, num_clients: int, num_classes: int,
     seen = (counts > 0).astype(jnp.float32)
     return clients.ClientOutput(
         upload=(means * seen[:, None], seen), weight=jnp.ones(()),
-        state=state, metrics=dict(sums, train_examples=num_examples * epochs))
+        state=state, metrics=sums)
 
   return algorithm.build(init, client_update, algorithm.adopt_reported)

@@ -92,7 +92,7 @@ def feddf(*, model: nn.Module, client_tx: optax.GradientTransformation,
         ce, start, data, client_id, num_examples, rng, tx=client_tx,
         epochs=epochs, batch_size=batch_size)
     out = clients.delta_output(start, params, num_examples,
-                               client_state, sums, epochs=epochs)
+                               client_state, sums)
     logits = clients.predict_in_batches(model, params, data.public_x,
                                         batch_size=public_batch_size)
     return out._replace(

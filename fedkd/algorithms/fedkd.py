@@ -143,7 +143,7 @@ def fedkd(*, mentor: nn.Module, mentee: nn.Module, input_shape,
         step, carry, data, client_id, num_examples, rng, epochs=epochs,
         batch_size=batch_size)
     out = clients.delta_output(server.params, params, num_examples,
-                               tuple(mentor_state), sums, epochs=epochs)
+                               tuple(mentor_state), sums)
     upload, sent = compression.svd_compress(out.upload, energy(server.round))
     weight = out.weight if weighting == 'examples' else jnp.ones(())
     return out._replace(upload=upload, weight=weight,

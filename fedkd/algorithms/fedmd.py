@@ -70,7 +70,7 @@ def fedmd(*, model: nn.Module, input_shape, num_clients: int,
     digested, digest_sums = clients.public_training(
         clients.loss_step(digest_loss, client_tx, 'digest_loss_sum'),
         client_state, data.public_x, digest_rng, epochs=digest_epochs,
-        batch_size=public_batch_size)
+        batch_size=public_batch_size, work_fraction=data.work_fraction)
     state = clients.tree_where(has_consensus, digested, client_state)
     digest_sums = {k: v * has_consensus for k, v in digest_sums.items()}
     ce = lambda params, batch: losses.cross_entropy(
@@ -84,7 +84,6 @@ def fedmd(*, model: nn.Module, input_shape, num_clients: int,
     return clients.ClientOutput(
         upload=(logits, jnp.ones(())), weight=jnp.ones(()), state=state,
         metrics=dict(sums, **digest_sums,
-                     train_examples=num_examples * epochs,
                      upload_bytes=communication.fixed(
                          1, algorithm.tree_bytes(logits))))
 

@@ -88,7 +88,7 @@ def local_kd(*, teacher: nn.Module, student: nn.Module, input_shape,
         step, carry, data, client_id, num_examples, rng, epochs=epochs,
         batch_size=batch_size)
     return clients.delta_output(server.params, params, num_examples,
-                                tuple(teacher_state), sums, epochs=epochs)
+                                tuple(teacher_state), sums)
 
   return algorithm.build(init, client_update,
                          algorithm.averaging_server_update(server_tx))
