@@ -63,6 +63,10 @@ class Diverged(Exception):
   """The global model became NaN/inf; the last good checkpoint is kept."""
 
 
+class NoFiniteClients(Diverged):
+  """Every client update was NaN/inf for `max_nonfinite_rounds` rounds."""
+
+
 class OutOfMemory(FedkdError):
   """A setting needs more memory than there is; the message names it."""
 
@@ -337,7 +341,8 @@ def _row(run: _Run, m, rounds_done, round_seconds, totals, evaluated,
   return workdir_lib.json_row(row)
 
 
-def _account(pending, fetched, totals: dict, kept) -> None:
+def _account(pending, fetched, totals: dict, kept, streak: int,
+             limit: int) -> int:
   """Adds fetched rounds to `totals`; raises `Diverged` at the first NaN/inf.
 
   Args:
@@ -345,25 +350,43 @@ def _account(pending, fetched, totals: dict, kept) -> None:
     fetched: their metrics on the host.
     totals: the running totals, updated in place.
     kept: () -> what the workdir still holds, for the message.
+    streak: rounds in a row, before these, whose updates were all NaN/inf.
+    limit: `max_nonfinite_rounds`: such rounds in a row that end the run.
+
+  Returns:
+    The streak after these rounds.
   """
   for (round_done, _), m in zip(pending, fetched):
     if not m['params_finite']:
       raise Diverged(f'the global model became NaN/inf in round {round_done}; '
                      f'{kept()}; lower the learning rates or clip updates '
                      '(dp_clip_norm)')
+    # Rounds whose clients all dropped out say nothing about finiteness.
+    if int(m['clients']):
+      streak = 0
+    elif int(m['nonfinite_clients']):
+      streak += 1
+    if streak >= limit:
+      raise NoFiniteClients(
+          f'every client update was NaN/inf in rounds {round_done - streak + 1}'
+          f'-{round_done} (max_nonfinite_rounds={limit}), so the global model '
+          f'cannot move; {kept()}; lower the learning rates or the loss '
+          'weights (prox_mu, ntd_beta)')
     for total, keys in _TOTALS:
       totals[total] += sum(int(m[k]) for k in keys)
+  return streak
 
 
 def _loop(run: _Run, work: workdir_lib.Workdir, stop: stopping.Stopper, *,
           progress: bool):
   config = run.config
-  state, rows, first = run.state, [], 0
+  state, rows, first, streak = run.state, [], 0, 0
   totals = dict.fromkeys((name for name, _ in _TOTALS), 0)
   restored = work.restore(state, totals)
   if restored is not None:
     first, state, meta = restored
     rows, totals = meta['rows'], meta['totals']
+    streak = meta.get('nonfinite_streak', 0)
     print(f'resuming from the checkpoint after round {first}')
   work.start(rows)
   last_saved = first
@@ -399,7 +422,8 @@ def _loop(run: _Run, work: workdir_lib.Workdir, stop: stopping.Stopper, *,
         fetched = jax.device_get([m for _, m in pending])
       seconds += time.perf_counter() - mark
       timed += len(pending)
-      _account(pending, fetched, totals, kept)
+      streak = _account(pending, fetched, totals, kept, streak,
+                        config.max_nonfinite_rounds)
       pending.clear()
       if evaluate:
         evaluated = _evaluate(run, state, kept())
@@ -413,7 +437,8 @@ def _loop(run: _Run, work: workdir_lib.Workdir, stop: stopping.Stopper, *,
         work.append_row(rows[-1])
         bar.set_postfix(accuracy=f'{rows[-1]["accuracy"]:.3f}')
       if save or stop.signum:
-        work.save(done, state, {'rows': rows, 'totals': totals})
+        work.save(done, state, {'rows': rows, 'totals': totals,
+                                'nonfinite_streak': streak})
         last_saved = done
       if stop.signum and done < config.num_rounds:
         raise Interrupted(stop.signum, done, config.num_rounds)
@@ -476,7 +501,8 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
 
   Raises:
     FedkdError: bad input (`OutOfMemory`: a setting too large for memory).
-    Diverged: the global model became NaN/inf.
+    Diverged: the global model became NaN/inf, or (`NoFiniteClients`)
+      every client update did for `max_nonfinite_rounds` rounds in a row.
     Interrupted: SIGINT/SIGTERM once the workdir was in use.
   """
   with stopping.handling_signals() as stop, _out_of_space_is(workdir), \

@@ -14,6 +14,8 @@ from fedkd import algorithms
 from fedkd import models
 from fedkd import privacy
 from fedkd.algorithms import ALGORITHMS
+from fedkd.algorithms import DP_ALGORITHMS
+from fedkd.algorithms import NO_DP
 from fedkd.algorithms import PUBLIC_DATA
 from fedkd.algorithms.fedkd import LOSS_SCALES
 from fedkd.algorithms.fedkd import WEIGHTINGS
@@ -23,7 +25,8 @@ from fedkd.partition import METHODS
 
 _POSITIVE_INTS = ('num_clients', 'clients_per_round', 'num_rounds',
                   'local_epochs', 'batch_size', 'eval_every', 'eval_batch_size',
-                  'public_batch_size', 'distill_epochs', 'digest_epochs')
+                  'public_batch_size', 'distill_epochs', 'digest_epochs',
+                  'max_nonfinite_rounds')
 _POSITIVE_FLOATS = ('client_lr', 'teacher_lr', 'server_lr', 'temperature',
                     'distill_lr', 'ntd_tau', 'distill_temperature')
 _NON_NEGATIVE = ('num_devices', 'clients_per_chunk', 'eval_teachers',
@@ -47,6 +50,9 @@ def _one_of(config, field, choices):
 
 def validate_config(config) -> None:
   """Checks every field of a run config that can be checked without data."""
+  for field, value in sorted(config.items()):
+    if isinstance(value, float) and not math.isfinite(value):
+      raise FedkdError(f'{field} must be a finite number, got {value}')
   for field in _POSITIVE_INTS:
     if getattr(config, field) < 1:
       raise FedkdError(f'{field} must be >= 1, got {getattr(config, field)}')
@@ -115,6 +121,11 @@ def validate_config(config) -> None:
       raise FedkdError(f'server_model is only used by feddf, not '
                        f'{config.algorithm}; leave it empty')
     models.check_name(config.server_model, 'server_model')
+  if config.dp_clip_norm > 0 and config.algorithm in NO_DP:
+    raise FedkdError(
+        f'dp_clip_norm: DP is not supported by {config.algorithm} '
+        f'({NO_DP[config.algorithm]}); use one of {", ".join(DP_ALGORITHMS)} '
+        'or set dp_clip_norm=0')
   if config.algorithm in PUBLIC_DATA and config.public_examples < 1:
     raise FedkdError(f'algorithm {config.algorithm} needs public data; set '
                      'public_examples >= 1 (held out of the training set)')

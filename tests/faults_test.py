@@ -152,9 +152,21 @@ class RunLevelTest(absltest.TestCase):
     with self.assertRaisesRegex(train.Diverged, 'NaN/inf in round 1'):
       self._rows(client_lr=30.0, server_lr=3e38)
 
-
-if __name__ == '__main__':
-  absltest.main()
+  def test_rounds_without_a_finite_client_stop_the_run(self):
+    # Every update is NaN/inf, so every client is left out and the global
+    # model never moves: the run stops after max_nonfinite_rounds rounds,
+    # keeping the rows written before.
+    workdir = self.create_tempdir().full_path
+    config = default.get_config('smoke')
+    config.update(client_lr=1e30, num_rounds=4, max_nonfinite_rounds=2,
+                  num_clients=10, clients_per_round=5)
+    with self.assertRaisesRegex(train.NoFiniteClients,
+                                r'rounds 1-2 \(max_nonfinite_rounds=2\)'):
+      train.run(config, workdir, progress=False)
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      rows = [json.loads(l) for l in f]
+    self.assertEqual([r['round'] for r in rows], [1])
+    self.assertEqual(rows[0]['nonfinite_clients'], 5)
 
 
 class StragglerTest(parameterized.TestCase):
@@ -183,3 +195,7 @@ class StragglerTest(parameterized.TestCase):
     full, _ = jax.jit(alg.apply)(*args)
     self.assertFalse(np.allclose(jax.tree.leaves(new.params)[0],
                                  jax.tree.leaves(full.params)[0]))
+
+
+if __name__ == '__main__':
+  absltest.main()

@@ -89,6 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dp_noise_multiplier = 0.0  # z: noise std z*S on the summed updates
   c.dp_delta = 1e-5
   c.dp_accountant = 'rdp'  # rdp | pld
+  # Rounds in a row whose client updates are all NaN/inf before the run stops.
+  c.max_nonfinite_rounds = 3
   # Comparison (experiments/compare.py): comma-separated algorithms run on the
   # same partition and seed, each into WORKDIR/NAME; '' = one run.
   c.compare = ''

@@ -24,6 +24,15 @@ ALGORITHMS = ('fd', 'fedavg', 'feddf', 'fedkd', 'fedmd', 'fedntd', 'fedprox',
               'local_kd')
 # Algorithms that read the public (proxy) data, `config.public_examples`.
 PUBLIC_DATA = ('feddf', 'fedmd')
+# Algorithms whose upload is not a model update that DP-FedAvg can clip and
+# noise as a whole (`fedkd.privacy`), and why.
+NO_DP = {
+    'feddf': 'clipping its upload scales the ensemble logits with the delta',
+    'fd': 'its server divides the noised label logits by noised presence '
+          'counts',
+    'fedmd': 'its upload is logits on the public data, not an update',
+}
+DP_ALGORITHMS = tuple(name for name in ALGORITHMS if name not in NO_DP)
 
 
 class Built(NamedTuple):
