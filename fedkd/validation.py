@@ -212,13 +212,26 @@ def validate_comparison(config) -> None:
                      f'{config.target_accuracy}')
 
 
-def validate_workdir(workdir: str) -> None:
-  """Checks that `workdir` exists or can be made, and can be written."""
+def validate_workdir(workdir: str, *, create: bool = True) -> None:
+  """Checks that `workdir` exists or can be made, and can be written.
+
+  Args:
+    workdir: the path.
+    create: make it if missing; False only checks that it could be made.
+  """
   if not workdir:
     raise FedkdError('--workdir is required: a directory for metrics.jsonl '
                      'and config.json')
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise FedkdError(f'workdir {workdir} exists and is not a directory')
+  if not create and not os.path.exists(workdir):
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+      raise FedkdError(f'cannot create workdir {workdir}: {parent} is not a '
+                       'writable directory')
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
