@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import os
 import signal
 import time
 from typing import Any
@@ -114,6 +115,9 @@ def _out_of_memory_is(where: str, advice: str):
     raise OutOfMemory(f'out of memory {where} ({first}); {advice}') from None
 
 
+# feddf and fedmd with public_examples 0 hold out this share of the training
+# examples as public data.
+DEFAULT_PUBLIC_FRACTION = 0.1
 # For running out of memory outside the places that name their own settings.
 _RUN_ADVICE = ('lower clients_per_chunk, clients_per_round, batch_size or '
                'eval_batch_size, or use a smaller dataset')
@@ -466,6 +470,17 @@ def _hold_out_public(dataset: data.Dataset, num_public: int, seed: int):
           dataset.x_train[public])
 
 
+def num_public(config, num_train: int) -> int:
+  """Training examples to hold out as public data.
+
+  `public_examples`, or where it is 0 for an algorithm that needs public data
+  (feddf, fedmd), `DEFAULT_PUBLIC_FRACTION` of the `num_train` examples.
+  """
+  if config.public_examples or config.algorithm not in algorithms.PUBLIC_DATA:
+    return config.public_examples
+  return max(1, int(DEFAULT_PUBLIC_FRACTION * num_train))
+
+
 def load_data(config):
   """The dataset, its partition into clients and the public data."""
   if config.dataset == 'synthetic':
@@ -474,10 +489,10 @@ def load_data(config):
         beta=config.synthetic_beta,
         max_examples=config.synthetic_max_examples, seed=config.seed)
     return dataset, parts, dataset.x_train[:0]
+  dataset = data.load_dataset(config.dataset, config.data_dir or None,
+                              download=config.tfds_download)
   dataset, public_x = _hold_out_public(
-      data.load_dataset(config.dataset, config.data_dir or None,
-                        download=config.tfds_download),
-      config.public_examples, config.seed)
+      dataset, num_public(config, len(dataset.y_train)), config.seed)
   parts = partition.partition(
       dataset.y_train, config.num_clients, config.partition,
       alpha=config.alpha, shards_per_client=config.shards_per_client,
@@ -510,26 +525,58 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
     return stopping.run_in_worker(_run, config, workdir, stop, progress)
 
 
+def _checked_data(config):
+  """Validates `config` and its data.
+
+  Returns:
+    (dataset, parts, public_x, the fingerprint a checkpoint keeps).
+  """
+  validation.validate_config(config)
+  dataset, parts, public_x = load_data(config)
+  validation.validate_models(config, dataset.x_train.shape[1:],
+                             dataset.num_classes, len(public_x))
+  return dataset, parts, public_x, data.fingerprint(dataset, public_x)
+
+
+def check(config, workdir: str) -> None:
+  """Refuses what `run` would refuse before training; trains nothing.
+
+  The config, its data and the models are checked; an existing `workdir` is
+  locked, checked against the run and released, a missing one is not made.
+  `experiments/compare.py` checks every sub-run so before the first starts.
+
+  Raises:
+    FedkdError: as `run` would before its first round.
+  """
+  with _out_of_space_is(workdir), _out_of_memory_is('checking the data',
+                                                    _RUN_ADVICE):
+    *_, fingerprint = _checked_data(config)
+    validation.validate_workdir(workdir, create=False)
+    if os.path.isdir(workdir):
+      workdir_lib.Workdir(workdir, config.to_dict(), data=fingerprint,
+                          overwrite=config.overwrite).close()
+
+
 def _run(config, workdir: str, stop: stopping.Stopper, progress: bool):
   validation.validate_processes(config)
   sharding.initialize_distributed(config.coordinator_address,
                                   config.num_processes, config.process_id,
                                   config.coordinator_timeout)
-  validation.validate_config(config)
   stop.phase('data loading')
-  dataset, parts, public_x = load_data(config)
-  validation.validate_models(config, dataset.x_train.shape[1:],
-                             dataset.num_classes, len(public_x))
+  dataset, parts, public_x, fingerprint = _checked_data(config)
   validation.validate_workdir(workdir)
   # Locks the workdir and refuses another run's files before the set-up;
   # nothing in it changes before the loop starts.
-  work = workdir_lib.Workdir(workdir, config.to_dict(),
-                             data=data.fingerprint(dataset, public_x),
+  work = workdir_lib.Workdir(workdir, config.to_dict(), data=fingerprint,
                              overwrite=config.overwrite)
   try:
     stop.phase('set-up')
     setup = _setup(config, dataset, parts, public_x, stop)
     stop.defer()  # the workdir is written from here on
+    if config.algorithm in algorithms.PUBLIC_DATA and not (
+        config.public_examples):
+      print(f'public data: {len(public_x)} training examples held out '
+            f'({DEFAULT_PUBLIC_FRACTION:.0%}, as public_examples is 0)')
     print(f'{_partition_name(config)} partition of {dataset.name}:')
     print(partition.describe(dataset.y_train, parts, dataset.num_classes))
     rows = _loop(setup, work, stop, progress=progress)

@@ -126,9 +126,10 @@ def validate_config(config) -> None:
         f'dp_clip_norm: DP is not supported by {config.algorithm} '
         f'({NO_DP[config.algorithm]}); use one of {", ".join(DP_ALGORITHMS)} '
         'or set dp_clip_norm=0')
-  if config.algorithm in PUBLIC_DATA and config.public_examples < 1:
-    raise FedkdError(f'algorithm {config.algorithm} needs public data; set '
-                     'public_examples >= 1 (held out of the training set)')
+  if config.algorithm in PUBLIC_DATA and config.dataset == 'synthetic':
+    raise FedkdError(f'algorithm {config.algorithm} needs public data, which '
+                     'dataset=synthetic has none of (its clients hold all '
+                     'its examples); use another dataset')
   if config.algorithm in _LOCAL_EVAL and config.eval_teachers < 1:
     raise FedkdError(f'algorithm {config.algorithm} is evaluated through the '
                      'clients\' models; set eval_teachers >= 1')

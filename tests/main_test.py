@@ -159,7 +159,8 @@ BAD_INPUTS = (
     ('synthetic', ['--config.dataset=synthetic',
                    '--config.synthetic_max_examples=10'],
      'synthetic_max_examples must be >= 50'),
-    ('no_public_data', ['--config.algorithm=fedmd'], 'needs public data'),
+    ('no_public_data', ['--config.algorithm=fedmd',
+                        '--config.dataset=synthetic'], 'needs public data'),
     ('server_model', ['--config.server_model=seed_teacher'],
      'server_model is only used by feddf'),
     ('positional', ['extra'], 'unexpected arguments'),
@@ -462,6 +463,32 @@ class OutOfResourcesAnywhereTest(parameterized.TestCase):
         train.run(default.get_config('smoke'), workdir, progress=False)
     self.assertNotIn('\n', str(raised.exception))
     self.assertEmpty(os.listdir(workdir))
+
+
+class DefaultPublicDataTest(parameterized.TestCase):
+  """feddf and fedmd without public_examples hold out 10% of the training."""
+
+  @parameterized.parameters(('feddf', 0, 1437, 143), ('fedmd', 0, 1437, 143),
+                            ('fedmd', 50, 1437, 50), ('fedavg', 0, 1437, 0),
+                            ('feddf', 0, 5, 1))
+  def test_num_public(self, algorithm, public_examples, num_train, expected):
+    # pylint: disable-next=g-import-not-at-top
+    from experiments.configs import default
+    from fedkd import train  # pylint: disable=g-import-not-at-top
+    config = default.get_config('smoke')
+    config.update(algorithm=algorithm, public_examples=public_examples)
+    self.assertEqual(train.num_public(config, num_train), expected)
+
+  def test_digits_split(self):
+    # pylint: disable-next=g-import-not-at-top
+    from experiments.configs import default
+    from fedkd import train  # pylint: disable=g-import-not-at-top
+    config = default.get_config('smoke')
+    config.algorithm = 'feddf'
+    dataset, _, public_x, *_ = train.load_data(config)
+    # digits: 1,797 images, 360 of them in the test split; 10% of 1,437.
+    self.assertLen(public_x, 143)
+    self.assertLen(dataset.y_train, 1437 - 143)
 
 
 if __name__ == '__main__':
