@@ -197,8 +197,12 @@ def run(config, workdir: str) -> dict[str, dict]:
   Returns:
     Per algorithm, `summarize`'s mean/std/count of each figure.
   """
+  planned = sub_runs(config, workdir)
+  # A bad sub-run (its data, models or workdir) is refused before any runs.
+  for _, _, single, path in planned:
+    train.check(single, path)
   runs: dict[str, list[list[dict]]] = {}
-  for name, seed, single, path in sub_runs(config, workdir):
+  for name, seed, single, path in planned:
     print(f'== {name}, seed {seed}')
     runs.setdefault(name, []).append(
         train.run(single, path, progress=False))

@@ -2,6 +2,7 @@
 
 import json
 import os
+from unittest import mock
 
 from absl.testing import absltest
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 
 from experiments import compare
 from experiments.configs import default
+from fedkd import train
 from fedkd.errors import FedkdError
 
 
@@ -79,6 +81,35 @@ class TableTest(absltest.TestCase):
     config.compare, config.num_seeds = 'fedavg', 0
     with self.assertRaisesRegex(FedkdError, 'num_seeds must be >= 1, got 0'):
       compare.sub_runs(config, '/nonexistent')
+
+
+class CheckFirstTest(absltest.TestCase):
+  """Every sub-run is checked, data and workdir included, before any runs."""
+
+  def _refused(self, config, message):
+    workdir = self.create_tempdir().full_path
+    with open(os.path.join(workdir, 'fedprox'), 'w') as f:
+      f.write('not a directory')
+    with mock.patch.object(train, 'run', side_effect=AssertionError('ran')):
+      with self.assertRaisesRegex(FedkdError, message):
+        compare.run(config, workdir)
+    self.assertEqual(os.listdir(workdir), ['fedprox'])
+
+  def test_bad_sub_workdir(self):
+    config = default.get_config('smoke')
+    config.compare = 'fedavg,fedprox'
+    self._refused(config, r'fedprox exists and is not a directory')
+
+  def test_model_that_cannot_take_the_data(self):
+    path = os.path.join(self.create_tempdir().full_path, 'vectors.npz')
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.random((40, 5)), y_train=np.arange(40) % 3,
+             x_test=rng.random((10, 5)), y_test=np.arange(10) % 3)
+    config = default.get_config('smoke')
+    # local_kd trains the teacher, a CNN; fedavg alone would run.
+    config.update(compare='fedavg,local_kd', dataset=f'npz:{path}',
+                  teacher='mnist_cnn', num_clients=4, clients_per_round=4)
+    self._refused(config, "teacher 'mnist_cnn' cannot take examples")
 
 
 class RunTest(absltest.TestCase):
