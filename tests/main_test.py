@@ -21,6 +21,9 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from experiments.configs import default
+from fedkd import train
+from fedkd.errors import FedkdError
 import rundirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -452,10 +455,6 @@ class OutOfResourcesAnywhereTest(parameterized.TestCase):
        ValueError('write failed: Disk quota exceeded'),
        r'^no space left on the disk holding {workdir} \(write failed'))
   def test_one_line(self, target, error, pattern):
-    # pylint: disable-next=g-import-not-at-top
-    from experiments.configs import default
-    from fedkd import train  # pylint: disable=g-import-not-at-top
-    from fedkd.errors import FedkdError  # pylint: disable=g-import-not-at-top
     workdir = self.create_tempdir().full_path
     with mock.patch(target, side_effect=error):
       with self.assertRaisesRegex(FedkdError, pattern.format(
@@ -472,17 +471,11 @@ class DefaultPublicDataTest(parameterized.TestCase):
                             ('fedmd', 50, 1437, 50), ('fedavg', 0, 1437, 0),
                             ('feddf', 0, 5, 1))
   def test_num_public(self, algorithm, public_examples, num_train, expected):
-    # pylint: disable-next=g-import-not-at-top
-    from experiments.configs import default
-    from fedkd import train  # pylint: disable=g-import-not-at-top
     config = default.get_config('smoke')
     config.update(algorithm=algorithm, public_examples=public_examples)
     self.assertEqual(train.num_public(config, num_train), expected)
 
   def test_digits_split(self):
-    # pylint: disable-next=g-import-not-at-top
-    from experiments.configs import default
-    from fedkd import train  # pylint: disable=g-import-not-at-top
     config = default.get_config('smoke')
     config.algorithm = 'feddf'
     dataset, _, public_x, *_ = train.load_data(config)
