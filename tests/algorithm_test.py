@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.configs import default
 from fedkd import algorithm
 from fedkd import algorithms
 from fedkd import loop
+from fedkd import privacy
 from fedkd import sharding
 import toys
 
@@ -129,14 +131,61 @@ class RoundTest(parameterized.TestCase):
     self.assertEqual(size, 8)
 
   @parameterized.named_parameters(*ALGORITHMS)
-  def test_chunked_equals_unchunked(self, name):
+  def test_chunked_equals_unchunked_with_faults_and_dp(self, name):
     alg = self.algs[name]
     state = toys.init_state(alg)
-    whole = _run(jax.jit(alg.apply), state, self.data, self.cohorts)
-    chunked = algorithm.make_round(alg.client_update, alg.server_update,
-                                   clients_per_chunk=2)
-    toys.assert_trees_close(
-        whole, _run(jax.jit(chunked), state, self.data, self.cohorts))
+    options = dict(faults=algorithm.Faults(dropout_rate=0.3,
+                                           straggler_rate=0.5))
+    if name in algorithms.DP_ALGORITHMS:
+      options['dp'] = privacy.DpSettings(0.5, 0.3, expected_clients=4.0)
+    rounds = [jax.jit(algorithm.make_round(
+        alg.client_update, alg.server_update, clients_per_chunk=chunk,
+        **options)) for chunk in (0, 2)]
+    whole, chunked = (_run(r, state, self.data, self.cohorts) for r in rounds)
+    toys.assert_trees_close(whole, chunked)
+    self.assertGreater(int(whole[1]['dropped_clients']) +
+                       int(whole[1]['stragglers']), 0)
+
+  def test_fd_keeps_the_labels_nobody_reported(self):
+    alg, n = self.algs['fd'], len(SIZES)
+    apply = jax.jit(alg.apply)
+    everyone, _ = apply(toys.init_state(alg), self.data,
+                        toys.cohort(range(n)), jax.random.PRNGKey(0))
+    # Client 5 holds one example, so it reports one label only.
+    label = int(self.data.y[self.data.offsets[5]])
+    one, _ = apply(everyone, self.data, toys.cohort([5], n, n),
+                   jax.random.PRNGKey(1))
+    (table, presence), (old_table, old_presence) = one.params, everyone.params
+    others = np.arange(toys.NUM_CLASSES) != label
+    np.testing.assert_array_equal(table[others], old_table[others])
+    np.testing.assert_array_equal(presence[others], old_presence[others])
+    self.assertEqual(float(presence[label]), 1.0)
+    # A round in which every client drops out changes nothing.
+    dropped = jax.jit(algorithm.make_round(
+        alg.client_update, alg.server_update,
+        faults=algorithm.Faults(dropout_rate=1.0)))
+    none, m = dropped(everyone, self.data, toys.cohort(range(n)),
+                      jax.random.PRNGKey(2))
+    self.assertEqual(int(m['dropped_clients']), n)
+    toys.assert_trees_close(none.params, everyone.params, atol=0)
+
+  def test_fedmd_keeps_its_consensus_through_a_round_without_reports(self):
+    alg, n = self.algs['fedmd'], len(SIZES)
+    dropped = jax.jit(algorithm.make_round(
+        alg.client_update, alg.server_update,
+        faults=algorithm.Faults(dropout_rate=1.0)))
+    state = toys.init_state(alg)
+    # No consensus yet: nobody digests zeros.
+    none, _ = dropped(state, self.data, toys.cohort(range(n)),
+                      jax.random.PRNGKey(0))
+    self.assertEqual(float(none.params[1]), 0.0)
+    first, _ = jax.jit(alg.apply)(none, self.data, toys.cohort(range(n)),
+                                  jax.random.PRNGKey(1))
+    self.assertEqual(float(first.params[1]), 1.0)
+    after, _ = dropped(first, self.data, toys.cohort(range(n)),
+                       jax.random.PRNGKey(2))
+    toys.assert_trees_close(after.params, first.params, atol=0)
+    self.assertGreater(float(jnp.abs(after.params[0]).max()), 0.0)
 
   def test_chunked_and_sharded_equals_plain(self):
     alg = self.algs['local_kd']
@@ -155,6 +204,35 @@ class RoundTest(parameterized.TestCase):
                    [toys.cohort(ids, size=size, num_clients=6)])
     plain = _run(jax.jit(alg.apply), state, self.data, [toys.cohort(ids)])
     toys.assert_trees_close(plain, sharded)
+
+
+class RegisteredModelsTest(parameterized.TestCase):
+  """The round invariants with the registered models (fedkd.layers), not
+  flax toys, built from a run config as `fedkd.train` builds them."""
+
+  @parameterized.parameters('fedkd', 'fedmd')
+  def test_vmapped_equals_loop_and_chunked(self, name):
+    config = default.get_config()
+    config.update(algorithm=name, num_clients=len(SIZES), local_epochs=1,
+                  batch_size=3, num_rounds=3, public_batch_size=2,
+                  student='seed_student', teacher='seed_teacher')
+    built = algorithms.build(config, toys.INPUT_SHAPE, toys.NUM_CLASSES,
+                             toys.NUM_PUBLIC)
+    alg = built.algorithm
+    params = built.student and built.student.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, *toys.INPUT_SHAPE)))
+    state = alg.init(params, jax.random.PRNGKey(1))
+    data = toys.toy_data(SIZES)
+    cohorts = [toys.cohort([0, 2, 3, 5]), toys.cohort([1, 2, 4, 5])]
+    vmapped = _run(jax.jit(alg.apply), state, data, cohorts)
+    looped = _run(loop.loop_apply(alg), state, data, cohorts)
+    chunked = _run(jax.jit(algorithm.make_round(
+        alg.client_update, alg.server_update, clients_per_chunk=2)), state,
+                   data, cohorts)
+    toys.assert_trees_close(vmapped, looped, atol=1e-5)
+    toys.assert_trees_close(vmapped, chunked, atol=1e-5)
+    self.assertFalse(np.allclose(jax.tree.leaves(state)[0],
+                                 jax.tree.leaves(vmapped[0])[0]))
 
 
 if __name__ == '__main__':
