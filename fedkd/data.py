@@ -227,6 +227,11 @@ def _load_tfds(name: str, data_dir: str | None, download: bool) -> Dataset:
         f'unknown dataset {name!r}; use digits, npz:PATH or any TFDS image'
         ' classification dataset (e.g. mnist, fashion_mnist, cifar10)'
     ) from e
+  except (AssertionError, ValueError) as e:  # a version or config it lacks
+    # 'Failed to construct dataset "mnist", builder_kwargs "{...}": WHY\n...'
+    why = str(e).partition('}": ')[2].split('\n')[0] or str(e)
+    raise errors.FedkdError(
+        f'dataset {name!r}: {why} (NAME[/CONFIG][:VERSION])') from e
   features = builder.info.features
   image = features['image'] if 'image' in features else None
   label = features['label'] if 'label' in features else None

@@ -272,6 +272,14 @@ class DatasetNameTest(parameterized.TestCase):
                                 'synthetic, npz:PATH'):
       data.load_dataset(name)
 
+  @parameterized.parameters(
+      ('mnist:1.2.3', 'Dataset mnist cannot be loaded at version 1.2.3, only: 3.0.1'),
+      ('mnist/foo', 'BuilderConfig foo not found'))
+  def test_versions_and_configs_tfds_lacks_raise(self, name, why):
+    with self.assertRaisesRegex(errors.FedkdError,
+                                f'^dataset {name!r}: {why}'):
+      data.load_dataset(name, self.create_tempdir().full_path)
+
 
 class TfdsTest(parameterized.TestCase):
 
