@@ -25,9 +25,13 @@ singular-value energy, `T_r = energy_start + (r + 1) / R (energy_end -
 energy_start)` in round r of R as in the official `run.py` (paper: 0.95 to
 0.98). The server averages the compressed updates, uniformly as the official
 `np.mean` (`weighting='uniform'`, default) or by example count
-(`'examples'`), compresses the mean the same way for the download, and
-applies it through the server optimizer. Both directions count the bytes of
-the factors actually sent, or of the matrix where the factors would be larger.
+(`'examples'`), passes the mean through the server optimizer and compresses
+the update it applies (`new - old`: the mean itself with `sgd(1.0)`) the same
+way, so clients that receive it hold exactly the server's mentee. Both
+directions count the bytes of the factors actually sent, or of the matrix
+where the factors would not be smaller. A sampled client downloads the
+compressed updates it missed since it last took part, or the whole mentee
+when that is smaller (always, the first time): `ServerState.backlog`.
 
 Differences from the official code: the hidden-state and attention losses
 (MSE between the mentee's hidden states and attention maps and every third
