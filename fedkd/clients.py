@@ -39,6 +39,9 @@ class ClientData(struct.PyTreeNode):
     public_x: [num_public, ...] unlabeled public (proxy) features every
       client and the server can read (FedDF, FedMD); [0] when the run holds
       none out. A jit argument like the rest, never a closed-over constant.
+    public_y: [num_public] int32 labels of the public data, held only for
+      an algorithm that trains on them (FedMD's transfer learning); [0]
+      otherwise, so FedDF's proxy data stays unlabeled.
     work_fraction: the share of its local steps a client completes (1.0);
       the round sets it per client to simulate stragglers.
   """
@@ -49,6 +52,8 @@ class ClientData(struct.PyTreeNode):
   max_examples: int = struct.field(pytree_node=False)
   public_x: Array = struct.field(
       default_factory=lambda: np.zeros((0,), np.float32))
+  public_y: Array = struct.field(
+      default_factory=lambda: np.zeros((0,), np.int32))
   work_fraction: Array = struct.field(
       default_factory=lambda: np.ones((), np.float32))
 
@@ -200,18 +205,20 @@ def local_training(
 def public_training(step: Callable[[PyTree, Batch], tuple[PyTree, PyTree]],
                     carry: PyTree, public_x: Array, rng: PRNGKey, *,
                     epochs: int, batch_size: int,
-                    work_fraction: Array | float = 1.0
-                    ) -> tuple[PyTree, PyTree]:
-  """`local_training` over the shared unlabeled public data (`y` is None).
+                    work_fraction: Array | float = 1.0,
+                    public_y: Array | None = None) -> tuple[PyTree, PyTree]:
+  """`local_training` over the shared public data.
 
   A client passes its `work_fraction`, so a straggler also completes only
-  that share of its public steps; the server trains them all.
+  that share of its public steps; the server trains them all. Batches carry
+  `public_y[index]` as labels where given, else `y` is None.
   """
   n = public_x.shape[0]
   idx, mask = local_batches(rng, n, n, epochs=epochs, batch_size=batch_size)
   mask = _straggle(mask, work_fraction)
   return _scan_batches(step, carry, idx, mask, lambda i, m: Batch(
-      x=public_x[i], y=None, example_mask=m, index=i))
+      x=public_x[i], y=None if public_y is None else public_y[i],
+      example_mask=m, index=i))
 
 
 def predict_in_batches(model: nn.Module, params: Params, x: Array, *,

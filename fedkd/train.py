@@ -218,7 +218,8 @@ def _compile_evaluation(model, read_params, state, x, y, *, num_models: int,
     per_example = -(-used // (batch * chunk))
 
 
-def _setup(config, dataset, parts, public_x, stop: stopping.Stopper) -> _Run:
+def _setup(config, dataset, parts, public_x, public_y,
+           stop: stopping.Stopper) -> _Run:
   mesh = sharding.make_mesh(config.num_devices)
   input_shape = dataset.x_train.shape[1:]
   built = algorithms.build(config, input_shape, dataset.num_classes,
@@ -236,11 +237,12 @@ def _setup(config, dataset, parts, public_x, stop: stopping.Stopper) -> _Run:
     # with an all-reduce across devices (rounds ~1.3x slower on 8 CPU devices).
     client_data = jax.device_put(
         clients.stack_clients(dataset.x_train, dataset.y_train, parts).replace(
-            public_x=public_x), replicated)
+            public_x=public_x, public_y=public_y), replicated)
     # fd and fedmd have no global model to initialise.
     params = built.student and built.student.init(
         jax.random.fold_in(key, 0), jnp.zeros((1, *input_shape)))
-    state = jax.jit(alg.init)(params, jax.random.fold_in(key, 1))
+    state = jax.jit(algorithms.initializer(config, alg))(
+        params, jax.random.fold_in(key, 1), client_data)
     state_shardings = sharding.state_sharding(state, mesh)
     state = jax.device_put(state, state_shardings)
 
@@ -457,7 +459,7 @@ def _hold_out_public(dataset: data.Dataset, num_public: int, seed: int):
   """Splits `num_public` random training examples off as public data.
 
   Returns:
-    (dataset without them, public features; their labels are dropped).
+    (dataset without them, public features, public labels).
   """
   if num_public >= len(dataset.y_train):
     raise FedkdError(f'public_examples={num_public} leaves no training data: '
@@ -467,7 +469,7 @@ def _hold_out_public(dataset: data.Dataset, num_public: int, seed: int):
   public, train = order[:num_public], np.sort(order[num_public:])
   return (dataclasses.replace(dataset, x_train=dataset.x_train[train],
                               y_train=dataset.y_train[train]),
-          dataset.x_train[public])
+          dataset.x_train[public], dataset.y_train[public].astype(np.int32))
 
 
 def num_public(config, num_train: int) -> int:
@@ -482,22 +484,29 @@ def num_public(config, num_train: int) -> int:
 
 
 def load_data(config):
-  """The dataset, its partition into clients and the public data."""
+  """The dataset, its partition into clients and the public data.
+
+  Returns:
+    (dataset, parts, public_x, public_y); `public_y` is empty unless the
+    algorithm trains on the public labels (`algorithms.PUBLIC_LABELS`).
+  """
   if config.dataset == 'synthetic':
     dataset, parts = synthetic.synthetic(
         config.num_clients, alpha=config.synthetic_alpha,
         beta=config.synthetic_beta,
         max_examples=config.synthetic_max_examples, seed=config.seed)
-    return dataset, parts, dataset.x_train[:0]
+    return dataset, parts, dataset.x_train[:0], dataset.y_train[:0]
   dataset = data.load_dataset(config.dataset, config.data_dir or None,
                               download=config.tfds_download)
-  dataset, public_x = _hold_out_public(
+  dataset, public_x, public_y = _hold_out_public(
       dataset, num_public(config, len(dataset.y_train)), config.seed)
   parts = partition.partition(
       dataset.y_train, config.num_clients, config.partition,
       alpha=config.alpha, shards_per_client=config.shards_per_client,
       seed=config.seed)
-  return dataset, parts, public_x
+  if config.algorithm not in algorithms.PUBLIC_LABELS:
+    public_y = public_y[:0]  # e.g. FedDF's proxy data is unlabeled
+  return dataset, parts, public_x, public_y
 
 
 def _partition_name(config) -> str:
@@ -529,13 +538,17 @@ def _checked_data(config):
   """Validates `config` and its data.
 
   Returns:
-    (dataset, parts, public_x, the fingerprint a checkpoint keeps).
+    (dataset, parts, public_x, public_y, the fingerprint a checkpoint keeps).
   """
   validation.validate_config(config)
-  dataset, parts, public_x = load_data(config)
+  dataset, parts, public_x, public_y = load_data(config)
   validation.validate_models(config, dataset.x_train.shape[1:],
                              dataset.num_classes, len(public_x))
-  return dataset, parts, public_x, data.fingerprint(dataset, public_x)
+  # Only runs that read the public labels hash them: other checkpoints keep
+  # their fingerprints.
+  labels = (public_y,) if len(public_y) else ()
+  return (dataset, parts, public_x, public_y,
+          data.fingerprint(dataset, public_x, *labels))
 
 
 def check(config, workdir: str) -> None:
@@ -563,7 +576,7 @@ def _run(config, workdir: str, stop: stopping.Stopper, progress: bool):
                                   config.num_processes, config.process_id,
                                   config.coordinator_timeout)
   stop.phase('data loading')
-  dataset, parts, public_x, fingerprint = _checked_data(config)
+  dataset, parts, public_x, public_y, fingerprint = _checked_data(config)
   validation.validate_workdir(workdir)
   # Locks the workdir and refuses another run's files before the set-up;
   # nothing in it changes before the loop starts.
@@ -571,7 +584,7 @@ def _run(config, workdir: str, stop: stopping.Stopper, progress: bool):
                              overwrite=config.overwrite)
   try:
     stop.phase('set-up')
-    setup = _setup(config, dataset, parts, public_x, stop)
+    setup = _setup(config, dataset, parts, public_x, public_y, stop)
     stop.defer()  # the workdir is written from here on
     if config.algorithm in algorithms.PUBLIC_DATA and not (
         config.public_examples):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from fedkd import algorithms
+from fedkd import clients
 from fedkd import models
 from fedkd import privacy
 from fedkd.algorithms import ALGORITHMS
@@ -31,12 +32,15 @@ _POSITIVE_FLOATS = ('client_lr', 'teacher_lr', 'server_lr', 'temperature',
                     'distill_lr', 'ntd_tau', 'distill_temperature')
 _NON_NEGATIVE = ('num_devices', 'clients_per_chunk', 'eval_teachers',
                  'public_examples', 'prox_mu', 'ntd_beta', 'checkpoint_every',
-                 'distill_clip_norm')
+                 'distill_clip_norm', 'fedmd_transfer_epochs',
+                 'fedmd_private_epochs')
 # What 0 means, where it means something.
 _ZERO_MEANS = {'num_devices': ' (0 = all devices)',
                'clients_per_chunk': ' (0 = the whole cohort at once)',
                'checkpoint_every': ' (0 = only after the last round)',
-               'distill_clip_norm': ' (0 = no clipping)'}
+               'distill_clip_norm': ' (0 = no clipping)',
+               'fedmd_transfer_epochs': ' (0 = none)',
+               'fedmd_private_epochs': ' (0 = none)'}
 # Algorithms evaluated through the clients' own models.
 _LOCAL_EVAL = ('fd', 'fedmd')
 
@@ -150,7 +154,9 @@ def validate_models(config, input_shape, num_classes: int,
   try:
     params = built.student and jax.eval_shape(
         built.student.init, key, _batch_of_one(input_shape))
-    jax.eval_shape(built.algorithm.init, params, key)
+    data = _abstract_data(config.num_clients, input_shape, num_public)
+    jax.eval_shape(algorithms.initializer(config, built.algorithm), params,
+                   key, data)
   except FedkdError:
     raise
   except Exception as e:  # pylint: disable=broad-exception-caught
@@ -168,6 +174,17 @@ def validate_models(config, input_shape, num_classes: int,
 
 def _batch_of_one(input_shape) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+
+
+def _abstract_data(num_clients: int, input_shape,
+                   num_public: int) -> clients.ClientData:
+  """Shapes of client data with one example each and labelled public data."""
+  ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  return clients.ClientData(
+      x=_batch_of_one(input_shape), y=ints(1), offsets=ints(num_clients),
+      num_examples=ints(num_clients), max_examples=1,
+      public_x=jax.ShapeDtypeStruct((num_public, *input_shape), jnp.float32),
+      public_y=ints(num_public))
 
 
 # Config fields naming models, in the order a failure is reported.

@@ -412,6 +412,29 @@ class GoldenTest(parameterized.TestCase):
     np.testing.assert_allclose(_client(state, 0)[0], w, atol=1e-5)
     np.testing.assert_allclose(state.params[0], xp @ w + b, atol=1e-5)
 
+  def test_fedmd_transfer_learning_public_then_private(self):
+    lr, public_y = 0.5, np.array([0, 2, 1, 1, 0], np.int32)
+    data = toys.toy_data((4, 3)).replace(public_y=jnp.asarray(public_y))
+    make = lambda **kw: algorithms.fedmd(
+        model=_linear(), input_shape=toys.INPUT_SHAPE, num_clients=2,
+        num_public=toys.NUM_PUBLIC, num_classes=C, client_tx=optax.sgd(lr),
+        epochs=1, batch_size=4, digest_epochs=1, public_batch_size=8, **kw)
+    rng = jax.random.PRNGKey(1)
+    untrained = make().init(None, rng)
+    state = jax.jit(make(transfer_epochs=2, private_epochs=1).init)(
+        None, rng, data)
+    xp = np.asarray(data.public_x, np.float64).reshape(toys.NUM_PUBLIC, -1)
+    ce_step = lambda w, b, x, y: _sgd(w, b, x, _softmax(x @ w + b) -
+                                      np.eye(C)[y], lr)
+    for k in range(2):
+      w, b = _client(untrained, k)
+      for _ in range(2):  # full-batch steps on the labelled public data
+        w, b = ce_step(w, b, xp, public_y)
+      _assert_linear(jax.tree.map(lambda a: a[k], state.clients[0]),
+                     *ce_step(w, b, *_client_arrays(data, k)))
+    with self.assertRaisesRegex(ValueError, 'public labels'):
+      make(transfer_epochs=1).init(None, rng)
+
   def test_fedmd_straggler_digests_and_revisits_its_fraction(self):
     lr = 0.5
     data = toys.toy_data((4, 3))

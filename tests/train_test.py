@@ -12,8 +12,10 @@ from unittest import mock
 from absl.testing import absltest
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from experiments.configs import default
+from fedkd import data
 from fedkd import metrics
 from fedkd import models
 from fedkd import train
@@ -92,6 +94,22 @@ class LoopTest(absltest.TestCase):
       _run(workdir, client_lr=30.0, server_lr=3e38)
     checkpoints = os.listdir(os.path.join(workdir, workdir_lib.CHECKPOINTS))
     self.assertEmpty([c for c in checkpoints if c.isdigit()])
+
+
+class PublicDataTest(absltest.TestCase):
+
+  def test_only_fedmd_reads_the_public_labels(self):
+    config = default.get_config('smoke')
+    config.update(algorithm='fedmd', public_examples=30)
+    full = data.load_dataset('digits')
+    _, _, public_x, public_y = train.load_data(config)
+    self.assertEqual(public_y.shape, (30,))
+    # Each label is one that the held-out features carry in the full set.
+    for x, y in zip(public_x, public_y):
+      same = np.all(full.x_train == x, axis=tuple(range(1, x.ndim + 1)))
+      self.assertIn(y, full.y_train[same])
+    config.algorithm = 'feddf'
+    self.assertEmpty(train.load_data(config)[3])
 
 
 if __name__ == '__main__':

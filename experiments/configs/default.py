@@ -67,6 +67,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.distill_clip_norm = 5.0  # feddf: gradient norm clip (0 = none)
   c.server_model = ''  # feddf: a separate (larger) server model; '' = none
   c.digest_epochs = 1  # fedmd: client passes over the public data
+  # fedmd's transfer learning before round 1 (official code: 20, then 25).
+  c.fedmd_transfer_epochs = 20  # passes over the labelled public data
+  c.fedmd_private_epochs = 25  # then over each client's private data
   # Run.
   c.seed = 0
   c.eval_every = 5

@@ -10,6 +10,7 @@ from fedkd import models
 from fedkd import optimizers
 from fedkd.algorithm import FederatedAlgorithm
 from fedkd.algorithm import ServerState
+from fedkd.clients import ClientData
 from fedkd.algorithms.fd import fd
 from fedkd.algorithms.fedavg import fedavg
 from fedkd.algorithms.feddf import feddf
@@ -18,12 +19,15 @@ from fedkd.algorithms.fedmd import fedmd
 from fedkd.algorithms.fedntd import fedntd
 from fedkd.algorithms.fedprox import fedprox
 from fedkd.algorithms.local_kd import local_kd
-from fedkd.typing import Params
+from fedkd.typing import Params, PRNGKey
 
 ALGORITHMS = ('fd', 'fedavg', 'feddf', 'fedkd', 'fedmd', 'fedntd', 'fedprox',
               'local_kd')
 # Algorithms that read the public (proxy) data, `config.public_examples`.
 PUBLIC_DATA = ('feddf', 'fedmd')
+# Algorithms that also read the public labels (fedmd's transfer learning);
+# their `init` trains on the client data (`initializer`).
+PUBLIC_LABELS = ('fedmd',)
 # Algorithms whose upload is not a model update that DP-FedAvg can clip and
 # noise as a whole (`fedkd.privacy`), and why.
 NO_DP = {
@@ -70,6 +74,15 @@ def feddf_distill_tx(config, num_public: int) -> optax.GradientTransformation:
   if config.distill_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.distill_clip_norm), tx)
   return tx
+
+
+def initializer(config, alg: FederatedAlgorithm
+                ) -> Callable[[Params, PRNGKey, ClientData], ServerState]:
+  """`(params, rng, data) -> state`: `alg.init`, which reads the client data
+  (a jit argument, never a closed-over constant) where it trains on it."""
+  if config.algorithm in PUBLIC_LABELS:
+    return alg.init
+  return lambda params, rng, data: alg.init(params, rng)
 
 
 def build(config, input_shape, num_classes: int, num_public: int) -> Built:
@@ -121,8 +134,10 @@ def build(config, input_shape, num_classes: int, num_public: int) -> Built:
     return Built(fedmd(model=student, num_public=num_public,
                        num_classes=num_classes,
                        digest_epochs=config.digest_epochs,
-                       public_batch_size=config.public_batch_size, **private,
-                       **train), None, student, _private_models)
+                       public_batch_size=config.public_batch_size,
+                       transfer_epochs=config.fedmd_transfer_epochs,
+                       private_epochs=config.fedmd_private_epochs,
+                       **private, **train), None, student, _private_models)
   teacher = models.get_model(config.teacher, num_classes)
   teacher_tx = optimizer(config.client_optimizer, config.teacher_lr)
   if name == 'fedkd':

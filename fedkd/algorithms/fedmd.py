@@ -6,7 +6,13 @@ No parameters are exchanged. Every client keeps its own model (stacked in
 the reporting clients (each weighs 1) of their logits on the shared public
 data (`ClientData.public_x`, [P, K]), with a flag set once some client has
 reported; a round in which nobody reports keeps the previous consensus
-(`algorithm.adopt_reported`). One round, per client:
+(`algorithm.adopt_reported`).
+
+Before the collaboration, `init` runs the paper's transfer learning on every
+client (given the data): `transfer_epochs` passes of cross-entropy on the
+labelled public data (`ClientData.public_y`), then `private_epochs` on its
+private data (official code: 20 epochs, batch 128, then 25, batch 32). One
+round, per client:
 
 1. digest: `digest_epochs` passes over the public data regressing the
    consensus logits with the mean absolute error (the loss of the authors'
@@ -16,10 +22,12 @@ reported; a round in which nobody reports keeps the previous consensus
 
 This is the paper's communicate / digest / revisit loop with each round's
 upload moved to the end of the previous round, so one round is one
-communication. Not implemented: the initial transfer learning on a labeled
-public dataset (the public data here is unlabeled) and the per-round random
-subset of the public data (all of it is used). Evaluation uses the clients'
-own models.
+communication. Differences from the official code (diogenes0319/FedMD_clean):
+the transfer phase uses the clients' optimizer and minibatch sizes (official:
+Adam at 1e-3) and no early stopping on test accuracy; the public data is a
+held-out part of the private dataset, not another dataset; no per-round
+random subset of the public data (all of it is used). Evaluation uses the
+clients' own models.
 """
 
 import flax.linen as nn
@@ -37,8 +45,9 @@ from fedkd.typing import Params, PRNGKey
 def fedmd(*, model: nn.Module, input_shape, num_clients: int,
           num_public: int, num_classes: int,
           client_tx: optax.GradientTransformation, epochs: int,
-          batch_size: int, digest_epochs: int,
-          public_batch_size: int) -> algorithm.FederatedAlgorithm:
+          batch_size: int, digest_epochs: int, public_batch_size: int,
+          transfer_epochs: int = 0,
+          private_epochs: int = 0) -> algorithm.FederatedAlgorithm:
   """Builds FedMD with one private `model` per client.
 
   Args:
@@ -52,13 +61,46 @@ def fedmd(*, model: nn.Module, input_shape, num_clients: int,
     batch_size: private minibatch size.
     digest_epochs: passes over the public data per round.
     public_batch_size: public minibatch size (digest and upload).
+    transfer_epochs: transfer-learning passes over the labelled public data
+      before the collaboration.
+    private_epochs: transfer-learning passes over each client's private data,
+      after the public ones.
   """
+  ce = lambda params, batch: losses.cross_entropy(
+      model.apply(params, batch.x), batch.y)
+  train_ce = clients.loss_step(ce, client_tx, 'student_loss_sum')
 
-  def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
+  def transfer(data, rng, client_id, client_state):
+    """One client's transfer learning: public labels, then private data."""
+    public_rng, private_rng = jax.random.split(
+        jax.random.fold_in(rng, client_id))
+    state, _ = clients.public_training(
+        train_ce, client_state, data.public_x, public_rng,
+        epochs=transfer_epochs, batch_size=public_batch_size,
+        public_y=data.public_y)
+    state, _ = clients.local_training(
+        train_ce, state, data, client_id, data.num_examples[client_id],
+        private_rng, epochs=private_epochs, batch_size=batch_size)
+    return state
+
+  def init(params: Params, rng: PRNGKey,
+           data: clients.ClientData | None = None) -> algorithm.ServerState:
+    """Round 0's state; trains every client first when there is a transfer
+    phase, which needs `data` (with `public_y`)."""
     del params  # There is no global model: the global state is the consensus.
+    model_rng, transfer_rng = jax.random.split(rng)
+    models = clients.init_models(model, client_tx, input_shape, num_clients,
+                                 model_rng)
+    if transfer_epochs or private_epochs:
+      if data is None or data.public_y.shape != (num_public,):
+        raise ValueError(
+            'fedmd transfer learning needs the data with the public labels: '
+            f'init(params, rng, data) with public_y of shape ({num_public},)')
+      models = clients.map_clients(transfer, num_shared=2)(
+          data, transfer_rng, jnp.arange(num_clients), models)
     return algorithm.server_init(
         optax.identity(), (jnp.zeros((num_public, num_classes)), jnp.zeros(())),
-        clients.init_models(model, client_tx, input_shape, num_clients, rng))
+        models)
 
   def client_update(server, client_state, data, client_id, num_examples,
                     rng):
@@ -73,14 +115,12 @@ def fedmd(*, model: nn.Module, input_shape, num_clients: int,
         batch_size=public_batch_size, work_fraction=data.work_fraction)
     state = clients.tree_where(has_consensus, digested, client_state)
     digest_sums = {k: v * has_consensus for k, v in digest_sums.items()}
-    ce = lambda params, batch: losses.cross_entropy(
-        model.apply(params, batch.x), batch.y)
     state, sums = clients.local_training(
-        clients.loss_step(ce, client_tx, 'student_loss_sum'), state, data,
-        client_id, num_examples, local_rng, epochs=epochs,
-        batch_size=batch_size)
+        train_ce, state, data, client_id, num_examples, local_rng,
+        epochs=epochs, batch_size=batch_size)
     logits = clients.predict_in_batches(model, state[0], data.public_x,
                                         batch_size=public_batch_size)
+    # The flag says that this client reported; only the logits are sent.
     return clients.ClientOutput(
         upload=(logits, jnp.ones(())), weight=jnp.ones(()), state=state,
         metrics=dict(sums, **digest_sums,
