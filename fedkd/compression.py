@@ -248,11 +248,3 @@ def svd_compress(tree: PyTree, energy: Array) -> tuple[PyTree, Array]:
     out.append(matrix.reshape(leaf.shape))
     sent += leaf_floats
   return jax.tree.unflatten(treedef, out), sent
-
-
-def linear_schedule(start: float, end: float, num_rounds: int):
-  """round -> start + (end - start) * round / (num_rounds - 1), clipped."""
-  def value(round_index: Array) -> Array:
-    progress = round_index / max(num_rounds - 1, 1)
-    return start + (end - start) * jnp.clip(progress, 0.0, 1.0)
-  return value
