@@ -210,6 +210,30 @@ class CheckpointTest(parameterized.TestCase):
     self.assertIn('--workdir', message)
     self.assertNotIn('\n', message)
 
+  def test_metas_read_without_arrays(self):
+    self._save_steps(1, 2, 3, max_to_keep=3)
+    self._corrupt(3, 'delete_arrays')  # metadata still reads
+    self._corrupt(2, 'bad_json')
+    with self.assertLogs(level='WARNING') as logs:
+      metas = self._open().metas()
+    self.assertEqual(metas, {1: _meta(1), 3: _meta(3)})
+    self.assertIn(os.path.join(self.dir, '2'), '\n'.join(logs.output))
+
+  def test_meta_refused_by_check_meta_falls_back(self):
+    states = self._save_steps(1, 2)
+    seen = []
+
+    def check_meta(meta, step):
+      seen.append(step)
+      if meta['round'] == 2:
+        raise ValueError('not this one')
+
+    with self.assertLogs(level='WARNING') as logs:
+      step, restored, meta = self._open().restore(states[1], check_meta)
+    self.assertEqual((step, meta, seen), (1, _meta(1), [2, 1]))
+    self.assertTreesBitEqual(restored, states[1])
+    self.assertIn('not this one', '\n'.join(logs.output))
+
   def test_incompatible_newest_falls_back_to_compatible(self):
     ckpt = self._open()
     small, big = _state(1, width=16), _state(2, width=32)

@@ -105,8 +105,16 @@ class DeterminismTest(absltest.TestCase):
     train.run(config, workdir, progress=False)
     return _results(workdir)
 
-  def test_same_seed_gives_bit_identical_results(self):
-    self.assertEqual(self._run(), self._run())
+  def test_same_seed_gives_bit_identical_results_resumed_or_not(self):
+    # Resumed with more rounds: local_kd's rounds do not depend on
+    # num_rounds (fedkd's energy schedule does; workdir_test: refused).
+    config = default.get_config('smoke')
+    config.num_rounds = 1
+    workdir = self.create_tempdir().full_path
+    train.run(config, workdir, progress=False)
+    config.num_rounds = 2
+    train.run(config, workdir, progress=False)
+    self.assertEqual(_results(workdir), self._run())
 
   def test_one_device_and_eight_devices_agree(self):
     self.assertGreaterEqual(jax.device_count(), 8)
