@@ -115,6 +115,14 @@ def _round(alg, state, data, ids, seed=2):
                             jax.random.PRNGKey(seed))
 
 
+def _fedmd(lr, **kwargs):
+  """FedMD of 2 linear clients, every private and public pass one batch."""
+  return algorithms.fedmd(
+      model=_linear(), input_shape=toys.INPUT_SHAPE, num_clients=2,
+      num_public=toys.NUM_PUBLIC, num_classes=C, client_tx=optax.sgd(lr),
+      batch_size=4, public_batch_size=8, **kwargs)
+
+
 def _client_arrays(data, k):
   start, n = int(data.offsets[k]), int(data.num_examples[k])
   rows = slice(start, start + n)
@@ -386,10 +394,7 @@ class GoldenTest(parameterized.TestCase):
   def test_fedmd_two_rounds(self):
     lr = 0.5
     data = toys.toy_data((4, 3))
-    alg = algorithms.fedmd(model=_linear(), input_shape=toys.INPUT_SHAPE,
-                           num_clients=2, num_public=toys.NUM_PUBLIC,
-                           num_classes=C, client_tx=optax.sgd(lr), epochs=1,
-                           batch_size=4, digest_epochs=1, public_batch_size=8)
+    alg = _fedmd(lr, epochs=1, digest_epochs=1)
     state = alg.init(None, jax.random.PRNGKey(1))
     xp = np.asarray(data.public_x, np.float64).reshape(toys.NUM_PUBLIC, -1)
 
@@ -415,10 +420,7 @@ class GoldenTest(parameterized.TestCase):
   def test_fedmd_transfer_learning_public_then_private(self):
     lr, public_y = 0.5, np.array([0, 2, 1, 1, 0], np.int32)
     data = toys.toy_data((4, 3)).replace(public_y=jnp.asarray(public_y))
-    make = lambda **kw: algorithms.fedmd(
-        model=_linear(), input_shape=toys.INPUT_SHAPE, num_clients=2,
-        num_public=toys.NUM_PUBLIC, num_classes=C, client_tx=optax.sgd(lr),
-        epochs=1, batch_size=4, digest_epochs=1, public_batch_size=8, **kw)
+    make = lambda **kw: _fedmd(lr, epochs=1, digest_epochs=1, **kw)
     rng = jax.random.PRNGKey(1)
     untrained = make().init(None, rng)
     state = jax.jit(make(transfer_epochs=2, private_epochs=1).init)(
@@ -438,10 +440,7 @@ class GoldenTest(parameterized.TestCase):
   def test_fedmd_straggler_digests_and_revisits_its_fraction(self):
     lr = 0.5
     data = toys.toy_data((4, 3))
-    alg = algorithms.fedmd(model=_linear(), input_shape=toys.INPUT_SHAPE,
-                           num_clients=2, num_public=toys.NUM_PUBLIC,
-                           num_classes=C, client_tx=optax.sgd(lr), epochs=2,
-                           batch_size=4, digest_epochs=2, public_batch_size=8)
+    alg = _fedmd(lr, epochs=2, digest_epochs=2)
     state, _ = _round(alg, alg.init(None, jax.random.PRNGKey(1)), data,
                       [0, 1])
     xp = np.asarray(data.public_x, np.float64).reshape(toys.NUM_PUBLIC, -1)
