@@ -1,10 +1,23 @@
-"""Test setup: 8 fake CPU devices, so sharding tests run on any machine."""
+"""Test setup: 8 fake CPU devices, so sharding tests run on any machine.
 
+Also one persistent compilation cache for the session, shared with the
+subprocesses tests start: many tests compile the very same round (each
+builds its own algorithm, so jit's in-memory cache cannot serve them).
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before JAX initialises its backends.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8')
+_CACHE = tempfile.mkdtemp(prefix='fedkd_tests_jax_cache_')
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE,
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 

@@ -392,8 +392,10 @@ class SignalTest(parameterized.TestCase):
     workdir = self.create_tempdir().full_path
     proc = subprocess.Popen(
         [sys.executable, 'experiments/main.py', SMOKE, f'--workdir={workdir}'],
-        cwd=ROOT, env=dict(os.environ, XLA_FLAGS=''), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+        # No compilation cache: compiling must take long enough to be hit.
+        cwd=ROOT, env=dict(os.environ, XLA_FLAGS='',
+                           JAX_COMPILATION_CACHE_DIR=''),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
       if line.startswith('compiling'):
         break
