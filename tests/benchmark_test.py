@@ -15,6 +15,7 @@ from experiments import benchmark
 from fedkd import layers
 from fedkd import losses
 from fedkd import models
+import toys
 
 try:
   import torch  # pylint: disable=unused-import
@@ -128,6 +129,7 @@ class WorkloadsTest(parameterized.TestCase):
       ('cnn_kd', ['mnist_2nn', 'mnist_cnn']),
       ('resnet8', None))
   def test_arms_run(self, name, trained):
+    toys.full_or(self, name == 'cnn_fedavg')
     # One local step per client keeps the smoke run cheap.
     workload = benchmark.WORKLOADS[name]._replace(examples=10)
     row = benchmark.benchmark(name, workload, 2, rounds=1, peak=1.0,

@@ -15,6 +15,7 @@ from tensorflow_datasets.testing import mocking as tfds_mocking
 
 import data_test  # tests/ is on sys.path under pytest
 from fedkd import train
+import toys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # default.py's smoke run is tested, with its output, in main_test.
@@ -50,6 +51,7 @@ class SmokeConfigsTest(absltest.TestCase):
 class FullSizeConfigTest(absltest.TestCase):
 
   def test_feddf_cifar10_table2_runs_a_round_on_mocked_cifar10(self):
+    toys.full_or(self, False)  # a full-size ResNet-8 round: minutes
     experiments = os.path.join(ROOT, 'experiments')
     sys.path.insert(0, experiments)  # as under main.py
     self.addCleanup(sys.path.remove, experiments)

@@ -1,5 +1,8 @@
 """Small shared fixtures for the tests: toy client data and algorithms."""
 
+import os
+import unittest
+
 import chex
 import flax.linen as nn
 import jax
@@ -90,6 +93,17 @@ def init_state(alg, seed=0):
   params = student().init(jax.random.PRNGKey(seed),
                           jnp.zeros((1, *INPUT_SHAPE)))
   return alg.init(params, jax.random.PRNGKey(seed + 1))
+
+
+def full_or(test: unittest.TestCase, runs_by_default: bool) -> None:
+  """Skips `test` unless it `runs_by_default` or FEDKD_FULL_TESTS=1.
+
+  The default run keeps every invariant for a representative case; the full
+  run (`FEDKD_FULL_TESTS=1 python -m pytest`) repeats the costlier ones for
+  every case, e.g. every algorithm.
+  """
+  if not (runs_by_default or os.environ.get('FEDKD_FULL_TESTS') == '1'):
+    test.skipTest('a repeat for another case: FEDKD_FULL_TESTS=1 runs it')
 
 
 def assert_trees_close(a, b, atol=1e-6):
