@@ -257,15 +257,20 @@ def _catch_up(state: ServerState, cohort: Cohort,
   """
   owed = jnp.where(cohort.client_mask, state.backlog[cohort.client_ids], 0)
   synced = state.backlog.at[cohort.client_ids].set(0, mode='drop')
-  full = tree_bytes(state.params) // communication.FLOAT_BYTES
-  backlog = jnp.minimum(synced + update_floats, full).astype(jnp.int32)
+  backlog = jnp.minimum(synced + update_floats,
+                        _model_floats(state.params)).astype(jnp.int32)
   return communication.summed(owed), state.replace(backlog=backlog)
 
 
 def with_backlog(state: ServerState, num_clients: int) -> ServerState:
   """`state` whose clients download compressed updates, none yet in sync."""
-  full = tree_bytes(state.params) // communication.FLOAT_BYTES
-  return state.replace(backlog=jnp.full((num_clients,), full, jnp.int32))
+  return state.replace(backlog=jnp.full(
+      (num_clients,), _model_floats(state.params), jnp.int32))
+
+
+def _model_floats(params: Params) -> int:
+  """The float32 values a client downloads to hold the whole `params`."""
+  return tree_bytes(params) // communication.FLOAT_BYTES
 
 
 def averaging_server_update(tx) -> ServerUpdate:

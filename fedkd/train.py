@@ -513,7 +513,6 @@ def _partition_name(config) -> str:
   return 'natural' if config.dataset == 'synthetic' else config.partition
 
 
-
 def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
   """Trains as configured, writing results to `workdir` (see fedkd.workdir).
 

@@ -54,6 +54,7 @@ def _one_of(config, field, choices):
 
 def validate_config(config) -> None:
   """Checks every field of a run config that can be checked without data."""
+  # Every float below is finite from here on.
   for field, value in sorted(config.items()):
     if isinstance(value, float) and not math.isfinite(value):
       raise FedkdError(f'{field} must be a finite number, got {value}')
@@ -68,7 +69,7 @@ def validate_config(config) -> None:
                      f'int32), got {config.num_rounds}')
   for field in _POSITIVE_FLOATS:
     value = getattr(config, field)
-    if not (value > 0 and math.isfinite(value)):
+    if not value > 0:
       raise FedkdError(f'{field} must be a finite number > 0, got {value}')
   for field in _NON_NEGATIVE:
     if getattr(config, field) < 0:
@@ -105,8 +106,7 @@ def validate_config(config) -> None:
   _one_of(config, 'client_optimizer', OPTIMIZERS)
   _one_of(config, 'server_optimizer', OPTIMIZERS)
   if config.dataset == 'synthetic':
-    if not all(0 <= v < math.inf for v in (config.synthetic_alpha,
-                                            config.synthetic_beta)):
+    if min(config.synthetic_alpha, config.synthetic_beta) < 0:
       raise FedkdError('synthetic_alpha and synthetic_beta must be finite and '
                        f'>= 0, got {config.synthetic_alpha}, '
                        f'{config.synthetic_beta}')
