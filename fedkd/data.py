@@ -7,7 +7,6 @@ builder that needs TensorFlow), the error gives the command that prepares it.
 """
 
 import dataclasses
-import errno
 import hashlib
 
 import numpy as np
@@ -300,7 +299,7 @@ def _preparation_failure(e: Exception, builder: tfds.core.DatasetBuilder,
               f' ({cause}); run {command}')
     return (f'TFDS dataset {name!r} needs the Python module {e.name} to be'
             f' prepared ({cause}); install it, then run {command}')
-  if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+  if isinstance(e, OSError) and e.errno in errors.NO_SPACE_ERRNOS:
     return (f'no space left under {root} to prepare TFDS dataset {name!r}'
             f' ({cause}); free space there or set data_dir to a disk with'
             ' room')

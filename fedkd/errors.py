@@ -4,6 +4,11 @@ Library code raises `FedkdError` with a single line that says what is wrong and
 how to fix it; `experiments/main.py` prints that line and exits with code 2.
 """
 
+import errno
+
+# OSError numbers of a full disk or an exhausted quota.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
 
 class FedkdError(ValueError):
   """Bad user input: a config value, a dataset file, a work directory."""

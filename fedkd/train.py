@@ -14,7 +14,6 @@ evaluates or checkpoints. Evaluation is sized to fit the memory (see
 
 import contextlib
 import dataclasses
-import errno
 import functools
 import os
 import signal
@@ -39,6 +38,7 @@ from fedkd import synthetic
 from fedkd import validation
 from fedkd import workdir as workdir_lib
 from fedkd.errors import FedkdError
+from fedkd.errors import NO_SPACE_ERRNOS
 
 # Columns of the final table: (metrics.jsonl key, header, format, scale).
 _TABLE = (('round', 'round', '{:d}', 1),
@@ -121,7 +121,6 @@ DEFAULT_PUBLIC_FRACTION = 0.1
 # For running out of memory outside the places that name their own settings.
 _RUN_ADVICE = ('lower clients_per_chunk, clients_per_round, batch_size or '
                'eval_batch_size, or use a smaller dataset')
-_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _NO_SPACE_TEXTS = ('no space left on device', 'disk quota exceeded')
 
 
@@ -138,7 +137,7 @@ def _out_of_space_is(workdir: str):
     raise
   except Exception as e:  # pylint: disable=broad-exception-caught
     text = str(e).strip()
-    if not ((isinstance(e, OSError) and e.errno in _NO_SPACE_ERRNOS) or
+    if not ((isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS) or
             any(t in text.lower() for t in _NO_SPACE_TEXTS)):
       raise
     where = getattr(e, 'filename', None) or workdir
