@@ -1,5 +1,7 @@
 """Server-side reductions over the leading client axis of a cohort."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -13,14 +15,27 @@ def weighted_sum(tree: PyTree, weights: jax.Array) -> PyTree:
       lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1), tree)
 
 
+class Summed(NamedTuple):
+  """An upload part the server receives as the weighted sum, not the mean.
+
+  Counts need it: a mean is the same for n clients as for 2n copies of them,
+  so it cannot give back how many clients sent an entry. Not for DP rounds
+  (their noised mean divides every leaf by the expected cohort).
+  """
+  value: PyTree
+
+
 def mean_from_sums(total: PyTree, weight: jax.Array) -> PyTree:
   """`total / weight` leafwise, from sums accumulated over clients or chunks.
 
   Padded clients carry weight 0, so they change neither numerator nor
-  denominator; a round whose total weight is 0 gives zeros.
+  denominator; a round whose total weight is 0 gives zeros. `Summed` parts
+  stay sums.
   """
+  summed = lambda t: isinstance(t, Summed)
   return jax.tree.map(
-      lambda t: t / jnp.maximum(weight, 1e-12).astype(t.dtype), total)
+      lambda t: t if summed(t) else t / jnp.maximum(weight, 1e-12).astype(
+          t.dtype), total, is_leaf=summed)
 
 
 def server_updates(params: Params, opt_state: OptState, mean_delta: Params,

@@ -139,7 +139,8 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
 
   Args:
     client_update: one client's local round.
-    server_update: turns the averaged upload into the next server state.
+    server_update: turns the averaged upload (its `aggregation.Summed`
+      parts summed) into the next server state.
     map_fn: how a one-client function of `(server, data, rng,
       client_id, num_examples, client_state)` is mapped over the last three
       (stacked) arguments: `map_clients` (vmap, the default) or a per-client
@@ -285,24 +286,25 @@ def averaging_server_update(tx) -> ServerUpdate:
   return server_update
 
 
-def adopt_reported(state: ServerState, mean_upload: PyTree, data, rng):
-  """Server update adopting the mean `(values, presence)` upload (FD, FedMD).
+def adopt_reported(state: ServerState, upload: PyTree, data, rng):
+  """Server update adopting the averaged or summed `(values, presence)`
+  upload (FD, FedMD).
 
   Every client weighs 1 and sends `presence` (1 per entry it reports, 0
-  elsewhere), so the mean presence is 0 exactly where no reporting client
-  had the entry: there the previous `(values, presence)` are kept, so a
-  round that misses a label, or in which every client drops out, does not
-  wipe what earlier rounds learnt. `values` has `presence`'s shape plus
-  trailing axes.
+  elsewhere), so the mean or sum of presence is 0 exactly where no reporting
+  client had the entry: there the previous `(values, presence)` are kept, so
+  a round that misses a label, or in which every client drops out, does not
+  wipe what earlier rounds learnt. `values` is a pytree of arrays of
+  `presence`'s shape plus trailing axes.
   """
   del data, rng  # Nothing is trained on the server.
-  values, presence = mean_upload
+  values, presence = upload
   old_values, old_presence = state.params
   reported = presence > 0
-  values = jnp.where(reported.reshape(reported.shape + (1,) * (
-      values.ndim - reported.ndim)), values, old_values)
-  return state.replace(params=(
-      values, jnp.where(reported, presence, old_presence))), {}
+  adopt = lambda new, old: jnp.where(reported.reshape(
+      reported.shape + (1,) * (new.ndim - reported.ndim)), new, old)
+  return state.replace(params=(jax.tree.map(adopt, values, old_values),
+                               adopt(presence, old_presence))), {}
 
 
 def build(init, client_update: ClientUpdate,

@@ -50,10 +50,13 @@ class BytesTest(absltest.TestCase):
       self._assert_bytes(name, STUDENT_BYTES, STUDENT_BYTES)
 
   def test_fd_sends_per_label_logits_not_parameters(self):
-    # Jeong et al. 2018, Table 1: FD's payload is K x K logits (plus here K
-    # presence flags), FedAvg's the whole model, whatever its size.
-    self._assert_bytes('fd', 4 * (K * K + K), 4 * (K * K + K))
-    self.assertLess(4 * (K * K + K), STUDENT_BYTES)
+    # Jeong et al. 2018, Table 1: FD's payload is K x K logits, FedAvg's the
+    # whole model, whatever its size. Up: K x K mean logits + K presence
+    # flags. Down: the table's K x K logit sums + K client counts + K rounds
+    # (int32, 4 bytes too), which each client needs to leave its own logits
+    # out of its target.
+    self._assert_bytes('fd', 4 * (K * K + K), 4 * (K * K + 2 * K))
+    self.assertLess(4 * (K * K + 2 * K), STUDENT_BYTES)
 
   def test_fedmd_sends_logits_on_the_public_data(self):
     self._assert_bytes('fedmd', 4 * toys.NUM_PUBLIC * K,

@@ -372,24 +372,79 @@ class GoldenTest(parameterized.TestCase):
       expected.append(_sgd(w, b, x, (1 - weight) *
                            (_softmax(logits) - onehot), lr))
     state, metrics = _round(alg, state, data, [0, 1])
-    table, presence = (np.asarray(a) for a in state.params)
-    np.testing.assert_allclose(table, (means[0] + means[1]) / 2, atol=1e-5)
-    np.testing.assert_allclose(presence, (seen[0] + seen[1]) / 2)
+    sums, rounds, counts = map(np.asarray, jax.tree.leaves(state.params))
+    np.testing.assert_allclose(sums, means[0] + means[1], atol=1e-5)
+    np.testing.assert_allclose(counts, seen[0] + seen[1])
+    np.testing.assert_array_equal(rounds, np.zeros(C))  # all from round 0
     for k in range(2):
       np.testing.assert_allclose(_client(state, k)[0], expected[k][0],
                                  atol=1e-5)
     self.assertEqual(int(metrics['upload_bytes']), 2 * 4 * (C * C + C))
 
+    # Client 0's own logits are in every entry of a label it holds, so its
+    # target is client 1's mean logits, and none where client 1 lacks the
+    # label.
     x, y = _client_arrays(data, 0)
     w, b = _client(state, 0)
-    targets = table / np.maximum(presence, 1e-12)[:, None]
     logits = x @ w + b
     ds = (1 - weight) * (_softmax(logits) - np.eye(C)[y]) + weight * (
-        (presence[y] > 0)[:, None] * _kd_grad(logits, targets[y], temp))
+        seen[1][y][:, None] * _kd_grad(logits, means[1][y], temp))
     w, b = _sgd(w, b, x, ds, lr)
     state, _ = _round(alg, state, data, [0], seed=3)
     np.testing.assert_allclose(_client(state, 0)[0], w, atol=1e-5)
     np.testing.assert_allclose(_client(state, 0)[1], b, atol=1e-5)
+
+  def test_fd_target_excludes_the_clients_own_logits(self):
+    """Jeong et al. 2018, Algorithm 1: each client distils toward the
+    per-label average of the OTHER clients' uploads, under partial
+    participation, against a numpy simulation of the rounds."""
+    lr, weight, temp = 0.5, 0.5, 2.0
+    # Labels {0, 1}, {0, 1}, {0, 2}: only client 2 ever sees label 2.
+    labels = [[0, 1, 1], [0, 0, 1], [0, 2, 2]]
+    data = toys.toy_data((3, 3, 3)).replace(
+        y=jnp.asarray(sum(labels, []), jnp.int32))
+    alg = algorithms.fd(model=_linear(), input_shape=toys.INPUT_SHAPE,
+                        num_clients=3, num_classes=C, client_tx=optax.sgd(lr),
+                        epochs=1, batch_size=4, temperature=temp,
+                        distill_weight=weight)
+    state = alg.init(None, jax.random.PRNGKey(1))
+    apply = jax.jit(alg.apply)
+    models = [_client(state, k) for k in range(3)]
+    # label -> {client: its mean logits} of the label's latest reporting round
+    table, used = {}, {}
+    cohorts = [[0, 1, 2], [0], [1, 2], [0, 1, 2]]
+    for r, ids in enumerate(cohorts):
+      uploads = {}
+      for k in ids:
+        x, y = _client_arrays(data, k)
+        w, b = models[k]
+        logits = x @ w + b
+        ds = (1 - weight) * (_softmax(logits) - np.eye(C)[y])
+        for label in set(y.tolist()):
+          others = {j: m for j, m in table.get(label, {}).items() if j != k}
+          used[r, k, label] = sorted(others)
+          rows = y == label
+          if others:
+            target = np.mean(list(others.values()), axis=0)
+            ds[rows] += weight * _kd_grad(logits[rows], target, temp)
+          uploads.setdefault(label, {})[k] = logits[rows].mean(0)
+        models[k] = _sgd(w, b, x, ds, lr)
+      table.update(uploads)
+      state, _ = apply(state, data, toys.cohort(ids, size=3, num_clients=3),
+                       jax.random.PRNGKey(r))
+      for k in range(3):
+        for got, want in zip(_client(state, k), models[k]):
+          np.testing.assert_allclose(got, want, atol=1e-5,
+                                     err_msg=f'round {r} client {k}')
+    # The cases the rounds went through, as (round, client, label): own
+    # logits left out of the entry that holds them;
+    self.assertEqual(used[1, 0, 0], [1, 2])
+    # an entry from an earlier round without the client, taken whole;
+    self.assertEqual(used[2, 1, 0], [0])
+    self.assertEqual(used[3, 0, 0], [1, 2])
+    # no target where the client sent the entry alone, or alone saw the label.
+    self.assertEqual(used[3, 1, 1], [])
+    self.assertEqual(used[2, 2, 2], [])
 
   def test_fedmd_two_rounds(self):
     lr = 0.5

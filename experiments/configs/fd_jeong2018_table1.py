@@ -13,10 +13,11 @@ Private Data", NeurIPS 2018 workshop (MLPCD), arXiv:1811.11479. Setup: MNIST,
 
 The paper's Table 1 reports FD's accuracy below FL's with a payload smaller
 by orders of magnitude; its exact entries are not transcribed or reproduced
-here. The payloads fedkd counts are exact: 4 (K^2 + K) = 440 bytes per client
-per direction for FD (the [K] presence flags included) against
-4 x 1,663,370 bytes for FedAvg with mnist_cnn (tests/communication_test.py
-checks the formulas).
+here. The payloads fedkd counts are exact: per client, FD uploads 4 (K^2 +
+K) = 440 bytes (the [K] presence flags included) and downloads 4 (K^2 + 2K)
+= 480 (the table's per-label client counts and rounds included), against
+4 x 1,663,370 bytes each way for FedAvg with mnist_cnn
+(tests/communication_test.py checks the formulas).
 
 Hardware: MNIST prepared for TFDS under `data_dir`; one GPU recommended.
 `:smoke` runs 2 rounds on digits with the seed models.

@@ -32,8 +32,8 @@ PUBLIC_LABELS = ('fedmd',)
 # noise as a whole (`fedkd.privacy`), and why.
 NO_DP = {
     'feddf': 'clipping its upload scales the ensemble logits with the delta',
-    'fd': 'its server divides the noised label logits by noised presence '
-          'counts',
+    'fd': 'its clients take their own logits out of per-label sums and '
+          'client counts, which clipping and noise would falsify',
     'fedmd': 'its upload is logits on the public data, not an update',
 }
 DP_ALGORITHMS = tuple(name for name in ALGORITHMS if name not in NO_DP)

@@ -7,18 +7,30 @@ arXiv:1811.11479.
 No parameters are exchanged. Every client keeps its own model (stacked in
 `ServerState.clients`) and, during local training, accumulates the logits it
 produced for each label (before each step's update); it uploads the per-label
-mean logits [K, K] and a [K] presence indicator. The server's state is the
-global table: the mean over the reporting clients of their per-label means,
-per label over the clients that saw it (each client weighs 1, so the ratio of
-the averaged table and presence is that mean). A label no reporting client
-saw keeps its previous entry (`algorithm.adopt_reported`), so partial
-participation and dropped rounds do not wipe it.
+mean logits [K, K] and a [K] presence indicator. The server receives them
+summed over the reporting clients (`aggregation.Summed`), so its table holds,
+per label, the sum of the clients' means, how many clients sent one, and the
+round they were sent in. A label no reporting client saw keeps its entry
+(`algorithm.adopt_reported`), so partial participation and dropped rounds do
+not wipe it.
+
+As in the paper's Algorithm 1, a client distils toward the average of the
+other clients, its own logits excluded: `(sum - own) / (count - 1)` where the
+entry holds its own upload, no target where it sent the entry alone, and
+`sum / count` where the entry is from a round in which it did not report the
+label. To tell which, every client keeps per label its last uploaded mean and
+that upload's round: its upload is in the entry exactly when the rounds match.
 
 Local loss per example: `(1 - w) * CE + w * T^2 * KL(softmax(g_y / T) ||
-softmax(student / T))`, with `g_y` the global mean logits of the example's
-label (teacher, a constant); examples whose label no client reported yet get
-CE only. Unlike the paper, a client's own contribution is not subtracted from
-the global table. Evaluation uses the clients' own models.
+softmax(student / T))`, with `g_y` the target of the example's label (a
+constant); examples whose label has no target get CE only. Evaluation uses
+the clients' own models.
+
+Where this differs from the paper, whose devices all report every round:
+cohorts, dropouts and labels only one client holds are handled as above, and
+the exclusion runs on the client, so a sampled client downloads K x K logit
+sums plus K counts and K rounds, where the paper's payload is K x K logits
+(its Table 1).
 """
 
 import flax.linen as nn
@@ -26,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedkd import aggregation
 from fedkd import algorithm
 from fedkd import clients
 from fedkd import losses
@@ -52,9 +65,15 @@ def fd(*, model: nn.Module, input_shape, num_clients: int, num_classes: int,
 
   def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
     del params  # There is no global model: the global state is the table.
-    table = (jnp.zeros((num_classes, num_classes)), jnp.zeros(num_classes))
-    return algorithm.server_init(optax.identity(), table, clients.init_models(
-        model, client_tx, input_shape, num_clients, rng))
+    table = ((jnp.zeros((num_classes, num_classes)),
+              jnp.zeros(num_classes, jnp.int32)), jnp.zeros(num_classes))
+    # Entries start at round 0 with count 0, own uploads at round -1: none
+    # of them is in an entry yet.
+    own = (jnp.zeros((num_clients, num_classes, num_classes)),
+           jnp.full((num_clients, num_classes), -1, jnp.int32))
+    return algorithm.server_init(optax.identity(), table, (
+        *clients.init_models(model, client_tx, input_shape, num_clients, rng),
+        own))
 
   def loss_fn(params, batch, targets, has_target):
     logits = model.apply(params, batch.x)
@@ -66,26 +85,40 @@ def fd(*, model: nn.Module, input_shape, num_clients: int, num_classes: int,
 
   def client_update(server, client_state, data, client_id, num_examples,
                     rng):
-    table, presence = server.params
-    targets = table / jnp.maximum(presence, 1e-12)[:, None]
+    (sums, rounds), counts = server.params
+    params, opt_state, (own, own_rounds) = client_state
+    # 1 where the entry holds this client's upload (module docstring).
+    mine = (own_rounds == rounds).astype(sums.dtype)
+    others = counts - mine
+    targets = (sums - mine[:, None] * own) / jnp.maximum(others, 1.0)[:, None]
 
     def step(carry, batch):
       params, opt_state, _, (per_example, logits) = clients.sgd_train(
-          loss_fn, client_tx, *carry, batch, targets, presence > 0)
+          loss_fn, client_tx, *carry, batch, targets, others > 0)
       onehot = (jax.nn.one_hot(batch.y, num_classes) *
                 batch.example_mask[:, None])
       return (params, opt_state), {
           'student_loss_sum': jnp.sum(per_example * batch.example_mask),
           'label_logits': onehot.T @ logits, 'label_counts': onehot.sum(0)}
 
-    state, sums = clients.local_training(
-        step, client_state, data, client_id, num_examples, rng,
+    (params, opt_state), metrics = clients.local_training(
+        step, (params, opt_state), data, client_id, num_examples, rng,
         epochs=epochs, batch_size=batch_size)
-    counts = sums.pop('label_counts')
-    means = sums.pop('label_logits') / jnp.maximum(counts, 1.0)[:, None]
-    seen = (counts > 0).astype(jnp.float32)
+    label_counts = metrics.pop('label_counts')
+    seen = label_counts > 0
+    means = metrics.pop('label_logits') / jnp.maximum(label_counts,
+                                                      1.0)[:, None]
+    kept = (jnp.where(seen[:, None], means, own),
+            jnp.where(seen, server.round, own_rounds))
+    # Summed, not averaged: the server needs each label's client count.
     return clients.ClientOutput(
-        upload=(means * seen[:, None], seen), weight=jnp.ones(()),
-        state=state, metrics=sums)
+        upload=aggregation.Summed((means, seen.astype(jnp.float32))),
+        weight=jnp.ones(()), state=(params, opt_state, kept), metrics=metrics)
 
-  return algorithm.build(init, client_update, algorithm.adopt_reported)
+  def server_update(state, upload, data, rng):
+    logit_sums, counts = upload.value
+    rounds = jnp.full(counts.shape, state.round)
+    return algorithm.adopt_reported(state, ((logit_sums, rounds), counts),
+                                    data, rng)
+
+  return algorithm.build(init, client_update, server_update)
