@@ -23,9 +23,6 @@ Then WORKDIR gets
 import json
 import os
 
-import matplotlib
-matplotlib.use('Agg')  # Files only; no display.
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from fedkd import train
@@ -169,7 +166,10 @@ def title(config) -> str:
 
 def _plot(runs: dict[str, list[list[dict]]], x_key: str, x_label: str,
           path: str, plot_title: str) -> None:
-  fig, ax = plt.subplots(figsize=(6, 4))
+  # Imported here: a second of start-up that runs without plots skip.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
   for i, (name, seeds) in enumerate(runs.items()):
     scale = 1e-6 if x_key == 'cumulative_bytes' else 1
     x = np.mean([[r[x_key] for r in rows] for rows in seeds], axis=0) * scale
@@ -188,7 +188,6 @@ def _plot(runs: dict[str, list[list[dict]]], x_key: str, x_label: str,
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def run(config, workdir: str) -> dict[str, dict]:

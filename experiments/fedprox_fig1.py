@@ -18,9 +18,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import matplotlib
-matplotlib.use('Agg')  # Files only; no display.
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -73,8 +71,8 @@ def _figure(panels: dict, key: str, ylabel: str, path: str) -> None:
   """A grid: stragglers down, Synthetic(a, a) across; one line per arm."""
   alphas = sorted({a for a, _ in panels}, key=float)
   percents = sorted({p for _, p in panels}, key=float)
-  fig, axes = plt.subplots(len(percents), len(alphas), squeeze=False,
-                           figsize=(3.3 * len(alphas), 2.6 * len(percents)))
+  fig = Figure(figsize=(3.3 * len(alphas), 2.6 * len(percents)))
+  axes = fig.subplots(len(percents), len(alphas), squeeze=False)
   for (alpha, percent), results in panels.items():
     ax = axes[percents.index(percent), alphas.index(alpha)]
     for i, (name, rows) in enumerate(results.items()):
@@ -87,7 +85,6 @@ def _figure(panels: dict, key: str, ylabel: str, path: str) -> None:
   axes[0, 0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def _table(panels: dict) -> str:

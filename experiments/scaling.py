@@ -59,10 +59,9 @@ def _markdown(cells) -> str:
 
 
 def _plot(cells, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
   for d in sorted({c['devices'] for c in cells}):
     row = sorted((c for c in cells if c['devices'] == d),
                  key=lambda c: c['clients'])
