@@ -28,7 +28,7 @@ class SmokeConfigsTest(absltest.TestCase):
 
   def test_every_config_runs_two_rounds(self):
     self.assertLen(CONFIGS, 7)
-    env = dict(os.environ, XLA_FLAGS='')
+    env = toys.subprocess_env()
     runs = {}
     # Concurrently: most of each run is compilation, on its own process.
     for path in CONFIGS:
@@ -136,7 +136,7 @@ class FedproxFigure1Test(absltest.TestCase):
     proc = subprocess.run(
         [sys.executable, 'experiments/fedprox_fig1.py', f'--workdir={workdir}',
          f'--out={out}', '--alphas=1', '--percents=90', '--num_rounds=2'],
-        cwd=ROOT, env=dict(os.environ, XLA_FLAGS=''), text=True,
+        cwd=ROOT, env=toys.subprocess_env(), text=True,
         capture_output=True, timeout=300, check=False)
     self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
     self.assertNotIn('compiling', proc.stdout)

@@ -3,6 +3,7 @@
 Also one persistent compilation cache for the session, shared with the
 subprocesses tests start: many tests compile the very same round (each
 builds its own algorithm, so jit's in-memory cache cannot serve them).
+The XLA flags are `toys.XLA_TEST_FLAGS`.
 """
 
 import atexit
@@ -10,9 +11,11 @@ import os
 import shutil
 import tempfile
 
+import toys  # Imports JAX without starting a backend.
+
 # Must happen before JAX initialises its backends.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8')
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' +
+                           toys.subprocess_env(devices=8)['XLA_FLAGS'])
 _CACHE = tempfile.mkdtemp(prefix='fedkd_tests_jax_cache_')
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE,

@@ -25,13 +25,14 @@ from experiments.configs import default
 from fedkd import train
 from fedkd.errors import FedkdError
 import rundirs
+import toys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = '--config=experiments/configs/default.py:smoke'
 
 
 def _main(*args):
-  env = dict(os.environ, XLA_FLAGS='')  # one device, as a user would run it
+  env = toys.subprocess_env()  # one device, as a user would run it
   return subprocess.run(
       [sys.executable, 'experiments/main.py', *args], cwd=ROOT, env=env,
       capture_output=True, text=True, timeout=300, check=False)
@@ -347,7 +348,7 @@ class BadInputTest(parameterized.TestCase):
       workdir = cls.prepared.get(name, (cls.workdir,))[0]
       return args + [f'--workdir={workdir}']
 
-    env = dict(os.environ, XLA_FLAGS='')
+    env = toys.subprocess_env()
     # What a live run holds on its workdir.
     locks = [os.open(f'{tmp}/{name}/.fedkd.lock', os.O_RDWR)
              for name in _LOCKED]
@@ -393,6 +394,7 @@ class SignalTest(parameterized.TestCase):
     proc = subprocess.Popen(
         [sys.executable, 'experiments/main.py', SMOKE, f'--workdir={workdir}'],
         # No compilation cache: compiling must take long enough to be hit.
+        # XLA's default flags: the tests' faster ones shorten compiling.
         cwd=ROOT, env=dict(os.environ, XLA_FLAGS='',
                            JAX_COMPILATION_CACHE_DIR=''),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -430,7 +432,7 @@ class OutOfMemoryTest(absltest.TestCase):
   def test_round_too_large_names_the_settings_to_lower(self):
     workdir = self.create_tempdir().full_path
     # A million local epochs: the round's step schedule alone needs ~40 GB.
-    env = dict(os.environ, XLA_FLAGS='', MALLOC_ARENA_MAX='2')
+    env = toys.subprocess_env(MALLOC_ARENA_MAX='2')
     proc = subprocess.run(
         [sys.executable, '-c', _LIMITED_MAIN, SMOKE, f'--workdir={workdir}',
          '--config.local_epochs=1000000'], cwd=ROOT, env=env,

@@ -7,6 +7,8 @@ import sys
 
 from absl.testing import absltest
 
+import toys  # tests/ is on sys.path under pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ('--config=experiments/configs/default.py:smoke',
         '--config.num_clients=20', '--config.clients_per_round=10',
@@ -20,8 +22,7 @@ def _free_port():
 
 
 def _start(workdir, devices, *extra):
-  env = dict(os.environ,
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = toys.subprocess_env(devices)
   return subprocess.Popen(
       [sys.executable, 'experiments/main.py', *ARGS, f'--workdir={workdir}',
        *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -15,6 +15,7 @@ import jax
 from experiments.configs import default
 from fedkd import train
 from fedkd import workdir as workdir_lib
+import toys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ('--config=experiments/configs/default.py:smoke',
@@ -27,7 +28,7 @@ _TIMING = ('round_seconds', 'compile_seconds')
 
 
 def _start(workdir):
-  env = dict(os.environ, XLA_FLAGS='')
+  env = toys.subprocess_env()
   return subprocess.Popen(
       [sys.executable, 'experiments/main.py', *ARGS, f'--workdir={workdir}'],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
