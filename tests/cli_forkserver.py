@@ -1,7 +1,7 @@
 """Runs experiments/main.py once per argument list, each in a forked child.
 
 Reads a JSON list of argument lists on stdin and prints a JSON list of
-[exit code, stderr]. The heavy imports happen once, before any fork and
+[exit code, stderr]; an optional argument sets how many run at once. The heavy imports happen once, before any fork and
 before JAX starts a backend; each child then runs main.py exactly as
 `python experiments/main.py ARGS` would, so the bad-input tests see the real
 exit codes and error lines without paying the imports forty times.
@@ -34,7 +34,8 @@ def _start(args):
     try:
       runpy.run_path('experiments/main.py', run_name='__main__')
     except SystemExit as e:
-      code = e.code if isinstance(e.code, int) else 1
+      # As the interpreter maps it: None is 0, any other non-int is 1.
+      code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
     except BaseException:  # pylint: disable=broad-except
       import traceback  # pylint: disable=g-import-not-at-top
       traceback.print_exc()
@@ -62,4 +63,5 @@ def run_all(cases, parallel=4):
 
 
 if __name__ == '__main__':
-  print(json.dumps(run_all(json.load(sys.stdin))))
+  # Optional argument: how many children run at once (default 4).
+  print(json.dumps(run_all(json.load(sys.stdin), *map(int, sys.argv[1:]))))
