@@ -487,7 +487,7 @@ def load_data(config):
 
   Returns:
     (dataset, parts, public_x, public_y); `public_y` is empty unless the
-    algorithm trains on the public labels (`algorithms.PUBLIC_LABELS`).
+    algorithm reads the public labels (`algorithms.public_labels`).
   """
   if config.dataset == 'synthetic':
     dataset, parts = synthetic.synthetic(
@@ -503,8 +503,8 @@ def load_data(config):
       dataset.y_train, config.num_clients, config.partition,
       alpha=config.alpha, shards_per_client=config.shards_per_client,
       seed=config.seed)
-  if config.algorithm not in algorithms.PUBLIC_LABELS:
-    public_y = public_y[:0]  # e.g. FedDF's proxy data is unlabeled
+  if not algorithms.public_labels(config):
+    public_y = public_y[:0]  # e.g. fd's and fedkd's runs have none
   return dataset, parts, public_x, public_y
 
 
@@ -588,6 +588,9 @@ def _run(config, workdir: str, stop: stopping.Stopper, progress: bool):
         config.public_examples):
       print(f'public data: {len(public_x)} training examples held out '
             f'({DEFAULT_PUBLIC_FRACTION:.0%}, as public_examples is 0)')
+    if num_val := algorithms.feddf_num_val(config, len(public_x)):
+      print(f'feddf validates its distillation on {num_val} of the '
+            f'{len(public_x)} public examples (distill_val_fraction)')
     print(f'{_partition_name(config)} partition of {dataset.name}:')
     print(partition.describe(dataset.y_train, parts, dataset.num_classes))
     rows = _loop(setup, work, stop, progress=progress)

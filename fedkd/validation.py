@@ -27,7 +27,8 @@ from fedkd.partition import METHODS
 _POSITIVE_INTS = ('num_clients', 'clients_per_round', 'num_rounds',
                   'local_epochs', 'batch_size', 'eval_every', 'eval_batch_size',
                   'public_batch_size', 'distill_epochs', 'digest_epochs',
-                  'max_nonfinite_rounds')
+                  'max_nonfinite_rounds', 'distill_eval_every',
+                  'distill_patience')
 _POSITIVE_FLOATS = ('client_lr', 'teacher_lr', 'server_lr', 'temperature',
                     'distill_lr', 'ntd_tau', 'distill_temperature')
 _NON_NEGATIVE = ('num_devices', 'clients_per_chunk', 'eval_teachers',
@@ -86,6 +87,9 @@ def validate_config(config) -> None:
   if not 0.0 <= config.dropout_rate < 1.0:
     raise FedkdError(f'dropout_rate must be in [0, 1), got '
                      f'{config.dropout_rate}')
+  if not 0.0 <= config.distill_val_fraction < 1.0:
+    raise FedkdError(f'distill_val_fraction must be in [0, 1) (0 = no '
+                     f'validation), got {config.distill_val_fraction}')
   if not 0.0 <= config.straggler_rate <= 1.0:
     raise FedkdError(f'straggler_rate must be in [0, 1], got '
                      f'{config.straggler_rate}')

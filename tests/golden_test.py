@@ -325,13 +325,52 @@ class GoldenTest(parameterized.TestCase):
     # Only the parameters count as sent: 2 clients x 51 float32.
     self.assertEqual(int(metrics['upload_bytes']), 2 * 4 * (D * C + C))
 
+  @parameterized.parameters((1000, 4), (2, 1))
+  def test_feddf_keeps_the_most_accurate_model_on_its_validation(
+      self, patience, kept):
+    lr, server_lr, distill_lr, num_val, steps = 0.5, 0.1, 3.0, 2, 5
+    sizes = (4, 2)
+    data = toys.toy_data(sizes)
+    data = data.replace(public_y=jnp.asarray([2, 2, 0, 0, 0], jnp.int32))
+    # Server lr 0.1: the averaged model stays far from the ensemble (at 1, a
+    # linear model's average would equal the ensemble, nothing to distill).
+    alg = algorithms.feddf(
+        model=_linear(), client_tx=optax.sgd(lr),
+        server_tx=optax.sgd(server_lr), distill_tx=optax.sgd(distill_lr),
+        epochs=1, batch_size=4, distill_epochs=steps, public_batch_size=8,
+        temperature=1.0, num_val=num_val, eval_every=1, patience=patience)
+    state, _ = _round(alg, alg.init(_init(), None), data, [0, 1])
+    w0, b0 = _unpack(_init())
+    xp = np.asarray(data.public_x, np.float64).reshape(toys.NUM_PUBLIC, -1)
+    proxy = xp[num_val:]
+    models = []
+    for k in range(2):
+      x, y = _client_arrays(data, k)
+      models.append(_sgd(w0, b0, x, _softmax(x @ w0 + b0) - np.eye(C)[y], lr))
+    mean = lambda vals: sum(n * v for n, v in zip(sizes, vals)) / sum(sizes)
+    w = w0 + server_lr * (mean([m[0] for m in models]) - w0)
+    b = b0 + server_lr * (mean([m[1] for m in models]) - b0)
+    ensemble = mean([proxy @ mw + mb for mw, mb in models])
+    # The averaged model, then each step's (one batch a pass).
+    candidates = [(w, b)]
+    for _ in range(steps):
+      w, b = _sgd(w, b, proxy, _kd_grad(proxy @ w + b, ensemble, 1.0),
+                  distill_lr)
+      candidates.append((w, b))
+    accuracy = [np.mean(np.argmax(xp[:num_val] @ cw + cb, -1) == [2, 2])
+                for cw, cb in candidates]
+    # By hand from these: the best is step 4, the last not; patience 2 stops
+    # at step 3, two steps after step 1's 0.5.
+    self.assertEqual(accuracy, [0.0, 0.5, 0.0, 0.0, 1.0, 0.0])
+    _assert_linear(state.params, *candidates[kept])
+
   def test_feddf_distill_optimizer_clips_then_decays(self):
     # SGD at lr 1 shows the official transform: the gradient clipped to norm
     # 5, then a cosine decay over 2 epochs x ceil(5 / 2) batches = 6 steps.
     config = ml_collections.ConfigDict(dict(
         distill_optimizer='sgd', distill_lr=1.0, distill_schedule='cosine',
         distill_clip_norm=5.0, distill_epochs=2, public_batch_size=2))
-    tx = algorithms.feddf_distill_tx(config, num_public=5)
+    tx = algorithms.feddf_distill_tx(config, num_proxy=5)
     state, grad = tx.init(jnp.zeros(2)), jnp.array([6.0, 8.0])  # norm 10
     updates = []
     for _ in range(7):

@@ -65,6 +65,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.distill_temperature = 1.0  # feddf: T of KL(ensemble_T || global_T)
   c.distill_schedule = 'cosine'  # feddf: cosine | constant learning rate
   c.distill_clip_norm = 5.0  # feddf: gradient norm clip (0 = none)
+  # feddf: share of the public data kept labelled to validate the server's
+  # distillation (keeps the best model; 0 = none), and every how many steps;
+  # it stops this many steps after the best (official: 0.1, 100, 1000).
+  c.distill_val_fraction = 0.1
+  c.distill_eval_every = 100
+  c.distill_patience = 1000
   c.server_model = ''  # feddf: a separate (larger) server model; '' = none
   c.digest_epochs = 1  # fedmd: client passes over the public data
   # fedmd's transfer learning before round 1 (official code: 20, then 25).

@@ -11,6 +11,7 @@ from fedkd import optimizers
 from fedkd.algorithm import FederatedAlgorithm
 from fedkd.algorithm import ServerState
 from fedkd.clients import ClientData
+from fedkd.errors import FedkdError
 from fedkd.algorithms.fd import fd
 from fedkd.algorithms.fedavg import fedavg
 from fedkd.algorithms.feddf import feddf
@@ -63,12 +64,33 @@ def _private_models(state: ServerState) -> Params:
   return state.clients[0]
 
 
-def feddf_distill_tx(config, num_public: int) -> optax.GradientTransformation:
+def feddf_num_val(config, num_public: int) -> int:
+  """FedDF's validation split: `distill_val_fraction` of the public data
+  (at least one example while the fraction is above 0)."""
+  if config.algorithm != 'feddf' or not config.distill_val_fraction:
+    return 0
+  num_val = max(1, int(config.distill_val_fraction * num_public))
+  if num_val >= num_public:
+    raise FedkdError(
+        f'distill_val_fraction={config.distill_val_fraction} of {num_public}'
+        ' public examples leaves no proxy data to distill on; raise '
+        'public_examples or set distill_val_fraction=0')
+  return num_val
+
+
+def public_labels(config) -> bool:
+  """Whether the public data keeps its labels: fedmd trains on them, feddf
+  validates on a split of them."""
+  return config.algorithm in PUBLIC_LABELS or (
+      config.algorithm == 'feddf' and config.distill_val_fraction > 0)
+
+
+def feddf_distill_tx(config, num_proxy: int) -> optax.GradientTransformation:
   """FedDF's server optimizer, fresh every round (official: Adam, cosine
   decay over the round's distillation steps, gradient norm clipped to 5)."""
   lr = config.distill_lr
   if config.distill_schedule == 'cosine':
-    steps = config.distill_epochs * -(-num_public // config.public_batch_size)
+    steps = config.distill_epochs * -(-num_proxy // config.public_batch_size)
     lr = optax.cosine_decay_schedule(lr, max(steps, 1))
   tx = optimizers.get_optimizer(config.distill_optimizer, lr)
   if config.distill_clip_norm > 0:
@@ -113,8 +135,12 @@ def build(config, input_shape, num_classes: int, num_public: int) -> Built:
   if name == 'feddf':
     server_model = config.server_model and models.get_model(
         config.server_model, num_classes)
+    num_val = feddf_num_val(config, num_public)
     alg = feddf(
-        model=student, distill_tx=feddf_distill_tx(config, num_public),
+        model=student,
+        distill_tx=feddf_distill_tx(config, num_public - num_val),
+        num_val=num_val, eval_every=config.distill_eval_every,
+        patience=config.distill_patience,
         distill_epochs=config.distill_epochs,
         public_batch_size=config.public_batch_size,
         temperature=config.distill_temperature,

@@ -26,14 +26,25 @@ it after the averaged client model; `ServerState.params` is then
 `{'client': averaged client model, 'server': server model}`, clients download
 only the former, and the latter is the global model to evaluate.
 
+With `num_val` (default: a tenth of the public hold-out, as the official
+`val_data_ratio` 0.1), the first `num_val` public examples keep their labels
+as the server's validation split, the rest is the proxy data, and the server
+keeps the most accurate model of its distillation, the averaged one included,
+validating every `eval_every` steps and stopping `patience` steps after the
+best (`fedkd.early_stopping`; official: 100 and 1,000). Without it, an
+ensemble of models that moved little from the average carries almost no
+signal, which Adam's scale-free steps turn into noise: on digits in FedGen's
+setting FedDF ended at 0.39 +- 0.24, FedAvg at 0.80 +- 0.04.
+
 Differences from the official code: its ensemble is the uniform mean of the
 client logits (`avg_logits`; here weighted by example count, like the
-deltas); it runs up to 10,000 distillation batches of 128 per round, checks
-accuracy on a labelled validation split every 100 and stops after 1,000
-without improvement, keeping the best model (here a fixed `distill_epochs`
-passes over the public data, no validation split, the last model); several
-client architectures at once (the paper's heterogeneous prototypes) are not
-implemented.
+deltas); it runs up to 10,000 distillation batches of 128 per round (here
+`distill_epochs` passes over the proxy data, validated after the last step
+too); it keeps the averaged model only with `return_best_model_on_val` (off
+by default there); its validation split comes out of the training data, its
+proxy data is another dataset (here both are held out of the training set);
+several client architectures at once (the paper's heterogeneous prototypes)
+are not implemented.
 """
 
 import flax.linen as nn
@@ -45,6 +56,7 @@ from fedkd import aggregation
 from fedkd import algorithm
 from fedkd import clients
 from fedkd import communication
+from fedkd import early_stopping
 from fedkd import losses
 from fedkd.typing import Params, PRNGKey
 
@@ -54,7 +66,8 @@ def feddf(*, model: nn.Module, client_tx: optax.GradientTransformation,
           distill_tx: optax.GradientTransformation, epochs: int,
           batch_size: int, distill_epochs: int, public_batch_size: int,
           temperature: float, server_model: nn.Module | None = None,
-          input_shape=None) -> algorithm.FederatedAlgorithm:
+          input_shape=None, num_val: int = 0, eval_every: int = 100,
+          patience: int = 1000) -> algorithm.FederatedAlgorithm:
   """Builds FedDF over `model` (the clients', and the server's by default).
 
   Args:
@@ -70,6 +83,10 @@ def feddf(*, model: nn.Module, client_tx: optax.GradientTransformation,
     server_model: a separate global model the server distills into; `init`
       then takes its parameters and initialises the clients' model itself.
     input_shape: shape of one example (only with `server_model`).
+    num_val: public examples (the first ones, labelled) that validate the
+      distillation instead of feeding it; 0 = none, keep the last model.
+    eval_every: distillation steps between validations.
+    patience: distillation steps after the best before stopping.
   """
 
   def client_params(params):
@@ -93,23 +110,35 @@ def feddf(*, model: nn.Module, client_tx: optax.GradientTransformation,
         epochs=epochs, batch_size=batch_size)
     out = clients.delta_output(start, params, num_examples,
                                client_state, sums)
-    logits = clients.predict_in_batches(model, params, data.public_x,
-                                        batch_size=public_batch_size)
+    logits = clients.predict_in_batches(
+        model, params, data.public_x[num_val:], batch_size=public_batch_size)
     return out._replace(
         upload=dict(delta=out.upload, logits=logits),
         metrics=dict(out.metrics, upload_bytes=communication.fixed(
             1, algorithm.tree_bytes(out.upload))))
 
-  def distill(student, params, ensemble, public_x, rng):
-    """`distill_epochs` of `distill_tx` on the proxy data; returns the mean
-    distillation loss too."""
+  def distill(student, params, ensemble, data, rng):
+    """`distill_tx` steps on the proxy data, validated where `num_val`;
+    returns the kept model and the mean distillation loss of the steps run."""
+    proxy_x = data.public_x[num_val:]
     kd = lambda p, batch: losses.soft_target_kl(
         student.apply(p, batch.x), ensemble[batch.index], temperature)
-    (params, _), sums = clients.public_training(
-        clients.loss_step(kd, distill_tx, 'loss'),
-        (params, distill_tx.init(params)), public_x, rng,
-        epochs=distill_epochs, batch_size=public_batch_size)
-    return params, sums['loss'] / (distill_epochs * public_x.shape[0])
+    step = clients.loss_step(kd, distill_tx, 'loss')
+    carry = (params, distill_tx.init(params))
+    if num_val:
+      val_x, val_y = data.public_x[:num_val], data.public_y[:num_val]
+      score = lambda p: jnp.mean(jnp.argmax(clients.predict_in_batches(
+          student, p, val_x, batch_size=public_batch_size), -1) == val_y)
+      steps = distill_epochs * -(-proxy_x.shape[0] // public_batch_size)
+      step = early_stopping.guard(step, score, total_steps=steps,
+                                  eval_every=eval_every, patience=patience)
+      carry = (carry, early_stopping.start(params, score))
+    carry, sums = clients.public_training(
+        step, carry, proxy_x, rng, epochs=distill_epochs,
+        batch_size=public_batch_size)
+    if not num_val:
+      return carry[0], sums['loss'] / (distill_epochs * proxy_x.shape[0])
+    return carry[1].best, sums['loss'] / jnp.maximum(sums['examples'], 1)
 
   def server_update(state, mean_upload, data, rng):
     params, opt_state = aggregation.server_step(
@@ -117,12 +146,11 @@ def feddf(*, model: nn.Module, client_tx: optax.GradientTransformation,
         server_tx)
     ensemble = mean_upload['logits']
     client_rng, server_rng = jax.random.split(rng)
-    params, loss = distill(model, params, ensemble, data.public_x, client_rng)
+    params, loss = distill(model, params, ensemble, data, client_rng)
     metrics = {'server_distill_loss': loss}
     if server_model:
       big, metrics['server_distill_loss'] = distill(
-          server_model, state.params['server'], ensemble, data.public_x,
-          server_rng)
+          server_model, state.params['server'], ensemble, data, server_rng)
       # Clients receive only their model; the server model stays put.
       metrics['download_bytes'] = communication.fixed(
           1, algorithm.tree_bytes(params))

@@ -1,0 +1,65 @@
+"""Training that keeps its best model on a validation split (FedDF's server).
+
+`guard` wraps a `clients.loss_step`-style step, whose carry is `(params,
+opt_state)`: every `eval_every` steps, and after the last, it scores the
+parameters (`score(params)`, higher is better) and keeps the best, the
+starting parameters included (`start` scores them). At an evaluation that
+finds `patience` or more steps since the best one, it stops: later steps
+change nothing and report nothing (the scan still runs them, at the cost of
+their arithmetic). The first of equal scores is kept.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedkd.clients import tree_where
+from fedkd.typing import Array, Params
+
+
+class Tracker(NamedTuple):
+  best: Params  # the best-scoring parameters so far
+  best_score: Array
+  best_step: Array  # 0: the starting parameters
+  step: Array  # steps taken
+  stopped: Array
+
+
+def start(params: Params, score: Callable[[Params], Array]) -> Tracker:
+  """The tracker before the first step: the starting parameters are best."""
+  return Tracker(params, score(params), jnp.zeros((), jnp.int32),
+                 jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+
+
+def guard(step, score: Callable[[Params], Array], *, total_steps: int,
+          eval_every: int, patience: int):
+  """`step` over the carry `(inner, Tracker)`; see the module docstring.
+
+  The wrapped step also reports `steps` (1 while running) and `examples`
+  (the batch's real examples while running), so means cover the steps run.
+  """
+
+  def guarded(carry, batch):
+    inner, tracker = carry
+    new_inner, metrics = step(inner, batch)
+    running = ~tracker.stopped
+    inner = tree_where(running, new_inner, inner)
+    t = tracker.step + 1
+    evaluate = running & ((t % eval_every == 0) | (t == total_steps))
+    score_t = jax.lax.cond(evaluate, lambda: score(inner[0]).astype(
+        tracker.best_score.dtype), lambda: tracker.best_score)
+    better = evaluate & (score_t > tracker.best_score)
+    best_step = jnp.where(better, t, tracker.best_step)
+    tracker = Tracker(
+        best=tree_where(better, inner[0], tracker.best),
+        best_score=jnp.where(better, score_t, tracker.best_score),
+        best_step=best_step, step=t,
+        stopped=tracker.stopped | (evaluate & (t - best_step >= patience)))
+    metrics = jax.tree.map(lambda m: m * running, metrics)
+    return (inner, tracker), dict(
+        metrics, steps=running.astype(jnp.float32),
+        examples=jnp.sum(batch.example_mask) * running)
+
+  return guarded
