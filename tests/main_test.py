@@ -261,6 +261,11 @@ BAD_INPUTS = (
      'dp_noise_multiplier must be a finite'),
     ('dp_clip_inf', ['--config.dp_clip_norm=inf'],
      'dp_clip_norm must be a finite'),
+    ('distill_val_fraction', ['--config.distill_val_fraction=1.0'],
+     'distill_val_fraction must be in [0, 1)'),
+    ('distill_val_no_proxy', ['--config.algorithm=feddf',
+                              '--config.public_examples=1'],
+     'leaves no proxy data to distill on'),
 )
 
 

@@ -98,7 +98,7 @@ class LoopTest(absltest.TestCase):
 
 class PublicDataTest(absltest.TestCase):
 
-  def test_only_fedmd_reads_the_public_labels(self):
+  def test_public_labels_are_kept_only_where_read(self):
     config = default.get_config('smoke')
     config.update(algorithm='fedmd', public_examples=30)
     full = data.load_dataset('digits')
@@ -108,7 +108,12 @@ class PublicDataTest(absltest.TestCase):
     for x, y in zip(public_x, public_y):
       same = np.all(full.x_train == x, axis=tuple(range(1, x.ndim + 1)))
       self.assertIn(y, full.y_train[same])
+    # feddf validates on its labelled split only while it has one.
     config.algorithm = 'feddf'
+    np.testing.assert_array_equal(train.load_data(config)[3], public_y)
+    config.distill_val_fraction = 0.0
+    self.assertEmpty(train.load_data(config)[3])
+    config.algorithm = 'fedavg'
     self.assertEmpty(train.load_data(config)[3])
 
 
