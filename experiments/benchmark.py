@@ -2,6 +2,7 @@
 
     python -m experiments.benchmark [--workload=mlp,cnn_fedavg,cnn_kd,resnet8]
         [--clients=...] [--rounds=...] [--torch_threads=1,2]
+        [--clients_per_chunk=N]
 
 Workloads (E=1, B=10, 10 classes, SGD at 0.05, random data; local KD with
 T=2, w=0.5 and the teacher's SGD at 0.05):
@@ -69,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedkd import algorithm
 from fedkd import clients
 from fedkd import layers
 from fedkd import models
@@ -121,6 +123,9 @@ _TORCH = flags.DEFINE_bool('torch', True, 'Time baseline (c) if torch is '
 _LOOP = flags.DEFINE_bool('loop', True, 'Time baseline (b).')
 _JSON_ONLY = flags.DEFINE_bool('json_only', False, 'Print only the JSON line '
                                '(used by experiments/scaling.py).')
+_CHUNK = flags.DEFINE_integer(
+    'clients_per_chunk', 0, "(a)'s clients per chunk (the run config's "
+    'clients_per_chunk; 0 = the whole cohort at once).')
 _TORCH_THREADS = flags.DEFINE_list(
     'torch_threads', ['1'], 'torch.set_num_threads values to time (c) with; '
     'the fastest is reported.')
@@ -346,7 +351,8 @@ def matmul_peak_gflop_s(size: int = 2048, repeats: int = 5) -> float:
 
 def benchmark(name: str, workload: Workload, num_clients: int, *,
               rounds: int, peak: float, loop: bool,
-              torch_threads: Sequence[int]) -> dict:
+              torch_threads: Sequence[int], clients_per_chunk: int = 0
+              ) -> dict:
   """Times the arms of `workload`; returns its JSON row.
 
   Args:
@@ -358,9 +364,12 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
     loop: whether to time (b).
     torch_threads: thread counts to time (c) with, if torch is installed;
       empty skips (c).
+    clients_per_chunk: (a)'s clients per chunk; 0 = all at once.
   """
   alg, state, data = build(workload, num_clients)
-  vmapped, compile_s = time_vmapped(alg, state, data, rounds)
+  vmapped, compile_s = time_vmapped(alg._replace(apply=algorithm.make_round(
+      alg.client_update, alg.server_update,
+      clients_per_chunk=clients_per_chunk)), state, data, rounds)
   looped = loop and time_loop(
       alg, jax.device_put(state, jax.devices()[0]),
       jax.device_put(data, jax.devices()[0]), rounds)
@@ -373,6 +382,7 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
   flops = round_flops(workload, num_clients)
   return dict(
       workload=name, clients=num_clients, devices=jax.device_count(),
+      clients_per_chunk=clients_per_chunk,
       backend=jax.default_backend(), rounds=rounds, vmapped_s=vmapped,
       compile_s=compile_s, clients_per_s=num_clients / vmapped,
       loop_s=looped or None, torch_s=torch_s,
@@ -429,14 +439,15 @@ def main(argv):
     workload = WORKLOADS[name]
     rows = [benchmark(name, workload, num_clients,
                       rounds=_ROUNDS.value or workload.rounds, peak=peak,
-                      loop=_LOOP.value, torch_threads=torch_threads)
+                      loop=_LOOP.value, torch_threads=torch_threads,
+                      clients_per_chunk=_CHUNK.value)
             for num_clients in map(int, _CLIENTS.value or workload.clients)]
     results += rows
     if not _JSON_ONLY.value:
       print(f'\n{name}: {workload.description}, {workload.examples} '
             f'examples of {"x".join(map(str, workload.input_shape))} per '
             f'client, E={EPOCHS}, B={BATCH}; median of {rows[0]["rounds"]} '
-            'round(s)\n')
+            f'round(s); (a) {_CHUNK.value or "all"} clients per chunk\n')
       print(markdown_table(rows), flush=True)
   print(json.dumps(results))
 
