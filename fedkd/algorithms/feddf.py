@@ -3,23 +3,20 @@ Fusion in Federated Learning", NeurIPS 2020, arXiv:2006.07242. Official code:
 github.com/epfml/federated-learning-public-code (`codes/FedDF-code`,
 `pcode/aggregation/noise_knowledge_transfer.py`).
 
-Clients train the global model on cross-entropy as in FedAvg and upload their
-parameters (the delta). The server averages them (through the server
-optimizer, FedOpt), then distills the ensemble of the client models into the
-averaged model on unlabeled proxy data (`ClientData.public_x`): `distill_epochs`
-passes of `distill_tx` steps on `KL(softmax(ensemble / T) || softmax(global /
-T))` (`losses.soft_target_kl`: no T^2 factor, as the official `divergence`),
-the ensemble's mean logits detached. The official defaults are T = 1 and Adam
-at 1e-3 with cosine decay over the distillation steps and gradients clipped
-to norm 5; `fedkd.algorithms.build` makes `distill_tx` that way from the
-config (`distill_temperature`, `distill_schedule`, `distill_clip_norm`).
+Clients train the global model on cross-entropy as in FedAvg and upload the
+delta. The server averages (FedOpt), then distills the client models'
+ensemble into the average on unlabeled proxy data (`ClientData.public_x`):
+`distill_epochs` passes of `distill_tx` on `KL(softmax(ensemble / T) ||
+softmax(global / T))` (no T^2, as the official `divergence`), the ensemble
+detached. Official defaults: T = 1, Adam at 1e-3 with cosine decay, clip 5
+(`fedkd.algorithms.build` makes `distill_tx` so from the config).
 
-Each client computes its model's logits on the proxy data, averaged with
-the deltas; only the parameters count as uploaded bytes (a real server would
-evaluate the received models itself). With `server_model` (e.g. larger, as in
-the paper's Sec. 4) the server also distills the ensemble into that model,
-which is then the global model: `ServerState.params` is `{'client': ...,
-'server': ...}`, and clients download only the former.
+Clients' proxy logits are averaged with the deltas; only the parameters
+count as uploaded bytes (a real server evaluates the received models). With
+`server_model` (e.g. larger, as in the paper's Sec. 4) the server also
+distills the ensemble into that model, the global model then:
+`ServerState.params` is `{'client': ..., 'server': ...}`, and clients
+download only the former.
 
 With `num_val` (default: a tenth of the public hold-out, as the official
 `val_data_ratio` 0.1), the first `num_val` public examples keep their labels
@@ -74,11 +71,11 @@ def feddf(*, model: nn.Module, client_tx: optax.GradientTransformation,
     distill_epochs: server passes over the proxy data per round.
     public_batch_size: proxy minibatch size (logits and distillation).
     temperature: distillation temperature T.
-    server_model: a separate global model the server distills into; `init`
-      then takes its parameters and initialises the clients' model itself.
+    server_model: a separate global model the server distills into (`init`
+      takes its parameters, initialises the clients' model itself).
     input_shape: shape of one example (only with `server_model`).
-    num_val: public examples (the first ones, labelled) that validate the
-      distillation instead of feeding it; 0 = none, keep the last model.
+    num_val: the first public examples, labelled, validate instead of
+      feeding the distillation; 0 = none, keep the last model.
     eval_every: distillation steps between validations.
     patience: distillation steps after the best before stopping.
   """
@@ -112,8 +109,7 @@ def feddf(*, model: nn.Module, client_tx: optax.GradientTransformation,
             1, algorithm.tree_bytes(out.upload))))
 
   def distill(student, params, ensemble, data, rng):
-    """`distill_tx` steps on the proxy data, validated where `num_val`;
-    returns the kept model and the mean distillation loss of the steps run."""
+    """The kept model and the mean distillation loss of the steps run."""
     proxy_x = data.public_x[num_val:]
     kd = lambda p, batch: losses.soft_target_kl(
         student.apply(p, batch.x), ensemble[batch.index], temperature)
