@@ -26,9 +26,10 @@ ALGORITHMS = ('fd', 'fedavg', 'feddf', 'fedkd', 'fedmd', 'fedntd', 'fedprox',
               'local_kd')
 # Algorithms that read the public (proxy) data, `config.public_examples`.
 PUBLIC_DATA = ('feddf', 'fedmd')
-# Algorithms that also read the public labels (fedmd's transfer learning);
-# their `init` trains on the client data (`initializer`).
-PUBLIC_LABELS = ('fedmd',)
+# Algorithms whose `init` trains on the client data, public labels included
+# (fedmd's transfer learning; `initializer`). feddf reads the public labels
+# too, but only on the server (`public_labels`).
+INIT_TRAINS = ('fedmd',)
 # Algorithms whose upload is not a model update that DP-FedAvg can clip and
 # noise as a whole (`fedkd.privacy`), and why.
 NO_DP = {
@@ -81,7 +82,7 @@ def feddf_num_val(config, num_public: int) -> int:
 def public_labels(config) -> bool:
   """Whether the public data keeps its labels: fedmd trains on them, feddf
   validates on a split of them."""
-  return config.algorithm in PUBLIC_LABELS or (
+  return config.algorithm in INIT_TRAINS or (
       config.algorithm == 'feddf' and config.distill_val_fraction > 0)
 
 
@@ -102,7 +103,7 @@ def initializer(config, alg: FederatedAlgorithm
                 ) -> Callable[[Params, PRNGKey, ClientData], ServerState]:
   """`(params, rng, data) -> state`: `alg.init`, which reads the client data
   (a jit argument, never a closed-over constant) where it trains on it."""
-  if config.algorithm in PUBLIC_LABELS:
+  if config.algorithm in INIT_TRAINS:
     return alg.init
   return lambda params, rng, data: alg.init(params, rng)
 
