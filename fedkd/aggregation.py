@@ -25,17 +25,53 @@ class Summed(NamedTuple):
   value: PyTree
 
 
-def mean_from_sums(total: PyTree, weight: jax.Array) -> PyTree:
-  """`total / weight` leafwise, from sums accumulated over clients or chunks.
-
-  Padded clients carry weight 0, so they change neither numerator nor
-  denominator; a round whose total weight is 0 gives zeros. `Summed` parts
-  stay sums.
+class Pooled(NamedTuple):
+  """An upload part averaged over the round's clients of every client group
+  together (logits and other messages that do not depend on a client's
+  architecture); the other parts are averaged within each group. With one
+  group, the plain mean.
   """
-  summed = lambda t: isinstance(t, Summed)
-  return jax.tree.map(
-      lambda t: t if summed(t) else t / jnp.maximum(weight, 1e-12).astype(
-          t.dtype), total, is_leaf=summed)
+  value: PyTree
+
+
+def _pooled(node) -> bool:
+  return isinstance(node, (Summed, Pooled))
+
+
+def group_means(totals: tuple[PyTree, ...],
+                weights: tuple[jax.Array, ...]) -> tuple[PyTree, ...]:
+  """Each client group's mean upload, from sums over clients or chunks.
+
+  A part is `total / weight` of its group, `Pooled` parts the sum over all
+  groups by the total weight, `Summed` parts the sum over all groups. Padded
+  clients carry weight 0, so they change neither numerator nor denominator;
+  a zero total weight gives zeros.
+
+  Args:
+    totals: per group, the weighted sum of its clients' uploads.
+    weights: per group, the sum of its clients' weights.
+  """
+  div = lambda tree, w: jax.tree.map(
+      lambda t: t / jnp.maximum(w, 1e-12).astype(t.dtype), tree)
+  flat = [jax.tree.flatten(total, is_leaf=_pooled) for total in totals]
+  shared = [[node for node in leaves if _pooled(node)] for leaves, _ in flat]
+  if len({jax.tree.structure(nodes) for nodes in shared}) > 1:
+    raise ValueError('the Pooled and Summed upload parts of every client '
+                     'group must have the same types and shapes')
+  combined = [
+      n._replace(value=div(n.value, sum(weights))) if isinstance(n, Pooled)
+      else n for n in jax.tree.map(lambda *xs: sum(xs), *shared)]
+  means = []
+  for (leaves, treedef), w in zip(flat, weights):
+    nodes = iter(combined)
+    means.append(treedef.unflatten(
+        [next(nodes) if _pooled(leaf) else div(leaf, w) for leaf in leaves]))
+  return tuple(means)
+
+
+def mean_from_sums(total: PyTree, weight: jax.Array) -> PyTree:
+  """`group_means` of a round with one client group."""
+  return group_means((total,), (weight,))[0]
 
 
 def server_updates(params: Params, opt_state: OptState, mean_delta: Params,

@@ -26,11 +26,13 @@ round's `update_floats` (see `make_round`).
 (`fedkd.loop`) runs the very same code the vmapped round runs.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import functools
-from typing import NamedTuple
+import operator
+from typing import Any, NamedTuple
 
 from flax import struct
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -128,19 +130,41 @@ def _per_client(flags: Array, x: Array) -> Array:
   return flags.reshape(flags.shape + (1,) * (x.ndim - 1))
 
 
-def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
-               map_fn: MapFn = map_clients, clients_per_chunk: int = 0,
-               faults: Faults = Faults(),
+def _leading(tree: PyTree) -> int:
+  """The leading (client) axis of a stacked state; 0 for an empty one."""
+  leaves = jax.tree.leaves(tree)
+  return leaves[0].shape[0] if leaves else 0
+
+
+def _add_metrics(a: Metrics, b: Metrics) -> Metrics:
+  """Sums two groups' metrics (`Bytes` of different units concatenate)."""
+  return {k: a[k] + b[k] if k in a and k in b else a.get(k, b.get(k))
+          for k in {**a, **b}}
+
+
+def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
+               server_update: ServerUpdate, *, map_fn: MapFn = map_clients,
+               clients_per_chunk: int = 0, faults: Faults = Faults(),
                dp: privacy.DpSettings | None = None):
   """Builds `apply`: run the cohort's clients, average uploads, update server.
 
   A client whose upload holds NaN or inf is left out of the average (and its
   state is not written back); `metrics['nonfinite_clients']` counts them.
 
+  Client groups (one architecture each): with a tuple of k client updates,
+  client i belongs to group i % k, `ServerState.clients` is a tuple of the
+  groups' stacked states (client i in row i // k of its group's), cohort
+  slot s serves group s % k (`clients.sample_cohort`), and `server_update`
+  receives a tuple of the groups' mean uploads (`aggregation.group_means`:
+  `Pooled` parts averaged over every group). Each group is vmapped on its
+  own, all in the same jitted round.
+
   Args:
-    client_update: one client's local round.
+    client_update: one client's local round, or one per client group.
     server_update: turns the averaged upload (its `aggregation.Summed`
-      parts summed) into the next server state.
+      parts summed) into the next server state. Where the server sends each
+      group something else, its `download_bytes` metric is a tuple of each
+      group's per-client bytes.
     map_fn: how a one-client function of `(server, data, rng,
       client_id, num_examples, client_state)` is mapped over the last three
       (stacked) arguments: `map_clients` (vmap, the default) or a per-client
@@ -148,22 +172,34 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
     clients_per_chunk: if > 0 and smaller than the cohort, clients run in
       chunks of this many (a `lax.scan` over chunks, each vmapped) and only
       running weighted sums are kept, so memory is bounded by the chunk. The
-      cohort size must be a multiple of it.
+      cohort size must be a multiple of it, and it of the number of groups.
     faults: simulated client failures.
     dp: client-level DP (DP-FedAvg): each upload is clipped, every reporting
       client weighs 1 and the server adds Gaussian noise (`fedkd.privacy`).
+      One client group only.
 
   Returns:
     `apply(state, data, cohort, rng) -> (state, metrics)`.
   """
-  mapped = map_fn(functools.partial(_one_client, client_update, dp, faults), 3)
+  grouped = isinstance(client_update, tuple)
+  updates = client_update if grouped else (client_update,)
+  k = len(updates)
+  if dp is not None and k > 1:
+    raise ValueError('client-level DP takes one client group, got '
+                     f'{k} client updates')
+  mapped = [map_fn(functools.partial(_one_client, u, dp, faults), 3)
+            for u in updates]
 
-  def run_chunk(state, data, rng, clients, ids, mask):
-    """Trains one chunk of clients; returns their reduced contribution."""
-    # Padded slots read client num_clients - 1's rows but train on 0 examples.
+  def run_group(mapped, state, data, rng, clients, ids, mask):
+    """Trains one group's slots; returns their reduced contribution."""
+    rows = _leading(clients)
+    # Padded slots read client num_clients - 1's rows but train on 0
+    # examples; their state row `rows` is past the end, so writes drop.
     safe_ids = jnp.minimum(ids, data.num_clients - 1)
     num_examples = jnp.where(mask, data.num_examples[safe_ids], 0)
-    chunk_states = jax.tree.map(lambda s: s[safe_ids], clients)
+    own = jnp.where(mask, ids // k, rows)
+    chunk_states = jax.tree.map(
+        lambda s: s[jnp.minimum(own, rows - 1)], clients)
     out, dropped = mapped(state.replace(clients=()), data, rng, safe_ids,
                           num_examples, chunk_states)
     dropped &= mask
@@ -177,72 +213,92 @@ def make_round(client_update: ClientUpdate, server_update: ServerUpdate, *,
         lambda v: jnp.sum(jnp.where(_per_client(reported, v), v, 0), axis=0),
         out.metrics)
     sums.update(clients=jnp.sum(reported), dropped_clients=jnp.sum(dropped),
-                nonfinite_clients=jnp.sum(mask & ~dropped & ~finite))
-    write_ids = jnp.where(reported, ids, data.num_clients)  # others dropped
-    clients = jax.tree.map(
-        lambda s, new: s.at[write_ids].set(new, mode='drop'),
-        clients, out.state)
+                nonfinite_clients=jnp.sum(mask & ~dropped & ~finite),
+                sampled=jnp.sum(mask, dtype=jnp.int32))
+    write = jnp.where(reported, own, rows)  # the others' states are dropped
+    clients = jax.tree.map(lambda s, new: s.at[write].set(new, mode='drop'),
+                           clients, out.state)
     return (aggregation.weighted_sum(upload, weights), jnp.sum(weights),
             sums, clients)
+
+  def run_chunk(state, data, rng, clients, ids, mask):
+    """Trains one chunk of slots, group by group (slot s: group s % k)."""
+    by_group = [run_group(m, state, data, rng, c, ids.reshape(-1, k)[:, g],
+                          mask.reshape(-1, k)[:, g])
+                for g, (m, c) in enumerate(zip(mapped, clients))]
+    return tuple(zip(*by_group))
 
   def apply(state: ServerState, data: ClientData, cohort: Cohort,
             rng: PRNGKey) -> tuple[ServerState, Metrics]:
     client_rng, server_rng, noise_rng = jax.random.split(rng, 3)
+    # Groups without per-client state (feddf's) hold `()` for them all.
+    stateless = grouped and state.clients == ()
+    states = ((),) * k if stateless else (
+        state.clients if grouped else (state.clients,))
     size = cohort.client_ids.shape[0]
     chunk = clients_per_chunk if 0 < clients_per_chunk < size else size
-    if size % chunk:
+    if size % chunk or chunk % k:
       raise ValueError(f'cohort size {size} is not a multiple of '
-                       f'clients_per_chunk={chunk}')
+                       f'clients_per_chunk={chunk}, or that of the {k} '
+                       'client groups')
     if chunk == size:
-      total, weight, sums, clients = run_chunk(
-          state, data, client_rng, state.clients, cohort.client_ids,
+      totals, weights, sums, states = run_chunk(
+          state, data, client_rng, states, cohort.client_ids,
           cohort.client_mask)
     else:
-      # Chunk j holds slots j, j + n, j + 2n, ...: reshaping [size] to
-      # [chunk, n] keeps each chunk split across the devices of the cohort.
+      # Chunk j holds slots j, j + n, j + 2n, ... of each group: it stays
+      # split across the devices of the cohort and keeps slot s in group
+      # s % k.
       n = size // chunk
-      chunked = jax.tree.map(lambda a: a.reshape(chunk, n).T, cohort)
+      chunked = jax.tree.map(lambda a: a.reshape(chunk // k, n, k).transpose(
+          1, 0, 2).reshape(n, chunk), cohort)
 
       def body(carry, ids_mask):
-        total, weight, sums, clients = carry
-        t, w, s, clients = run_chunk(state, data, client_rng, clients,
-                                     *ids_mask)
+        *sums, states = carry
+        *new, states = run_chunk(state, data, client_rng, states, *ids_mask)
         add = lambda a, b: jax.tree.map(jnp.add, a, b)
-        return (add(total, t), weight + w, add(sums, s), clients), None
+        return (*add(tuple(sums), tuple(new)), states), None
 
       shapes = jax.eval_shape(lambda: run_chunk(
-          state, data, client_rng, state.clients, chunked[0][0],
-          chunked[1][0]))
+          state, data, client_rng, states, chunked[0][0], chunked[1][0]))
       init = jax.tree.map(lambda z: jnp.zeros(z.shape, z.dtype), shapes[:3])
-      (total, weight, sums, clients), _ = jax.lax.scan(
-          body, (*init, state.clients), chunked)
+      (totals, weights, sums, states), _ = jax.lax.scan(
+          body, (*init, states), chunked)
     if dp is None:
-      mean = aggregation.mean_from_sums(total, weight)
+      means = aggregation.group_means(totals, weights)
     else:
-      mean = privacy.noised_mean(
-          total, noise_rng, clip_norm=dp.clip_norm,
+      means = (privacy.noised_mean(
+          totals[0], noise_rng, clip_norm=dp.clip_norm,
           noise_multiplier=dp.noise_multiplier,
-          expected_clients=dp.expected_clients)
-    new_state, server_metrics = server_update(state, mean, data, server_rng)
-    metrics = dict(sums, **server_metrics)
+          expected_clients=dp.expected_clients),)
+    new_state, server_metrics = server_update(
+        state, means if grouped else means[0], data, server_rng)
+    metrics = dict(functools.reduce(_add_metrics, sums), **server_metrics)
+    sampled = [s.pop('sampled') for s in sums]
+    del metrics['sampled']
     # Clients that report their own upload bytes summed them in `sums`; by
     # default each reporting client sent one upload-shaped pytree (the
     # summed upload has the shape of one client's upload).
     if 'upload_bytes' not in metrics:
-      metrics['upload_bytes'] = communication.fixed(sums['clients'],
-                                                    tree_bytes(total))
+      metrics['upload_bytes'] = functools.reduce(operator.add, [
+          communication.fixed(s['clients'], tree_bytes(t))
+          for s, t in zip(sums, totals)])
     # Every sampled client downloads, dropped and non-finite ones included.
     if isinstance(state.backlog, tuple):
-      metrics['download_bytes'] = metrics.get(
-          'download_bytes',
-          communication.fixed(1, tree_bytes(state.params))).times(
-              jnp.sum(cohort.client_mask, dtype=jnp.int32))
+      download = metrics.get('download_bytes', communication.fixed(
+          1, tree_bytes(state.params)))
+      if not isinstance(download, tuple):
+        download = (download,) * k
+      metrics['download_bytes'] = functools.reduce(operator.add, [
+          d.times(n) for d, n in zip(download, sampled)])
     else:
       metrics['download_bytes'], new_state = _catch_up(
           new_state, cohort, metrics.pop('update_floats'))
     metrics['params_finite'] = jnp.all(_all_finite(
         jax.tree.map(lambda p: p[None], new_state.params)))
-    return new_state.replace(clients=clients, round=state.round + 1), metrics
+    return new_state.replace(clients=() if stateless else (
+        states if grouped else states[0]),
+                             round=state.round + 1), metrics
 
   return apply
 
@@ -305,6 +361,18 @@ def adopt_reported(state: ServerState, upload: PyTree, data, rng):
       reported.shape + (1,) * (new.ndim - reported.ndim)), new, old)
   return state.replace(params=(jax.tree.map(adopt, values, old_values),
                                adopt(presence, old_presence))), {}
+
+
+def architectures(model: nn.Module | Sequence[nn.Module]
+                  ) -> tuple[nn.Module, ...]:
+  """The client groups' models: client i trains `model[i % k]`."""
+  return tuple(model) if isinstance(model, Sequence) else (model,)
+
+
+def per_group(items: Sequence[Any]) -> Any:
+  """What `make_round` and `ServerState.clients` take for per-group items:
+  the item itself for one group (the plain round), the tuple for several."""
+  return items[0] if len(items) == 1 else tuple(items)
 
 
 def build(init, client_update: ClientUpdate,

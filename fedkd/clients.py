@@ -282,13 +282,18 @@ def train_from(per_example_loss: PerExampleLoss, params: Params,
 
 
 def init_models(model: nn.Module, tx: optax.GradientTransformation,
-                input_shape, num_clients: int, rng: PRNGKey) -> PyTree:
-  """(params, opt_state) of one private `model` per client, stacked."""
+                input_shape, num_clients: int, rng: PRNGKey, *,
+                group: int = 0, groups: int = 1) -> PyTree:
+  """(params, opt_state) of one private `model` per client, stacked.
+
+  With client groups, only group `group`'s clients g, g + k, ...; each
+  client's model depends on (rng, its id) alone.
+  """
   def one(client_id):
     params = model.init(jax.random.fold_in(rng, client_id),
                         jnp.zeros((1, *input_shape)))
     return params, tx.init(params)
-  return map_clients(one)(jnp.arange(num_clients))
+  return map_clients(one)(jnp.arange(group, num_clients, groups))
 
 
 def delta_output(server_params: Params, params: Params, num_examples: Array,
@@ -344,10 +349,38 @@ def stack_clients(x, y, parts) -> ClientData:
                     num_examples=counts, max_examples=int(counts.max()))
 
 
+def group_sizes(num_clients: int, groups: int) -> list[int]:
+  """How many clients each group holds: group g has clients g, g + k, ..."""
+  return [len(range(g, num_clients, groups)) for g in range(groups)]
+
+
+def group_quota(num_clients: int, clients_per_round: int,
+                groups: int) -> list[int]:
+  """Each group's clients per round: proportional to its size, remainders to
+  the largest fractions (then the lower group), so they add up."""
+  sizes = group_sizes(num_clients, groups)
+  exact = [clients_per_round * n / num_clients for n in sizes]
+  quota = [int(e) for e in exact]
+  by_fraction = sorted(range(groups), key=lambda g: (quota[g] - exact[g], g))
+  for g in by_fraction[:clients_per_round - sum(quota)]:
+    quota[g] += 1
+  return quota
+
+
 def sample_cohort(rng: np.random.Generator, num_clients: int,
-                  clients_per_round: int, cohort_size: int) -> Cohort:
-  """Samples `clients_per_round` distinct clients, padded to `cohort_size`."""
-  ids = np.full(cohort_size, num_clients, np.int32)
-  ids[:clients_per_round] = np.sort(
-      rng.choice(num_clients, clients_per_round, replace=False))
+                  clients_per_round: int, cohort_size: int,
+                  groups: int = 1) -> Cohort:
+  """Samples `clients_per_round` distinct clients, padded to `cohort_size`.
+
+  With client groups, each group's `group_quota` is sampled from its own
+  clients (stratified, so every round has the same mix of architectures)
+  into slots g, g + k, ... (`algorithm.make_round`); `cohort_size` must be
+  a multiple of `groups`.
+  """
+  ids = np.full((cohort_size // groups, groups), num_clients, np.int32)
+  quota = group_quota(num_clients, clients_per_round, groups)
+  for g, count in enumerate(quota):
+    members = np.arange(g, num_clients, groups)
+    ids[:count, g] = np.sort(rng.choice(members, count, replace=False))
+  ids = ids.reshape(-1)
   return Cohort(client_ids=ids, client_mask=ids < num_clients)

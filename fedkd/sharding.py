@@ -1,5 +1,6 @@
 """The device mesh: one axis, `clients`, over which cohorts are split."""
 
+from collections.abc import Sequence
 import threading
 
 import jax
@@ -72,33 +73,38 @@ def state_sharding(state, mesh: Mesh):
   """Shardings for a `ServerState`: per-client state split, the rest copied.
 
   The stacked per-client state ([num_clients, ...], e.g. 10,000 private
-  teachers) is split over the `clients` axis when the client count divides
-  evenly by the device count, so each device holds its share; otherwise it is
-  replicated like the server's model.
+  teachers) is split over the `clients` axis where the client count (of
+  its client group) divides evenly by the device count, so each device holds
+  its share; otherwise it is replicated like the server's model.
   """
   rep = replicated(mesh)
-  leaves = jax.tree.leaves(state.clients)
-  split = bool(leaves) and leaves[0].shape[0] % mesh.size == 0
   clients = jax.tree.map(
-      lambda _: cohort_sharding(mesh) if split else rep, state.clients)
+      lambda x: cohort_sharding(mesh) if x.shape[0] % mesh.size == 0 else rep,
+      state.clients)
   return jax.tree.map(lambda _: rep, state.replace(clients=())).replace(
       clients=clients)
 
 
 def cohort_layout(clients_per_round: int, mesh: Mesh,
-                  clients_per_chunk: int = 0) -> tuple[int, int]:
+                  clients_per_chunk: int = 0, *,
+                  quota: Sequence[int] = ()) -> tuple[int, int]:
   """Cohort slots and chunk size for a round on `mesh`.
 
   Both are rounded up to a multiple of the device count (padding slots have
-  weight 0), and the cohort to a whole number of chunks.
+  weight 0), and the cohort to a whole number of chunks. With client groups
+  (`quota`: each group's clients per round, `clients.group_quota`), every
+  group gets the slots of the largest quota, and both are multiples of the
+  number of groups times the device count.
 
   Returns:
     (cohort_size, chunk); chunk is 0 when the cohort runs as one chunk.
   """
-  d = mesh.size
+  k = len(quota) or 1
+  unit = k * mesh.size
   round_up = lambda n, m: -(-n // m) * m
-  if 0 < clients_per_chunk < clients_per_round:
-    chunk = round_up(clients_per_chunk, d)
-    if chunk < clients_per_round:
-      return round_up(clients_per_round, chunk), chunk
-  return round_up(clients_per_round, d), 0
+  size = round_up(k * max(quota, default=clients_per_round), unit)
+  if 0 < clients_per_chunk < size:
+    chunk = round_up(clients_per_chunk, unit)
+    if chunk < size:
+      return round_up(size, chunk), chunk
+  return size, 0

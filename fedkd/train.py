@@ -175,10 +175,11 @@ class _Run:
   apply: Any  # the compiled round
   cohort_for: Any  # round index -> sharded Cohort
   round_key: jax.Array
-  # Compiled (state, x_test, y_test) -> ([N] losses, [N] accuracies) of the
-  # global model (N = 1) and of the evaluated private models, or None.
-  eval_student: Any
-  eval_teachers: Any
+  # Per architecture, (name, compiled (state, x_test, y_test) -> ([N]
+  # losses, [N] accuracies)) of the global model (N = 1) and of the
+  # evaluated private models.
+  eval_students: tuple[tuple[str, Any], ...]
+  eval_teachers: tuple[tuple[str, Any], ...]
   test: tuple[jax.Array, jax.Array]
   compile_seconds: float
   round_advice: str
@@ -227,8 +228,11 @@ def _setup(config, dataset, parts, public_x, public_y,
   key = jax.random.PRNGKey(config.seed)
   replicated = sharding.replicated(mesh)
   cohort_sharding = sharding.cohort_sharding(mesh)
+  groups = len(algorithms.architectures(config))
   cohort_size, chunk = sharding.cohort_layout(
-      config.clients_per_round, mesh, config.clients_per_chunk)
+      config.clients_per_round, mesh, config.clients_per_chunk,
+      quota=clients.group_quota(config.num_clients, config.clients_per_round,
+                                groups) if groups > 1 else ())
   round_advice = _round_advice(config, cohort_size, chunk)
   with _out_of_memory_is('placing the data and models', round_advice):
     # Every device holds all client data: cohorts are random, so split rows
@@ -238,8 +242,8 @@ def _setup(config, dataset, parts, public_x, public_y,
         clients.stack_clients(dataset.x_train, dataset.y_train, parts).replace(
             public_x=public_x, public_y=public_y), replicated)
     # fd and fedmd have no global model to initialise.
-    params = built.student and built.student.init(
-        jax.random.fold_in(key, 0), jnp.zeros((1, *input_shape)))
+    params = built.init_params and built.init_params(
+        jax.random.fold_in(key, 0))
     state = jax.jit(algorithms.initializer(config, alg))(
         params, jax.random.fold_in(key, 1), client_data)
     state_shardings = sharding.state_sharding(state, mesh)
@@ -250,7 +254,7 @@ def _setup(config, dataset, parts, public_x, public_y,
     rng = np.random.default_rng([config.seed, round_index])
     return jax.device_put(
         clients.sample_cohort(rng, config.num_clients,
-                              config.clients_per_round, cohort_size),
+                              config.clients_per_round, cohort_size, groups),
         cohort_sharding)
 
   round_key = jax.random.fold_in(key, 2)
@@ -283,17 +287,14 @@ def _setup(config, dataset, parts, public_x, public_y,
       max_batch_size=config.eval_batch_size,
       budget=metrics_lib.eval_budget_bytes(jax.local_devices()[0]))
   with _out_of_memory_is('compiling the evaluation', _eval_advice(config)):
-    eval_student = built.student and evaluation(
-        built.student, lambda s: jax.tree.map(lambda p: p[None],
-                                              built.global_params(s)),
-        num_models=1)
-    num_teachers = min(config.eval_teachers, config.num_clients)
-    eval_teachers = None
-    if built.teacher is not None and num_teachers:
-      eval_teachers = evaluation(built.teacher, built.teachers,
-                                 num_models=num_teachers)
+    eval_students = tuple((m.name, evaluation(m.model, m.params, num_models=1))
+                          for m in built.global_models)
+    eval_teachers = tuple(
+        (m.name, evaluation(m.model, m.params,
+                            num_models=min(config.eval_teachers, m.count)))
+        for m in built.private_models if config.eval_teachers)
   return _Run(config, built, state, client_data, apply, cohort_for, round_key,
-              eval_student, eval_teachers, test, compile_seconds,
+              eval_students, eval_teachers, test, compile_seconds,
               round_advice, accountant)
 
 
@@ -308,17 +309,35 @@ def _accountant(config) -> privacy.Accountant | None:
 
 
 def _evaluate(run: _Run, state, kept: str) -> dict:
-  """Test-set figures of the global model and the evaluated private ones."""
+  """Test-set figures of the global models and the evaluated private ones.
+
+  With several architectures, each one's mean accuracy is reported too
+  (`accuracy_<model>`); `student_accuracy` and `student_loss` are then the
+  means over the global models, `teacher_accuracy` over every private model
+  evaluated.
+  """
   row = dict(student_accuracy=None, student_loss=None, teacher_accuracy=None)
+  several = len(run.eval_students) > 1 or len(run.eval_teachers) > 1
+
+  def figures(evaluations):
+    """([N] losses, [N] accuracies) of every model of `evaluations`."""
+    out = []
+    for name, evaluate in evaluations:
+      out.append(jax.device_get(evaluate(state, *run.test)))
+      if several:
+        row[f'accuracy_{name}'] = float(np.mean(out[-1][1]))
+    return [np.concatenate(x) for x in zip(*out)] if out else None
+
   with _out_of_memory_is('evaluating', f'{_eval_advice(run.config)}; {kept}'):
-    if run.eval_student:
-      loss, acc = jax.device_get(run.eval_student(state, *run.test))
-      row.update(student_accuracy=float(acc[0]), student_loss=float(loss[0]))
-    if run.eval_teachers is not None:
-      _, acc = run.eval_teachers(state, *run.test)
-      row['teacher_accuracy'] = float(jnp.mean(acc))
+    students, teachers = figures(run.eval_students), figures(
+        run.eval_teachers)
+  if students:
+    row.update(student_loss=float(np.mean(students[0])),
+               student_accuracy=float(np.mean(students[1])))
+  if teachers:
+    row['teacher_accuracy'] = float(np.mean(teachers[1]))
   # The headline: the global model, or the clients' own models without one.
-  row['accuracy'] = row['student_accuracy' if run.eval_student else
+  row['accuracy'] = row['student_accuracy' if students else
                         'teacher_accuracy']
   return row
 

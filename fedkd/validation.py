@@ -124,6 +124,7 @@ def validate_config(config) -> None:
   _one_of(config, 'distill_schedule', ('constant', 'cosine'))
   _one_of(config, 'fedkd_loss_scale', LOSS_SCALES)
   _one_of(config, 'fedkd_weighting', WEIGHTINGS)
+  _validate_client_models(config)
   if config.server_model:
     if config.algorithm != 'feddf':
       raise FedkdError(f'server_model is only used by feddf, not '
@@ -146,6 +147,33 @@ def validate_config(config) -> None:
                      f'{config.alpha}')
 
 
+def _validate_client_models(config) -> None:
+  """Checks `client_models`: known, distinct names, for an algorithm whose
+  messages do not depend on the architecture, each taking part every round.
+  """
+  if not config.client_models:
+    return
+  names = config.client_models.split(',')
+  for name in names:
+    models.check_name(name, 'client_models entry')
+  if len(set(names)) != len(names):
+    raise FedkdError(f'client_models lists a model twice: '
+                     f'{config.client_models}; list each architecture once')
+  if config.algorithm not in algorithms.HETEROGENEOUS:
+    raise FedkdError(
+        f'client_models: {config.algorithm} averages or shares parameters, '
+        'which needs one architecture; use one of '
+        f'{", ".join(algorithms.HETEROGENEOUS)} or leave client_models empty')
+  if config.server_model:
+    raise FedkdError('server_model takes one client architecture; with '
+                     'client_models each architecture has its own global '
+                     'model, so leave server_model empty')
+  if config.clients_per_round < len(names):
+    raise FedkdError(
+        f'clients_per_round={config.clients_per_round} is fewer than the '
+        f'{len(names)} client_models; sample at least one client of each')
+
+
 def validate_models(config, input_shape, num_classes: int,
                     num_public: int) -> None:
   """Checks that the run's models take examples of `input_shape`.
@@ -156,8 +184,7 @@ def validate_models(config, input_shape, num_classes: int,
   built = algorithms.build(config, input_shape, num_classes, num_public)
   key = jax.random.PRNGKey(0)
   try:
-    params = built.student and jax.eval_shape(
-        built.student.init, key, _batch_of_one(input_shape))
+    params = built.init_params and jax.eval_shape(built.init_params, key)
     data = _abstract_data(config.num_clients, input_shape, num_public)
     jax.eval_shape(algorithms.initializer(config, built.algorithm), params,
                    key, data)
@@ -165,9 +192,9 @@ def validate_models(config, input_shape, num_classes: int,
     raise
   except Exception as e:  # pylint: disable=broad-exception-caught
     # Whatever flax or lax raise for a shape a layer cannot take.
-    failing = [f'{f} {getattr(config, f)!r}' for f in _MODEL_FIELDS
-               if getattr(config, f) and _init_fails(
-                   getattr(config, f), input_shape, num_classes)]
+    failing = [f'{f} {name!r}' for f in _MODEL_FIELDS
+               for name in filter(None, getattr(config, f).split(','))
+               if _init_fails(name, input_shape, num_classes)]
     raise FedkdError(
         f'{(failing or ["a model"])[0]} cannot take examples of shape '
         f'{input_shape} '
@@ -192,7 +219,7 @@ def _abstract_data(num_clients: int, input_shape,
 
 
 # Config fields naming models, in the order a failure is reported.
-_MODEL_FIELDS = ('student', 'teacher', 'server_model')
+_MODEL_FIELDS = ('student', 'client_models', 'teacher', 'server_model')
 
 
 def _init_fails(name: str, input_shape, num_classes: int) -> bool:

@@ -235,8 +235,7 @@ class RegisteredModelsTest(parameterized.TestCase):
     built = algorithms.build(config, toys.INPUT_SHAPE, toys.NUM_CLASSES,
                              toys.NUM_PUBLIC)
     alg = built.algorithm
-    params = built.student and built.student.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, *toys.INPUT_SHAPE)))
+    params = built.init_params and built.init_params(jax.random.PRNGKey(0))
     state = alg.init(params, jax.random.PRNGKey(1))
     data = toys.toy_data(SIZES)
     cohorts = [toys.cohort([0, 2, 3, 5]), toys.cohort([1, 2, 4, 5])]

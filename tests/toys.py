@@ -58,8 +58,13 @@ def teacher():
                         nn.Dense(16), nn.relu, nn.Dense(NUM_CLASSES)])
 
 
-def algorithms(num_clients, epochs=2, batch_size=3):
-  """Every algorithm on the toy models, keyed by name."""
+def algorithms(num_clients, epochs=2, batch_size=3, client_models=None):
+  """Every algorithm on the toy models, keyed by name.
+
+  `client_models`: the clients' model(s) of fd, fedmd and feddf (default:
+  `student()`), e.g. a tuple for client groups.
+  """
+  model = client_models or student()
   common = dict(client_tx=optax.sgd(0.1), epochs=epochs,
                 batch_size=batch_size)
   averaging = dict(common, server_tx=optax.sgd(1.0))
@@ -79,13 +84,13 @@ def algorithms(num_clients, epochs=2, batch_size=3):
           energy_start=0.8, energy_end=0.9, num_rounds=3,
           **private, **averaging),
       'feddf': algorithms_lib.feddf(
-          model=student(), distill_tx=optax.sgd(0.5), distill_epochs=2,
+          model=model, distill_tx=optax.sgd(0.5), distill_epochs=2,
           temperature=1.0, **public, **averaging),
-      'fd': algorithms_lib.fd(model=student(), num_classes=NUM_CLASSES,
+      'fd': algorithms_lib.fd(model=model, num_classes=NUM_CLASSES,
                               temperature=2.0, distill_weight=0.5,
                               **private, **common),
       'fedmd': algorithms_lib.fedmd(
-          model=student(), num_public=NUM_PUBLIC, num_classes=NUM_CLASSES,
+          model=model, num_public=NUM_PUBLIC, num_classes=NUM_CLASSES,
           digest_epochs=1, **public, **private, **common),
   }
 

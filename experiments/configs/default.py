@@ -36,6 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.algorithm = 'local_kd'
   c.teacher = 'seed_teacher'
   c.student = 'seed_student'
+  # feddf, fedmd, fd: clients of different architectures, 'NAME,NAME,...':
+  # client i trains NAME[i % k] ('' = all `student`).
+  c.client_models = ''
   c.num_rounds = 30
   c.local_epochs = 5
   c.batch_size = 10

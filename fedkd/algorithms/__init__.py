@@ -4,8 +4,12 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import optax
 
+from fedkd import algorithm
+from fedkd import clients
 from fedkd import models
 from fedkd import optimizers
 from fedkd.algorithm import FederatedAlgorithm
@@ -41,28 +45,75 @@ NO_DP = {
 DP_ALGORITHMS = tuple(name for name in ALGORITHMS if name not in NO_DP)
 
 
+# Algorithms whose clients may train different architectures
+# (`client_models`): their messages do not depend on it.
+HETEROGENEOUS = ('fd', 'feddf', 'fedmd')
+
+
+class Evaluated(NamedTuple):
+  """Models of one architecture that evaluation tests.
+
+  Attributes:
+    name: the model's name (`accuracy_<name>` with several architectures).
+    model: the module.
+    params: reads their stacked parameters ([count, ...]) from a state.
+    count: how many there are: 1 global model, or the clients of a group.
+  """
+  name: str
+  model: nn.Module
+  params: Callable[[ServerState], Params]
+  count: int
+
+
 class Built(NamedTuple):
   """A configured algorithm and what evaluation needs to know of it.
 
   Attributes:
     algorithm: the `FederatedAlgorithm`.
-    student: the global model, evaluated every `eval_every` rounds (for
-      feddf with `server_model`, that model); None for algorithms without
-      one (fd, fedmd).
-    teacher: the clients' private model (teacher, mentor, or for fd and fedmd
-      the clients' only model), or None.
-    teachers: reads the stacked private model parameters from a state.
-    global_params: reads the global model's parameters from a state.
+    init_params: rng -> the global model's parameters for `init` (a tuple,
+      one per architecture, with several); None without a global model (fd,
+      fedmd).
+    global_models: the global model(s), evaluated every `eval_every` rounds
+      (for feddf with `server_model`, that model).
+    private_models: the clients' private models (teachers, mentors, or for
+      fd and fedmd the clients' only models), one entry per architecture.
   """
   algorithm: FederatedAlgorithm
-  student: nn.Module | None
-  teacher: nn.Module | None = None
-  teachers: Callable[[ServerState], Params] | None = None
-  global_params: Callable[[ServerState], Params] = lambda state: state.params
+  init_params: Callable[[PRNGKey], Params] | None
+  global_models: tuple[Evaluated, ...] = ()
+  private_models: tuple[Evaluated, ...] = ()
 
 
-def _private_models(state: ServerState) -> Params:
-  return state.clients[0]
+def architectures(config) -> tuple[str, ...]:
+  """The clients' architectures: `client_models`, or `student` alone."""
+  return tuple(config.client_models.split(',')) if config.client_models \
+      else (config.student,)
+
+
+def _global(names, modules, input_shape,
+            read=lambda state: state.params) -> dict:
+  """`Built` fields of global models, one per architecture."""
+  def init_params(rng):
+    x = jnp.zeros((1, *input_shape))
+    if len(modules) == 1:
+      return modules[0].init(rng, x)
+    return tuple(m.init(jax.random.fold_in(rng, g), x)
+                 for g, m in enumerate(modules))
+  one = lambda g: lambda state: jax.tree.map(
+      lambda p: p[None], read(state)[g] if len(modules) > 1 else read(state))
+  return dict(init_params=init_params, global_models=tuple(
+      Evaluated(n, m, one(g), 1) for g, (n, m) in enumerate(zip(names,
+                                                              modules))))
+
+
+def _private(names, modules, num_clients: int) -> tuple[Evaluated, ...]:
+  """Evaluated private models, the clients' state `(params, ...)` per group
+  (`algorithm.make_round`)."""
+  sizes = clients.group_sizes(num_clients, len(modules))
+  read = lambda g: lambda state: (
+      state.clients[g] if len(modules) > 1 else state.clients)[0]
+  return tuple(Evaluated(n, m, read(g), sizes[g])
+               for g, (n, m) in enumerate(zip(names, modules)))
 
 
 def feddf_num_val(config, num_public: int) -> int:
@@ -118,21 +169,25 @@ def build(config, input_shape, num_classes: int, num_public: int) -> Built:
     num_public: number of public examples held out (`ClientData.public_x`).
   """
   name = config.algorithm
-  student = models.get_model(config.student, num_classes)
+  names = architectures(config)
+  modules = tuple(models.get_model(n, num_classes) for n in names)
+  student = algorithm.per_group(modules)
   optimizer = optimizers.get_optimizer
   train = dict(client_tx=optimizer(config.client_optimizer, config.client_lr),
                epochs=config.local_epochs, batch_size=config.batch_size)
   averaging = dict(train, server_tx=optimizer(config.server_optimizer,
                                               config.server_lr))
   private = dict(input_shape=input_shape, num_clients=config.num_clients)
+  global_model = _global(names, modules, input_shape)
   if name == 'fedavg':
-    return Built(fedavg(model=student, **averaging), student)
+    return Built(fedavg(model=student, **averaging), **global_model)
   if name == 'fedprox':
     return Built(fedprox(model=student, mu=config.prox_mu, **averaging),
-                 student)
+                 **global_model)
   if name == 'fedntd':
     return Built(fedntd(model=student, beta=config.ntd_beta,
-                        temperature=config.ntd_tau, **averaging), student)
+                        temperature=config.ntd_tau, **averaging),
+                 **global_model)
   if name == 'feddf':
     server_model = config.server_model and models.get_model(
         config.server_model, num_classes)
@@ -148,15 +203,18 @@ def build(config, input_shape, num_classes: int, num_public: int) -> Built:
         server_model=server_model or None, input_shape=input_shape,
         **averaging)
     if server_model:
-      return Built(alg, server_model,
-                   global_params=lambda state: state.params['server'])
-    return Built(alg, student)
-  # fd and fedmd have no global model: `student` names the clients' model.
+      return Built(alg, **_global(
+          (config.server_model,), (server_model,), input_shape,
+          read=lambda state: state.params['server']))
+    return Built(alg, **global_model)
+  # fd and fedmd have no global model: `student` or `client_models` names
+  # the clients' models.
+  own_models = _private(names, modules, config.num_clients)
   if name == 'fd':
     return Built(fd(model=student, num_classes=num_classes,
                     temperature=config.temperature,
                     distill_weight=config.distill_weight, **private, **train),
-                 None, student, _private_models)
+                 None, private_models=own_models)
   if name == 'fedmd':
     return Built(fedmd(model=student, num_public=num_public,
                        num_classes=num_classes,
@@ -164,7 +222,7 @@ def build(config, input_shape, num_classes: int, num_public: int) -> Built:
                        public_batch_size=config.public_batch_size,
                        transfer_epochs=config.fedmd_transfer_epochs,
                        private_epochs=config.fedmd_private_epochs,
-                       **private, **train), None, student, _private_models)
+                       **private, **train), None, private_models=own_models)
   teacher = models.get_model(config.teacher, num_classes)
   teacher_tx = optimizer(config.client_optimizer, config.teacher_lr)
   if name == 'fedkd':
@@ -179,4 +237,5 @@ def build(config, input_shape, num_classes: int, num_public: int) -> Built:
                    temperature=config.temperature,
                    distill_weight=config.distill_weight, **private,
                    **averaging)
-  return Built(alg, student, teacher, _private_models)
+  return Built(alg, **global_model, private_models=_private(
+      (config.teacher,), (teacher,), config.num_clients))

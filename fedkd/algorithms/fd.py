@@ -33,6 +33,8 @@ sums plus K counts and K rounds, where the paper's payload is K x K logits
 (its Table 1).
 """
 
+from collections.abc import Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,14 +47,16 @@ from fedkd import losses
 from fedkd.typing import Params, PRNGKey
 
 
-def fd(*, model: nn.Module, input_shape, num_clients: int, num_classes: int,
+def fd(*, model: nn.Module | Sequence[nn.Module], input_shape,
+       num_clients: int, num_classes: int,
        client_tx: optax.GradientTransformation, epochs: int, batch_size: int,
        temperature: float, distill_weight: float
        ) -> algorithm.FederatedAlgorithm:
   """Builds FD with one private `model` per client.
 
   Args:
-    model: every client's model.
+    model: every client's model, or one per client group (client i trains
+      `model[i % k]`; the logit table is the same for all).
     input_shape: shape of one example, to initialise the models.
     num_clients: how many private models to keep.
     num_classes: K, the size of the logit table.
@@ -62,63 +66,79 @@ def fd(*, model: nn.Module, input_shape, num_clients: int, num_classes: int,
     temperature: distillation temperature T.
     distill_weight: w, the weight of the distillation term.
   """
+  models = algorithm.architectures(model)
 
   def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
     del params  # There is no global model: the global state is the table.
     table = ((jnp.zeros((num_classes, num_classes)),
               jnp.zeros(num_classes, jnp.int32)), jnp.zeros(num_classes))
-    # Entries start at round 0 with count 0, own uploads at round -1: none
-    # of them is in an entry yet.
-    own = (jnp.zeros((num_clients, num_classes, num_classes)),
-           jnp.full((num_clients, num_classes), -1, jnp.int32))
-    return algorithm.server_init(optax.identity(), table, (
-        *clients.init_models(model, client_tx, input_shape, num_clients, rng),
-        own))
 
-  def loss_fn(params, batch, targets, has_target):
-    logits = model.apply(params, batch.x)
-    kd = losses.distillation(logits, targets[batch.y], temperature)
-    per_example = ((1.0 - distill_weight) * losses.cross_entropy(
-        logits, batch.y) + distill_weight * has_target[batch.y] * kd)
-    return (losses.masked_mean(per_example, batch.example_mask),
-            (per_example, logits))
+    def group_state(g, m):
+      private = clients.init_models(m, client_tx, input_shape, num_clients,
+                                    rng, group=g, groups=len(models))
+      n = clients.group_sizes(num_clients, len(models))[g]
+      # Entries start at round 0 with count 0, own uploads at round -1:
+      # none of them is in an entry yet.
+      own = (jnp.zeros((n, num_classes, num_classes)),
+             jnp.full((n, num_classes), -1, jnp.int32))
+      return (*private, own)
 
-  def client_update(server, client_state, data, client_id, num_examples,
-                    rng):
-    (sums, rounds), counts = server.params
-    params, opt_state, (own, own_rounds) = client_state
-    # 1 where the entry holds this client's upload (module docstring).
-    mine = (own_rounds == rounds).astype(sums.dtype)
-    others = counts - mine
-    targets = (sums - mine[:, None] * own) / jnp.maximum(others, 1.0)[:, None]
+    return algorithm.server_init(optax.identity(), table, algorithm.per_group(
+        [group_state(g, m) for g, m in enumerate(models)]))
 
-    def step(carry, batch):
-      params, opt_state, _, (per_example, logits) = clients.sgd_train(
-          loss_fn, client_tx, *carry, batch, targets, others > 0)
-      onehot = (jax.nn.one_hot(batch.y, num_classes) *
-                batch.example_mask[:, None])
-      return (params, opt_state), {
-          'student_loss_sum': jnp.sum(per_example * batch.example_mask),
-          'label_logits': onehot.T @ logits, 'label_counts': onehot.sum(0)}
+  def client_update_of(model):
+    """One client's round with `model`."""
 
-    (params, opt_state), metrics = clients.local_training(
-        step, (params, opt_state), data, client_id, num_examples, rng,
-        epochs=epochs, batch_size=batch_size)
-    label_counts = metrics.pop('label_counts')
-    seen = label_counts > 0
-    means = metrics.pop('label_logits') / jnp.maximum(label_counts,
-                                                      1.0)[:, None]
-    kept = (jnp.where(seen[:, None], means, own),
-            jnp.where(seen, server.round, own_rounds))
-    # Summed, not averaged: the server needs each label's client count.
-    return clients.ClientOutput(
-        upload=aggregation.Summed((means, seen.astype(jnp.float32))),
-        weight=jnp.ones(()), state=(params, opt_state, kept), metrics=metrics)
+    def loss_fn(params, batch, targets, has_target):
+      logits = model.apply(params, batch.x)
+      kd = losses.distillation(logits, targets[batch.y], temperature)
+      per_example = ((1.0 - distill_weight) * losses.cross_entropy(
+          logits, batch.y) + distill_weight * has_target[batch.y] * kd)
+      return (losses.masked_mean(per_example, batch.example_mask),
+              (per_example, logits))
+
+    def client_update(server, client_state, data, client_id, num_examples,
+                      rng):
+      (sums, rounds), counts = server.params
+      params, opt_state, (own, own_rounds) = client_state
+      # 1 where the entry holds this client's upload (module docstring).
+      mine = (own_rounds == rounds).astype(sums.dtype)
+      others = counts - mine
+      targets = (sums - mine[:, None] * own) / jnp.maximum(others,
+                                                           1.0)[:, None]
+
+      def step(carry, batch):
+        params, opt_state, _, (per_example, logits) = clients.sgd_train(
+            loss_fn, client_tx, *carry, batch, targets, others > 0)
+        onehot = (jax.nn.one_hot(batch.y, num_classes) *
+                  batch.example_mask[:, None])
+        return (params, opt_state), {
+            'student_loss_sum': jnp.sum(per_example * batch.example_mask),
+            'label_logits': onehot.T @ logits, 'label_counts': onehot.sum(0)}
+
+      (params, opt_state), metrics = clients.local_training(
+          step, (params, opt_state), data, client_id, num_examples, rng,
+          epochs=epochs, batch_size=batch_size)
+      label_counts = metrics.pop('label_counts')
+      seen = label_counts > 0
+      means = metrics.pop('label_logits') / jnp.maximum(label_counts,
+                                                        1.0)[:, None]
+      kept = (jnp.where(seen[:, None], means, own),
+              jnp.where(seen, server.round, own_rounds))
+      # Summed, not averaged: the server needs each label's client count.
+      return clients.ClientOutput(
+          upload=aggregation.Summed((means, seen.astype(jnp.float32))),
+          weight=jnp.ones(()), state=(params, opt_state, kept),
+          metrics=metrics)
+
+    return client_update
 
   def server_update(state, upload, data, rng):
-    logit_sums, counts = upload.value
+    # Every group's upload is the same sum over all of them.
+    logit_sums, counts = (upload[0] if len(models) > 1 else upload).value
     rounds = jnp.full(counts.shape, state.round)
     return algorithm.adopt_reported(state, ((logit_sums, rounds), counts),
                                     data, rng)
 
-  return algorithm.build(init, client_update, server_update)
+  return algorithm.build(init, algorithm.per_group(
+      [client_update_of(m) for m in models]), server_update)

@@ -80,33 +80,49 @@ def feddf(*, model: nn.Module, client_tx: optax.GradientTransformation,
     patience: distillation steps after the best before stopping.
   """
 
-  def client_params(params):
-    return params['client'] if server_model else params
+  models = algorithm.architectures(model)
+  k = len(models)
+  if server_model and k > 1:
+    raise ValueError('feddf takes a server_model with one client '
+                     'architecture; with several, each has its global model')
+
+  def client_params(params, g=0):
+    if server_model:
+      return params['client']
+    return params[g] if k > 1 else params
 
   def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
+    """`params`: the global model's (a tuple, one per architecture, with
+    several); with `server_model`, that model's."""
     if not server_model:
       return algorithm.server_init(server_tx, params)
     shared = model.init(rng, jnp.zeros((1, *input_shape)))
     return algorithm.server_init(server_tx, shared).replace(
         params=dict(client=shared, server=params))
 
-  ce = lambda params, batch: losses.cross_entropy(
-      model.apply(params, batch.x), batch.y)
+  def client_update_of(g, model):
+    """One client's round in group `g`, whose model is `model`."""
+    ce = lambda params, batch: losses.cross_entropy(
+        model.apply(params, batch.x), batch.y)
 
-  def client_update(server, client_state, data, client_id, num_examples,
-                    rng):
-    start = client_params(server.params)
-    params, sums = clients.train_from(
-        ce, start, data, client_id, num_examples, rng, tx=client_tx,
-        epochs=epochs, batch_size=batch_size)
-    out = clients.delta_output(start, params, num_examples,
-                               client_state, sums)
-    logits = clients.predict_in_batches(
-        model, params, data.public_x[num_val:], batch_size=public_batch_size)
-    return out._replace(
-        upload=dict(delta=out.upload, logits=logits),
-        metrics=dict(out.metrics, upload_bytes=communication.fixed(
-            1, algorithm.tree_bytes(out.upload))))
+    def client_update(server, client_state, data, client_id, num_examples,
+                      rng):
+      start = client_params(server.params, g)
+      params, sums = clients.train_from(
+          ce, start, data, client_id, num_examples, rng, tx=client_tx,
+          epochs=epochs, batch_size=batch_size)
+      out = clients.delta_output(start, params, num_examples,
+                                 client_state, sums)
+      logits = clients.predict_in_batches(
+          model, params, data.public_x[num_val:],
+          batch_size=public_batch_size)
+      # The ensemble spans every architecture; deltas average per group.
+      return out._replace(
+          upload=dict(delta=out.upload, logits=aggregation.Pooled(logits)),
+          metrics=dict(out.metrics, upload_bytes=communication.fixed(
+              1, algorithm.tree_bytes(out.upload))))
+
+    return client_update
 
   def distill(student, params, ensemble, data, rng):
     """The kept model and the mean distillation loss of the steps run."""
@@ -131,11 +147,21 @@ def feddf(*, model: nn.Module, client_tx: optax.GradientTransformation,
     return carry[1].best, sums['loss'] / jnp.maximum(sums['examples'], 1)
 
   def server_update(state, mean_upload, data, rng):
+    means = mean_upload if k > 1 else (mean_upload,)
     params, opt_state = aggregation.server_step(
-        client_params(state.params), state.opt_state, mean_upload['delta'],
+        client_params(state.params) if k == 1 else state.params,
+        state.opt_state, algorithm.per_group([m['delta'] for m in means]),
         server_tx)
-    ensemble = mean_upload['logits']
+    ensemble = means[0]['logits'].value
     client_rng, server_rng = jax.random.split(rng)
+    if k > 1:
+      kept = [distill(m, p, ensemble, data, r) for m, p, r in zip(
+          models, params, jax.random.split(client_rng, k))]
+      return state.replace(params=tuple(p for p, _ in kept),
+                           opt_state=opt_state), {
+          'server_distill_loss': sum(loss for _, loss in kept) / k,
+          'download_bytes': tuple(communication.fixed(
+              1, algorithm.tree_bytes(p)) for p, _ in kept)}
     params, loss = distill(model, params, ensemble, data, client_rng)
     metrics = {'server_distill_loss': loss}
     if server_model:
@@ -147,4 +173,5 @@ def feddf(*, model: nn.Module, client_tx: optax.GradientTransformation,
       params = dict(client=params, server=big)
     return state.replace(params=params, opt_state=opt_state), metrics
 
-  return algorithm.build(init, client_update, server_update)
+  return algorithm.build(init, algorithm.per_group(
+      [client_update_of(g, m) for g, m in enumerate(models)]), server_update)

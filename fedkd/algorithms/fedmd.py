@@ -30,11 +30,15 @@ random subset of the public data (all of it is used). Evaluation uses the
 clients' own models.
 """
 
+from collections.abc import Sequence
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from fedkd import aggregation
 from fedkd import algorithm
 from fedkd import clients
 from fedkd import communication
@@ -42,8 +46,8 @@ from fedkd import losses
 from fedkd.typing import Params, PRNGKey
 
 
-def fedmd(*, model: nn.Module, input_shape, num_clients: int,
-          num_public: int, num_classes: int,
+def fedmd(*, model: nn.Module | Sequence[nn.Module], input_shape,
+          num_clients: int, num_public: int, num_classes: int,
           client_tx: optax.GradientTransformation, epochs: int,
           batch_size: int, digest_epochs: int, public_batch_size: int,
           transfer_epochs: int = 0,
@@ -51,7 +55,8 @@ def fedmd(*, model: nn.Module, input_shape, num_clients: int,
   """Builds FedMD with one private `model` per client.
 
   Args:
-    model: every client's model.
+    model: every client's model, or one per client group (client i trains
+      `model[i % k]`; the consensus is over all of them).
     input_shape: shape of one example, to initialise the models.
     num_clients: how many private models to keep.
     num_public: P, the number of public examples.
@@ -66,20 +71,23 @@ def fedmd(*, model: nn.Module, input_shape, num_clients: int,
     private_epochs: transfer-learning passes over each client's private data,
       after the public ones.
   """
-  ce = lambda params, batch: losses.cross_entropy(
-      model.apply(params, batch.x), batch.y)
-  train_ce = clients.loss_step(ce, client_tx, 'student_loss_sum')
+  models = algorithm.architectures(model)
+  k = len(models)
+  train_ce = lambda model: clients.loss_step(
+      lambda params, batch: losses.cross_entropy(model.apply(params, batch.x),
+                                                 batch.y),
+      client_tx, 'student_loss_sum')
 
-  def transfer(data, rng, client_id, client_state):
+  def transfer(model, data, rng, client_id, client_state):
     """One client's transfer learning: public labels, then private data."""
     public_rng, private_rng = jax.random.split(
         jax.random.fold_in(rng, client_id))
     state, _ = clients.public_training(
-        train_ce, client_state, data.public_x, public_rng,
+        train_ce(model), client_state, data.public_x, public_rng,
         epochs=transfer_epochs, batch_size=public_batch_size,
         public_y=data.public_y)
     state, _ = clients.local_training(
-        train_ce, state, data, client_id, data.num_examples[client_id],
+        train_ce(model), state, data, client_id, data.num_examples[client_id],
         private_rng, epochs=private_epochs, batch_size=batch_size)
     return state
 
@@ -89,48 +97,63 @@ def fedmd(*, model: nn.Module, input_shape, num_clients: int,
     phase, which needs `data` (with `public_y`)."""
     del params  # There is no global model: the global state is the consensus.
     model_rng, transfer_rng = jax.random.split(rng)
-    models = clients.init_models(model, client_tx, input_shape, num_clients,
-                                 model_rng)
-    if transfer_epochs or private_epochs:
-      if data is None or data.public_y.shape != (num_public,):
-        raise ValueError(
-            'fedmd transfer learning needs the data with the public labels: '
-            f'init(params, rng, data) with public_y of shape ({num_public},)')
-      models = clients.map_clients(transfer, num_shared=2)(
-          data, transfer_rng, jnp.arange(num_clients), models)
+    if (transfer_epochs or private_epochs) and (
+        data is None or data.public_y.shape != (num_public,)):
+      raise ValueError(
+          'fedmd transfer learning needs the data with the public labels: '
+          f'init(params, rng, data) with public_y of shape ({num_public},)')
+
+    def group_state(g, model):
+      state = clients.init_models(model, client_tx, input_shape, num_clients,
+                                  model_rng, group=g, groups=k)
+      if transfer_epochs or private_epochs:
+        state = clients.map_clients(
+            functools.partial(transfer, model), num_shared=2)(
+                data, transfer_rng, jnp.arange(g, num_clients, k), state)
+      return state
+
     return algorithm.server_init(
         optax.identity(), (jnp.zeros((num_public, num_classes)), jnp.zeros(())),
-        models)
+        algorithm.per_group([group_state(g, m) for g, m in enumerate(models)]))
 
-  def client_update(server, client_state, data, client_id, num_examples,
-                    rng):
-    digest_rng, local_rng = jax.random.split(rng)
-    consensus, has_consensus = server.params
-    has_consensus = has_consensus > 0
-    digest_loss = lambda params, batch: jnp.mean(jnp.abs(
-        model.apply(params, batch.x) - consensus[batch.index]), axis=-1)
-    digested, digest_sums = clients.public_training(
-        clients.loss_step(digest_loss, client_tx, 'digest_loss_sum'),
-        client_state, data.public_x, digest_rng, epochs=digest_epochs,
-        batch_size=public_batch_size, work_fraction=data.work_fraction)
-    state = clients.tree_where(has_consensus, digested, client_state)
-    digest_sums = {k: v * has_consensus for k, v in digest_sums.items()}
-    state, sums = clients.local_training(
-        train_ce, state, data, client_id, num_examples, local_rng,
-        epochs=epochs, batch_size=batch_size)
-    logits = clients.predict_in_batches(model, state[0], data.public_x,
-                                        batch_size=public_batch_size)
-    # The flag says that this client reported; only the logits are sent.
-    return clients.ClientOutput(
-        upload=(logits, jnp.ones(())), weight=jnp.ones(()), state=state,
-        metrics=dict(sums, **digest_sums,
-                     upload_bytes=communication.fixed(
-                         1, algorithm.tree_bytes(logits))))
+  def client_update_of(model):
+    """One client's round with `model`."""
+
+    def client_update(server, client_state, data, client_id, num_examples,
+                      rng):
+      digest_rng, local_rng = jax.random.split(rng)
+      consensus, has_consensus = server.params
+      has_consensus = has_consensus > 0
+      digest_loss = lambda params, batch: jnp.mean(jnp.abs(
+          model.apply(params, batch.x) - consensus[batch.index]), axis=-1)
+      digested, digest_sums = clients.public_training(
+          clients.loss_step(digest_loss, client_tx, 'digest_loss_sum'),
+          client_state, data.public_x, digest_rng, epochs=digest_epochs,
+          batch_size=public_batch_size, work_fraction=data.work_fraction)
+      state = clients.tree_where(has_consensus, digested, client_state)
+      digest_sums = {k: v * has_consensus for k, v in digest_sums.items()}
+      state, sums = clients.local_training(
+          train_ce(model), state, data, client_id, num_examples, local_rng,
+          epochs=epochs, batch_size=batch_size)
+      logits = clients.predict_in_batches(model, state[0], data.public_x,
+                                          batch_size=public_batch_size)
+      # The flag says that this client reported; only the logits are sent.
+      return clients.ClientOutput(
+          upload=aggregation.Pooled((logits, jnp.ones(()))),
+          weight=jnp.ones(()), state=state,
+          metrics=dict(sums, **digest_sums,
+                       upload_bytes=communication.fixed(
+                           1, algorithm.tree_bytes(logits))))
+
+    return client_update
 
   def server_update(state, mean_upload, data, rng):
-    state, metrics = algorithm.adopt_reported(state, mean_upload, data, rng)
+    # Every group's mean is the same average over all of them.
+    mean = (mean_upload[0] if k > 1 else mean_upload).value
+    state, metrics = algorithm.adopt_reported(state, mean, data, rng)
     # The flag is the server's bookkeeping: clients receive the logits.
     return state, dict(metrics, download_bytes=communication.fixed(
         1, algorithm.tree_bytes(state.params[0])))
 
-  return algorithm.build(init, client_update, server_update)
+  return algorithm.build(init, algorithm.per_group(
+      [client_update_of(m) for m in models]), server_update)
