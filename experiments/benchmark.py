@@ -1,6 +1,7 @@
 """Seconds per federated round: fedkd's vmapped round against per-client loops.
 
-    python -m experiments.benchmark [--workload=mlp,cnn_fedavg,cnn_kd,resnet8]
+    python -m experiments.benchmark [--workload=mlp,cnn_fedavg,cnn_kd,resnet8,
+        feddf_hetero]
         [--clients=...] [--rounds=...] [--torch_threads=1,2]
         [--clients_per_chunk=N]
 
@@ -12,13 +13,18 @@ T=2, w=0.5 and the teacher's SGD at 0.05):
   cnn_fedavg  FedAvg of McMahan et al.'s CNN, 50 clients x 80 of 28x28x1;
   cnn_kd      local KD, teacher `mnist_cnn` -> student `mnist_2nn`, same data;
   resnet8     FedAvg of ResNet-8 with GroupNorm (FedDF's), 10 clients x 50
-              of 32x32x3.
+              of 32x32x3;
+  feddf_hetero  FedDF with three architectures (client i trains
+              seed_student, seed_teacher or mnist_2nn by i % 3), 300 clients
+              x 50 of 8x8x1, 500 public examples (server: Adam 1e-3, one
+              pass of batch 50); no PyTorch arm.
 
 Each is run three ways in one process:
 
   (a) fedkd: one jitted call, all clients vmapped;
   (b) loop:  a Python loop over clients, each calling the same one-client
-             update jitted for a single client (FedJAX's execution model).
+             update jitted for a single client (FedJAX's execution model;
+             with several architectures, each one's update jitted once).
              Per-client state, keys and ids are prepared outside the timing;
   (c) torch: a plain PyTorch loop over clients on the CPU
              (`experiments/torch_baseline`), when torch is installed (the
@@ -45,7 +51,8 @@ is 2 FLOPs; a Dense costs 2 x in x out per example, a Conv 2 x in x out
 channels x the kernel taps inside the input (not on 'SAME' padding, as XLA
 counts); training costs the forward pass, the same again for the weight
 gradients and again for the input gradients but the first layer's (never
-computed). Activations, norms, pooling, losses and optimizer updates are left
+computed); FedDF's proxy logits and server distillation are not counted.
+Activations, norms, pooling, losses and optimizer updates are left
 out: `tests/benchmark_test.py` checks that XLA's cost analysis of one
 unvmapped training step, lowered with XLA's own dot and convolution ops,
 counts at most 10% more. fedkd's CPU kernels do more arithmetic (im2col
@@ -70,12 +77,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedkd import aggregation
 from fedkd import algorithm
 from fedkd import clients
 from fedkd import layers
 from fedkd import models
 from fedkd import sharding
 from fedkd.algorithms import fedavg
+from fedkd.algorithms import feddf
 from fedkd.algorithms import local_kd
 
 
@@ -84,7 +93,8 @@ class Workload(NamedTuple):
 
   Attributes:
     description: a line for the table's title.
-    student: the shared model (`fedkd.models` name).
+    student: the shared model (`fedkd.models` name); several, comma
+      separated, for FedDF with client groups (client i trains name i % k).
     teacher: each client's private teacher for local KD; None for FedAvg.
     input_shape: one example, channels last.
     clients: default cohort sizes.
@@ -110,7 +120,11 @@ WORKLOADS = {
                        'mnist_cnn', (28, 28, 1), (50,), 80, 1),
     'resnet8': Workload('FedAvg, ResNet-8 (GroupNorm)', 'resnet8_gn', None,
                         (32, 32, 3), (10,), 50, 1),
+    'feddf_hetero': Workload(
+        'FedDF, 3 architectures in one round', 'seed_student,seed_teacher,'
+        'mnist_2nn', None, (8, 8, 1), (300,), 50, 3),
 }
+NUM_PUBLIC = 500
 
 _WORKLOAD = flags.DEFINE_list('workload', list(WORKLOADS),
                               f'Workloads to time, of {", ".join(WORKLOADS)}.')
@@ -162,21 +176,30 @@ def build(workload: Workload, num_clients: int):
   data = jax.tree.map(jnp.asarray, clients.stack_clients(
       x.reshape(-1, *workload.input_shape), y.reshape(-1),
       np.arange(x.shape[0] * x.shape[1]).reshape(x.shape[:2])))
-  student = models.get_model(workload.student, NUM_CLASSES)
+  modules = [models.get_model(n, NUM_CLASSES)
+             for n in workload.student.split(',')]
   common = dict(client_tx=optax.sgd(HPARAMS['client_lr']),
                 server_tx=optax.sgd(1.0), epochs=EPOCHS, batch_size=BATCH)
-  if workload.teacher:
+  if len(modules) > 1:
+    alg = feddf(model=tuple(modules), distill_tx=optax.adam(1e-3),
+                distill_epochs=1, public_batch_size=50, temperature=1.0,
+                **common)
+    data = data.replace(public_x=jnp.asarray(np.random.default_rng(1).random(
+        (NUM_PUBLIC, *workload.input_shape), np.float32)))
+  elif workload.teacher:
     alg = local_kd(
         teacher=models.get_model(workload.teacher, NUM_CLASSES),
-        student=student, input_shape=workload.input_shape,
+        student=modules[0], input_shape=workload.input_shape,
         num_clients=num_clients, teacher_tx=optax.sgd(HPARAMS['teacher_lr']),
         temperature=HPARAMS['temperature'],
         distill_weight=HPARAMS['distill_weight'], **common)
   else:
-    alg = fedavg(model=student, **common)
+    alg = fedavg(model=modules[0], **common)
   # Jitted: op-by-op initialisation of a ResNet takes minutes on 2 cores.
-  params = jax.jit(student.init)(jax.random.PRNGKey(0),
-                                 jnp.zeros((1, *workload.input_shape)))
+  params = algorithm.per_group([
+      jax.jit(m.init)(jax.random.PRNGKey(0),
+                      jnp.zeros((1, *workload.input_shape)))
+      for m in modules])
   return alg, jax.jit(alg.init)(params, jax.random.PRNGKey(1)), data
 
 
@@ -234,12 +257,20 @@ def training_flops(model: nn.Module, input_shape) -> int:
 
 def round_flops(workload: Workload, num_clients: int) -> float:
   """Matmul and conv FLOPs of one round of `workload`."""
-  trained = [workload.student] + ([workload.teacher] if workload.teacher
-                                  else [])
-  per_example = sum(
-      training_flops(models.get_model(name, NUM_CLASSES), workload.input_shape)
-      for name in trained)
-  return float(per_example * workload.examples * EPOCHS * num_clients)
+  flops = lambda name: training_flops(models.get_model(name, NUM_CLASSES),
+                                      workload.input_shape)
+  names = workload.student.split(',')
+  # Client i trains names[i % k], and its teacher if any.
+  per_client = sum(flops(names[i % len(names)]) for i in range(num_clients))
+  if workload.teacher:
+    per_client += num_clients * flops(workload.teacher)
+  return float(per_client * workload.examples * EPOCHS)
+
+
+def _groups(alg) -> tuple:
+  """The algorithm's client updates, one per client group."""
+  update = alg.client_update
+  return update if isinstance(update, tuple) else (update,)
 
 
 def time_vmapped(alg, state, data, rounds):
@@ -248,10 +279,12 @@ def time_vmapped(alg, state, data, rounds):
   mesh = sharding.make_mesh()
   rep, split = sharding.replicated(mesh), sharding.cohort_sharding(mesh)
   k = data.num_clients
-  size, _ = sharding.cohort_layout(k, mesh)
-  cohort = jax.device_put(clients.Cohort(
-      client_ids=jnp.where(jnp.arange(size) < k, jnp.arange(size), k),
-      client_mask=jnp.arange(size) < k), split)
+  groups = _groups(alg)
+  size, _ = sharding.cohort_layout(k, mesh, quota=clients.group_quota(
+      k, k, len(groups)) if len(groups) > 1 else ())
+  # Every client, each in a slot of its group.
+  cohort = jax.device_put(clients.sample_cohort(
+      np.random.default_rng(0), k, k, size, len(groups)), split)
   state, data = jax.device_put((state, data), rep)
   rng = jax.random.PRNGKey(2)
   start = time.perf_counter()
@@ -272,13 +305,19 @@ def time_vmapped(alg, state, data, rounds):
 def time_loop(alg, state, data, rounds):
   """(b): a Python loop of single-client jitted updates, FedJAX style."""
   k = data.num_clients
-  client_update = jax.jit(alg.client_update)
-  mean = jax.jit(lambda uploads, w: jax.tree.map(
-      lambda u: jnp.tensordot(w, u, axes=1) / jnp.sum(w), uploads))
+  groups = _groups(alg)
+  client_updates = [jax.jit(u) for u in groups]
+  means = jax.jit(lambda uploads, weights: aggregation.group_means(
+      tuple(aggregation.weighted_sum(u, w) for u, w in zip(uploads, weights)),
+      tuple(jnp.sum(w) for w in weights)))
   server_update = jax.jit(alg.server_update)
   server_key = jax.random.PRNGKey(3)
-  # A loop simulator keeps each client's state and inputs apart, ready to use.
-  states = [jax.tree.map(lambda s, i=i: s[i], state.clients) for i in range(k)]
+  # A loop simulator keeps each client's state and inputs apart, ready to use
+  # (client i in row i // g of its group's state).
+  stacked = state.clients if len(groups) > 1 else (state.clients,)
+  states = [jax.tree.map(lambda s, i=i: s[i // len(groups)],
+                         stacked[i % len(groups)] if stacked else ())
+            for i in range(k)]
   state = state.replace(clients=())  # clients see the server state alone
   ids = [jnp.int32(i) for i in range(k)]
   sizes = [data.num_examples[i] for i in range(k)]
@@ -286,25 +325,30 @@ def time_loop(alg, state, data, rounds):
   carry = [state]
 
   def server_step(server, uploads, weights):
-    stacked = jax.tree.map(lambda *u: jnp.stack(u), *uploads)
-    server, _ = server_update(server, mean(stacked, jnp.stack(weights)), data,
+    by_group = [slice(g, None, len(groups)) for g in range(len(groups))]
+    stack = lambda xs: jax.tree.map(lambda *u: jnp.stack(u), *xs)
+    mean = means(tuple(stack(uploads[g]) for g in by_group),
+                 tuple(jnp.stack(weights[g]) for g in by_group))
+    server, _ = server_update(server, algorithm.per_group(mean), data,
                               server_key)
     return jax.block_until_ready(server)
 
   def one_round():
     uploads, weights = [], []
     for i in range(k):
-      out = client_update(carry[0], states[i], data, ids[i], sizes[i],
-                          keys[i])
+      out = client_updates[i % len(groups)](carry[0], states[i], data, ids[i],
+                                            sizes[i], keys[i])
       states[i] = out.state
       uploads.append(out.upload)
       weights.append(out.weight)
     carry[0] = server_step(carry[0], uploads, weights)
 
   def warm_up():
-    """Compiles all three functions: one client, the server step."""
-    out = client_update(state, states[0], data, ids[0], sizes[0], keys[0])
-    server_step(state, [out.upload] * k, [out.weight] * k)
+    """Compiles every function: one client of each group, the server step."""
+    outs = [client_updates[i](state, states[i], data, ids[i], sizes[i],
+                              keys[i]) for i in range(len(groups))]
+    server_step(state, [outs[i % len(groups)].upload for i in range(k)],
+                [outs[i % len(groups)].weight for i in range(k)])
 
   return _median_seconds(one_round, rounds, warm_up)
 
@@ -374,7 +418,8 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
       alg, jax.device_put(state, jax.devices()[0]),
       jax.device_put(data, jax.devices()[0]), rounds)
   torch_by_threads = {}
-  if torch_threads and _torch_installed():
+  # The PyTorch loop has no FedDF.
+  if torch_threads and _torch_installed() and ',' not in workload.student:
     torch_by_threads = {
         threads: time_torch(workload, num_clients, rounds, threads)
         for threads in torch_threads}
@@ -425,8 +470,9 @@ def main(argv):
     raise app.UsageError(f'unknown workloads {sorted(unknown)}; choose from '
                          f'{", ".join(WORKLOADS)}')
   for name in _WORKLOAD.value:  # fail before timing anything
-    for model in filter(None, (WORKLOADS[name].student,
-                               WORKLOADS[name].teacher)):
+    workload = WORKLOADS[name]
+    for model in filter(None, [*workload.student.split(','),
+                               workload.teacher]):
       models.get_model(model, NUM_CLASSES)
   peak = matmul_peak_gflop_s()
   if not _JSON_ONLY.value:

@@ -237,10 +237,12 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
         state.clients if grouped else (state.clients,))
     size = cohort.client_ids.shape[0]
     chunk = clients_per_chunk if 0 < clients_per_chunk < size else size
-    if size % chunk or chunk % k:
+    if size % chunk:
       raise ValueError(f'cohort size {size} is not a multiple of '
-                       f'clients_per_chunk={chunk}, or that of the {k} '
-                       'client groups')
+                       f'clients_per_chunk={chunk}')
+    if chunk % k:
+      raise ValueError(f'{chunk} clients at once (cohort or chunk) is not a '
+                       f'multiple of the {k} client groups')
     if chunk == size:
       totals, weights, sums, states = run_chunk(
           state, data, client_rng, states, cohort.client_ids,
@@ -373,6 +375,12 @@ def per_group(items: Sequence[Any]) -> Any:
   """What `make_round` and `ServerState.clients` take for per-group items:
   the item itself for one group (the plain round), the tuple for several."""
   return items[0] if len(items) == 1 else tuple(items)
+
+
+def pooled(mean_upload: Any, groups: int) -> PyTree:
+  """The value of a `Pooled` or `Summed` upload, alike in every group's mean
+  (`mean_upload` is their tuple with several groups)."""
+  return (mean_upload[0] if groups > 1 else mean_upload).value
 
 
 def build(init, client_update: ClientUpdate,

@@ -115,6 +115,11 @@ def map_clients(fn: Callable[..., Any],
   return mapped
 
 
+def num_steps(num_examples: int, *, epochs: int, batch_size: int) -> int:
+  """Steps of `epochs` passes over `num_examples` (the last batch partial)."""
+  return epochs * -(-num_examples // batch_size)
+
+
 def local_batches(rng: PRNGKey, num_examples: Array, max_examples: int, *,
                   epochs: int, batch_size: int) -> tuple[Array, Array]:
   """Shuffled example indices for `epochs` passes over one client's data.

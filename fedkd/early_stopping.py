@@ -1,5 +1,7 @@
 """Training that keeps its best model on a validation split (FedDF's server).
 
+`public_training` trains on the public data, validated or not.
+
 `guard` wraps a `clients.loss_step`-style step, whose carry is `(params,
 opt_state)`: every `eval_every` steps, and after the last, it scores the
 parameters (`score(params)`, higher is better) and keeps the best, the
@@ -15,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedkd import clients
 from fedkd.clients import tree_where
 from fedkd.typing import Array, Params
 
@@ -63,3 +66,29 @@ def guard(step, score: Callable[[Params], Array], *, total_steps: int,
         examples=jnp.sum(batch.example_mask) * running)
 
   return guarded
+
+
+def public_training(step, params: Params, tx, public_x: Array,
+                    rng: Array, *, score: Callable[[Params], Array] | None,
+                    epochs: int, batch_size: int, eval_every: int,
+                    patience: int) -> tuple[Params, dict[str, Array]]:
+  """`clients.public_training` of `(params, tx state)` by `step`.
+
+  With `score`, guarded: the best parameters are kept (module docstring).
+
+  Returns:
+    The kept parameters and the step metrics' sums, with `examples`: the
+    real examples of the steps run.
+  """
+  carry = (params, tx.init(params))
+  if score is None:
+    (params, _), sums = clients.public_training(
+        step, carry, public_x, rng, epochs=epochs, batch_size=batch_size)
+    return params, dict(sums, examples=epochs * public_x.shape[0])
+  total = clients.num_steps(public_x.shape[0], epochs=epochs,
+                            batch_size=batch_size)
+  (_, tracker), sums = clients.public_training(
+      guard(step, score, total_steps=total, eval_every=eval_every,
+            patience=patience), (carry, start(params, score)), public_x, rng,
+      epochs=epochs, batch_size=batch_size)
+  return tracker.best, sums

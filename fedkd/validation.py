@@ -160,10 +160,16 @@ def _validate_client_models(config) -> None:
     raise FedkdError(f'client_models lists a model twice: '
                      f'{config.client_models}; list each architecture once')
   if config.algorithm not in algorithms.HETEROGENEOUS:
+    why = ('mentors of several architectures are not implemented'
+           if config.algorithm == 'fedkd' else 'it averages the clients\' '
+           'models, which needs one architecture')
     raise FedkdError(
-        f'client_models: {config.algorithm} averages or shares parameters, '
-        'which needs one architecture; use one of '
-        f'{", ".join(algorithms.HETEROGENEOUS)} or leave client_models empty')
+        f'client_models: not supported by {config.algorithm} ({why}); use '
+        f'one of {", ".join(algorithms.HETEROGENEOUS)} or leave client_models '
+        'empty')
+  if config.dp_clip_norm > 0 and len(names) > 1:
+    raise FedkdError('dp_clip_norm: DP takes one client architecture; set '
+                     'dp_clip_norm=0 or leave client_models empty')
   if config.server_model:
     raise FedkdError('server_model takes one client architecture; with '
                      'client_models each architecture has its own global '

@@ -143,6 +143,17 @@ class WorkloadsTest(parameterized.TestCase):
     self.assertLen(table, 3)
     self.assertEqual(table[0].count('|'), table[2].count('|'))
 
+  def test_heterogeneous_feddf_arms_run(self):
+    # Three clients, one of each architecture; PyTorch has no FedDF arm.
+    workload = benchmark.WORKLOADS['feddf_hetero']._replace(examples=10)
+    row = benchmark.benchmark('feddf_hetero', workload, 3, rounds=1,
+                              peak=1.0, loop=True, torch_threads=[1])
+    on_8x8 = [[2 * 64 * 32, 2 * 32 * 10],  # seed_student
+              [2 * 64 * 64, 2 * 64 * 32, 2 * 32 * 10],  # seed_teacher
+              [2 * 64 * 200, 2 * 200 * 200, 2 * 200 * 10]]  # mnist_2nn
+    per_client = sum(_training(f) for f in on_8x8) / 3
+    self._check_row(row, 3, per_client, 10, timed_torch=False)
+
   def test_json_only_prints_one_parsable_line(self):
     # The interface experiments/scaling.py reads; (c) with each thread count.
     out = io.StringIO()

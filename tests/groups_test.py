@@ -39,9 +39,11 @@ def _run(apply, state, data, cohorts):
   return state, metrics
 
 
-def _init(alg, models):
-  """A state of `alg` whose global models (feddf's) start from seed 0."""
+def _init(alg, name):
+  """A state of `alg`; feddf's global models, one per architecture, and the
+  others' (local_kd's student) start from seed 0."""
   x = jnp.zeros((1, *toys.INPUT_SHAPE))
+  models = _models() if name == 'feddf' else [toys.student()]
   params = [m.init(jax.random.PRNGKey(0), x) for m in models]
   return alg.init(algorithm.per_group(params), jax.random.PRNGKey(1))
 
@@ -55,15 +57,15 @@ class GroupsTest(parameterized.TestCase):
     cls.algs = toys.algorithms(N, client_models=_models())
     cls.alone = [toys.algorithms(N, client_models=m) for m in _models()]
 
-  @parameterized.parameters('fd', 'fedmd')
+  @parameterized.parameters('fd', 'fedmd', 'local_kd')
   def test_groups_equal_their_clients_run_separately(self, name):
     """Each group's clients, run as a one-architecture round from the same
     server state and rng, end where the grouped round leaves them; the
     server combines what the groups sent."""
     het = self.algs[name]
     alone = [a[name] for a in self.alone]
-    state = het.init(None, jax.random.PRNGKey(1))
-    separate = [a.init(None, jax.random.PRNGKey(1)) for a in alone]
+    state = _init(het, name)
+    separate = [_init(a, name) for a in alone]
     for g in range(2):  # a client's model depends on its id only
       toys.assert_trees_close(
           state.clients[g],
@@ -80,7 +82,13 @@ class GroupsTest(parameterized.TestCase):
         toys.assert_trees_close(
             state.clients[g],
             jax.tree.map(lambda x, g=g: x[g::2], separate[g].clients))
-      if name == 'fedmd':
+      if name == 'local_kd':
+        # The student: the example-weighted mean of both groups' deltas.
+        weights = [float(sum(SIZES[i] for i in ids)) for ids in groups]
+        toys.assert_trees_close(state.params, jax.tree.map(
+            lambda a, b: (weights[0] * a + weights[1] * b) / sum(weights),
+            separate[0].params, separate[1].params))
+      elif name == 'fedmd':
         # The consensus: the mean over every reporting client of both.
         counts = [len(ids) for ids in groups]
         expected = sum(c * s.params[0] for c, s in zip(counts, separate))
@@ -103,7 +111,7 @@ class GroupsTest(parameterized.TestCase):
 
   def test_feddf_averages_per_group_and_distills_each(self):
     models = _models()
-    state = _init(self.algs['feddf'], models)
+    state = _init(self.algs['feddf'], 'feddf')
     # Without distillation (lr 0), each group's global model is the FedAvg
     # of its own clients.
     no_distill = dict(client_tx=optax.sgd(0.1), server_tx=optax.sgd(1.0),
@@ -129,10 +137,10 @@ class GroupsTest(parameterized.TestCase):
       self.assertFalse(np.allclose(jax.tree.leaves(distilled.params[g])[0],
                                    jax.tree.leaves(grouped.params[g])[0]))
 
-  @parameterized.parameters('feddf', 'fd', 'fedmd')
+  @parameterized.parameters('feddf', 'fd', 'fedmd', 'local_kd')
   def test_vmapped_equals_loop_and_chunked_and_compiles_once(self, name):
     alg = self.algs[name]
-    state = _init(alg, _models())
+    state = _init(alg, name)
     cohorts = [_cohort(groups) for groups in ROUNDS]
     traces = []
 
@@ -156,7 +164,7 @@ class GroupsTest(parameterized.TestCase):
 
   def test_sharded_over_8_devices_equals_one_device(self):
     alg = self.algs['fd']
-    state = _init(alg, _models())
+    state = _init(alg, 'fd')
     results = []
     for devices in (1, 8):
       mesh = sharding.make_mesh(devices)

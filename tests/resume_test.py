@@ -117,6 +117,20 @@ class DeterminismTest(absltest.TestCase):
     train.run(config, workdir, progress=False)
     self.assertEqual(_results(workdir), self._run())
 
+  def test_heterogeneous_run_resumed_is_bit_identical(self):
+    hetero = dict(algorithm='feddf', client_models='seed_student,mnist_2nn',
+                  clients_per_round=5)
+    config = default.get_config('smoke')
+    config.update(num_rounds=1, **hetero)
+    workdir = self.create_tempdir().full_path
+    train.run(config, workdir, progress=False)
+    config.num_rounds = 2
+    train.run(config, workdir, progress=False)
+    resumed = _results(workdir)
+    self.assertEqual(resumed, self._run(**hetero))
+    for name in ('seed_student', 'mnist_2nn'):
+      self.assertBetween(resumed[1][-1][f'accuracy_{name}'], 0.0, 1.0)
+
   def test_one_device_and_eight_devices_agree(self):
     self.assertGreaterEqual(jax.device_count(), 8)
     # 40 private teachers: split 5 per device over 8 devices.

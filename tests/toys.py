@@ -62,7 +62,8 @@ def algorithms(num_clients, epochs=2, batch_size=3, client_models=None):
   """Every algorithm on the toy models, keyed by name.
 
   `client_models`: the clients' model(s) of fd, fedmd and feddf (default:
-  `student()`), e.g. a tuple for client groups.
+  `student()`) and local_kd's teacher(s) (`teacher()`), e.g. a tuple for
+  client groups.
   """
   model = client_models or student()
   common = dict(client_tx=optax.sgd(0.1), epochs=epochs,
@@ -77,7 +78,7 @@ def algorithms(num_clients, epochs=2, batch_size=3, client_models=None):
       'fedntd': algorithms_lib.fedntd(model=student(), beta=1.0,
                                       temperature=2.0, **averaging),
       'local_kd': algorithms_lib.local_kd(
-          teacher=teacher(), student=student(), teacher_tx=optax.sgd(0.05),
+          teacher=client_models or teacher(), student=student(), teacher_tx=optax.sgd(0.05),
           temperature=2.0, distill_weight=0.5, **private, **averaging),
       'fedkd': algorithms_lib.fedkd(
           mentor=teacher(), mentee=student(), mentor_tx=optax.sgd(0.05),

@@ -124,6 +124,8 @@ def variant(c: ml_collections.ConfigDict,
     if c.dataset != 'digits':
       c.dataset, c.num_clients, c.clients_per_round = 'digits', 10, 10
       c.student, c.teacher = 'seed_student', 'seed_teacher'
+      if c.client_models:
+        c.client_models = 'seed_student,seed_teacher'
       c.public_examples = min(c.public_examples, 100)
   elif arg:
     raise ValueError(f'unknown config variant {arg!r}; use :smoke or none')

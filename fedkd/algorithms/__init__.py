@@ -45,9 +45,12 @@ NO_DP = {
 DP_ALGORITHMS = tuple(name for name in ALGORITHMS if name not in NO_DP)
 
 
-# Algorithms whose clients may train different architectures
-# (`client_models`): their messages do not depend on it.
-HETEROGENEOUS = ('fd', 'feddf', 'fedmd')
+# Algorithms whose clients may differ in architecture (`client_models`):
+# their messages do not depend on it. local_kd's clients differ in their
+# private teacher, the others' in their (only or global) model.
+HETEROGENEOUS = ('fd', 'feddf', 'fedmd', 'local_kd')
+# Algorithms whose per-client model is a private teacher (fedkd: mentor).
+PRIVATE_TEACHERS = ('fedkd', 'local_kd')
 
 
 class Evaluated(NamedTuple):
@@ -85,9 +88,12 @@ class Built(NamedTuple):
 
 
 def architectures(config) -> tuple[str, ...]:
-  """The clients' architectures: `client_models`, or `student` alone."""
-  return tuple(config.client_models.split(',')) if config.client_models \
-      else (config.student,)
+  """The architectures that differ per client (client i's is [i % k]):
+  `client_models`, else the one `student` (fedkd, local_kd: `teacher`)."""
+  if config.client_models:
+    return tuple(config.client_models.split(','))
+  return (config.teacher if config.algorithm in PRIVATE_TEACHERS
+          else config.student,)
 
 
 def _global(names, modules, input_shape,
@@ -142,7 +148,8 @@ def feddf_distill_tx(config, num_proxy: int) -> optax.GradientTransformation:
   decay over the round's distillation steps, gradient norm clipped to 5)."""
   lr = config.distill_lr
   if config.distill_schedule == 'cosine':
-    steps = config.distill_epochs * -(-num_proxy // config.public_batch_size)
+    steps = clients.num_steps(num_proxy, epochs=config.distill_epochs,
+                              batch_size=config.public_batch_size)
     lr = optax.cosine_decay_schedule(lr, max(steps, 1))
   tx = optimizers.get_optimizer(config.distill_optimizer, lr)
   if config.distill_clip_norm > 0:
@@ -169,7 +176,8 @@ def build(config, input_shape, num_classes: int, num_public: int) -> Built:
     num_public: number of public examples held out (`ClientData.public_x`).
   """
   name = config.algorithm
-  names = architectures(config)
+  names = (config.student,) if name in PRIVATE_TEACHERS else (
+      architectures(config))
   modules = tuple(models.get_model(n, num_classes) for n in names)
   student = algorithm.per_group(modules)
   optimizer = optimizers.get_optimizer
@@ -223,19 +231,20 @@ def build(config, input_shape, num_classes: int, num_public: int) -> Built:
                        transfer_epochs=config.fedmd_transfer_epochs,
                        private_epochs=config.fedmd_private_epochs,
                        **private, **train), None, private_models=own_models)
-  teacher = models.get_model(config.teacher, num_classes)
   teacher_tx = optimizer(config.client_optimizer, config.teacher_lr)
+  # The private teachers (fedkd's mentors), one per architecture.
+  names = architectures(config)
+  teachers = tuple(models.get_model(n, num_classes) for n in names)
+  private_models = _private(names, teachers, config.num_clients)
   if name == 'fedkd':
-    alg = fedkd(mentor=teacher, mentee=student, mentor_tx=teacher_tx,
+    alg = fedkd(mentor=teachers[0], mentee=student, mentor_tx=teacher_tx,
                 energy_start=config.svd_energy_start,
                 energy_end=config.svd_energy_end,
                 num_rounds=config.num_rounds,
                 loss_scale=config.fedkd_loss_scale,
                 weighting=config.fedkd_weighting, **private, **averaging)
-  else:
-    alg = local_kd(teacher=teacher, student=student, teacher_tx=teacher_tx,
-                   temperature=config.temperature,
-                   distill_weight=config.distill_weight, **private,
-                   **averaging)
-  return Built(alg, **global_model, private_models=_private(
-      (config.teacher,), (teacher,), config.num_clients))
+    return Built(alg, **global_model, private_models=private_models)
+  alg = local_kd(teacher=algorithm.per_group(teachers), student=student,
+                 teacher_tx=teacher_tx, temperature=config.temperature,
+                 distill_weight=config.distill_weight, **private, **averaging)
+  return Built(alg, **global_model, private_models=private_models)

@@ -5,7 +5,8 @@ Workshop on Machine Learning on the Phone and other Consumer Devices,
 arXiv:1811.11479.
 
 No parameters are exchanged. Every client keeps its own model (stacked in
-`ServerState.clients`) and, during local training, accumulates the logits it
+`ServerState.clients`; with k architectures, client i's is `model[i % k]`,
+one table for all) and, during local training, accumulates the logits it
 produced for each label (before each step's update); it uploads the per-label
 mean logits [K, K] and a [K] presence indicator. The server receives them
 summed over the reporting clients (`aggregation.Summed`), so its table holds,
@@ -134,8 +135,7 @@ def fd(*, model: nn.Module | Sequence[nn.Module], input_shape,
     return client_update
 
   def server_update(state, upload, data, rng):
-    # Every group's upload is the same sum over all of them.
-    logit_sums, counts = (upload[0] if len(models) > 1 else upload).value
+    logit_sums, counts = algorithm.pooled(upload, len(models))
     rounds = jnp.full(counts.shape, state.round)
     return algorithm.adopt_reported(state, ((logit_sums, rounds), counts),
                                     data, rng)

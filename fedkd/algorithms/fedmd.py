@@ -2,32 +2,28 @@
 Distillation", NeurIPS 2019 Workshop on Federated Learning, arXiv:1910.03581.
 
 No parameters are exchanged. Every client keeps its own model (stacked in
-`ServerState.clients`); the server's state is the consensus: the mean over
-the reporting clients (each weighs 1) of their logits on the shared public
-data (`ClientData.public_x`, [P, K]), with a flag set once some client has
-reported; a round in which nobody reports keeps the previous consensus
-(`algorithm.adopt_reported`).
+`ServerState.clients`; with k architectures, client i's is `model[i % k]`, the
+paper's heterogeneous setting). The server's state is the consensus: the mean
+over reporting clients (each weighs 1, all architectures together) of their
+logits on the public data (`ClientData.public_x`, [P, K]), and a flag set once
+some client reported; a round without reports keeps both (`adopt_reported`).
 
 Before the collaboration, `init` runs the paper's transfer learning on every
 client (given the data): `transfer_epochs` passes of cross-entropy on the
 labelled public data (`ClientData.public_y`), then `private_epochs` on its
-private data (official code: 20 epochs, batch 128, then 25, batch 32). One
-round, per client:
+private data (official code: 20 epochs, batch 128, then 25, batch 32). A
+round, per client: 1. digest: `digest_epochs` passes over the public data
+regressing the consensus with the mean absolute error (the authors' loss),
+skipped while there is none; 2. revisit: `epochs` passes of cross-entropy on
+its private data; 3. upload its logits on the public data.
 
-1. digest: `digest_epochs` passes over the public data regressing the
-   consensus logits with the mean absolute error (the loss of the authors'
-   code), skipped while there is no consensus yet;
-2. revisit: `epochs` passes of cross-entropy on its private data;
-3. upload its logits on the public data.
-
-This is the paper's communicate / digest / revisit loop with each round's
-upload moved to the end of the previous round, so one round is one
-communication. Differences from the official code (diogenes0319/FedMD_clean):
-the transfer phase uses the clients' optimizer and minibatch sizes (official:
-Adam at 1e-3) and no early stopping on test accuracy; the public data is a
-held-out part of the private dataset, not another dataset; no per-round
-random subset of the public data (all of it is used). Evaluation uses the
-clients' own models.
+This is the paper's communicate / digest / revisit loop, each upload moved
+to the end of the previous round (one round, one communication). Evaluation
+uses the clients' models. Differences from the official code (diogenes0319/
+FedMD_clean): the transfer phase uses the clients' optimizer and batch sizes
+(official: Adam at 1e-3), no early stopping on test accuracy; the public
+data is held out of the private dataset, all used every round (official: a
+random subset).
 """
 
 from collections.abc import Sequence
@@ -55,8 +51,8 @@ def fedmd(*, model: nn.Module | Sequence[nn.Module], input_shape,
   """Builds FedMD with one private `model` per client.
 
   Args:
-    model: every client's model, or one per client group (client i trains
-      `model[i % k]`; the consensus is over all of them).
+    model: every client's model, or one per architecture (client i's is
+      `model[i % k]`).
     input_shape: shape of one example, to initialise the models.
     num_clients: how many private models to keep.
     num_public: P, the number of public examples.
@@ -66,10 +62,8 @@ def fedmd(*, model: nn.Module | Sequence[nn.Module], input_shape,
     batch_size: private minibatch size.
     digest_epochs: passes over the public data per round.
     public_batch_size: public minibatch size (digest and upload).
-    transfer_epochs: transfer-learning passes over the labelled public data
-      before the collaboration.
-    private_epochs: transfer-learning passes over each client's private data,
-      after the public ones.
+    transfer_epochs: transfer-learning passes over the labelled public data.
+    private_epochs: then transfer-learning passes over the private data.
   """
   models = algorithm.architectures(model)
   k = len(models)
@@ -93,8 +87,7 @@ def fedmd(*, model: nn.Module | Sequence[nn.Module], input_shape,
 
   def init(params: Params, rng: PRNGKey,
            data: clients.ClientData | None = None) -> algorithm.ServerState:
-    """Round 0's state; trains every client first when there is a transfer
-    phase, which needs `data` (with `public_y`)."""
+    """Round 0's state, after the transfer learning (which needs `data`)."""
     del params  # There is no global model: the global state is the consensus.
     model_rng, transfer_rng = jax.random.split(rng)
     if (transfer_epochs or private_epochs) and (
@@ -131,7 +124,7 @@ def fedmd(*, model: nn.Module | Sequence[nn.Module], input_shape,
           client_state, data.public_x, digest_rng, epochs=digest_epochs,
           batch_size=public_batch_size, work_fraction=data.work_fraction)
       state = clients.tree_where(has_consensus, digested, client_state)
-      digest_sums = {k: v * has_consensus for k, v in digest_sums.items()}
+      digest_sums = jax.tree.map(lambda v: v * has_consensus, digest_sums)
       state, sums = clients.local_training(
           train_ce(model), state, data, client_id, num_examples, local_rng,
           epochs=epochs, batch_size=batch_size)
@@ -140,17 +133,15 @@ def fedmd(*, model: nn.Module | Sequence[nn.Module], input_shape,
       # The flag says that this client reported; only the logits are sent.
       return clients.ClientOutput(
           upload=aggregation.Pooled((logits, jnp.ones(()))),
-          weight=jnp.ones(()), state=state,
-          metrics=dict(sums, **digest_sums,
-                       upload_bytes=communication.fixed(
-                           1, algorithm.tree_bytes(logits))))
+          weight=jnp.ones(()), state=state, metrics=dict(
+              sums, **digest_sums, upload_bytes=communication.fixed(
+                  1, algorithm.tree_bytes(logits))))
 
     return client_update
 
   def server_update(state, mean_upload, data, rng):
-    # Every group's mean is the same average over all of them.
-    mean = (mean_upload[0] if k > 1 else mean_upload).value
-    state, metrics = algorithm.adopt_reported(state, mean, data, rng)
+    state, metrics = algorithm.adopt_reported(
+        state, algorithm.pooled(mean_upload, k), data, rng)
     # The flag is the server's bookkeeping: clients receive the logits.
     return state, dict(metrics, download_bytes=communication.fixed(
         1, algorithm.tree_bytes(state.params[0])))

@@ -16,21 +16,28 @@ Per local step, on the same minibatch:
 
 The teachers (parameters and optimizer state) persist per client across rounds;
 the student starts each round from the global model and its delta is averaged
-by example count on the server, as in FedAvg.
+by example count on the server, as in FedAvg. Teachers may differ in
+architecture: with k of them, client i's is `teacher[i % k]` (client groups
+of `algorithm.make_round`; the student deltas average over all).
 """
+
+from collections.abc import Sequence
+import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
 import optax
 
+from fedkd import aggregation
 from fedkd import algorithm
 from fedkd import clients
 from fedkd import losses
 from fedkd.typing import Params, PRNGKey
 
 
-def local_kd(*, teacher: nn.Module, student: nn.Module, input_shape,
-             num_clients: int, client_tx: optax.GradientTransformation,
+def local_kd(*, teacher: nn.Module | Sequence[nn.Module],
+             student: nn.Module, input_shape, num_clients: int,
+             client_tx: optax.GradientTransformation,
              teacher_tx: optax.GradientTransformation,
              server_tx: optax.GradientTransformation, epochs: int,
              batch_size: int, temperature: float,
@@ -38,7 +45,7 @@ def local_kd(*, teacher: nn.Module, student: nn.Module, input_shape,
   """Builds local KD.
 
   Args:
-    teacher: each client's private model.
+    teacher: each client's private model, or one per architecture.
     student: the shared model the server aggregates.
     input_shape: shape of one example, to initialise the teachers.
     num_clients: how many private teachers to keep.
@@ -51,11 +58,16 @@ def local_kd(*, teacher: nn.Module, student: nn.Module, input_shape,
     distill_weight: w, the weight of the distillation term.
   """
 
-  def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
-    return algorithm.server_init(server_tx, params, clients.init_models(
-        teacher, teacher_tx, input_shape, num_clients, rng))
+  teachers = algorithm.architectures(teacher)
+  k = len(teachers)
 
-  def teacher_loss(params, batch):
+  def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
+    return algorithm.server_init(server_tx, params, algorithm.per_group([
+        clients.init_models(t, teacher_tx, input_shape, num_clients, rng,
+                            group=g, groups=k)
+        for g, t in enumerate(teachers)]))
+
+  def teacher_loss(teacher, params, batch):
     logits = teacher.apply(params, batch.x)
     per_example = losses.cross_entropy(logits, batch.y)
     return (losses.masked_mean(per_example, batch.example_mask),
@@ -69,26 +81,36 @@ def local_kd(*, teacher: nn.Module, student: nn.Module, input_shape,
                                                temperature))
     return losses.masked_mean(per_example, batch.example_mask), per_example
 
-  def client_update(server, client_state, data, client_id,
-                    num_examples, rng):
-    def step(carry, batch):
-      teacher_params, teacher_opt, params, opt_state = carry
-      teacher_params, teacher_opt, _, (teacher_ex, teacher_logits) = (
-          clients.sgd_train(teacher_loss, teacher_tx, teacher_params,
-                            teacher_opt, batch))
-      params, opt_state, _, student_ex = clients.sgd_train(
-          student_loss, client_tx, params, opt_state, batch, teacher_logits)
-      mask = batch.example_mask
-      return (teacher_params, teacher_opt, params, opt_state), {
-          'teacher_loss_sum': jnp.sum(teacher_ex * mask),
-          'student_loss_sum': jnp.sum(student_ex * mask)}
+  def client_update_of(teacher):
+    """One client's round with a private `teacher`."""
 
-    carry = (*client_state, server.params, client_tx.init(server.params))
-    (*teacher_state, params, _), sums = clients.local_training(
-        step, carry, data, client_id, num_examples, rng, epochs=epochs,
-        batch_size=batch_size)
-    return clients.delta_output(server.params, params, num_examples,
-                                tuple(teacher_state), sums)
+    def client_update(server, client_state, data, client_id,
+                      num_examples, rng):
+      def step(carry, batch):
+        teacher_params, teacher_opt, params, opt_state = carry
+        teacher_params, teacher_opt, _, (teacher_ex, teacher_logits) = (
+            clients.sgd_train(functools.partial(teacher_loss, teacher),
+                              teacher_tx, teacher_params, teacher_opt, batch))
+        params, opt_state, _, student_ex = clients.sgd_train(
+            student_loss, client_tx, params, opt_state, batch, teacher_logits)
+        mask = batch.example_mask
+        return (teacher_params, teacher_opt, params, opt_state), {
+            'teacher_loss_sum': jnp.sum(teacher_ex * mask),
+            'student_loss_sum': jnp.sum(student_ex * mask)}
 
-  return algorithm.build(init, client_update,
-                         algorithm.averaging_server_update(server_tx))
+      carry = (*client_state, server.params, client_tx.init(server.params))
+      (*teacher_state, params, _), sums = clients.local_training(
+          step, carry, data, client_id, num_examples, rng, epochs=epochs,
+          batch_size=batch_size)
+      out = clients.delta_output(server.params, params, num_examples,
+                                 tuple(teacher_state), sums)
+      # Every group trains the same student: its deltas average over all.
+      return out._replace(upload=aggregation.Pooled(out.upload))
+
+    return client_update
+
+  average = algorithm.averaging_server_update(server_tx)
+  return algorithm.build(
+      init, algorithm.per_group([client_update_of(t) for t in teachers]),
+      lambda state, mean, data, rng: average(
+          state, algorithm.pooled(mean, k), data, rng))
