@@ -1,7 +1,7 @@
 """Runs several algorithms on the same partitions and seeds; compares them.
 
 Driven by `experiments/main.py` when the config's `compare` field lists
-algorithms (comma-separated): each runs as `train.run` with only
+algorithms (comma-separated): each runs as `runner.run` with only
 `config.algorithm` (and the seed) changed, so the data split, partition,
 cohorts and initial global model of a seed are the same for all. With
 `num_seeds` = 1 an algorithm runs into WORKDIR/NAME/; with S > 1 it runs S
@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from fedkd import train
+from experiments import runner
 from fedkd.errors import FedkdError
 
 # Algorithms without a global model: their headline accuracy is the mean
@@ -199,12 +199,12 @@ def run(config, workdir: str) -> dict[str, dict]:
   planned = sub_runs(config, workdir)
   # A bad sub-run (its data, models or workdir) is refused before any runs.
   for _, _, single, path in planned:
-    train.check(single, path)
+    runner.check(single, path)
   runs: dict[str, list[list[dict]]] = {}
   for name, seed, single, path in planned:
     print(f'== {name}, seed {seed}')
     runs.setdefault(name, []).append(
-        train.run(single, path, progress=False))
+        runner.run(single, path, progress=False))
   per_seed = {name: [seed_figures(name, rows, config.target_accuracy)
                      for rows in seeds] for name, seeds in runs.items()}
   summaries = {name: summarize(figures) for name, figures in per_seed.items()}

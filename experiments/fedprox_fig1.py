@@ -21,10 +21,11 @@ from absl import logging
 from matplotlib.figure import Figure
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compare  # experiments/compare.py, beside this file
-from configs import fedprox_synthetic_fig1 as fig1
-from fedkd import train
+# The repository root, however the script is started.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import compare
+from experiments import runner
+from experiments.configs import fedprox_synthetic_fig1 as fig1
 from fedkd.errors import FedkdError
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -62,7 +63,7 @@ def _panel(alpha: str, percent: str) -> dict[str, list[dict]]:
     if not rows or rows[-1]['round'] < arm.num_rounds:
       print(f'== Synthetic({alpha},{alpha}), {percent}% stragglers: {label}',
             flush=True)
-      rows = train.run(arm, workdir, progress=False)
+      rows = runner.run(arm, workdir, progress=False)
     results[label] = rows
   return results
 

@@ -23,7 +23,7 @@ def _stop_outside_runs(signum, frame):
 
 
 # Importing JAX takes seconds: a signal meanwhile ends the process with one
-# line, not a traceback. `train.run` handles signals itself while it runs.
+# line, not a traceback. `runner.run` handles signals itself while it runs.
 for _signum in (signal.SIGINT, signal.SIGTERM):
   signal.signal(_signum, _stop_outside_runs)
 
@@ -38,8 +38,9 @@ from absl import logging
 from ml_collections import config_flags
 
 from experiments import compare
+from experiments import runner
+from experiments import validation
 from fedkd import train
-from fedkd import validation
 from fedkd.errors import FedkdError
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -106,7 +107,7 @@ def main(argv):
       validation.validate_comparison(config)
       compare.run(config, _WORKDIR.value)
     else:
-      train.run(config, _WORKDIR.value)
+      runner.run(config, _WORKDIR.value)
   except FedkdError as e:
     _fail(str(e))
   except train.Diverged as e:

@@ -10,6 +10,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from experiments import builder
 from fedkd import algorithms
 from fedkd import clients
 from fedkd import models
@@ -187,13 +188,12 @@ def validate_models(config, input_shape, num_classes: int,
   Initialises them abstractly (`jax.eval_shape`, no compute), as the run
   will, so a CNN given vector data fails here with one line, not in set-up.
   """
-  built = algorithms.build(config, input_shape, num_classes, num_public)
+  built = builder.build(config, input_shape, num_classes, num_public)
   key = jax.random.PRNGKey(0)
   try:
     params = built.init_params and jax.eval_shape(built.init_params, key)
     data = _abstract_data(config.num_clients, input_shape, num_public)
-    jax.eval_shape(algorithms.initializer(config, built.algorithm), params,
-                   key, data)
+    jax.eval_shape(built.init, params, key, data)
   except FedkdError:
     raise
   except Exception as e:  # pylint: disable=broad-exception-caught

@@ -351,3 +351,20 @@ def _read_tfds_split(
   x = np.concatenate(images).astype(np.float32)
   x /= 255
   return x, np.concatenate(labels).astype(np.int32)
+
+
+def hold_out_public(dataset: Dataset, num_public: int, seed: int):
+  """Splits `num_public` random training examples off as public data.
+
+  Returns:
+    (dataset without them, public features, public labels).
+  """
+  if num_public >= len(dataset.y_train):
+    raise errors.FedkdError(
+        f'public_examples={num_public} leaves no training data: '
+        f'{dataset.name} has {len(dataset.y_train)} training examples')
+  order = np.random.default_rng([seed, 1]).permutation(len(dataset.y_train))
+  public, train = order[:num_public], np.sort(order[num_public:])
+  return (dataclasses.replace(dataset, x_train=dataset.x_train[train],
+                              y_train=dataset.y_train[train]),
+          dataset.x_train[public], dataset.y_train[public].astype(np.int32))

@@ -1,9 +1,11 @@
-"""The host loop: data, partition, algorithm, one jitted round per step.
+"""The host loop: one jitted round per step, evaluation, checkpoints.
 
-`run(config, workdir)` is everything `experiments/main.py` does after parsing
-flags. It validates all input before writing anything to `workdir`, resumes
-from the newest checkpoint there, and checkpoints every `checkpoint_every`
-rounds, on the last round and on SIGINT/SIGTERM (see `fedkd.stopping`).
+`train(settings, built, client_data, test, work, stop)` runs an algorithm
+(`Built`) on stacked client data as `Settings` say, into a locked
+`fedkd.workdir.Workdir`: it resumes from the newest checkpoint there and
+checkpoints every `checkpoint_every` rounds, on the last round and when
+`stop` (`fedkd.stopping`) reports SIGINT/SIGTERM. `experiments/runner.py`
+builds all of it from a run config.
 
 Rounds are dispatched asynchronously: the host keeps one round queued behind
 the running one and fetches metrics (all rounds' at once) only at rounds it
@@ -12,33 +14,31 @@ evaluates or checkpoints. Evaluation is sized to fit the memory (see
 `OutOfMemory`, naming the settings to lower.
 """
 
+from collections.abc import Callable
 import contextlib
 import dataclasses
 import functools
-import os
 import signal
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+import flax.linen as nn
+
 from fedkd import algorithm
-from fedkd import algorithms
 from fedkd import clients
-from fedkd import data
 from fedkd import metrics as metrics_lib
-from fedkd import partition
 from fedkd import privacy
 from fedkd import sharding
 from fedkd import stopping
-from fedkd import synthetic
-from fedkd import validation
 from fedkd import workdir as workdir_lib
 from fedkd.errors import FedkdError
 from fedkd.errors import NO_SPACE_ERRNOS
+from fedkd.typing import Params, PRNGKey
 
 # Columns of the final table: (metrics.jsonl key, header, format, scale).
 _TABLE = (('round', 'round', '{:d}', 1),
@@ -102,7 +102,7 @@ def format_table(rows) -> str:
 
 
 @contextlib.contextmanager
-def _out_of_memory_is(where: str, advice: str):
+def out_of_memory_is(where: str, advice: str):
   """Turns a failed allocation inside into `OutOfMemory`: where, and advice."""
   try:
     yield
@@ -115,17 +115,14 @@ def _out_of_memory_is(where: str, advice: str):
     raise OutOfMemory(f'out of memory {where} ({first}); {advice}') from None
 
 
-# feddf and fedmd with public_examples 0 hold out this share of the training
-# examples as public data.
-DEFAULT_PUBLIC_FRACTION = 0.1
 # For running out of memory outside the places that name their own settings.
-_RUN_ADVICE = ('lower clients_per_chunk, clients_per_round, batch_size or '
+RUN_ADVICE = ('lower clients_per_chunk, clients_per_round, batch_size or '
                'eval_batch_size, or use a smaller dataset')
 _NO_SPACE_TEXTS = ('no space left on device', 'disk quota exceeded')
 
 
 @contextlib.contextmanager
-def _out_of_space_is(workdir: str):
+def out_of_space_is(workdir: str):
   """Turns a full disk inside into one `FedkdError` line: where, and advice.
 
   Writers that wrap the OSError (orbax, tensorstore) are recognised by its
@@ -147,7 +144,7 @@ def _out_of_space_is(workdir: str):
                      'room') from None
 
 
-def _round_advice(config, cohort_size: int, chunk: int) -> str:
+def _round_advice(settings: 'Settings', cohort_size: int, chunk: int) -> str:
   """Which settings bound the memory of a training round."""
   at_once = chunk or cohort_size
   if at_once > 1:
@@ -156,20 +153,103 @@ def _round_advice(config, cohort_size: int, chunk: int) -> str:
              ' or')
   else:
     lower = 'lower'
-  return (f'{lower} clients_per_round (now {config.clients_per_round}) or '
-          f'batch_size (now {config.batch_size})')
+  return (f'{lower} clients_per_round (now {settings.clients_per_round}) or '
+          f'batch_size (now {settings.batch_size})')
 
 
-def _eval_advice(config) -> str:
-  return (f'lower eval_batch_size (now {config.eval_batch_size}) or '
-          f'eval_teachers (now {config.eval_teachers})')
+def _eval_advice(settings: 'Settings') -> str:
+  return (f'lower eval_batch_size (now {settings.eval_batch_size}) or '
+          f'eval_teachers (now {settings.eval_teachers})')
+
+
+class Evaluated(NamedTuple):
+  """Models of one architecture that evaluation tests.
+
+  Attributes:
+    name: the model's name (`accuracy_<name>` with several architectures).
+    model: the module.
+    params: reads their stacked parameters ([count, ...]) from a state.
+    count: how many there are: 1 global model, or the clients of a group.
+  """
+  name: str
+  model: nn.Module
+  params: Callable[[algorithm.ServerState], Params]
+  count: int
+
+
+class Built(NamedTuple):
+  """An algorithm ready to run and what evaluation needs to know of it.
+
+  Attributes:
+    algorithm: the `FederatedAlgorithm`.
+    init: `(params, rng, data) -> state`: `algorithm.init`, given the client
+      data (a jit argument, never a closed-over constant) where it trains on
+      it (fedmd's transfer learning).
+    init_params: rng -> the global model's parameters for `init` (a tuple,
+      one per architecture, with several); None without a global model (fd,
+      fedmd).
+    global_models: the global model(s), evaluated every `eval_every` rounds
+      (for feddf with `server_model`, that model).
+    private_models: the clients' private models (teachers, mentors, or for
+      fd and fedmd the clients' only models), one entry per architecture.
+  """
+  algorithm: algorithm.FederatedAlgorithm
+  init: Callable[[Params, PRNGKey, clients.ClientData],
+                 algorithm.ServerState]
+  init_params: Callable[[PRNGKey], Params] | None
+  global_models: tuple[Evaluated, ...] = ()
+  private_models: tuple[Evaluated, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """How `train` runs (the run config's fields of the same names).
+
+  Attributes:
+    num_clients: clients in the federation.
+    clients_per_round: clients sampled each round (client groups: each
+      group's share, `clients.group_quota`).
+    num_rounds: rounds in the whole run.
+    seed: seeds the models, cohorts and rounds.
+    batch_size: the local minibatch size (named in out-of-memory advice).
+    groups: client groups (architectures); client i is in group i % groups.
+    eval_every: rounds between evaluations (and after the last).
+    checkpoint_every: rounds between checkpoints; 0 = after the last only.
+    eval_batch_size: the largest test batch evaluation may use.
+    eval_teachers: private models evaluated, per architecture.
+    clients_per_chunk: clients trained at once; 0 = the whole cohort.
+    num_devices: devices of the `clients` mesh; 0 = all.
+    faults: simulated client failures.
+    dp: client-level DP, or None.
+    dp_delta: the delta of the reported epsilon (with DP noise).
+    dp_accountant: 'rdp' or 'pld'.
+    max_nonfinite_rounds: rounds in a row of only NaN/inf updates that end
+      the run.
+  """
+  num_clients: int
+  clients_per_round: int
+  num_rounds: int
+  seed: int = 0
+  batch_size: int = 10
+  groups: int = 1
+  eval_every: int = 1
+  checkpoint_every: int = 0
+  eval_batch_size: int = 1000
+  eval_teachers: int = 100
+  clients_per_chunk: int = 0
+  num_devices: int = 0
+  faults: algorithm.Faults = algorithm.Faults()
+  dp: privacy.DpSettings | None = None
+  dp_delta: float = 1e-5
+  dp_accountant: str = 'rdp'
+  max_nonfinite_rounds: int = 3
 
 
 @dataclasses.dataclass
 class _Run:
   """Everything the loop needs, built once by `_setup`."""
-  config: Any
-  built: algorithms.Built
+  settings: Settings
+  built: Built
   state: algorithm.ServerState
   client_data: clients.ClientData
   apply: Any  # the compiled round
@@ -218,61 +298,52 @@ def _compile_evaluation(model, read_params, state, x, y, *, num_models: int,
     per_example = -(-used // (batch * chunk))
 
 
-def _setup(config, dataset, parts, public_x, public_y,
-           stop: stopping.Stopper) -> _Run:
-  mesh = sharding.make_mesh(config.num_devices)
-  input_shape = dataset.x_train.shape[1:]
-  built = algorithms.build(config, input_shape, dataset.num_classes,
-                           len(public_x))
+def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
+           test, stop: stopping.Stopper) -> _Run:
+  mesh = sharding.make_mesh(settings.num_devices)
   alg = built.algorithm
-  key = jax.random.PRNGKey(config.seed)
+  key = jax.random.PRNGKey(settings.seed)
   replicated = sharding.replicated(mesh)
   cohort_sharding = sharding.cohort_sharding(mesh)
-  groups = len(algorithms.architectures(config))
+  groups = settings.groups
   cohort_size, chunk = sharding.cohort_layout(
-      config.clients_per_round, mesh, config.clients_per_chunk,
-      quota=clients.group_quota(config.num_clients, config.clients_per_round,
-                                groups) if groups > 1 else ())
-  round_advice = _round_advice(config, cohort_size, chunk)
-  with _out_of_memory_is('placing the data and models', round_advice):
+      settings.clients_per_round, mesh, settings.clients_per_chunk,
+      quota=clients.group_quota(settings.num_clients,
+                                settings.clients_per_round, groups)
+      if groups > 1 else ())
+  round_advice = _round_advice(settings, cohort_size, chunk)
+  with out_of_memory_is('placing the data and models', round_advice):
     # Every device holds all client data: cohorts are random, so split rows
     # would sit on any device, and XLA then gathers each local step's batch
     # with an all-reduce across devices (rounds ~1.3x slower on 8 CPU devices).
-    client_data = jax.device_put(
-        clients.stack_clients(dataset.x_train, dataset.y_train, parts).replace(
-            public_x=public_x, public_y=public_y), replicated)
+    client_data = jax.device_put(client_data, replicated)
     # fd and fedmd have no global model to initialise.
     params = built.init_params and built.init_params(
         jax.random.fold_in(key, 0))
-    state = jax.jit(algorithms.initializer(config, alg))(
-        params, jax.random.fold_in(key, 1), client_data)
+    state = jax.jit(built.init)(params, jax.random.fold_in(key, 1),
+                                client_data)
     state_shardings = sharding.state_sharding(state, mesh)
     state = jax.device_put(state, state_shardings)
 
   def cohort_for(round_index):
     # Cohorts depend on (seed, round) only, so a resumed run samples the same.
-    rng = np.random.default_rng([config.seed, round_index])
+    rng = np.random.default_rng([settings.seed, round_index])
     return jax.device_put(
-        clients.sample_cohort(rng, config.num_clients,
-                              config.clients_per_round, cohort_size, groups),
+        clients.sample_cohort(rng, settings.num_clients,
+                              settings.clients_per_round, cohort_size, groups),
         cohort_sharding)
 
   round_key = jax.random.fold_in(key, 2)
   # Built before compilation (seconds for pld), where a signal still ends
   # the run at once.
-  accountant = _accountant(config)
+  accountant = _accountant(settings)
   stop.phase('compilation')
   print('compiling the round and the evaluation', flush=True)
   start = time.perf_counter()
-  dp = None
-  if config.dp_clip_norm > 0:
-    dp = privacy.DpSettings(config.dp_clip_norm, config.dp_noise_multiplier,
-                            expected_clients=config.clients_per_round)
   round_fn = algorithm.make_round(
       alg.client_update, alg.server_update, clients_per_chunk=chunk,
-      faults=algorithm.Faults(dropout_rate=config.dropout_rate,
-                              straggler_rate=config.straggler_rate), dp=dp)
-  with _out_of_memory_is('compiling the round', round_advice):
+      faults=settings.faults, dp=settings.dp)
+  with out_of_memory_is('compiling the round', round_advice):
     apply = jax.jit(
         round_fn, donate_argnums=0,
         in_shardings=(state_shardings, replicated, cohort_sharding,
@@ -281,56 +352,57 @@ def _setup(config, dataset, parts, public_x, public_y,
             state, client_data, cohort_for(0), round_key).compile()
   compile_seconds = time.perf_counter() - start
 
-  test = jax.device_put((dataset.x_test, dataset.y_test), replicated)
+  test = jax.device_put(test, replicated)
   evaluation = functools.partial(
       _compile_evaluation, state=state, x=test[0], y=test[1],
-      max_batch_size=config.eval_batch_size,
+      max_batch_size=settings.eval_batch_size,
       budget=metrics_lib.eval_budget_bytes(jax.local_devices()[0]))
-  with _out_of_memory_is('compiling the evaluation', _eval_advice(config)):
+  with out_of_memory_is('compiling the evaluation', _eval_advice(settings)):
     eval_students = tuple((m.name, evaluation(m.model, m.params, num_models=1))
                           for m in built.global_models)
     eval_teachers = tuple(
         (m.name, evaluation(m.model, m.params,
-                            num_models=min(config.eval_teachers, m.count)))
-        for m in built.private_models if config.eval_teachers)
-  return _Run(config, built, state, client_data, apply, cohort_for, round_key,
-              eval_students, eval_teachers, test, compile_seconds,
+                            num_models=min(settings.eval_teachers, m.count)))
+        for m in built.private_models if settings.eval_teachers)
+  return _Run(settings, built, state, client_data, apply, cohort_for,
+              round_key, eval_students, eval_teachers, test, compile_seconds,
               round_advice, accountant)
 
 
-def _accountant(config) -> privacy.Accountant | None:
+def _accountant(settings: Settings) -> privacy.Accountant | None:
   """The run's privacy accountant, or None without DP noise."""
-  if not (config.dp_clip_norm > 0 and config.dp_noise_multiplier > 0):
+  if not (settings.dp and settings.dp.noise_multiplier > 0):
     return None
   return privacy.Accountant(
-      noise_multiplier=config.dp_noise_multiplier,
-      sampling_probability=config.clients_per_round / config.num_clients,
-      delta=config.dp_delta, accountant=config.dp_accountant)
+      noise_multiplier=settings.dp.noise_multiplier,
+      sampling_probability=settings.clients_per_round / settings.num_clients,
+      delta=settings.dp_delta, accountant=settings.dp_accountant)
 
 
 def _evaluate(run: _Run, state, kept: str) -> dict:
   """Test-set figures of the global models and the evaluated private ones.
 
-  With several architectures, each one's mean accuracy is reported too
-  (`accuracy_<model>`); `student_accuracy` and `student_loss` are then the
-  means over the global models, `teacher_accuracy` over every private model
-  evaluated.
+  With several architectures, each one's mean accuracy is reported too:
+  `accuracy_<model>`, or for private teachers beside a global model
+  `teacher_accuracy_<model>`. `student_accuracy` and `student_loss` are
+  then the means over the global models, `teacher_accuracy` over every
+  private model evaluated.
   """
   row = dict(student_accuracy=None, student_loss=None, teacher_accuracy=None)
-  several = len(run.eval_students) > 1 or len(run.eval_teachers) > 1
 
-  def figures(evaluations):
+  def figures(evaluations, prefix):
     """([N] losses, [N] accuracies) of every model of `evaluations`."""
     out = []
     for name, evaluate in evaluations:
       out.append(jax.device_get(evaluate(state, *run.test)))
-      if several:
-        row[f'accuracy_{name}'] = float(np.mean(out[-1][1]))
+      if len(evaluations) > 1:
+        row[f'{prefix}accuracy_{name}'] = float(np.mean(out[-1][1]))
     return [np.concatenate(x) for x in zip(*out)] if out else None
 
-  with _out_of_memory_is('evaluating', f'{_eval_advice(run.config)}; {kept}'):
-    students, teachers = figures(run.eval_students), figures(
-        run.eval_teachers)
+  with out_of_memory_is('evaluating', f'{_eval_advice(run.settings)}; {kept}'):
+    students = figures(run.eval_students, '')
+    teachers = figures(run.eval_teachers,
+                       'teacher_' if run.eval_students else '')
   if students:
     row.update(student_loss=float(np.mean(students[0])),
                student_accuracy=float(np.mean(students[1])))
@@ -403,7 +475,7 @@ def _account(pending, fetched, totals: dict, kept, streak: int,
 
 def _loop(run: _Run, work: workdir_lib.Workdir, stop: stopping.Stopper, *,
           progress: bool):
-  config = run.config
+  settings = run.settings
   state, rows, first, streak = run.state, [], 0, 0
   totals = dict.fromkeys((name for name, _ in _TOTALS), 0)
   restored = work.restore(state, totals)
@@ -415,7 +487,7 @@ def _loop(run: _Run, work: workdir_lib.Workdir, stop: stopping.Stopper, *,
   work.start(rows)
   last_saved = first
   if stop.signum:
-    raise Interrupted(stop.signum, first, config.num_rounds)
+    raise Interrupted(stop.signum, first, settings.num_rounds)
   pending = []  # (round, metrics on device) not yet fetched
   seconds, timed = 0.0, 0  # training wall time and rounds since the last row
 
@@ -423,13 +495,13 @@ def _loop(run: _Run, work: workdir_lib.Workdir, stop: stopping.Stopper, *,
     return (f'the last good checkpoint, from round {last_saved}, is kept in '
             f'{work.path}' if last_saved else 'no checkpoint was saved')
 
-  with tqdm.tqdm(range(first, config.num_rounds), desc='rounds',
-                 initial=first, total=config.num_rounds,
+  with tqdm.tqdm(range(first, settings.num_rounds), desc='rounds',
+                 initial=first, total=settings.num_rounds,
                  disable=not progress) as bar:
     mark = time.perf_counter()
     for r in bar:
       done = r + 1
-      with _out_of_memory_is(f'in round {done}',
+      with out_of_memory_is(f'in round {done}',
                              f'{run.round_advice}; {kept()}'):
         state, m = run.apply(state, run.client_data, run.cohort_for(r),
                              jax.random.fold_in(run.round_key, r))
@@ -438,16 +510,17 @@ def _loop(run: _Run, work: workdir_lib.Workdir, stop: stopping.Stopper, *,
         # so a stop comes within a round.
         if len(pending) > 1:
           jax.block_until_ready(pending[-2][1])
-        evaluate = done % config.eval_every == 0 or done == config.num_rounds
-        save = done == config.num_rounds or (
-            config.checkpoint_every and done % config.checkpoint_every == 0)
+        evaluate = (done % settings.eval_every == 0 or
+                    done == settings.num_rounds)
+        save = done == settings.num_rounds or (
+            settings.checkpoint_every and done % settings.checkpoint_every == 0)
         if not (evaluate or save or stop.signum):
           continue
         fetched = jax.device_get([m for _, m in pending])
       seconds += time.perf_counter() - mark
       timed += len(pending)
       streak = _account(pending, fetched, totals, kept, streak,
-                        config.max_nonfinite_rounds)
+                        settings.max_nonfinite_rounds)
       pending.clear()
       if evaluate:
         evaluated = _evaluate(run, state, kept())
@@ -464,156 +537,41 @@ def _loop(run: _Run, work: workdir_lib.Workdir, stop: stopping.Stopper, *,
         work.save(done, state, {'rows': rows, 'totals': totals,
                                 'nonfinite_streak': streak})
         last_saved = done
-      if stop.signum and done < config.num_rounds:
-        raise Interrupted(stop.signum, done, config.num_rounds)
+      if stop.signum and done < settings.num_rounds:
+        raise Interrupted(stop.signum, done, settings.num_rounds)
       mark = time.perf_counter()
   work.write_final(state.params)
   if stop.signum:
-    raise Interrupted(stop.signum, config.num_rounds, config.num_rounds)
+    raise Interrupted(stop.signum, settings.num_rounds, settings.num_rounds)
   return rows
 
 
-def _hold_out_public(dataset: data.Dataset, num_public: int, seed: int):
-  """Splits `num_public` random training examples off as public data.
+def train(settings: Settings, built: Built, client_data: clients.ClientData,
+          test: tuple[Any, Any], work: workdir_lib.Workdir,
+          stop: stopping.Stopper, *, progress: bool = True) -> list[dict]:
+  """Trains `built` as `settings` say, recording into the locked `work`.
 
-  Returns:
-    (dataset without them, public features, public labels).
-  """
-  if num_public >= len(dataset.y_train):
-    raise FedkdError(f'public_examples={num_public} leaves no training data: '
-                     f'{dataset.name} has {len(dataset.y_train)} training '
-                     'examples')
-  order = np.random.default_rng([seed, 1]).permutation(len(dataset.y_train))
-  public, train = order[:num_public], np.sort(order[num_public:])
-  return (dataclasses.replace(dataset, x_train=dataset.x_train[train],
-                              y_train=dataset.y_train[train]),
-          dataset.x_train[public], dataset.y_train[public].astype(np.int32))
-
-
-def num_public(config, num_train: int) -> int:
-  """Training examples to hold out as public data.
-
-  `public_examples`, or where it is 0 for an algorithm that needs public data
-  (feddf, fedmd), `DEFAULT_PUBLIC_FRACTION` of the `num_train` examples.
-  """
-  if config.public_examples or config.algorithm not in algorithms.PUBLIC_DATA:
-    return config.public_examples
-  return max(1, int(DEFAULT_PUBLIC_FRACTION * num_train))
-
-
-def load_data(config):
-  """The dataset, its partition into clients and the public data.
-
-  Returns:
-    (dataset, parts, public_x, public_y); `public_y` is empty unless the
-    algorithm reads the public labels (`algorithms.public_labels`).
-  """
-  if config.dataset == 'synthetic':
-    dataset, parts = synthetic.synthetic(
-        config.num_clients, alpha=config.synthetic_alpha,
-        beta=config.synthetic_beta,
-        max_examples=config.synthetic_max_examples, seed=config.seed)
-    return dataset, parts, dataset.x_train[:0], dataset.y_train[:0]
-  dataset = data.load_dataset(config.dataset, config.data_dir or None,
-                              download=config.tfds_download)
-  dataset, public_x, public_y = _hold_out_public(
-      dataset, num_public(config, len(dataset.y_train)), config.seed)
-  parts = partition.partition(
-      dataset.y_train, config.num_clients, config.partition,
-      alpha=config.alpha, shards_per_client=config.shards_per_client,
-      seed=config.seed)
-  if not algorithms.public_labels(config):
-    public_y = public_y[:0]  # e.g. fd's and fedkd's runs have none
-  return dataset, parts, public_x, public_y
-
-
-def _partition_name(config) -> str:
-  return 'natural' if config.dataset == 'synthetic' else config.partition
-
-
-def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
-  """Trains as configured, writing results to `workdir` (see fedkd.workdir).
-
-  The work runs in a worker thread, so SIGINT/SIGTERM are handled at once
-  from any point, compilation included (see `fedkd.stopping`).
+  Args:
+    settings: how to run.
+    built: the algorithm and its models.
+    client_data: every client's examples (`clients.stack_clients`), with
+      the public data where the algorithm reads it.
+    test: (x_test, y_test), what evaluation scores.
+    work: the run directory, locked and checked against this run.
+    stop: the run's `stopping.Stopper`; nothing in `work` changes before
+      the first round, so a stop until then leaves it as it was.
+    progress: show a progress bar.
 
   Returns:
     The rows of metrics.jsonl, one per evaluated round.
 
   Raises:
-    FedkdError: bad input (`OutOfMemory`: a setting too large for memory).
+    OutOfMemory: a setting too large for the memory (the message says which).
     Diverged: the global model became NaN/inf, or (`NoFiniteClients`)
       every client update did for `max_nonfinite_rounds` rounds in a row.
     Interrupted: SIGINT/SIGTERM once the workdir was in use.
   """
-  with stopping.handling_signals() as stop, _out_of_space_is(workdir), \
-      _out_of_memory_is('during the run', _RUN_ADVICE):
-    return stopping.run_in_worker(_run, config, workdir, stop, progress)
-
-
-def _checked_data(config):
-  """Validates `config` and its data.
-
-  Returns:
-    (dataset, parts, public_x, public_y, the fingerprint a checkpoint keeps).
-  """
-  validation.validate_config(config)
-  dataset, parts, public_x, public_y = load_data(config)
-  validation.validate_models(config, dataset.x_train.shape[1:],
-                             dataset.num_classes, len(public_x))
-  # Only runs that read the public labels hash them: other checkpoints keep
-  # their fingerprints.
-  labels = (public_y,) if len(public_y) else ()
-  return (dataset, parts, public_x, public_y,
-          data.fingerprint(dataset, public_x, *labels))
-
-
-def check(config, workdir: str) -> None:
-  """Refuses what `run` would refuse before training; trains nothing.
-
-  The config, its data and the models are checked; an existing `workdir` is
-  locked, checked against the run and released, a missing one is not made.
-  `experiments/compare.py` checks every sub-run so before the first starts.
-
-  Raises:
-    FedkdError: as `run` would before its first round.
-  """
-  with _out_of_space_is(workdir), _out_of_memory_is('checking the data',
-                                                    _RUN_ADVICE):
-    *_, fingerprint = _checked_data(config)
-    validation.validate_workdir(workdir, create=False)
-    if os.path.isdir(workdir):
-      workdir_lib.Workdir(workdir, config.to_dict(), data=fingerprint,
-                          overwrite=config.overwrite).close()
-
-
-def _run(config, workdir: str, stop: stopping.Stopper, progress: bool):
-  validation.validate_processes(config)
-  sharding.initialize_distributed(config.coordinator_address,
-                                  config.num_processes, config.process_id,
-                                  config.coordinator_timeout)
-  stop.phase('data loading')
-  dataset, parts, public_x, public_y, fingerprint = _checked_data(config)
-  validation.validate_workdir(workdir)
-  # Locks the workdir and refuses another run's files before the set-up;
-  # nothing in it changes before the loop starts.
-  work = workdir_lib.Workdir(workdir, config.to_dict(), data=fingerprint,
-                             overwrite=config.overwrite)
-  try:
-    stop.phase('set-up')
-    setup = _setup(config, dataset, parts, public_x, public_y, stop)
-    stop.defer()  # the workdir is written from here on
-    if config.algorithm in algorithms.PUBLIC_DATA and not (
-        config.public_examples):
-      print(f'public data: {len(public_x)} training examples held out '
-            f'({DEFAULT_PUBLIC_FRACTION:.0%}, as public_examples is 0)')
-    if num_val := algorithms.feddf_num_val(config, len(public_x)):
-      print(f'feddf validates its distillation on {num_val} of the '
-            f'{len(public_x)} public examples (distill_val_fraction)')
-    print(f'{_partition_name(config)} partition of {dataset.name}:')
-    print(partition.describe(dataset.y_train, parts, dataset.num_classes))
-    rows = _loop(setup, work, stop, progress=progress)
-  finally:
-    work.close()
-  print(format_table(rows))
-  return rows
+  stop.phase('set-up')
+  setup = _setup(settings, built, client_data, test, stop)
+  stop.defer()  # the workdir is written from here on
+  return _loop(setup, work, stop, progress=progress)

@@ -16,6 +16,7 @@ the wrong type is refused before anything in it changes; `overwrite` replaces
 the old run only once the new one has started (`Workdir.start`).
 """
 
+from collections.abc import Collection, Mapping
 import errno
 import fcntl
 import json
@@ -41,14 +42,6 @@ TENSORBOARD = 'tensorboard'
 FINAL_PARAMS = 'final_params.msgpack'
 NONFINITE = 'nonfinite_metrics'
 
-# Fields a resumed run may change: the rounds compute the same (evaluation,
-# checkpoint cadence, layout: up to float rounding), or are checked otherwise
-# (`data_dir`, `tfds_download`: where the data comes from; the dataset's
-# fingerprint). `num_rounds`: see _SAME_RUN_HINT.
-_RESUMABLE = frozenset({
-    'overwrite', 'checkpoint_every', 'eval_every', 'eval_batch_size',
-    'eval_teachers', 'num_devices', 'clients_per_chunk', 'process_id',
-    'coordinator_address', 'data_dir', 'target_accuracy', 'tfds_download'})
 _FILES = (CONFIG, METRICS, FINAL_PARAMS)
 
 
@@ -86,23 +79,13 @@ def _json_bytes(value) -> bytes:
   return json.dumps(value, indent=2, sort_keys=True).encode()
 
 
-def _num_rounds_matters(config: dict) -> bool:
-  """Whether a round's computation depends on `num_rounds` (see build()).
-
-  fedkd's SVD energy threshold moves from svd_energy_start to svd_energy_end
-  over num_rounds.
-  """
-  return (config.get('algorithm') == 'fedkd' and
-          config.get('svd_energy_start') != config.get('svd_energy_end'))
-
-
-def _changed_field(old: dict, new: dict) -> str | None:
+def _changed_field(old: dict, new: dict,
+                   may_change: Collection[str]) -> str | None:
   """The first field whose change would make a resumed run differ."""
-  # Fields missing from the old config came with a newer fedkd.
+  # Fields missing from the old record came with a newer fedkd.
   for k in sorted(old):
     same = old[k] == new.get(k) or json.dumps(old[k]) == json.dumps(new.get(k))
-    if same or k in _RESUMABLE or (k == 'num_rounds' and
-                                   not _num_rounds_matters(new)):
+    if same or k in may_change:
       continue
     return k
   return None
@@ -133,16 +116,21 @@ class Workdir:
   changing any; `start` is where an `overwrite` run replaces the old one.
   """
 
-  def __init__(self, path: str, config: dict, *, data: str, overwrite: bool):
+  def __init__(self, path: str, config: dict, *, data: str, overwrite: bool,
+               may_change: Collection[str] = (),
+               why_fixed: Mapping[str, str] | None = None):
     """Locks and checks `path`.
 
     Args:
       path: the workdir; it exists.
-      config: the run's config; what it may differ in from the config of a
-        run there is `_RESUMABLE` (and `num_rounds`, see _changed_field).
+      config: the run's settings (JSON values; `num_rounds` among them), as
+        written to config.json and every checkpoint.
       data: the dataset's fingerprint (`fedkd.data.fingerprint`).
       overwrite: replace a run of another config or dataset instead of
         refusing.
+      may_change: the fields a resumed run may change (the rounds compute
+        the same); any other difference from the run there is refused.
+      why_fixed: per field, why it may not change, for the refusal.
 
     Raises:
       FedkdError: another run uses `path`, or it holds files that cannot be
@@ -150,6 +138,8 @@ class Workdir:
     """
     self.path = path
     self._config = json.loads(json.dumps(config))  # as read back from JSON
+    self._may_change = frozenset(may_change)
+    self._why_fixed = dict(why_fixed or {})
     self._data = data
     self._overwrite = overwrite
     self._checkpoints = None
@@ -204,10 +194,7 @@ class Workdir:
                          ' or use another --workdir')
 
   def _refuse(self, where: str, field: str, old, now) -> None:
-    hint = ''
-    if field == 'num_rounds':
-      hint = ('; fedkd\'s SVD energy schedule spans num_rounds, so only a run'
-              ' with svd_energy_start == svd_energy_end may change it')
+    hint = f'; {self._why_fixed[field]}' if field in self._why_fixed else ''
     raise FedkdError(
         f'workdir {self.path} holds a run with a different {where} ({field}: '
         f'{old!r} there, {now!r} now{hint}); use another --workdir, or '
@@ -217,7 +204,7 @@ class Workdir:
     """Refuses a workdir holding another run, by config.json or checkpoint."""
     old = self._read_config()
     if old is not None:
-      field = _changed_field(old, self._config)
+      field = _changed_field(old, self._config, self._may_change)
       if field:
         self._refuse(f'config in {CONFIG}', field, old.get(field),
                      self._config.get(field))
@@ -242,7 +229,8 @@ class Workdir:
 
   def _check_checkpoint(self, step: int, meta: dict) -> None:
     """Refuses to resume checkpoint `step` of another config or dataset."""
-    field = _changed_field(meta['config'], self._config)
+    field = _changed_field(meta['config'], self._config,
+                           self._may_change)
     if field:
       self._refuse(f'config in checkpoint {step}', field,
                    meta['config'].get(field), self._config.get(field))

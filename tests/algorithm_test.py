@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import builder
 from experiments.configs import default
 from fedkd import algorithm
 from fedkd import algorithms
@@ -232,7 +233,7 @@ class RegisteredModelsTest(parameterized.TestCase):
                   # The round's invariants; fedmd's transfer learning before
                   # round 1 has its own golden test.
                   fedmd_transfer_epochs=0, fedmd_private_epochs=0)
-    built = algorithms.build(config, toys.INPUT_SHAPE, toys.NUM_CLASSES,
+    built = builder.build(config, toys.INPUT_SHAPE, toys.NUM_CLASSES,
                              toys.NUM_PUBLIC)
     alg = built.algorithm
     params = built.init_params and built.init_params(jax.random.PRNGKey(0))

@@ -10,8 +10,8 @@ from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 
 from experiments import compare
+from experiments import runner
 from experiments.configs import default
-from fedkd import train
 from fedkd.errors import FedkdError
 
 
@@ -90,7 +90,7 @@ class CheckFirstTest(absltest.TestCase):
     workdir = self.create_tempdir().full_path
     with open(os.path.join(workdir, 'fedprox'), 'w') as f:
       f.write('not a directory')
-    with mock.patch.object(train, 'run', side_effect=AssertionError('ran')):
+    with mock.patch.object(runner, 'run', side_effect=AssertionError('ran')):
       with self.assertRaisesRegex(FedkdError, message):
         compare.run(config, workdir)
     self.assertEqual(os.listdir(workdir), ['fedprox'])

@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking as tfds_mocking
 
 import data_test  # tests/ is on sys.path under pytest
-from fedkd import train
+from experiments import runner
 import toys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,7 @@ class FullSizeConfigTest(absltest.TestCase):
         tfds.testing.mock_data(
             num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE),
     ):
-      (row,) = train.run(config, self.create_tempdir().full_path,
+      (row,) = runner.run(config, self.create_tempdir().full_path,
                          progress=False)
     self.assertEqual(row['round'], 1)
     self.assertEqual(row['clients'], 2)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import runner
 from experiments.configs import default
 from fedkd import algorithm
 from fedkd import clients
@@ -134,7 +135,7 @@ class RunLevelTest(absltest.TestCase):
     config = default.get_config('smoke')
     config.update(overrides)
     workdir = self.create_tempdir().full_path
-    train.run(config, workdir, progress=False)
+    runner.run(config, workdir, progress=False)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       return [json.loads(l) for l in f]
 
@@ -162,7 +163,7 @@ class RunLevelTest(absltest.TestCase):
                   num_clients=10, clients_per_round=5)
     with self.assertRaisesRegex(train.NoFiniteClients,
                                 r'rounds 1-2 \(max_nonfinite_rounds=2\)'):
-      train.run(config, workdir, progress=False)
+      runner.run(config, workdir, progress=False)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       rows = [json.loads(l) for l in f]
     self.assertEqual([r['round'] for r in rows], [1])

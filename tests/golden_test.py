@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from experiments import builder
 from experiments.configs import default as default_config
 from fedkd import algorithms
 from fedkd import optimizers
@@ -370,7 +371,7 @@ class GoldenTest(parameterized.TestCase):
     config = ml_collections.ConfigDict(dict(
         distill_optimizer='sgd', distill_lr=1.0, distill_schedule='cosine',
         distill_clip_norm=5.0, distill_epochs=2, public_batch_size=2))
-    tx = algorithms.feddf_distill_tx(config, num_proxy=5)
+    tx = builder.feddf_distill_tx(config, num_proxy=5)
     state, grad = tx.init(jnp.zeros(2)), jnp.array([6.0, 8.0])  # norm 10
     updates = []
     for _ in range(7):

@@ -21,6 +21,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from experiments import runner
 from experiments.configs import default
 from fedkd import train
 from fedkd.errors import FedkdError
@@ -489,7 +490,7 @@ class OutOfResourcesAnywhereTest(parameterized.TestCase):
     with mock.patch(target, side_effect=error):
       with self.assertRaisesRegex(FedkdError, pattern.format(
           workdir=workdir)) as raised:
-        train.run(default.get_config('smoke'), workdir, progress=False)
+        runner.run(default.get_config('smoke'), workdir, progress=False)
     self.assertNotIn('\n', str(raised.exception))
     self.assertEmpty(os.listdir(workdir))
 
@@ -503,12 +504,12 @@ class DefaultPublicDataTest(parameterized.TestCase):
   def test_num_public(self, algorithm, public_examples, num_train, expected):
     config = default.get_config('smoke')
     config.update(algorithm=algorithm, public_examples=public_examples)
-    self.assertEqual(train.num_public(config, num_train), expected)
+    self.assertEqual(runner.num_public(config, num_train), expected)
 
   def test_digits_split(self):
     config = default.get_config('smoke')
     config.algorithm = 'feddf'
-    dataset, _, public_x, *_ = train.load_data(config)
+    dataset, _, public_x, *_ = runner.load_data(config)
     # digits: 1,797 images, 360 of them in the test split; 10% of 1,437.
     self.assertLen(public_x, 143)
     self.assertLen(dataset.y_train, 1437 - 143)

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import validation
 from experiments.configs import default
 from fedkd import models
-from fedkd import validation
 from fedkd.errors import FedkdError
 
 

@@ -12,8 +12,8 @@ import time
 from absl.testing import absltest
 import jax
 
+from experiments import runner
 from experiments.configs import default
-from fedkd import train
 from fedkd import workdir as workdir_lib
 import toys
 
@@ -103,7 +103,7 @@ class DeterminismTest(absltest.TestCase):
     config = default.get_config('smoke')
     config.update(overrides)
     workdir = self.create_tempdir().full_path
-    train.run(config, workdir, progress=False)
+    runner.run(config, workdir, progress=False)
     return _results(workdir)
 
   def test_same_seed_gives_bit_identical_results_resumed_or_not(self):
@@ -112,9 +112,9 @@ class DeterminismTest(absltest.TestCase):
     config = default.get_config('smoke')
     config.num_rounds = 1
     workdir = self.create_tempdir().full_path
-    train.run(config, workdir, progress=False)
+    runner.run(config, workdir, progress=False)
     config.num_rounds = 2
-    train.run(config, workdir, progress=False)
+    runner.run(config, workdir, progress=False)
     self.assertEqual(_results(workdir), self._run())
 
   def test_heterogeneous_run_resumed_is_bit_identical(self):
@@ -123,9 +123,9 @@ class DeterminismTest(absltest.TestCase):
     config = default.get_config('smoke')
     config.update(num_rounds=1, **hetero)
     workdir = self.create_tempdir().full_path
-    train.run(config, workdir, progress=False)
+    runner.run(config, workdir, progress=False)
     config.num_rounds = 2
-    train.run(config, workdir, progress=False)
+    runner.run(config, workdir, progress=False)
     resumed = _results(workdir)
     self.assertEqual(resumed, self._run(**hetero))
     for name in ('seed_student', 'mnist_2nn'):

@@ -8,9 +8,9 @@ from absl.testing import absltest
 import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 
+from experiments import runner
 from experiments.configs import default
 from fedkd import tensorboard
-from fedkd import train
 from fedkd import workdir as workdir_lib
 from fedkd.errors import FedkdError
 
@@ -147,7 +147,7 @@ class RunTest(absltest.TestCase):
     config.update(algorithm='fedavg', num_clients=10, clients_per_round=5,
                   local_epochs=1)
     workdir = self.create_tempdir().full_path
-    train.run(config, workdir, progress=False)
+    runner.run(config, workdir, progress=False)
     with open(os.path.join(workdir, workdir_lib.METRICS)) as f:
       rows = [json.loads(line) for line in f]
     self.assertEqual([r['round'] for r in rows], [1, 2])

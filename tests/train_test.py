@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import runner
 from experiments.configs import default
 from fedkd import data
 from fedkd import metrics
@@ -32,7 +33,7 @@ _ROUND_BYTES = 100 * 2410 * 4
 def _run(workdir, **overrides):
   config = default.get_config('smoke')
   config.update(_RUN, **overrides)
-  train.run(config, workdir, progress=False)
+  runner.run(config, workdir, progress=False)
   with open(os.path.join(workdir, workdir_lib.METRICS)) as f:
     return [json.loads(l) for l in f]
 
@@ -102,7 +103,7 @@ class PublicDataTest(absltest.TestCase):
     config = default.get_config('smoke')
     config.update(algorithm='fedmd', public_examples=30)
     full = data.load_dataset('digits')
-    _, _, public_x, public_y = train.load_data(config)
+    _, _, public_x, public_y = runner.load_data(config)
     self.assertEqual(public_y.shape, (30,))
     # Each label is one that the held-out features carry in the full set.
     for x, y in zip(public_x, public_y):
@@ -110,11 +111,11 @@ class PublicDataTest(absltest.TestCase):
       self.assertIn(y, full.y_train[same])
     # feddf validates on its labelled split only while it has one.
     config.algorithm = 'feddf'
-    np.testing.assert_array_equal(train.load_data(config)[3], public_y)
+    np.testing.assert_array_equal(runner.load_data(config)[3], public_y)
     config.distill_val_fraction = 0.0
-    self.assertEmpty(train.load_data(config)[3])
+    self.assertEmpty(runner.load_data(config)[3])
     config.algorithm = 'fedavg'
-    self.assertEmpty(train.load_data(config)[3])
+    self.assertEmpty(runner.load_data(config)[3])
 
 
 if __name__ == '__main__':

@@ -12,6 +12,7 @@ from absl.testing import parameterized
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import runner
 from fedkd import data
 from fedkd import workdir as workdir_lib
 from fedkd.errors import FedkdError
@@ -25,8 +26,9 @@ TOTALS = {'total_bytes': 0}
 
 
 def _open(path, *, overwrite=False, data_hash=DATA, **changes):
-  return workdir_lib.Workdir(path, {**CONFIG, **changes}, data=data_hash,
-                             overwrite=overwrite)
+  config = {**CONFIG, **changes}
+  return workdir_lib.Workdir(path, config, data=data_hash,
+                             overwrite=overwrite, **runner.resumable(config))
 
 
 def _write_run(path, rounds=(1, 2)):
@@ -168,8 +170,9 @@ class WorkdirTest(parameterized.TestCase):
       ('overwrite_flag', dict(overwrite=True)),
   )
   def test_resumable_changes(self, changes):
-    work = workdir_lib.Workdir(self.path, {**CONFIG, **changes}, data=DATA,
-                               overwrite=False)
+    config = {**CONFIG, **changes}
+    work = workdir_lib.Workdir(self.path, config, data=DATA, overwrite=False,
+                               **runner.resumable(config))
     self.assertEqual(work.restore(STATE, TOTALS)[0], 2)
     work.close()
 

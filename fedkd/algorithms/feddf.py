@@ -9,7 +9,7 @@ only the parameters count as bytes). The server averages (FedOpt), then
 distills the ensemble into the average: `distill_epochs` passes of
 `distill_tx` on `KL(softmax(ensemble / T) || softmax(global / T))` (no T^2,
 as the official `divergence`), the ensemble detached; official: T = 1, Adam
-at 1e-3 with cosine decay, clip 5 (`fedkd.algorithms.build`'s defaults).
+at 1e-3 with cosine decay, clip 5 (`experiments/builder.py`'s defaults).
 
 With k architectures (the paper's Sec. 4), client i trains `model[i % k]`
 (`algorithm.make_round`'s client groups); each architecture's global model
