@@ -179,7 +179,8 @@ def build(config, input_shape, num_classes: int,
   teachers = tuple(models.get_model(n, num_classes) for n in names)
   private_models = _private(names, teachers, config.num_clients)
   if name == 'fedkd':
-    alg = fedkd(mentor=teachers[0], mentee=student, mentor_tx=teacher_tx,
+    alg = fedkd(mentor=algorithm.per_group(teachers), mentee=student,
+                mentor_tx=teacher_tx,
                 energy_start=config.svd_energy_start,
                 energy_end=config.svd_energy_end,
                 num_rounds=config.num_rounds,

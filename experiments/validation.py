@@ -161,11 +161,9 @@ def _validate_client_models(config) -> None:
     raise FedkdError(f'client_models lists a model twice: '
                      f'{config.client_models}; list each architecture once')
   if config.algorithm not in algorithms.HETEROGENEOUS:
-    why = ('mentors of several architectures are not implemented'
-           if config.algorithm == 'fedkd' else 'it averages the clients\' '
-           'models, which needs one architecture')
     raise FedkdError(
-        f'client_models: not supported by {config.algorithm} ({why}); use '
+        f'client_models: not supported by {config.algorithm}, which averages '
+        'the clients\' models (one architecture); use '
         f'one of {", ".join(algorithms.HETEROGENEOUS)} or leave client_models '
         'empty')
   if config.dp_clip_norm > 0 and len(names) > 1:

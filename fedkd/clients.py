@@ -312,6 +312,28 @@ def delta_output(server_params: Params, params: Params, num_examples: Array,
                       state=state, metrics=sums)
 
 
+def train_beside(step, client_state: tuple, server_params: Params,
+                 data: ClientData, client_id: Array, num_examples: Array,
+                 rng: PRNGKey, *, tx: optax.GradientTransformation,
+                 epochs: int, batch_size: int) -> ClientOutput:
+  """Trains a client's private state beside a fresh copy of the global model.
+
+  `step` runs over the carry `(*client_state, params, opt_state)` (e.g. a
+  private teacher's parameters and optimizer state, then the global model's
+  with a fresh `tx` state).
+
+  Returns:
+    `delta_output` of the global model, the private state the client's new
+    state.
+  """
+  carry = (*client_state, server_params, tx.init(server_params))
+  (*private, params, _), sums = local_training(
+      step, carry, data, client_id, num_examples, rng, epochs=epochs,
+      batch_size=batch_size)
+  return delta_output(server_params, params, num_examples, tuple(private),
+                      sums)
+
+
 def delta_client_update(
     per_example_loss: Callable[[Params, Params, Batch], Array], *,
     tx: optax.GradientTransformation, epochs: int, batch_size: int):

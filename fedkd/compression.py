@@ -248,3 +248,15 @@ def svd_compress(tree: PyTree, energy: Array) -> tuple[PyTree, Array]:
     out.append(matrix.reshape(leaf.shape))
     sent += leaf_floats
   return jax.tree.unflatten(treedef, out), sent
+
+
+def energy_schedule(start: float, end: float, num_rounds: int):
+  """round r -> `start + (end - start) (r + 1) / R`, the official `run.py`.
+
+  Round 0 already keeps more than `start`; the last round (R - 1) keeps `end`,
+  and later rounds (a resumed, longer run) stay there.
+  """
+  def value(round_index):
+    progress = jnp.minimum(round_index + 1, num_rounds) / num_rounds
+    return start + (end - start) * progress
+  return value

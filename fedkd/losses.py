@@ -1,4 +1,5 @@
-"""Per-example losses. Reduction and masking belong to the caller."""
+"""Per-example losses (reduction and masking belong to the caller), and
+FedKD's adaptive mutual distillation, whose scale is the batch's own loss."""
 
 import jax
 import jax.numpy as jnp
@@ -71,3 +72,42 @@ def not_true_distillation(student_logits: jax.Array,
   columns = others + (others >= labels[..., None])
   take = lambda z: jnp.take_along_axis(z, columns, axis=-1)
   return distillation(take(student_logits), take(teacher_logits), temperature)
+
+
+def adaptive_mutual_distillation(
+    mentor_logits: jax.Array, mentee_logits: jax.Array, labels: jax.Array,
+    mask: jax.Array, *, per_example: bool = False
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """FedKD's loss of a minibatch (Wu et al. 2022), mentor and mentee at once.
+
+  Per batch (default, the official code): `CE_t + CE_s + (KL(p_s || p_t) +
+  KL(p_t || p_s)) / (K (CE_t + CE_s))`, the CEs and KLs batch means over the
+  real examples (`mask`; the KLs as `nn.KLDivLoss()`'s 'mean' reduction,
+  which also divides by the K classes), nothing detached (`mutual_kl`).
+  `per_example` (the paper's equations read so): mentor `CE_t + KL(p_s ||
+  p_t) / (CE_t + CE_s)`, mentee `CE_s + KL(p_t || p_s) / (CE_t + CE_s)` per
+  example, each KL `distillation` at T = 1 (the other model detached), the
+  scale detached too. Either denominator is floored at 1e-6, so two
+  perfectly confident models give 0, not NaN.
+
+  Returns:
+    (the loss to differentiate, (the mentor's and the mentee's loss summed
+    over the real examples)).
+  """
+  ce_t = cross_entropy(mentor_logits, labels)
+  ce_s = cross_entropy(mentee_logits, labels)
+  if per_example:
+    scale = jax.lax.stop_gradient(1.0 / jnp.maximum(ce_t + ce_s, 1e-6))
+    loss_t = ce_t + scale * distillation(mentor_logits, mentee_logits, 1.0)
+    loss_s = ce_s + scale * distillation(mentee_logits, mentor_logits, 1.0)
+    # Each distillation term detaches the other model, so the gradient of
+    # the sum is (d loss_t / d mentor, d loss_s / d mentee).
+    return (masked_mean(loss_t + loss_s, mask),
+            (jnp.sum(loss_t * mask), jnp.sum(loss_s * mask)))
+  mean = lambda v: masked_mean(v, mask)
+  ce_t, ce_s = mean(ce_t), mean(ce_s)
+  scale = 1.0 / (mentor_logits.shape[-1] * jnp.maximum(ce_t + ce_s, 1e-6))
+  loss_t = ce_t + scale * mean(mutual_kl(mentee_logits, mentor_logits))
+  loss_s = ce_s + scale * mean(mutual_kl(mentor_logits, mentee_logits))
+  real = jnp.sum(mask)
+  return loss_t + loss_s, (loss_t * real, loss_s * real)

@@ -17,9 +17,9 @@ import optax
 from experiments import builder
 from experiments.configs import default as default_config
 from fedkd import algorithms
+from fedkd import compression
 from fedkd import optimizers
 from fedkd.algorithms import fedavg
-from fedkd.algorithms.fedkd import energy_schedule
 from fedkd.algorithms import local_kd
 import toys
 
@@ -296,7 +296,7 @@ class GoldenTest(parameterized.TestCase):
 
   def test_fedkd_energy_schedule_is_the_official_one(self):
     # run.py: energy = tmin + ((1 + r) / R) (tmax - tmin), r = 0 .. R - 1.
-    energy = energy_schedule(0.5, 0.9, 4)
+    energy = compression.energy_schedule(0.5, 0.9, 4)
     np.testing.assert_allclose([float(energy(r)) for r in range(6)],
                                [0.6, 0.7, 0.8, 0.9, 0.9, 0.9], rtol=1e-6)
 

@@ -57,7 +57,7 @@ class GroupsTest(parameterized.TestCase):
     cls.algs = toys.algorithms(N, client_models=_models())
     cls.alone = [toys.algorithms(N, client_models=m) for m in _models()]
 
-  @parameterized.parameters('fd', 'fedmd', 'local_kd')
+  @parameterized.parameters('fd', 'fedmd', 'local_kd', 'fedkd')
   def test_groups_equal_their_clients_run_separately(self, name):
     """Each group's clients, run as a one-architecture round from the same
     server state and rng, end where the grouped round leaves them; the
@@ -82,6 +82,10 @@ class GroupsTest(parameterized.TestCase):
         toys.assert_trees_close(
             state.clients[g],
             jax.tree.map(lambda x, g=g: x[g::2], separate[g].clients))
+      if name == 'fedkd':
+        # The server compresses the mean update it applies (not linear): the
+        # mentors above are what the groups' separate runs pin down.
+        continue
       if name == 'local_kd':
         # The student: the example-weighted mean of both groups' deltas.
         weights = [float(sum(SIZES[i] for i in ids)) for ids in groups]
@@ -137,7 +141,7 @@ class GroupsTest(parameterized.TestCase):
       self.assertFalse(np.allclose(jax.tree.leaves(distilled.params[g])[0],
                                    jax.tree.leaves(grouped.params[g])[0]))
 
-  @parameterized.parameters('feddf', 'fd', 'fedmd', 'local_kd')
+  @parameterized.parameters('feddf', 'fd', 'fedmd', 'local_kd', 'fedkd')
   def test_vmapped_equals_loop_and_chunked_and_compiles_once(self, name):
     alg = self.algs[name]
     state = _init(alg, name)

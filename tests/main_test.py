@@ -170,7 +170,8 @@ BAD_INPUTS = (
      'server_model is only used by feddf'),
     ('client_models_algorithm', ['--config.algorithm=fedavg',
                                  '--config.client_models=seed_student,'
-                                 'mnist_2nn'], 'needs one architecture'),
+                                 'mnist_2nn'],
+     "fedavg, which averages the clients' models"),
     ('client_models_dp', ['--config.client_models=seed_student,mnist_2nn',
                           '--config.dp_clip_norm=1.0'],
      'DP takes one client architecture'),

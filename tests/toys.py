@@ -62,8 +62,8 @@ def algorithms(num_clients, epochs=2, batch_size=3, client_models=None):
   """Every algorithm on the toy models, keyed by name.
 
   `client_models`: the clients' model(s) of fd, fedmd and feddf (default:
-  `student()`) and local_kd's teacher(s) (`teacher()`), e.g. a tuple for
-  client groups.
+  `student()`) and local_kd's teacher(s) and fedkd's mentor(s)
+  (`teacher()`), e.g. a tuple for client groups.
   """
   model = client_models or student()
   common = dict(client_tx=optax.sgd(0.1), epochs=epochs,
@@ -81,7 +81,7 @@ def algorithms(num_clients, epochs=2, batch_size=3, client_models=None):
           teacher=client_models or teacher(), student=student(), teacher_tx=optax.sgd(0.05),
           temperature=2.0, distill_weight=0.5, **private, **averaging),
       'fedkd': algorithms_lib.fedkd(
-          mentor=teacher(), mentee=student(), mentor_tx=optax.sgd(0.05),
+          mentor=client_models or teacher(), mentee=student(), mentor_tx=optax.sgd(0.05),
           energy_start=0.8, energy_end=0.9, num_rounds=3,
           **private, **averaging),
       'feddf': algorithms_lib.feddf(

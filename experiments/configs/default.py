@@ -36,8 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.algorithm = 'local_kd'
   c.teacher = 'seed_teacher'
   c.student = 'seed_student'
-  # feddf, fedmd, fd: clients of different architectures, 'NAME,NAME,...':
-  # client i trains NAME[i % k] ('' = all `student`).
+  # Clients of different architectures, 'NAME,NAME,...': client i trains
+  # NAME[i % k] (feddf, fedmd, fd: as its model, '' = `student`; local_kd,
+  # fedkd: as its private teacher, '' = `teacher`).
   c.client_models = ''
   c.num_rounds = 30
   c.local_epochs = 5

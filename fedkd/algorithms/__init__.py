@@ -30,9 +30,9 @@ NO_DP = {
 }
 DP_ALGORITHMS = tuple(name for name in ALGORITHMS if name not in NO_DP)
 # Algorithms whose clients may differ in architecture: their messages do
-# not depend on it. local_kd's clients differ in their private teacher, the
-# others' in their (only or global) model.
-HETEROGENEOUS = ('fd', 'feddf', 'fedmd', 'local_kd')
+# not depend on it. local_kd's and fedkd's clients differ in their private
+# teacher (mentor), the others' in their (only or global) model.
+HETEROGENEOUS = ('fd', 'feddf', 'fedkd', 'fedmd', 'local_kd')
 # Algorithms whose per-client model is a private teacher (fedkd: mentor).
 PRIVATE_TEACHERS = ('fedkd', 'local_kd')
 

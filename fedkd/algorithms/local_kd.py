@@ -98,12 +98,9 @@ def local_kd(*, teacher: nn.Module | Sequence[nn.Module],
             'teacher_loss_sum': jnp.sum(teacher_ex * mask),
             'student_loss_sum': jnp.sum(student_ex * mask)}
 
-      carry = (*client_state, server.params, client_tx.init(server.params))
-      (*teacher_state, params, _), sums = clients.local_training(
-          step, carry, data, client_id, num_examples, rng, epochs=epochs,
-          batch_size=batch_size)
-      out = clients.delta_output(server.params, params, num_examples,
-                                 tuple(teacher_state), sums)
+      out = clients.train_beside(
+          step, client_state, server.params, data, client_id, num_examples,
+          rng, tx=client_tx, epochs=epochs, batch_size=batch_size)
       # Every group trains the same student: its deltas average over all.
       return out._replace(upload=aggregation.Pooled(out.upload))
 
