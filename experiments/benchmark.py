@@ -411,9 +411,8 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
     clients_per_chunk: (a)'s clients per chunk; 0 = all at once.
   """
   alg, state, data = build(workload, num_clients)
-  vmapped, compile_s = time_vmapped(alg._replace(apply=algorithm.make_round(
-      alg.client_update, alg.server_update,
-      clients_per_chunk=clients_per_chunk)), state, data, rounds)
+  vmapped, compile_s = time_vmapped(algorithm.with_round(
+      alg, clients_per_chunk=clients_per_chunk), state, data, rounds)
   looped = loop and time_loop(
       alg, jax.device_put(state, jax.devices()[0]),
       jax.device_put(data, jax.devices()[0]), rounds)

@@ -77,8 +77,8 @@ def _time(alg, data, cohort) -> tuple[float, float]:
   params = models.get_model(MODEL, NUM_CLASSES).init(
       jax.random.PRNGKey(0), jnp.zeros((1, *INPUT_SHAPE)))
   state = alg.init(params, jax.random.PRNGKey(1))
-  apply = jax.jit(algorithm.make_round(alg.client_update, alg.server_update,
-                                       clients_per_chunk=_CHUNK.value))
+  apply = jax.jit(algorithm.with_round(
+      alg, clients_per_chunk=_CHUNK.value).apply)
   times = []
   for i in range(_ROUNDS.value + 1):
     start = time.perf_counter()

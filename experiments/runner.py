@@ -49,7 +49,8 @@ def resumable(config) -> dict:
 def _workdir(config, workdir: str, fingerprint: str) -> workdir_lib.Workdir:
   """Locks `workdir` and checks it against this run (`Workdir`)."""
   return workdir_lib.Workdir(workdir, config.to_dict(), data=fingerprint,
-                             overwrite=config.overwrite, **resumable(config))
+                             overwrite=config.overwrite,
+                             num_rounds=config.num_rounds, **resumable(config))
 
 
 def num_public(config, num_train: int) -> int:

@@ -391,6 +391,13 @@ def build(init, client_update: ClientUpdate,
       client_update=client_update, server_update=server_update)
 
 
+def with_round(alg: FederatedAlgorithm, **options) -> FederatedAlgorithm:
+  """`alg` whose `apply` is its round with `make_round`'s `options` (chunks,
+  faults, DP, a per-client loop): the round a run jits and calls."""
+  return alg._replace(apply=make_round(alg.client_update, alg.server_update,
+                                       **options))
+
+
 def server_init(tx, params: Params, clients: PyTree = ()) -> ServerState:
   """A round-0 `ServerState` for global `params` and stacked client state."""
   return ServerState(params=params, opt_state=tx.init(params),

@@ -30,5 +30,4 @@ def python_map(fn: Callable[..., Any], num_shared: int) -> Callable[..., Any]:
 
 def loop_apply(alg: algorithm.FederatedAlgorithm):
   """`alg.apply` with clients run one at a time (call it unjitted)."""
-  return algorithm.make_round(alg.client_update, alg.server_update,
-                              map_fn=python_map)
+  return algorithm.with_round(alg, map_fn=python_map).apply

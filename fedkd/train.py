@@ -340,12 +340,11 @@ def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
   stop.phase('compilation')
   print('compiling the round and the evaluation', flush=True)
   start = time.perf_counter()
-  round_fn = algorithm.make_round(
-      alg.client_update, alg.server_update, clients_per_chunk=chunk,
-      faults=settings.faults, dp=settings.dp)
+  alg = algorithm.with_round(alg, clients_per_chunk=chunk,
+                             faults=settings.faults, dp=settings.dp)
   with out_of_memory_is('compiling the round', round_advice):
     apply = jax.jit(
-        round_fn, donate_argnums=0,
+        alg.apply, donate_argnums=0,
         in_shardings=(state_shardings, replicated, cohort_sharding,
                       replicated),
         out_shardings=(state_shardings, replicated)).lower(

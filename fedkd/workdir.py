@@ -117,17 +117,18 @@ class Workdir:
   """
 
   def __init__(self, path: str, config: dict, *, data: str, overwrite: bool,
-               may_change: Collection[str] = (),
+               num_rounds: int, may_change: Collection[str] = (),
                why_fixed: Mapping[str, str] | None = None):
     """Locks and checks `path`.
 
     Args:
       path: the workdir; it exists.
-      config: the run's settings (JSON values; `num_rounds` among them), as
-        written to config.json and every checkpoint.
+      config: the run's settings (JSON values), as written to config.json
+        and every checkpoint, and compared with the run there.
       data: the dataset's fingerprint (`fedkd.data.fingerprint`).
       overwrite: replace a run of another config or dataset instead of
         refusing.
+      num_rounds: the rounds of the run (a checkpoint past them is refused).
       may_change: the fields a resumed run may change (the rounds compute
         the same); any other difference from the run there is refused.
       why_fixed: per field, why it may not change, for the refusal.
@@ -138,6 +139,7 @@ class Workdir:
     """
     self.path = path
     self._config = json.loads(json.dumps(config))  # as read back from JSON
+    self._num_rounds = num_rounds
     self._may_change = frozenset(may_change)
     self._why_fixed = dict(why_fixed or {})
     self._data = data
@@ -240,9 +242,9 @@ class Workdir:
           f' was trained on (sha256 {meta["data"][:12]}... there, '
           f'{self._data[:12]}... now); restore that data, use another '
           '--workdir, or --config.overwrite=True to replace that run')
-    if step > self._config['num_rounds']:
+    if step > self._num_rounds:
       raise FedkdError(
-          f'num_rounds={self._config["num_rounds"]} is below the {step} '
+          f'num_rounds={self._num_rounds} is below the {step} '
           f'rounds the checkpoint in {self.path} has done; set num_rounds '
           f'>= {step}, or --config.overwrite=True to start over')
 

@@ -166,9 +166,11 @@ class GroupsTest(parameterized.TestCase):
     toys.assert_trees_close(vmapped, looped, atol=1e-5)
     toys.assert_trees_close(chunked, faulty, atol=1e-5)
 
-  def test_sharded_over_8_devices_equals_one_device(self):
-    alg = self.algs['fd']
-    state = _init(alg, 'fd')
+  @parameterized.parameters('fd', 'feddf', 'fedmd', 'local_kd', 'fedkd')
+  def test_sharded_over_8_devices_equals_one_device(self, name):
+    toys.full_or(self, name == 'fd')
+    alg = self.algs[name]
+    state = _init(alg, name)
     results = []
     for devices in (1, 8):
       mesh = sharding.make_mesh(devices)

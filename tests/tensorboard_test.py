@@ -112,7 +112,7 @@ class WorkdirTest(absltest.TestCase):
 
   def _session(self, resumed_rows, new_rows, *, overwrite=False):
     work = workdir_lib.Workdir(self.path, {'num_rounds': 3}, data='sha',
-                               overwrite=overwrite)
+                               overwrite=overwrite, num_rounds=3)
     try:
       work.start(resumed_rows)
       for row in new_rows:

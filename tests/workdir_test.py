@@ -28,7 +28,9 @@ TOTALS = {'total_bytes': 0}
 def _open(path, *, overwrite=False, data_hash=DATA, **changes):
   config = {**CONFIG, **changes}
   return workdir_lib.Workdir(path, config, data=data_hash,
-                             overwrite=overwrite, **runner.resumable(config))
+                             overwrite=overwrite,
+                             num_rounds=config['num_rounds'],
+                             **runner.resumable(config))
 
 
 def _write_run(path, rounds=(1, 2)):
@@ -172,6 +174,7 @@ class WorkdirTest(parameterized.TestCase):
   def test_resumable_changes(self, changes):
     config = {**CONFIG, **changes}
     work = workdir_lib.Workdir(self.path, config, data=DATA, overwrite=False,
+                               num_rounds=config['num_rounds'],
                                **runner.resumable(config))
     self.assertEqual(work.restore(STATE, TOTALS)[0], 2)
     work.close()

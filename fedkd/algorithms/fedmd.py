@@ -22,8 +22,7 @@ to the end of the previous round (one round, one communication). Evaluation
 uses the clients' models. Differences from the official code (diogenes0319/
 FedMD_clean): the transfer phase uses the clients' optimizer and batch sizes
 (official: Adam at 1e-3), no early stopping on test accuracy; the public
-data is held out of the private dataset, all used every round (official: a
-random subset).
+data, held out of the private dataset, is used whole every round.
 """
 
 from collections.abc import Sequence
