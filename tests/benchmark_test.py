@@ -144,6 +144,7 @@ class WorkloadsTest(parameterized.TestCase):
     self.assertEqual(table[0].count('|'), table[2].count('|'))
 
   def test_heterogeneous_feddf_arms_run(self):
+    toys.full_or(self, False)  # a minute of compiling; the round is tested
     # Three clients, one of each architecture; PyTorch has no FedDF arm.
     workload = benchmark.WORKLOADS['feddf_hetero']._replace(examples=10)
     row = benchmark.benchmark('feddf_hetero', workload, 3, rounds=1,
