@@ -267,19 +267,13 @@ def round_flops(workload: Workload, num_clients: int) -> float:
   return float(per_client * workload.examples * EPOCHS)
 
 
-def _groups(alg) -> tuple:
-  """The algorithm's client updates, one per client group."""
-  update = alg.client_update
-  return update if isinstance(update, tuple) else (update,)
-
-
 def time_vmapped(alg, state, data, rounds):
   """(a): returns (seconds per round, compile seconds), sharded over all
   visible devices."""
   mesh = sharding.make_mesh()
   rep, split = sharding.replicated(mesh), sharding.cohort_sharding(mesh)
   k = data.num_clients
-  groups = _groups(alg)
+  groups = algorithm.groups_of(alg.client_update)
   size, _ = sharding.cohort_layout(k, mesh, quota=clients.group_quota(
       k, k, len(groups)) if len(groups) > 1 else ())
   # Every client, each in a slot of its group.
@@ -305,7 +299,7 @@ def time_vmapped(alg, state, data, rounds):
 def time_loop(alg, state, data, rounds):
   """(b): a Python loop of single-client jitted updates, FedJAX style."""
   k = data.num_clients
-  groups = _groups(alg)
+  groups = algorithm.groups_of(alg.client_update)
   client_updates = [jax.jit(u) for u in groups]
   means = jax.jit(lambda uploads, weights: aggregation.group_means(
       tuple(aggregation.weighted_sum(u, w) for u, w in zip(uploads, weights)),

@@ -143,8 +143,8 @@ def check(config, workdir: str) -> None:
   Raises:
     FedkdError: as `run` would before its first round.
   """
-  with train.out_of_space_is(workdir), train.out_of_memory_is('checking the data',
-                                                    train.RUN_ADVICE):
+  with train.out_of_space_is(workdir), train.out_of_memory_is(
+      'checking the data', train.RUN_ADVICE):
     *_, fingerprint = _checked_data(config)
     validation.validate_workdir(workdir, create=False)
     if os.path.isdir(workdir):

@@ -69,11 +69,6 @@ def group_means(totals: tuple[PyTree, ...],
   return tuple(means)
 
 
-def mean_from_sums(total: PyTree, weight: jax.Array) -> PyTree:
-  """`group_means` of a round with one client group."""
-  return group_means((total,), (weight,))[0]
-
-
 def server_updates(params: Params, opt_state: OptState, mean_delta: Params,
                    tx: optax.GradientTransformation) -> tuple[Params, OptState]:
   """FedOpt (Reddi et al. 2021): the averaged client delta is -gradient.

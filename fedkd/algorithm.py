@@ -32,7 +32,6 @@ import operator
 from typing import Any, NamedTuple
 
 from flax import struct
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -182,7 +181,7 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
     `apply(state, data, cohort, rng) -> (state, metrics)`.
   """
   grouped = isinstance(client_update, tuple)
-  updates = client_update if grouped else (client_update,)
+  updates = groups_of(client_update)
   k = len(updates)
   if dp is not None and k > 1:
     raise ValueError('client-level DP takes one client group, got '
@@ -365,10 +364,11 @@ def adopt_reported(state: ServerState, upload: PyTree, data, rng):
                                adopt(presence, old_presence))), {}
 
 
-def architectures(model: nn.Module | Sequence[nn.Module]
-                  ) -> tuple[nn.Module, ...]:
-  """The client groups' models: client i trains `model[i % k]`."""
-  return tuple(model) if isinstance(model, Sequence) else (model,)
+def groups_of(items: Any) -> tuple[Any, ...]:
+  """Per-group items (models, client updates) as a tuple: `items` itself for
+  several groups (client i's is `items[i % k]`), else a 1-tuple of it; the
+  inverse of `per_group`."""
+  return tuple(items) if isinstance(items, Sequence) else (items,)
 
 
 def per_group(items: Sequence[Any]) -> Any:

@@ -131,7 +131,7 @@ def local_batches(rng: PRNGKey, num_examples: Array, max_examples: int, *,
   Returns:
     (indices, example_mask), both [epochs * steps_per_epoch, batch_size].
   """
-  steps_per_epoch = -(-max_examples // batch_size)
+  steps_per_epoch = num_steps(max_examples, epochs=1, batch_size=batch_size)
   slots = steps_per_epoch * batch_size
   position = jnp.arange(max_examples)
 

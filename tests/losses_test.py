@@ -44,13 +44,13 @@ class AggregationTest(absltest.TestCase):
   def test_weighted_mean_by_hand(self):
     tree = {'a': jnp.array([[1.0, 2.0], [3.0, 4.0], [50.0, 60.0]])}
     weights = jnp.array([1.0, 3.0, 0.0])  # the last client is padding
-    mean = aggregation.mean_from_sums(
-        aggregation.weighted_sum(tree, weights), jnp.sum(weights))
+    (mean,) = aggregation.group_means(
+        (aggregation.weighted_sum(tree, weights),), (jnp.sum(weights),))
     np.testing.assert_allclose(mean['a'], [(1 + 9) / 4, (2 + 12) / 4])
 
   def test_all_zero_weights_give_zeros(self):
-    mean = aggregation.mean_from_sums(
-        aggregation.weighted_sum(jnp.ones((2, 3)), jnp.zeros(2)), 0.0)
+    (mean,) = aggregation.group_means(
+        (aggregation.weighted_sum(jnp.ones((2, 3)), jnp.zeros(2)),), (0.0,))
     np.testing.assert_array_equal(mean, np.zeros(3))
 
 

@@ -67,7 +67,7 @@ def fd(*, model: nn.Module | Sequence[nn.Module], input_shape,
     temperature: distillation temperature T.
     distill_weight: w, the weight of the distillation term.
   """
-  models = algorithm.architectures(model)
+  models = algorithm.groups_of(model)
 
   def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
     del params  # There is no global model: the global state is the table.

@@ -70,7 +70,7 @@ def feddf(*, model: nn.Module, client_tx: optax.GradientTransformation,
     eval_every: distillation steps between validations.
     patience: distillation steps after the best before stopping.
   """
-  models = algorithm.architectures(model)
+  models = algorithm.groups_of(model)
   k = len(models)
   if server_model and k > 1:
     raise ValueError('feddf takes a server_model with one client '

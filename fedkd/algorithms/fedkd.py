@@ -85,7 +85,7 @@ def fedkd(*, mentor: nn.Module | Sequence[nn.Module], mentee: nn.Module,
     raise ValueError(f'weighting must be one of {WEIGHTINGS}, got '
                      f'{weighting!r}')
   energy = compression.energy_schedule(energy_start, energy_end, num_rounds)
-  mentors = algorithm.architectures(mentor)
+  mentors = algorithm.groups_of(mentor)
   k = len(mentors)
 
   def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:

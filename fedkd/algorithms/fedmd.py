@@ -64,7 +64,7 @@ def fedmd(*, model: nn.Module | Sequence[nn.Module], input_shape,
     transfer_epochs: transfer-learning passes over the labelled public data.
     private_epochs: then transfer-learning passes over the private data.
   """
-  models = algorithm.architectures(model)
+  models = algorithm.groups_of(model)
   k = len(models)
   train_ce = lambda model: clients.loss_step(
       lambda params, batch: losses.cross_entropy(model.apply(params, batch.x),

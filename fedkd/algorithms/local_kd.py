@@ -58,7 +58,7 @@ def local_kd(*, teacher: nn.Module | Sequence[nn.Module],
     distill_weight: w, the weight of the distillation term.
   """
 
-  teachers = algorithm.architectures(teacher)
+  teachers = algorithm.groups_of(teacher)
   k = len(teachers)
 
   def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
