@@ -1,12 +1,73 @@
-"""Server-side reductions over the leading client axis of a cohort."""
+"""How a cohort's uploads become the server's mean: the aggregator chain,
+and the reductions over the leading client axis it runs on.
 
+An `Aggregator` is one stage, as optax's `GradientTransformation` is one
+stage of an update: `chain(compression.svd_stage(energy), mean())` is
+FedKD's, `privacy.private(chain, dp)` the same with DP-FedAvg's clipping and
+noise. Each stage may change one client's upload, its weight and the bytes
+it really sends; the chain's last stage reduces the sums to means.
+"""
+
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedkd.typing import OptState, Params, PyTree
+from fedkd import communication
+from fedkd.typing import Array, Metrics, OptState, Params, PRNGKey, PyTree
+
+Encoded = tuple[PyTree, Array, communication.Bytes, Metrics]
+
+
+class Aggregator(NamedTuple):
+  """One stage of the aggregator chain (see the module docstring).
+
+  Attributes:
+    encode: `(upload, weight, sent, round) -> (upload, weight, sent,
+      metrics)` for ONE client, inside the vmapped round, on what its client
+      update returned and before the weighted sum over clients: `sent` is
+      the `communication.Bytes` the client uploads, which a compressing
+      stage replaces; `metrics` are summed over the reporting clients.
+    reduce: `(totals, weights, rng) -> means`, once per round, on each
+      client group's weighted sum of uploads and sum of weights (tuples, one
+      entry per group); None for a stage that only encodes.
+  """
+  encode: Callable[[PyTree, Array, communication.Bytes, Array], Encoded]
+  reduce: Callable[[tuple[PyTree, ...], tuple[Array, ...], PRNGKey],
+                   tuple[PyTree, ...]] | None = None
+
+
+def chain(*stages: Aggregator) -> Aggregator:
+  """The stages' encodes in order, then the last stage's reduce."""
+  if not stages or stages[-1].reduce is None or any(
+      s.reduce is not None for s in stages[:-1]):
+    raise ValueError('an aggregator chain ends in its one reducing stage '
+                     '(aggregation.mean() or privacy.private)')
+
+  def encode(upload, weight, sent, round_index):
+    metrics = {}
+    for stage in stages:
+      upload, weight, sent, more = stage.encode(upload, weight, sent,
+                                                round_index)
+      metrics.update(more)
+    return upload, weight, sent, metrics
+
+  return Aggregator(encode, stages[-1].reduce)
+
+
+def mean(weighted: bool = True) -> Aggregator:
+  """Each group's mean upload (`group_means`), clients weighted by their
+  client update's weight (FedAvg's example counts) or, with `weighted=False`,
+  all alike."""
+
+  def encode(upload, weight, sent, round_index):
+    del round_index  # The same every round.
+    return upload, weight if weighted else jnp.ones_like(weight), sent, {}
+
+  return Aggregator(encode, lambda totals, weights, rng: group_means(
+      totals, weights))
 
 
 def weighted_sum(tree: PyTree, weights: jax.Array) -> PyTree:

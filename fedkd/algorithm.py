@@ -9,21 +9,24 @@ pure functions (like optax's `GradientTransformation`):
 * `client_update(server, client_state, data, client_id, num_examples,
   rng) -> ClientOutput` for ONE client, which `apply` maps over the cohort;
   `server` is the `ServerState` without the stacked client states;
+* `aggregator`: the chain (`fedkd.aggregation`) that turns the clients'
+  uploads into the means the server update receives;
 * `server_update(state, mean_upload, data, rng) -> (state, metrics)`.
 
 Communication is counted exactly, in bytes, per round, as
 `communication.Bytes` (int32 counts times static units, multiplied out on the
-host in Python ints, so no size overflows): by default each reporting client
-uploads its whole `upload` pytree and each sampled client downloads the
-global `params`. A client that sends something else (SVD factors, or
-parameters when its `upload` also carries simulation-only values) reports its
-own `upload_bytes` in its metrics; a server that broadcasts something else
-reports the per-client `download_bytes`. A server that broadcasts compressed
-updates instead keeps a per-client `ServerState.backlog` and reports each
+host in Python ints, so no size overflows). Each reporting client uploads its
+whole `upload` pytree, unless its client update reports other `upload_bytes`
+(parameters, when its `upload` also carries simulation-only values) or a
+stage of the aggregator replaces them (SVD factors). Each sampled client
+downloads the global `params`, unless the server update reports the
+per-client `download_bytes` it broadcasts instead. A server that broadcasts
+compressed updates keeps a per-client `ServerState.backlog` and reports each
 round's `update_floats` (see `make_round`).
 
-`client_update` and `server_update` are exposed so the per-client Python loop
-(`fedkd.loop`) runs the very same code the vmapped round runs.
+`client_update`, `aggregator` and `server_update` are exposed so the
+per-client Python loop (`fedkd.loop`) runs the very same code the vmapped
+round runs.
 """
 
 from collections.abc import Callable, Sequence
@@ -76,6 +79,7 @@ class FederatedAlgorithm(NamedTuple):
                   tuple[ServerState, Metrics]]
   client_update: ClientUpdate
   server_update: ServerUpdate
+  aggregator: aggregation.Aggregator = aggregation.mean()
 
 
 def tree_bytes(tree: PyTree) -> int:
@@ -96,10 +100,12 @@ class Faults(NamedTuple):
   straggler_rate: float = 0.0
 
 
-def _one_client(client_update: ClientUpdate, dp: privacy.DpSettings | None,
-                faults: Faults, server, data, rng, client_id,
-                num_examples, client_state) -> tuple[ClientOutput, Array]:
-  """One client's round plus its failure draw: (output, dropped)."""
+def _one_client(client_update: ClientUpdate,
+                aggregator: aggregation.Aggregator, faults: Faults, server,
+                data, rng, client_id, num_examples,
+                client_state) -> tuple[ClientOutput, Array]:
+  """One client's round, its upload encoded, plus its failure draw:
+  (output, dropped)."""
   # Client randomness depends on (round rng, client id) only, never on the
   # client's slot in the cohort or on the device layout.
   train_rng, fault_rng = jax.random.split(jax.random.fold_in(rng, client_id))
@@ -110,11 +116,12 @@ def _one_client(client_update: ClientUpdate, dp: privacy.DpSettings | None,
       data.replace(work_fraction=jnp.where(straggler, fraction, 1.0)),
       client_id, num_examples, train_rng)
   metrics = dict(out.metrics, stragglers=straggler.astype(jnp.int32))
-  if dp is not None:
-    upload, norm = privacy.clip_by_global_norm(out.upload, dp.clip_norm)
-    out = out._replace(upload=upload)
-    metrics['clipped_clients'] = (norm > dp.clip_norm).astype(jnp.int32)
-  return out._replace(metrics=metrics), drop_u < faults.dropout_rate
+  sent = metrics.pop('upload_bytes', None)
+  upload, weight, sent, more = aggregator.encode(
+      out.upload, out.weight, communication.fixed(
+          1, tree_bytes(out.upload)) if sent is None else sent, server.round)
+  return out._replace(upload=upload, weight=weight, metrics=dict(
+      metrics, **more, upload_bytes=sent)), drop_u < faults.dropout_rate
 
 
 def _all_finite(tree: PyTree) -> Array:
@@ -142,10 +149,12 @@ def _add_metrics(a: Metrics, b: Metrics) -> Metrics:
 
 
 def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
-               server_update: ServerUpdate, *, map_fn: MapFn = map_clients,
-               clients_per_chunk: int = 0, faults: Faults = Faults(),
-               dp: privacy.DpSettings | None = None):
-  """Builds `apply`: run the cohort's clients, average uploads, update server.
+               server_update: ServerUpdate, *,
+               aggregator: aggregation.Aggregator = aggregation.mean(),
+               map_fn: MapFn = map_clients, clients_per_chunk: int = 0,
+               faults: Faults = Faults()):
+  """Builds `apply`: run the cohort's clients, aggregate their uploads,
+  update the server.
 
   A client whose upload holds NaN or inf is left out of the average (and its
   state is not written back); `metrics['nonfinite_clients']` counts them.
@@ -164,6 +173,9 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
       parts summed) into the next server state. Where the server sends each
       group something else, its `download_bytes` metric is a tuple of each
       group's per-client bytes.
+    aggregator: encodes each client's upload inside the mapped round and
+      reduces the groups' sums to the means `server_update` receives
+      (`fedkd.aggregation`; `privacy.private` adds client-level DP).
     map_fn: how a one-client function of `(server, data, rng,
       client_id, num_examples, client_state)` is mapped over the last three
       (stacked) arguments: `map_clients` (vmap, the default) or a per-client
@@ -173,9 +185,6 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
       running weighted sums are kept, so memory is bounded by the chunk. The
       cohort size must be a multiple of it, and it of the number of groups.
     faults: simulated client failures.
-    dp: client-level DP (DP-FedAvg): each upload is clipped, every reporting
-      client weighs 1 and the server adds Gaussian noise (`fedkd.privacy`).
-      One client group only.
 
   Returns:
     `apply(state, data, cohort, rng) -> (state, metrics)`.
@@ -183,10 +192,7 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
   grouped = isinstance(client_update, tuple)
   updates = groups_of(client_update)
   k = len(updates)
-  if dp is not None and k > 1:
-    raise ValueError('client-level DP takes one client group, got '
-                     f'{k} client updates')
-  mapped = [map_fn(functools.partial(_one_client, u, dp, faults), 3)
+  mapped = [map_fn(functools.partial(_one_client, u, aggregator, faults), 3)
             for u in updates]
 
   def run_group(mapped, state, data, rng, clients, ids, mask):
@@ -207,7 +213,7 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
     # 0 * NaN is NaN: zero the uploads left out rather than only weighing 0.
     upload = jax.tree.map(lambda u: jnp.where(_per_client(reported, u), u, 0),
                           out.upload)
-    weights = reported * (1.0 if dp else out.weight)
+    weights = reported * out.weight
     sums = jax.tree.map(
         lambda v: jnp.sum(jnp.where(_per_client(reported, v), v, 0), axis=0),
         out.metrics)
@@ -265,25 +271,12 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
       init = jax.tree.map(lambda z: jnp.zeros(z.shape, z.dtype), shapes[:3])
       (totals, weights, sums, states), _ = jax.lax.scan(
           body, (*init, states), chunked)
-    if dp is None:
-      means = aggregation.group_means(totals, weights)
-    else:
-      means = (privacy.noised_mean(
-          totals[0], noise_rng, clip_norm=dp.clip_norm,
-          noise_multiplier=dp.noise_multiplier,
-          expected_clients=dp.expected_clients),)
+    means = aggregator.reduce(totals, weights, noise_rng)
     new_state, server_metrics = server_update(
         state, means if grouped else means[0], data, server_rng)
     metrics = dict(functools.reduce(_add_metrics, sums), **server_metrics)
     sampled = [s.pop('sampled') for s in sums]
     del metrics['sampled']
-    # Clients that report their own upload bytes summed them in `sums`; by
-    # default each reporting client sent one upload-shaped pytree (the
-    # summed upload has the shape of one client's upload).
-    if 'upload_bytes' not in metrics:
-      metrics['upload_bytes'] = functools.reduce(operator.add, [
-          communication.fixed(s['clients'], tree_bytes(t))
-          for s, t in zip(sums, totals)])
     # Every sampled client downloads, dropped and non-finite ones included.
     if isinstance(state.backlog, tuple):
       download = metrics.get('download_bytes', communication.fixed(
@@ -383,19 +376,28 @@ def pooled(mean_upload: Any, groups: int) -> PyTree:
   return (mean_upload[0] if groups > 1 else mean_upload).value
 
 
-def build(init, client_update: ClientUpdate,
-          server_update: ServerUpdate) -> FederatedAlgorithm:
+def build(init, client_update: ClientUpdate, server_update: ServerUpdate,
+          aggregator: aggregation.Aggregator = aggregation.mean()
+          ) -> FederatedAlgorithm:
   """Assembles a `FederatedAlgorithm` around the generic vmapped round."""
   return FederatedAlgorithm(
-      init=init, apply=make_round(client_update, server_update),
-      client_update=client_update, server_update=server_update)
+      init=init, apply=make_round(client_update, server_update,
+                                  aggregator=aggregator),
+      client_update=client_update, server_update=server_update,
+      aggregator=aggregator)
 
 
-def with_round(alg: FederatedAlgorithm, **options) -> FederatedAlgorithm:
+def with_round(alg: FederatedAlgorithm, *,
+               dp: privacy.DpSettings | None = None,
+               **options) -> FederatedAlgorithm:
   """`alg` whose `apply` is its round with `make_round`'s `options` (chunks,
-  faults, DP, a per-client loop): the round a run jits and calls."""
-  return alg._replace(apply=make_round(alg.client_update, alg.server_update,
-                                       **options))
+  faults, a per-client loop) and, with `dp`, client-level DP added to its
+  aggregator (`privacy.private`): the round a run jits and calls."""
+  aggregator = (alg.aggregator if dp is None
+                else privacy.private(alg.aggregator, dp))
+  return alg._replace(apply=make_round(
+      alg.client_update, alg.server_update, aggregator=aggregator, **options),
+                      aggregator=aggregator)
 
 
 def server_init(tx, params: Params, clients: PyTree = ()) -> ServerState:

@@ -22,9 +22,13 @@ are flat at the cut, r may exceed the optimal rank by a few.
 
 import functools
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
+from fedkd import aggregation
+from fedkd import communication
 from fedkd.typing import Array, PyTree
 
 # A Gram matrix of at most _BLOCK + _OVERSAMPLE rows is diagonalised outright
@@ -248,6 +252,23 @@ def svd_compress(tree: PyTree, energy: Array) -> tuple[PyTree, Array]:
     out.append(matrix.reshape(leaf.shape))
     sent += leaf_floats
   return jax.tree.unflatten(treedef, out), sent
+
+
+def svd_stage(energy: Callable[[Array], Array]) -> aggregation.Aggregator:
+  """The aggregator stage that uploads `svd_compress`'s factors: the upload
+  becomes what the server reconstructs, and the bytes those of the factors
+  (or of the matrices where they would not be smaller) and vectors.
+
+  Args:
+    energy: round index -> the energy to keep (`energy_schedule`).
+  """
+
+  def encode(upload, weight, sent, round_index):
+    del sent  # The factors replace the dense upload.
+    upload, floats = svd_compress(upload, energy(round_index))
+    return upload, weight, communication.floats(floats), {}
+
+  return aggregation.Aggregator(encode)
 
 
 def energy_schedule(start: float, end: float, num_rounds: int):

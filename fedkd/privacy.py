@@ -8,8 +8,8 @@ clients, not single examples:
    (`clip_by_global_norm`, written for one client and vmapped);
 2. the server sums the clipped updates of the real clients, adds Gaussian
    noise N(0, (noise_multiplier * clip_norm)^2 I) to the sum, and divides by a
-   FIXED `expected_clients` (`noised_mean`; `fedkd.algorithm.make_round`
-   does the clipping and the sum);
+   FIXED `expected_clients` (`noised_mean`). `private` makes both the last
+   stages of an algorithm's aggregator chain (`fedkd.aggregation`);
 3. the privacy spent is that of the Sampled Gaussian mechanism composed once
    per round (`epsilon`).
 
@@ -24,6 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedkd import aggregation
 from fedkd.errors import FedkdError
 from fedkd.typing import PRNGKey, PyTree
 
@@ -108,6 +109,32 @@ def noised_mean(clipped_sum: PyTree, rng: PRNGKey, *, clip_norm: float,
   ]
   return jax.tree.map(lambda x: x / jnp.asarray(expected_clients, x.dtype),
                       jax.tree.unflatten(treedef, noised))
+
+
+def private(aggregator: aggregation.Aggregator,
+            dp: DpSettings) -> aggregation.Aggregator:
+  """`aggregator`'s encoding stages, then DP-FedAvg's: each upload clipped
+  (`clipped_clients` counts those above the bound) and weighing 1, the sum
+  noised and divided by `expected_clients`. One client group only: the
+  noise is calibrated to one clip over every upload."""
+
+  def clip(upload, weight, sent, round_index):
+    del round_index  # The same every round.
+    upload, norm = clip_by_global_norm(upload, dp.clip_norm)
+    return upload, jnp.ones_like(weight), sent, {
+        'clipped_clients': (norm > dp.clip_norm).astype(jnp.int32)}
+
+  def reduce(totals, weights, rng):
+    del weights  # The denominator is fixed.
+    if len(totals) != 1:
+      raise ValueError('client-level DP takes one client group, got '
+                       f'{len(totals)}')
+    return (noised_mean(totals[0], rng, clip_norm=dp.clip_norm,
+                        noise_multiplier=dp.noise_multiplier,
+                        expected_clients=dp.expected_clients),)
+
+  return aggregation.chain(aggregator._replace(reduce=None),
+                           aggregation.Aggregator(clip, reduce))
 
 
 def noise_stddev(*, clip_norm: float, noise_multiplier: float,

@@ -149,9 +149,8 @@ class RoundTest(parameterized.TestCase):
                                            straggler_rate=0.5))
     if name in algorithms.DP_ALGORITHMS:
       options['dp'] = privacy.DpSettings(0.5, 0.3, expected_clients=4.0)
-    rounds = [jax.jit(algorithm.make_round(
-        alg.client_update, alg.server_update, clients_per_chunk=chunk,
-        **options)) for chunk in (0, 2)]
+    rounds = [jax.jit(algorithm.with_round(
+        alg, clients_per_chunk=chunk, **options).apply) for chunk in (0, 2)]
     whole, chunked = (_run(r, state, self.data, self.cohorts) for r in rounds)
     toys.assert_trees_close(whole, chunked)
     self.assertGreater(int(whole[1]['dropped_clients']) +
@@ -174,9 +173,8 @@ class RoundTest(parameterized.TestCase):
     (_, rounds), counts = one.params
     self.assertEqual((float(counts[label]), int(rounds[label])), (1.0, 1))
     # A round in which every client drops out changes nothing.
-    dropped = jax.jit(algorithm.make_round(
-        alg.client_update, alg.server_update,
-        faults=algorithm.Faults(dropout_rate=1.0)))
+    dropped = jax.jit(algorithm.with_round(
+        alg, faults=algorithm.Faults(dropout_rate=1.0)).apply)
     none, m = dropped(everyone, self.data, toys.cohort(range(n)),
                       jax.random.PRNGKey(2))
     self.assertEqual(int(m['dropped_clients']), n)
@@ -184,9 +182,8 @@ class RoundTest(parameterized.TestCase):
 
   def test_fedmd_keeps_its_consensus_through_a_round_without_reports(self):
     alg, n = self.algs['fedmd'], len(SIZES)
-    dropped = jax.jit(algorithm.make_round(
-        alg.client_update, alg.server_update,
-        faults=algorithm.Faults(dropout_rate=1.0)))
+    dropped = jax.jit(algorithm.with_round(
+        alg, faults=algorithm.Faults(dropout_rate=1.0)).apply)
     state = toys.init_state(alg)
     # No consensus yet: nobody digests zeros.
     none, _ = dropped(state, self.data, toys.cohort(range(n)),
@@ -208,8 +205,7 @@ class RoundTest(parameterized.TestCase):
     self.assertEqual((size, chunk), (6, 2))
     rep = sharding.replicated(mesh)
     apply = jax.jit(
-        algorithm.make_round(alg.client_update, alg.server_update,
-                             clients_per_chunk=chunk),
+        algorithm.with_round(alg, clients_per_chunk=chunk).apply,
         in_shardings=(rep, rep, sharding.cohort_sharding(mesh), rep),
         out_shardings=rep)
     ids = [0, 1, 2, 4, 5]
@@ -242,9 +238,8 @@ class RegisteredModelsTest(parameterized.TestCase):
     cohorts = [toys.cohort([0, 2, 3, 5]), toys.cohort([1, 2, 4, 5])]
     vmapped = _run(jax.jit(alg.apply), state, data, cohorts)
     looped = _run(loop.loop_apply(alg), state, data, cohorts)
-    chunked = _run(jax.jit(algorithm.make_round(
-        alg.client_update, alg.server_update, clients_per_chunk=2)), state,
-                   data, cohorts)
+    chunked = _run(jax.jit(algorithm.with_round(
+        alg, clients_per_chunk=2).apply), state, data, cohorts)
     toys.assert_trees_close(vmapped, looped, atol=1e-5)
     toys.assert_trees_close(vmapped, chunked, atol=1e-5)
     self.assertFalse(np.allclose(jax.tree.leaves(state)[0],

@@ -24,8 +24,7 @@ IDS = list(range(8))
 
 
 def _round(alg, data, **options):
-  apply = algorithm.make_round(alg.client_update, alg.server_update,
-                               **options)
+  apply = algorithm.with_round(alg, **options).apply
   state = toys.init_state(alg)
   new, metrics = jax.jit(apply)(state, data, toys.cohort(IDS),
                                 jax.random.PRNGKey(7))
@@ -34,10 +33,8 @@ def _round(alg, data, **options):
 
 def _both_ways(alg, **options):
   """The round jitted and vmapped, and as a Python loop over clients."""
-  return (jax.jit(algorithm.make_round(alg.client_update, alg.server_update,
-                                       **options)),
-          algorithm.make_round(alg.client_update, alg.server_update,
-                               map_fn=loop.python_map, **options))
+  return (jax.jit(algorithm.with_round(alg, **options).apply),
+          algorithm.with_round(alg, map_fn=loop.python_map, **options).apply)
 
 
 def _poisoned(client):
@@ -116,8 +113,7 @@ class DpRoundTest(absltest.TestCase):
     alg = toys.algorithms(len(SIZES))['fedavg']
     data = toys.toy_data(SIZES)
     dp = privacy.DpSettings(0.1, 1.0, 8.0)
-    apply = jax.jit(algorithm.make_round(alg.client_update, alg.server_update,
-                                         dp=dp))
+    apply = jax.jit(algorithm.with_round(alg, dp=dp).apply)
     state = toys.init_state(alg)
     a, _ = apply(state, data, toys.cohort(IDS), jax.random.PRNGKey(1))
     b, _ = apply(state, data, toys.cohort(IDS), jax.random.PRNGKey(1))

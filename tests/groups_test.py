@@ -157,14 +157,12 @@ class GroupsTest(parameterized.TestCase):
     vmapped = _run(jax.jit(counted), state, self.data, cohorts)
     self.assertLen(traces, 1)  # round 2 reuses round 1's program
     looped = _run(loop.loop_apply(alg), state, self.data, cohorts)
-    chunked = _run(jax.jit(algorithm.make_round(
-        alg.client_update, alg.server_update, clients_per_chunk=2,
-        faults=algorithm.Faults(straggler_rate=0.5))), state, self.data,
+    stragglers = algorithm.Faults(straggler_rate=0.5)
+    chunked = _run(jax.jit(algorithm.with_round(
+        alg, clients_per_chunk=2, faults=stragglers).apply), state, self.data,
                    cohorts)
-    faulty = _run(jax.jit(algorithm.make_round(
-        alg.client_update, alg.server_update,
-        faults=algorithm.Faults(straggler_rate=0.5))), state, self.data,
-                  cohorts)
+    faulty = _run(jax.jit(algorithm.with_round(
+        alg, faults=stragglers).apply), state, self.data, cohorts)
     toys.assert_trees_close(vmapped, looped, atol=1e-5)
     toys.assert_trees_close(chunked, faulty, atol=1e-5)
 

@@ -10,8 +10,9 @@ logits of the step's forward pass, before either update
 (`losses.adaptive_mutual_distillation`, per batch as the official code by
 default, `loss_scale='example'` as the paper's equations read).
 
-The mentee's update is SVD-compressed (`compression.svd_compress`) keeping a
-fraction T_r of each matrix's singular-value energy
+The mentee's update is SVD-compressed by the first stage of FedKD's
+aggregator chain (`compression.svd_stage`) keeping a fraction T_r of each
+matrix's singular-value energy
 (`compression.energy_schedule`, the official `run.py`'s; paper: 0.95 to
 0.98). The server averages the compressed updates, uniformly as the official
 `np.mean` (`weighting='uniform'`, default) or by example count
@@ -38,13 +39,11 @@ import functools
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 from fedkd import aggregation
 from fedkd import algorithm
 from fedkd import clients
-from fedkd import communication
 from fedkd import compression
 from fedkd import losses
 from fedkd.typing import Params, PRNGKey
@@ -115,12 +114,8 @@ def fedkd(*, mentor: nn.Module | Sequence[nn.Module], mentee: nn.Module,
         functools.partial(step, mentor), client_state, server.params, data,
         client_id, num_examples, rng, tx=client_tx, epochs=epochs,
         batch_size=batch_size)
-    upload, sent = compression.svd_compress(out.upload, energy(server.round))
-    weight = out.weight if weighting == 'examples' else jnp.ones(())
     # Every group trains the same mentee: its updates average over all.
-    return out._replace(upload=aggregation.Pooled(upload), weight=weight,
-                        metrics=dict(out.metrics,
-                                     upload_bytes=communication.floats(sent)))
+    return out._replace(upload=aggregation.Pooled(out.upload))
 
   def server_update(state, mean_upload, data, rng):
     del data, rng  # Averaging needs neither.
@@ -131,8 +126,12 @@ def fedkd(*, mentor: nn.Module | Sequence[nn.Module], mentee: nn.Module,
     return (state.replace(params=optax.apply_updates(state.params, applied),
                           opt_state=opt_state), {'update_floats': sent})
 
-  return algorithm.build(init, algorithm.per_group(
-      [functools.partial(client_update, m) for m in mentors]), server_update)
+  return algorithm.build(
+      init, algorithm.per_group(
+          [functools.partial(client_update, m) for m in mentors]),
+      server_update, aggregation.chain(
+          compression.svd_stage(energy),
+          aggregation.mean(weighted=weighting == 'examples')))
 
 
 LOSS_SCALES = ('batch', 'example')
