@@ -101,11 +101,12 @@ class Faults(NamedTuple):
 
 
 def _one_client(client_update: ClientUpdate,
-                aggregator: aggregation.Aggregator, faults: Faults, server,
-                data, rng, client_id, num_examples,
+                aggregator: aggregation.Aggregator, faults: Faults, shared,
+                client_id, num_examples,
                 client_state) -> tuple[ClientOutput, Array]:
   """One client's round, its upload encoded, plus its failure draw:
-  (output, dropped)."""
+  (output, dropped). `shared` is (server, data, round rng)."""
+  server, data, rng = shared
   # Client randomness depends on (round rng, client id) only, never on the
   # client's slot in the cohort or on the device layout.
   train_rng, fault_rng = jax.random.split(jax.random.fold_in(rng, client_id))
@@ -176,10 +177,10 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
     aggregator: encodes each client's upload inside the mapped round and
       reduces the groups' sums to the means `server_update` receives
       (`fedkd.aggregation`; `privacy.private` adds client-level DP).
-    map_fn: how a one-client function of `(server, data, rng,
-      client_id, num_examples, client_state)` is mapped over the last three
-      (stacked) arguments: `map_clients` (vmap, the default) or a per-client
-      loop (`fedkd.loop.python_map`) for reference runs.
+    map_fn: how a one-client function of `((server, data, rng), client_id,
+      num_examples, client_state)` is mapped over the stacked arguments
+      after the shared first one: `map_clients` (vmap, the default) or a
+      per-client loop (`fedkd.loop.python_map`) for reference runs.
     clients_per_chunk: if > 0 and smaller than the cohort, clients run in
       chunks of this many (a `lax.scan` over chunks, each vmapped) and only
       running weighted sums are kept, so memory is bounded by the chunk. The
@@ -192,7 +193,7 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
   grouped = isinstance(client_update, tuple)
   updates = groups_of(client_update)
   k = len(updates)
-  mapped = [map_fn(functools.partial(_one_client, u, aggregator, faults), 3)
+  mapped = [map_fn(functools.partial(_one_client, u, aggregator, faults))
             for u in updates]
 
   def run_group(mapped, state, data, rng, clients, ids, mask):
@@ -205,7 +206,7 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
     own = jnp.where(mask, ids // k, rows)
     chunk_states = jax.tree.map(
         lambda s: s[jnp.minimum(own, rows - 1)], clients)
-    out, dropped = mapped(state.replace(clients=()), data, rng, safe_ids,
+    out, dropped = mapped((state.replace(clients=()), data, rng), safe_ids,
                           num_examples, chunk_states)
     dropped &= mask
     finite = _all_finite(out.upload)

@@ -97,21 +97,18 @@ class ClientOutput(NamedTuple):
   metrics: dict[str, Array]
 
 
-def map_clients(fn: Callable[..., Any],
-                num_shared: int = 0) -> Callable[..., Any]:
-  """Maps one-client `fn` over a leading client axis (the vmap of fedkd).
+def map_clients(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Maps one-client `fn(shared, *per_client)` over a leading client axis
+  (the vmap of fedkd): `mapped(shared, *stacked)`.
 
-  Args:
-    fn: a function written for one client.
-    num_shared: how many leading arguments are the same for every client
-      (server model, stacked data, round rng); the rest are client-stacked.
-
+  `shared` (one pytree: server model, stacked data, round rng) is the same
+  for every client; each of `stacked` has the clients on its leading axis.
   `spmd_axis_name` ties the mapped axis to the `clients` mesh axis, so under a
   sharded jit every per-client intermediate is split across devices too.
   """
-  def mapped(*args):
-    in_axes = (None,) * num_shared + (0,) * (len(args) - num_shared)
-    return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=CLIENTS_AXIS)(*args)
+  def mapped(shared, *stacked):
+    return jax.vmap(lambda s, c: fn(s, *c), in_axes=(None, 0),
+                    spmd_axis_name=CLIENTS_AXIS)(shared, stacked)
   return mapped
 
 
@@ -294,11 +291,11 @@ def init_models(model: nn.Module, tx: optax.GradientTransformation,
   With client groups, only group `group`'s clients g, g + k, ...; each
   client's model depends on (rng, its id) alone.
   """
-  def one(client_id):
+  def one(unused_shared, client_id):
     params = model.init(jax.random.fold_in(rng, client_id),
                         jnp.zeros((1, *input_shape)))
     return params, tx.init(params)
-  return map_clients(one)(jnp.arange(group, num_clients, groups))
+  return map_clients(one)((), jnp.arange(group, num_clients, groups))
 
 
 def delta_output(server_params: Params, params: Params, num_examples: Array,

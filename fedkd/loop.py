@@ -14,14 +14,13 @@ import jax.numpy as jnp
 from fedkd import algorithm
 
 
-def python_map(fn: Callable[..., Any], num_shared: int) -> Callable[..., Any]:
+def python_map(fn: Callable[..., Any]) -> Callable[..., Any]:
   """Like `clients.map_clients`, but a Python loop over jitted calls."""
   jitted = jax.jit(fn)
 
-  def mapped(*args):
-    shared, stacked = args[:num_shared], args[num_shared:]
+  def mapped(shared, *stacked):
     size = jax.tree.leaves(stacked)[0].shape[0]
-    outs = [jitted(*shared, *jax.tree.map(lambda a, i=i: a[i], stacked))
+    outs = [jitted(shared, *jax.tree.map(lambda a, i=i: a[i], stacked))
             for i in range(size)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 

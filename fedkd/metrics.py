@@ -62,12 +62,11 @@ def evaluate_stacked(model: nn.Module, stacked: Params, x: Array, y: Array, *,
   n = jax.tree.leaves(stacked)[0].shape[0]
   m = min(models_per_chunk, n)
   mapped = clients.map_clients(
-      lambda x, y, params: evaluate(model, params, x, y,
-                                    batch_size=batch_size), num_shared=2)
+      lambda xy, params: evaluate(model, params, *xy, batch_size=batch_size))
 
   def chunk(k):
     ids = jnp.minimum(k * m + jnp.arange(m), n - 1)
-    return mapped(x, y, jax.tree.map(lambda s: s[ids], stacked))
+    return mapped((x, y), jax.tree.map(lambda s: s[ids], stacked))
 
   loss, accuracy = jax.lax.map(chunk, jnp.arange(-(-n // m)))
   return loss.reshape(-1)[:n], accuracy.reshape(-1)[:n]

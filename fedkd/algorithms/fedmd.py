@@ -26,7 +26,6 @@ data, held out of the private dataset, is used whole every round.
 """
 
 from collections.abc import Sequence
-import functools
 
 import flax.linen as nn
 import jax
@@ -100,8 +99,8 @@ def fedmd(*, model: nn.Module | Sequence[nn.Module], input_shape,
                                   model_rng, group=g, groups=k)
       if transfer_epochs or private_epochs:
         state = clients.map_clients(
-            functools.partial(transfer, model), num_shared=2)(
-                data, transfer_rng, jnp.arange(g, num_clients, k), state)
+            lambda shared, *own: transfer(model, *shared, *own))(
+                (data, transfer_rng), jnp.arange(g, num_clients, k), state)
       return state
 
     return algorithm.server_init(
