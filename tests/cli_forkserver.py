@@ -1,10 +1,11 @@
 """Runs experiments/main.py once per argument list, each in a forked child.
 
 Reads a JSON list of argument lists on stdin and prints a JSON list of
-[exit code, stderr]; an optional argument sets how many run at once. The heavy imports happen once, before any fork and
-before JAX starts a backend; each child then runs main.py exactly as
-`python experiments/main.py ARGS` would, so the bad-input tests see the real
-exit codes and error lines without paying the imports forty times.
+[exit code, stderr]; an optional argument sets how many run at once. The
+heavy imports happen once, before any fork and before JAX starts a backend;
+each child then runs main.py exactly as `python experiments/main.py ARGS`
+would, so the bad-input tests see the real exit codes and error lines
+without paying the imports once per case.
 """
 
 import json
@@ -12,9 +13,15 @@ import os
 import runpy
 import sys
 
-# Imported (not initialised) up front; the children inherit them.
-import fedkd.train  # pylint: disable=unused-import
-import ml_collections.config_flags  # pylint: disable=unused-import
+# What main.py imports, imported (no JAX backend started) up front; the
+# children inherit them. From the repository root, as main.py imports them.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+import experiments.compare
+import experiments.runner
+import experiments.validation
+import ml_collections.config_flags
+# pylint: enable=g-import-not-at-top,wrong-import-position,unused-import
 
 
 def _start(args):
