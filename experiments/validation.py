@@ -166,9 +166,6 @@ def _validate_client_models(config) -> None:
         'the clients\' models (one architecture); use '
         f'one of {", ".join(algorithms.HETEROGENEOUS)} or leave client_models '
         'empty')
-  if config.dp_clip_norm > 0 and len(names) > 1:
-    raise FedkdError('dp_clip_norm: DP takes one client architecture; set '
-                     'dp_clip_norm=0 or leave client_models empty')
   if config.server_model:
     raise FedkdError('server_model takes one client architecture; with '
                      'client_models each architecture has its own global '

@@ -115,8 +115,14 @@ def private(aggregator: aggregation.Aggregator,
             dp: DpSettings) -> aggregation.Aggregator:
   """`aggregator`'s encoding stages, then DP-FedAvg's: each upload clipped
   (`clipped_clients` counts those above the bound) and weighing 1, the sum
-  noised and divided by `expected_clients`. One client group only: the
-  noise is calibrated to one clip over every upload."""
+  noised and divided by `expected_clients`.
+
+  With client groups, every upload must be one `aggregation.Pooled` part
+  (local_kd's and fedkd's shared student): the groups' sums add up to one
+  sum over all clients, each client in it once and clipped, so one noise
+  draw of the same scale covers them all and every group receives the same
+  mean. Other grouped uploads are refused.
+  """
 
   def clip(upload, weight, sent, round_index):
     del round_index  # The same every round.
@@ -126,12 +132,16 @@ def private(aggregator: aggregation.Aggregator,
 
   def reduce(totals, weights, rng):
     del weights  # The denominator is fixed.
-    if len(totals) != 1:
-      raise ValueError('client-level DP takes one client group, got '
-                       f'{len(totals)}')
-    return (noised_mean(totals[0], rng, clip_norm=dp.clip_norm,
-                        noise_multiplier=dp.noise_multiplier,
-                        expected_clients=dp.expected_clients),)
+    if len(totals) > 1 and not all(
+        isinstance(t, aggregation.Pooled) for t in totals):
+      raise ValueError('client-level DP with client groups takes uploads '
+                       'that are one aggregation.Pooled part (a model every '
+                       'group shares)')
+    total = jax.tree.map(lambda *xs: sum(xs), *totals)
+    mean = noised_mean(total, rng, clip_norm=dp.clip_norm,
+                       noise_multiplier=dp.noise_multiplier,
+                       expected_clients=dp.expected_clients)
+    return (mean,) * len(totals)
 
   return aggregation.chain(aggregator._replace(reduce=None),
                            aggregation.Aggregator(clip, reduce))

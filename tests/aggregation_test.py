@@ -38,17 +38,35 @@ def _deltas(state, new):
 
 
 def _client_uploads(alg, state):
-  """Each client's upload as its client update returns it, run alone."""
+  """Each client's upload as its client update returns it, run alone
+  (client i in group i % k, row i // k of its group's state)."""
   data = toys.toy_data(SIZES)
   rng = jax.random.split(RNG, 3)[0]  # the clients' key
+  updates = algorithm.groups_of(alg.client_update)
+  k = len(updates)
+  states = state.clients if k > 1 else (state.clients,)
   uploads = []
   for i in IDS:
     key = jax.random.split(jax.random.fold_in(rng, i))[0]
-    own = jax.tree.map(lambda s, i=i: s[i], state.clients)
-    uploads.append(alg.client_update(
+    own = jax.tree.map(lambda s, i=i: s[i // k], states[i % k])
+    uploads.append(updates[i % k](
         state.replace(clients=()), own, data, jnp.int32(i),
         data.num_examples[i], key))
   return uploads
+
+
+def _clipped_sum(uploads, clip, test):
+  """The sum of `uploads` (pytrees) each clipped to norm `clip`, in numpy;
+  every one must be above it."""
+  total = None
+  for upload in uploads:
+    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(upload)]
+    norm = np.sqrt(sum(np.sum(x**2) for x in leaves))
+    test.assertGreater(norm, clip)  # so clipping is tested
+    clipped = [x * clip / norm for x in leaves]
+    total = clipped if total is None else [
+        a + b for a, b in zip(total, clipped)]
+  return total
 
 
 class ChainTest(absltest.TestCase):
@@ -92,16 +110,10 @@ class PrivateFedKDTest(absltest.TestCase):
     clip, expected = 0.02, 10.0
     state, new, m = _round(alg, dp=privacy.DpSettings(clip, 0.0, expected))
     energy = compression.energy_schedule(0.8, 0.9, 3)(0)  # as toys.fedkd
-    total, floats = None, 0
-    for out in _client_uploads(alg, state):
-      upload, sent = compression.svd_compress(out.upload.value, energy)
-      floats += int(sent)
-      leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(upload)]
-      norm = np.sqrt(sum(np.sum(x**2) for x in leaves))
-      self.assertGreater(norm, clip)  # so clipping is tested
-      clipped = [x * clip / norm for x in leaves]
-      total = clipped if total is None else [
-          a + b for a, b in zip(total, clipped)]
+    compressed = [compression.svd_compress(out.upload.value, energy)
+                  for out in _client_uploads(alg, state)]
+    floats = sum(int(sent) for _, sent in compressed)
+    total = _clipped_sum([upload for upload, _ in compressed], clip, self)
     mean = jax.tree.unflatten(jax.tree.structure(state.params),
                               [jnp.asarray(t / expected, jnp.float32)
                                for t in total])
@@ -113,10 +125,27 @@ class PrivateFedKDTest(absltest.TestCase):
     self.assertEqual(int(m['upload_bytes']),
                      communication.FLOAT_BYTES * floats)
 
-  def test_dp_refuses_client_groups(self):
+
+
+class PrivateGroupsTest(absltest.TestCase):
+
+  def test_groups_sharing_the_student_get_one_clipped_sum(self):
+    """local_kd with two teacher architectures: every client's student
+    update clipped, all summed over both groups, over expected clients."""
     alg = toys.algorithms(len(SIZES), client_models=(
-        toys.teacher(), toys.student()))['fedkd']
-    with self.assertRaisesRegex(ValueError, 'DP takes one client group'):
+        toys.teacher(), toys.student()))['local_kd']
+    clip, expected = 0.02, 10.0
+    state, new, m = _round(alg, dp=privacy.DpSettings(clip, 0.0, expected))
+    total = _clipped_sum([out.upload.value for out in
+                          _client_uploads(alg, state)], clip, self)
+    for got, want in zip(_deltas(state, new), total):
+      np.testing.assert_allclose(got, want / expected, atol=1e-6)
+    self.assertEqual(int(m['clipped_clients']), len(IDS))
+
+  def test_groups_with_parts_of_their_own_are_refused(self):
+    alg = toys.algorithms(len(SIZES), client_models=(
+        toys.teacher(), toys.student()))['fd']
+    with self.assertRaisesRegex(ValueError, 'one aggregation.Pooled part'):
       _round(alg, dp=privacy.DpSettings(0.1, 1.0, 4.0))
 
 

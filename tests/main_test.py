@@ -172,9 +172,6 @@ BAD_INPUTS = (
                                  '--config.client_models=seed_student,'
                                  'mnist_2nn'],
      "fedavg, which averages the clients' models"),
-    ('client_models_dp', ['--config.client_models=seed_student,mnist_2nn',
-                          '--config.dp_clip_norm=1.0'],
-     'DP takes one client architecture'),
     ('client_models_twice', ['--config.algorithm=fd',
                              '--config.client_models=mnist_2nn,mnist_2nn'],
      'lists a model twice'),
