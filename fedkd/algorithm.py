@@ -275,9 +275,8 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
     means = aggregator.reduce(totals, weights, noise_rng)
     new_state, server_metrics = server_update(
         state, means if grouped else means[0], data, server_rng)
+    sampled = [s.pop('sampled') for s in sums]  # each group's, for downloads
     metrics = dict(functools.reduce(_add_metrics, sums), **server_metrics)
-    sampled = [s.pop('sampled') for s in sums]
-    del metrics['sampled']
     # Every sampled client downloads, dropped and non-finite ones included.
     if isinstance(state.backlog, tuple):
       download = metrics.get('download_bytes', communication.fixed(
