@@ -282,9 +282,8 @@ def time_vmapped(alg, state, data, rounds):
   state, data = jax.device_put((state, data), rep)
   rng = jax.random.PRNGKey(2)
   start = time.perf_counter()
-  compiled = jax.jit(
-      alg.apply, donate_argnums=0, in_shardings=(rep, rep, split, rep),
-      out_shardings=rep).lower(state, data, cohort, rng).compile()
+  compiled = sharding.jit_round(alg.apply, mesh, donate_argnums=0).lower(
+      state, data, cohort, rng).compile()
   compile_seconds = time.perf_counter() - start
   carry = [jax.tree.map(jnp.copy, state)]  # the round donates its input
 

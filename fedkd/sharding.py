@@ -85,6 +85,18 @@ def state_sharding(state, mesh: Mesh):
       clients=clients)
 
 
+def jit_round(apply, mesh: Mesh, state_shardings=None, **jit_options):
+  """A round `apply(state, data, cohort, rng)` jitted for `mesh`: the cohort
+  split over the `clients` axis, the state as `state_shardings` (default
+  replicated; `state_sharding` splits per-client state), the client data, rng
+  and metrics replicated. `jit_options` go to `jax.jit` (`donate_argnums`)."""
+  rep = replicated(mesh)
+  state_shardings = rep if state_shardings is None else state_shardings
+  return jax.jit(apply, in_shardings=(state_shardings, rep,
+                                      cohort_sharding(mesh), rep),
+                 out_shardings=(state_shardings, rep), **jit_options)
+
+
 def cohort_layout(clients_per_round: int, mesh: Mesh,
                   clients_per_chunk: int = 0, *,
                   quota: Sequence[int] = ()) -> tuple[int, int]:

@@ -343,11 +343,8 @@ def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
   alg = algorithm.with_round(alg, clients_per_chunk=chunk,
                              faults=settings.faults, dp=settings.dp)
   with out_of_memory_is('compiling the round', round_advice):
-    apply = jax.jit(
-        alg.apply, donate_argnums=0,
-        in_shardings=(state_shardings, replicated, cohort_sharding,
-                      replicated),
-        out_shardings=(state_shardings, replicated)).lower(
+    apply = sharding.jit_round(
+        alg.apply, mesh, state_shardings, donate_argnums=0).lower(
             state, client_data, cohort_for(0), round_key).compile()
   compile_seconds = time.perf_counter() - start
 

@@ -130,12 +130,10 @@ class RoundTest(parameterized.TestCase):
     results = []
     for devices in (1, 8):
       mesh = sharding.make_mesh(devices)
-      rep = sharding.replicated(mesh)
       size, _ = sharding.cohort_layout(4, mesh)
       cohorts = [toys.cohort([0, 2, 3, 5], size=size, num_clients=6),
                  toys.cohort([1, 2, 4], size=size, num_clients=6)]
-      apply = jax.jit(alg.apply, in_shardings=(
-          rep, rep, sharding.cohort_sharding(mesh), rep), out_shardings=rep)
+      apply = sharding.jit_round(alg.apply, mesh)
       results.append(_run(apply, state, self.data, cohorts))
     toys.assert_trees_close(results[0], results[1])
     self.assertEqual(size, 8)
@@ -203,11 +201,8 @@ class RoundTest(parameterized.TestCase):
     mesh = sharding.make_mesh(2)
     size, chunk = sharding.cohort_layout(5, mesh, clients_per_chunk=1)
     self.assertEqual((size, chunk), (6, 2))
-    rep = sharding.replicated(mesh)
-    apply = jax.jit(
-        algorithm.with_round(alg, clients_per_chunk=chunk).apply,
-        in_shardings=(rep, rep, sharding.cohort_sharding(mesh), rep),
-        out_shardings=rep)
+    apply = sharding.jit_round(
+        algorithm.with_round(alg, clients_per_chunk=chunk).apply, mesh)
     ids = [0, 1, 2, 4, 5]
     sharded = _run(apply, state, self.data,
                    [toys.cohort(ids, size=size, num_clients=6)])

@@ -175,10 +175,8 @@ class GroupsTest(parameterized.TestCase):
     for devices in (1, 8):
       mesh = sharding.make_mesh(devices)
       size, _ = sharding.cohort_layout(4, mesh, quota=(2, 2))
-      rep = sharding.replicated(mesh)
-      apply = jax.jit(alg.apply, in_shardings=(
-          sharding.state_sharding(state, mesh), rep,
-          sharding.cohort_sharding(mesh), rep))
+      apply = sharding.jit_round(alg.apply, mesh,
+                                 sharding.state_sharding(state, mesh))
       results.append(_run(apply, state, self.data, [
           _cohort(groups, size // 2) for groups in ROUNDS]))
     self.assertEqual(size, 16)
