@@ -110,10 +110,9 @@ class RoundTest(parameterized.TestCase):
     big = toys.teacher().init(jax.random.PRNGKey(0),
                               jnp.zeros((1, *toys.INPUT_SHAPE)))
     state = alg.init(big, jax.random.PRNGKey(1))
+    # The clients' side is feddf's own (vmapped == loop: tested above).
     vmapped, metrics = _run(jax.jit(alg.apply), state, self.data,
                             self.cohorts)
-    looped, _ = _run(loop.loop_apply(alg), state, self.data, self.cohorts)
-    toys.assert_trees_close(vmapped, looped)
     for part in ('client', 'server'):
       self.assertFalse(np.allclose(
           jax.tree.leaves(state.params[part])[0],
