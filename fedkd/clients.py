@@ -391,6 +391,17 @@ def group_quota(num_clients: int, clients_per_round: int,
   return quota
 
 
+def inclusion_probability(num_clients: int, clients_per_round: int,
+                          groups: int = 1) -> float:
+  """The largest chance any client has of being in a round's cohort: its
+  group's quota over its group's size (stratified sampling), which rounding
+  the quotas can put above clients_per_round / num_clients. DP accounting
+  must use this bound."""
+  return max(q / n for q, n in zip(
+      group_quota(num_clients, clients_per_round, groups),
+      group_sizes(num_clients, groups)))
+
+
 def sample_cohort(rng: np.random.Generator, num_clients: int,
                   clients_per_round: int, cohort_size: int,
                   groups: int = 1) -> Cohort:

@@ -216,7 +216,9 @@ class Accountant:
   """The (epsilon, delta)-DP spent by DP-FedAvg, round after round.
 
   Sampling: the accounting assumes Poisson sampling, each client joining a
-  round independently with probability q = clients_per_round / num_clients.
+  round independently with probability q = clients_per_round / num_clients
+  (with client groups, sampled stratified, the largest group's quota over
+  its size: `clients.inclusion_probability`, which `fedkd.train` passes).
   fedkd samples fixed-size cohorts instead; treating those as Poisson with the
   same q is the standard accounting approximation (as in the DP-FedAvg paper),
   not an exact bound for fixed-size sampling.

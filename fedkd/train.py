@@ -371,7 +371,8 @@ def _accountant(settings: Settings) -> privacy.Accountant | None:
     return None
   return privacy.Accountant(
       noise_multiplier=settings.dp.noise_multiplier,
-      sampling_probability=settings.clients_per_round / settings.num_clients,
+      sampling_probability=clients.inclusion_probability(
+          settings.num_clients, settings.clients_per_round, settings.groups),
       delta=settings.dp_delta, accountant=settings.dp_accountant)
 
 

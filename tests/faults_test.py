@@ -125,7 +125,7 @@ class DpRoundTest(absltest.TestCase):
     self.assertGreater(diff.std(), 0.005)
 
 
-class RunLevelTest(absltest.TestCase):
+class RunLevelTest(parameterized.TestCase):
 
   def _rows(self, **overrides):
     config = default.get_config('smoke')
@@ -135,13 +135,20 @@ class RunLevelTest(absltest.TestCase):
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       return [json.loads(l) for l in f]
 
-  def test_reported_epsilon_equals_dp_accounting(self):
+  @parameterized.parameters(
+      (50, 10, '', 10 / 50),
+      # Two teacher architectures, groups of 5 and 4 clients sampling 2 and
+      # 2 a round: the second's clients join with probability 1/2, not 4/9.
+      (9, 4, 'seed_teacher,seed_student', 2 / 4))
+  def test_reported_epsilon_equals_dp_accounting(self, num_clients,
+                                                 per_round, client_models, q):
     rows = self._rows(dp_clip_norm=1.0, dp_noise_multiplier=1.1,
-                      num_clients=50, clients_per_round=10)
+                      num_clients=num_clients, clients_per_round=per_round,
+                      client_models=client_models)
     for row in rows:
       accountant = dp_accounting.rdp.RdpAccountant()
       accountant.compose(dp_accounting.PoissonSampledDpEvent(
-          10 / 50, dp_accounting.GaussianDpEvent(1.1)), row['round'])
+          q, dp_accounting.GaussianDpEvent(1.1)), row['round'])
       self.assertAlmostEqual(row['dp_epsilon'],
                              accountant.get_epsilon(1e-5), places=9)
 

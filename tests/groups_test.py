@@ -192,6 +192,15 @@ class CohortTest(parameterized.TestCase):
   def test_quota_is_proportional_and_adds_up(self, n, per_round, k, quota):
     self.assertEqual(clients.group_quota(n, per_round, k), quota)
 
+  @parameterized.parameters(
+      # (num_clients, per_round, groups) -> the largest quota / group size
+      (10, 4, 3, 2 / 4),  # quotas 2, 1, 1 of 4, 3, 3 clients: above 4 / 10
+      (300, 30, 3, 0.1), (10, 5, 1, 0.5), (11, 6, 4, 2 / 3))
+  def test_inclusion_probability_bounds_every_group(self, n, per_round, k,
+                                                    bound):
+    self.assertAlmostEqual(clients.inclusion_probability(n, per_round, k),
+                           bound)
+
   def test_each_group_samples_its_own_clients(self):
     for seed in range(5):
       cohort = clients.sample_cohort(np.random.default_rng(seed), 11, 6, 12,
