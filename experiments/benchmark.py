@@ -62,6 +62,7 @@ steps it runs (4.6 MFLOP for the 10-client mlp round, 20.4 by hand).
 """
 
 from collections.abc import Sequence
+import functools
 import json
 import math
 import resource
@@ -80,6 +81,7 @@ import optax
 from fedkd import aggregation
 from fedkd import algorithm
 from fedkd import clients
+from fedkd import communication
 from fedkd import layers
 from fedkd import models
 from fedkd import sharding
@@ -296,15 +298,25 @@ def time_vmapped(alg, state, data, rounds):
 
 
 def time_loop(alg, state, data, rounds):
-  """(b): a Python loop of single-client jitted updates, FedJAX style."""
+  """(b): a Python loop of single-client jitted updates, FedJAX style, each
+  upload through the algorithm's aggregator chain as in the round."""
   k = data.num_clients
   groups = algorithm.groups_of(alg.client_update)
-  client_updates = [jax.jit(u) for u in groups]
-  means = jax.jit(lambda uploads, weights: aggregation.group_means(
+  encode = alg.aggregator.encode
+
+  def encoded(update, server, *args):
+    """One client's update, its upload through the algorithm's chain."""
+    out = update(server, *args)
+    upload, weight, _, _ = encode(out.upload, out.weight, communication.fixed(
+        1, algorithm.tree_bytes(out.upload)), server.round)
+    return out._replace(upload=upload, weight=weight)
+
+  client_updates = [jax.jit(functools.partial(encoded, u)) for u in groups]
+  means = jax.jit(lambda uploads, weights, rng: alg.aggregator.reduce(
       tuple(aggregation.weighted_sum(u, w) for u, w in zip(uploads, weights)),
-      tuple(jnp.sum(w) for w in weights)))
+      tuple(jnp.sum(w) for w in weights), rng))
   server_update = jax.jit(alg.server_update)
-  server_key = jax.random.PRNGKey(3)
+  reduce_key, server_key = jax.random.split(jax.random.PRNGKey(3))
   # A loop simulator keeps each client's state and inputs apart, ready to use
   # (client i in row i // g of its group's state).
   stacked = state.clients if len(groups) > 1 else (state.clients,)
@@ -321,7 +333,7 @@ def time_loop(alg, state, data, rounds):
     by_group = [slice(g, None, len(groups)) for g in range(len(groups))]
     stack = lambda xs: jax.tree.map(lambda *u: jnp.stack(u), *xs)
     mean = means(tuple(stack(uploads[g]) for g in by_group),
-                 tuple(jnp.stack(weights[g]) for g in by_group))
+                 tuple(jnp.stack(weights[g]) for g in by_group), reduce_key)
     server, _ = server_update(server, algorithm.per_group(mean), data,
                               server_key)
     return jax.block_until_ready(server)

@@ -20,9 +20,8 @@ is measured exactly, so the target is always met; where the singular values
 are flat at the cut, r may exceed the optimal rank by a few.
 """
 
-import functools
-
 from collections.abc import Callable
+import functools
 
 import jax
 import jax.numpy as jnp
