@@ -22,6 +22,11 @@ Why CPU needs its own kernels (profiled with `jax.profiler` per HLO op on a
   therefore written as shifted strided slices concatenated along channels
   (im2col, without `conv_general_dilated_patches`, whose gradient is itself a
   grouped convolution) and one matmul, which XLA batches over clients.
+  JAX differentiates it as written: the input gradient is one matmul and a
+  fused sum of shifted slices. A custom JVP whose transpose was an im2col of
+  the output gradient instead made a vmapped local step about 10% (mnist_cnn,
+  5 clients) and 20% (ResNet-8, 2 clients) slower, and compiled 20-35%
+  slower (jax 0.10).
 * Max pooling. The gradient of `lax.reduce_window` max materialises index
   tensors (iotas and a variadic reduce-window); non-overlapping windows are
   instead a reshape and a max, whose gradient is a cheap equality mask.
@@ -32,7 +37,6 @@ convolutions natively) and the plain weight-gradient dot.
 
 from collections.abc import Sequence
 import functools
-import itertools
 
 import flax.linen as nn
 import jax
@@ -106,47 +110,9 @@ def _im2col(x, kernel_hw, strides, pads):
   return patches[0] if len(patches) == 1 else jnp.concatenate(patches, -1)
 
 
-def _input_tangent(dx, kernel, out_hw, strides, pads):
-  """`conv(dx, kernel)` as one matmul, then a shift-and-add of its blocks.
-
-  Written so that its transpose, the input gradient of reverse mode, is the
-  im2col of the output gradient (pads of `lax.split`'s blocks transpose to
-  one concatenate) followed by one matmul: no sum of kh * kw shifted copies.
-  """
-  kh, kw, c, out = kernel.shape
-  (sh, sw), (ho, wo) = strides, out_hw
-  blocks = jax.lax.split(
-      dx @ jnp.transpose(kernel, (2, 0, 1, 3)).reshape(c, kh * kw * out),
-      [out] * (kh * kw), axis=3)
-  shifted = []
-  for block, (i, j) in zip(blocks, itertools.product(range(kh), range(kw))):
-    block = jnp.pad(block, ((0, 0), *pads, (0, 0)))
-    shifted.append(jax.lax.slice(
-        block, (0, i, j, 0),
-        (block.shape[0], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, out),
-        (1, sh, sw, 1)))
-  return functools.reduce(jnp.add, shifted)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _conv_im2col(x, kernel, strides, pads):
   out = kernel.shape[-1]
   return _im2col(x, kernel.shape[:2], strides, pads) @ kernel.reshape(-1, out)
-
-
-def _conv_im2col_jvp(strides, pads, primals, tangents):
-  x, kernel = primals
-  dx, d_kernel = tangents
-  out = kernel.shape[-1]
-  patches = _im2col(x, kernel.shape[:2], strides, pads)
-  y = patches @ kernel.reshape(-1, out)
-  return y, _tangent_sum(
-      y,
-      (lambda t: _input_tangent(t, kernel, y.shape[1:3], strides, pads), dx),
-      (lambda t: patches @ t.reshape(-1, out), d_kernel))
-
-
-_conv_im2col.defjvp(_conv_im2col_jvp, symbolic_zeros=True)
 
 
 def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
