@@ -269,9 +269,14 @@ def round_flops(workload: Workload, num_clients: int) -> float:
   return float(per_client * workload.examples * EPOCHS)
 
 
-def time_vmapped(alg, state, data, rounds):
-  """(a): returns (seconds per round, compile seconds), sharded over all
-  visible devices."""
+def compiled_round(alg, state, data):
+  """(a)'s round compiled ahead of time for every client of `data`, sharded
+  over all visible devices.
+
+  Returns:
+    (run, compiled, compile seconds): `run()` runs one round and waits for
+    it; `compiled` is the `jax.stages.Compiled` round.
+  """
   mesh = sharding.make_mesh()
   rep, split = sharding.replicated(mesh), sharding.cohort_sharding(mesh)
   k = data.num_clients
@@ -289,12 +294,18 @@ def time_vmapped(alg, state, data, rounds):
   compile_seconds = time.perf_counter() - start
   carry = [jax.tree.map(jnp.copy, state)]  # the round donates its input
 
-  def one_round():
+  def run():
     carry[0], _ = compiled(carry[0], data, cohort, rng)
     jax.block_until_ready(carry[0])
 
+  return run, compiled, compile_seconds
+
+
+def time_vmapped(alg, state, data, rounds):
+  """(a): returns (seconds per round, compile seconds)."""
+  run, _, compile_seconds = compiled_round(alg, state, data)
   # Compiled ahead of time: no warm-up needed, the first round is timed too.
-  return _median_seconds(one_round, rounds), compile_seconds
+  return _median_seconds(run, rounds), compile_seconds
 
 
 def time_loop(alg, state, data, rounds):
@@ -467,17 +478,23 @@ def markdown_table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def main(argv):
-  del argv
-  unknown = set(_WORKLOAD.value) - set(WORKLOADS)
+def check_workloads(names: Sequence[str]) -> None:
+  """Fails before timing anything if a workload or one of its models is
+  unknown."""
+  unknown = set(names) - set(WORKLOADS)
   if unknown:
     raise app.UsageError(f'unknown workloads {sorted(unknown)}; choose from '
                          f'{", ".join(WORKLOADS)}')
-  for name in _WORKLOAD.value:  # fail before timing anything
+  for name in names:
     workload = WORKLOADS[name]
     for model in filter(None, [*workload.student.split(','),
                                workload.teacher]):
       models.get_model(model, NUM_CLASSES)
+
+
+def main(argv):
+  del argv
+  check_workloads(_WORKLOAD.value)
   peak = matmul_peak_gflop_s()
   if not _JSON_ONLY.value:
     print(f'backend: {jax.default_backend()}, devices: {jax.device_count()} '

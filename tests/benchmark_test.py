@@ -4,6 +4,7 @@ XLA's, and a smoke run of every workload's arms (2 clients, 1 round)."""
 import contextlib
 import io
 import json
+import re
 
 from absl.testing import absltest
 from absl.testing import flagsaver
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import benchmark
+from experiments import profile_round
 from fedkd import layers
 from fedkd import losses
 from fedkd import models
@@ -178,6 +180,32 @@ class WorkloadsTest(parameterized.TestCase):
     with flagsaver.flagsaver(workload=['mlp', 'vgg']):
       with self.assertRaisesRegex(Exception, 'unknown workloads'):
         benchmark.main([])
+
+
+class ProfileRoundTest(absltest.TestCase):
+
+  def test_the_rounds_ops_with_the_layers_they_came_from(self):
+    out = io.StringIO()
+    with flagsaver.flagsaver(workload=['mlp'], clients=['2'], rounds=1,
+                             top=1000), contextlib.redirect_stdout(out):
+      profile_round.main([])
+    lines = out.getvalue().splitlines()
+    total = float(re.search(r': ([\d.]+) ms of ops per round', lines[1])[1])
+    rows = [[cell.strip() for cell in line.split('|')[1:-1]]
+            for line in lines if re.match(r'\| \d', line)]
+    self.assertNotEmpty(rows)
+    # Every op is listed (top=1000): the rows add up to the total.
+    self.assertAlmostEqual(sum(float(r[0]) for r in rows), total, delta=1)
+    # The local steps' ops come from the MLPs' differentiated forward pass,
+    # once per step: 50 examples / B=10 = 5 steps a round (on every one of
+    # the tests' 8 devices, which hold one client slot each).
+    self.assertTrue(any('jvp(MLP)' in source and int(runs) % 5 == 0
+                        for _, runs, _, source in rows), rows)
+
+  def test_unknown_workload(self):
+    with flagsaver.flagsaver(workload=['vgg']):
+      with self.assertRaisesRegex(Exception, 'unknown workloads'):
+        profile_round.main([])
 
 
 if __name__ == '__main__':

@@ -1,0 +1,103 @@
+"""Where a round's time goes: the slowest XLA ops of a benchmark workload.
+
+    python -m experiments.profile_round --workload=cnn_fedavg
+        [--clients=N] [--clients_per_chunk=N] [--rounds=N] [--top=20]
+
+Takes `experiments.benchmark`'s flags. For each workload and cohort size it
+compiles the round as the benchmark times it (arm (a)), runs it once, then
+`--rounds` rounds (default 2) under `jax.profiler.trace`, reads the trace back
+(`jax.profiler.ProfileData`) and prints the ops that took longest on XLA's
+CPU threads: milliseconds per round (summed over threads), executions per
+round, and the JAX operation each came from (the HLO op's metadata, e.g.
+`transpose(jvp(MnistCNN))/Conv_1/dot_general` for the second conv's input
+gradient). Ops that run on several threads at once count once per thread,
+so on 2 cores the total can reach twice the wall time; a plain `dot` (not a
+`ynn_fusion`) is handed to Eigen's pool and shows little more than its
+dispatch. CPU only: on an accelerator, open the trace in TensorBoard's
+profile plugin instead.
+
+This is how fedkd's CPU kernels (`fedkd/layers.py`) were chosen.
+"""
+
+import collections
+import glob
+import re
+import tempfile
+
+from absl import app
+from absl import flags
+import jax
+
+from experiments import benchmark  # defines the flags used here too
+from fedkd import algorithm
+
+FLAGS = flags.FLAGS
+_TOP = flags.DEFINE_integer('top', 20, 'Ops to print per round.')
+
+# Wrappers around the ops on XLA's threads, not ops themselves.
+_NOT_OPS = ('ThunkExecutor', 'SlinkyThreadPool')
+
+
+def op_times(trace_dir: str) -> tuple[collections.Counter,
+                                       collections.Counter]:
+  """(nanoseconds, executions) per HLO op name on XLA's CPU threads."""
+  nanoseconds, executions = collections.Counter(), collections.Counter()
+  for path in glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True):
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+      for line in plane.lines:
+        if not line.name.startswith('tf_XLA'):
+          continue
+        for event in line.events:
+          if not event.name.startswith(_NOT_OPS):
+            nanoseconds[event.name] += event.duration_ns
+            executions[event.name] += 1
+  return nanoseconds, executions
+
+
+def op_sources(hlo_text: str) -> dict[str, str]:
+  """HLO op name -> the JAX operation it came from (`op_name` metadata)."""
+  return {name: source.split(')/', 1)[-1] for name, source in re.findall(
+      r'%([\w.-]+) = .*?metadata=\{op_name="([^"]*)"', hlo_text)}
+
+
+def profile(name: str, num_clients: int, rounds: int) -> None:
+  """Prints the `--top` ops of `rounds` rounds of workload `name`."""
+  alg, state, data = benchmark.build(benchmark.WORKLOADS[name], num_clients)
+  chunk = FLAGS.clients_per_chunk
+  run, compiled, _ = benchmark.compiled_round(algorithm.with_round(
+      alg, clients_per_chunk=chunk), state, data)
+  run()  # the first execution's one-off costs stay out of the trace
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(rounds):
+        run()
+    nanoseconds, executions = op_times(trace_dir)
+  if not nanoseconds:
+    raise app.UsageError('the trace holds no XLA CPU ops; this jaxlib names '
+                         'its threads differently')
+  sources = op_sources(compiled.as_text())
+  ms = lambda ns: ns / rounds / 1e6
+  print(f'\n{name}, {num_clients} clients, {chunk or "all"} per chunk: '
+        f'{ms(sum(nanoseconds.values())):.1f} ms of ops per round on XLA '
+        'threads\n\n| ms/round | runs/round | HLO op | from |\n'
+        '| ---: | ---: | --- | --- |')
+  for op, ns in nanoseconds.most_common(_TOP.value):
+    print(f'| {ms(ns):.2f} | {executions[op] // rounds} | {op} | '
+          f'{sources.get(op, "")} |')
+
+
+def main(argv):
+  del argv
+  if jax.default_backend() != 'cpu':
+    raise app.UsageError('profile_round reads CPU traces only; on '
+                         f'{jax.default_backend()}, open a jax.profiler trace '
+                         "in TensorBoard's profile plugin")
+  benchmark.check_workloads(FLAGS.workload)
+  for name in FLAGS.workload:
+    for num_clients in map(int, FLAGS.clients or
+                           benchmark.WORKLOADS[name].clients):
+      profile(name, num_clients, FLAGS.rounds or 2)
+
+
+if __name__ == '__main__':
+  app.run(main)
