@@ -8,9 +8,11 @@ compiles the round as the benchmark times it (arm (a)), runs it once, then
 `--rounds` rounds (default 2) under `jax.profiler.trace`, reads the trace back
 (`jax.profiler.ProfileData`) and prints the ops that took longest on XLA's
 CPU threads: milliseconds per round (summed over threads), executions per
-round, and the JAX operation each came from (the HLO op's metadata, e.g.
+round, the JAX operation each came from (the HLO op's metadata, e.g.
 `transpose(jvp(MnistCNN))/Conv_1/dot_general` for the second conv's input
-gradient). Ops that run on several threads at once count once per thread,
+gradient) and the line of fedkd's code that emitted it (the innermost frame
+in fedkd/ or experiments/ of the op's stack trace, e.g. `layers.py:118
+_conv_im2col`). Ops that run on several threads at once count once per thread,
 so on 2 cores the total can reach twice the wall time; a plain `dot` (not a
 `ynn_fusion`) is handed to Eigen's pool and shows little more than its
 dispatch. CPU only: on an accelerator, open the trace in TensorBoard's
@@ -60,6 +62,42 @@ def op_sources(hlo_text: str) -> dict[str, str]:
       r'%([\w.-]+) = .*?metadata=\{op_name="([^"]*)"', hlo_text)}
 
 
+def _table(hlo_text: str, heading: str) -> str:
+  """The lines of one of the tables that head the HLO module's text."""
+  match = re.search(rf'^{heading}\n(.*?)\n(?=[A-Z%])', hlo_text, re.S | re.M)
+  return match[1] if match else ''
+
+
+def op_lines(hlo_text: str) -> dict[str, str]:
+  """HLO op name -> `file.py:line function` of the innermost fedkd or
+  experiments frame of the Python stack that emitted it."""
+  files = dict(re.findall(r'^(\d+) "(.*)"$', _table(hlo_text, 'FileNames'),
+                          re.M))
+  functions = dict(re.findall(r'^(\d+) "(.*)"$',
+                              _table(hlo_text, 'FunctionNames'), re.M))
+  locations = {
+      i: (files[f], functions[fn], line) for i, f, fn, line in re.findall(
+          r'^(\d+) \{file_name_id=(\d+) function_name_id=(\d+) line=(\d+)',
+          _table(hlo_text, 'FileLocations'), re.M)}
+  frames = {i: (location, parent) for i, location, parent in re.findall(
+      r'^(\d+) \{file_location_id=(\d+)(?: parent_frame_id=(\d+))?',
+      _table(hlo_text, 'StackFrames'), re.M)}
+
+  def innermost_ours(frame):
+    for _ in range(len(frames)):  # parent links end at the outermost frame
+      if frame not in frames:
+        return ''
+      location, parent = frames[frame]
+      path, function, line = locations[location]
+      if re.search(r'/(fedkd|experiments)/', path):
+        return f'{path.rsplit("/", 1)[-1]}:{line} {function}'
+      frame = parent
+    return ''
+
+  return {op: innermost_ours(frame) for op, frame in re.findall(
+      r'%([\w.-]+) = .*?stack_frame_id=(\d+)', hlo_text)}
+
+
 def profile(name: str, num_clients: int, rounds: int) -> None:
   """Prints the `--top` ops of `rounds` rounds of workload `name`."""
   alg, state, data = benchmark.build(benchmark.WORKLOADS[name], num_clients)
@@ -75,15 +113,16 @@ def profile(name: str, num_clients: int, rounds: int) -> None:
   if not nanoseconds:
     raise app.UsageError('the trace holds no XLA CPU ops; this jaxlib names '
                          'its threads differently')
-  sources = op_sources(compiled.as_text())
+  hlo_text = compiled.as_text()
+  sources, lines = op_sources(hlo_text), op_lines(hlo_text)
   ms = lambda ns: ns / rounds / 1e6
   print(f'\n{name}, {num_clients} clients, {chunk or "all"} per chunk: '
         f'{ms(sum(nanoseconds.values())):.1f} ms of ops per round on XLA '
-        'threads\n\n| ms/round | runs/round | HLO op | from |\n'
-        '| ---: | ---: | --- | --- |')
+        'threads\n\n| ms/round | runs/round | HLO op | from | code |\n'
+        '| ---: | ---: | --- | --- | --- |')
   for op, ns in nanoseconds.most_common(_TOP.value):
     print(f'| {ms(ns):.2f} | {executions[op] // rounds} | {op} | '
-          f'{sources.get(op, "")} |')
+          f'{sources.get(op, "")} | {lines.get(op, "")} |')
 
 
 def main(argv):

@@ -4,7 +4,10 @@ XLA's, and a smoke run of every workload's arms (2 clients, 1 round)."""
 import contextlib
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 
 from absl.testing import absltest
 from absl.testing import flagsaver
@@ -18,6 +21,8 @@ from fedkd import layers
 from fedkd import losses
 from fedkd import models
 import toys
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 try:
   import torch  # pylint: disable=unused-import
@@ -185,22 +190,29 @@ class WorkloadsTest(parameterized.TestCase):
 class ProfileRoundTest(absltest.TestCase):
 
   def test_the_rounds_ops_with_the_layers_they_came_from(self):
-    out = io.StringIO()
-    with flagsaver.flagsaver(workload=['mlp'], clients=['2'], rounds=1,
-                             top=1000), contextlib.redirect_stdout(out):
-      profile_round.main([])
-    lines = out.getvalue().splitlines()
-    total = float(re.search(r': ([\d.]+) ms of ops per round', lines[1])[1])
+    # On one device, as a user runs it (the tests' 8 devices partition the
+    # round, and XLA drops the metadata of the partitioned dots).
+    out = subprocess.run(
+        [sys.executable, '-m', 'experiments.profile_round', '--workload=mlp',
+         '--clients=2', '--rounds=1', '--top=1000'],
+        env=toys.subprocess_env(devices=1), cwd=_REPO, capture_output=True,
+        text=True, timeout=300, check=True).stdout
+    lines = out.splitlines()
+    total = float(re.search(r': ([\d.]+) ms of ops per round', out)[1])
     rows = [[cell.strip() for cell in line.split('|')[1:-1]]
             for line in lines if re.match(r'\| \d', line)]
     self.assertNotEmpty(rows)
     # Every op is listed (top=1000): the rows add up to the total.
     self.assertAlmostEqual(sum(float(r[0]) for r in rows), total, delta=1)
-    # The local steps' ops come from the MLPs' differentiated forward pass,
-    # once per step: 50 examples / B=10 = 5 steps a round (on every one of
-    # the tests' 8 devices, which hold one client slot each).
-    self.assertTrue(any('jvp(MLP)' in source and int(runs) % 5 == 0
-                        for _, runs, _, source in rows), rows)
+    # The Dense layers' forward dots, once per local step (2 clients x 50
+    # examples / B=10: 5 steps, the clients vmapped into one op), emitted by
+    # fedkd.layers.dense.
+    dense = [runs for _, runs, _, source, _ in rows if re.search(
+        r'closed_call/jvp\(MLP\)/Dense_\d/dot_general$', source)]
+    self.assertNotEmpty(dense, rows)
+    self.assertTrue(all(int(runs) == 5 for runs in dense), rows)
+    self.assertTrue(any(re.fullmatch(r'layers\.py:\d+ dense', code)
+                        for *_, code in rows), rows)
 
   def test_unknown_workload(self):
     with flagsaver.flagsaver(workload=['vgg']):
