@@ -11,24 +11,26 @@ fedkd / local_kd is essentially the price of the compression. It prints the
 median seconds of `--rounds` rounds after a first round that compiles (its
 time is printed too). Timings are noisy; compare ratios from one run only.
 
-Measured with the svd_compress of 29e0ea1 on the shared 2-core CPU (seconds;
-fedkd / fedavg, fedkd / local_kd), default flags:
+Measured on the shared 2-core CPU (seconds; fedkd / fedavg, fedkd /
+local_kd), default flags, one run:
 
-    50:50:80      fedavg 0.159  local_kd 0.277  fedkd 0.535   3.4x  1.9x
-    1000:1000:20  fedavg 1.708  local_kd 3.320  fedkd 15.34   9.0x  4.6x
+    50:50:80      fedavg 0.176  local_kd 0.316  fedkd 0.607   3.4x  1.9x
+    1000:1000:20  fedavg 1.874  local_kd 3.035  fedkd 9.845   5.3x  3.2x
 
-and `--clients_per_chunk=100` (1000 clients) / `10` (50), which helps FedAvg
-and local KD more than FedKD: 1000 clients 1.49 / 2.48 / 11.67 (7.8x, 4.7x),
-50 clients 0.131 / 0.290 / 0.820 (6.3x, 2.8x). Training is as costly as
-local KD's (fedkd with the compression replaced by the identity: 1.01x
-local_kd); the rest is `svd_compress` on the clients. Alone, vmapped over the
-1000 uploads (20 examples: rank ~10), it takes ~9 s: per 784x200 kernel the
-Gram matrix 0.7 s, the block of subspace iteration 2.3 s (each of 3
-orthonormalisations 0.4 s, the Jacobi Rayleigh-Ritz 0.4 s, the deflation) and
-`A V_r V_r^T` 0.9 s, about the same for the 200x200 one; memory-bound
-batched small ops, not matmul flops. The issue's 1.5x fedavg cannot be met by
-construction, as local KD (the same two models, no compression) is already
-1.7-2x fedavg.
+Alternating with the code from before `compression._orthonormalize` ran its
+Gram-Schmidt on the small Gram matrix (it ran it on the [n, k] block), fedkd
+at 1000:1000:20 took 9.85, 8.49 and 8.15 s against 10.72, 9.65 and 11.25 s
+(3.2x, 2.5x, 2.2x local_kd against 3.3x, 3.0x, 4.1x). Training is as costly as local KD's (fedkd with the
+compression replaced by the identity: 1.01x local_kd); the rest is
+`svd_compress` on the clients. Per-line profile of it alone, vmapped over
+1000 uploads of the three 2NN kernels (low rank, ~10): about 5.8 s, of which
+the Gram matrices 1.2 s, the Jacobi rotations of the Rayleigh-Ritz steps 0.8
+s, the orthonormalisations 1.1 s, `A V_r V_r^T` and the subspace iteration's
+products the rest: memory-bound batched small ops more than matmul flops.
+`--clients_per_chunk` helps FedAvg and local KD more than FedKD (measured
+before: 1000 clients at 100 per chunk 7.8x and 4.7x, 50 at 10 6.3x and
+2.8x). The issue's 1.5x fedavg cannot be met by construction, as local KD
+(the same two models, no compression) is already 1.7-2x fedavg.
 """
 
 import statistics

@@ -123,21 +123,43 @@ def _jacobi_eigh(sym: Array, max_sweeps: int) -> tuple[Array, Array]:
 
 
 def _orthonormalize(y: Array) -> Array:
-  """Gram-Schmidt, twice per column; a dependent column becomes zero."""
-  k = y.shape[1]
+  """Orthonormal columns spanning those of `y` (a dependent column becomes
+  zero): Gram-Schmidt on the small Gram matrix `y^T y`, twice.
 
-  def column(j, q):
-    x = jax.lax.dynamic_slice_in_dim(q, j, 1, axis=1)
-    earlier = (jnp.arange(k) < j)[:, None]
-    projected = x
-    for _ in range(2):  # Twice is enough (Kahan, Parlett).
-      projected -= _dot(q, _dot(q.T, projected) * earlier)
-    norm = jnp.linalg.norm(projected)
-    keep = norm > 1e-4 * jnp.linalg.norm(x)
-    x = jnp.where(keep, projected / jnp.where(keep, norm, 1), 0)
-    return jax.lax.dynamic_update_slice_in_dim(q, x, j, axis=1)
+  Column by column it works on [k, k] coefficients only; `y` itself is read
+  in two matmuls a pass. The Gram matrix squares the condition number, which
+  the second pass repairs (as in CholeskyQR2), for columns scaled to unit
+  norm first; a column within ~1e-4 of the span of the earlier ones is
+  dropped, as it would be in Gram-Schmidt on `y`.
+  """
+  for _ in range(2):  # Twice is enough (Kahan, Parlett; CholeskyQR2).
+    y = _dot(y, _orthonormalizing_coefficients(_dot(y.T, y)))
+  return y
 
-  return jax.lax.fori_loop(0, k, column, y)
+
+def _orthonormalizing_coefficients(gram: Array) -> Array:
+  """T (upper triangular) with (y T)^T (y T) = I on the kept columns, for
+  `gram` = y^T y: classical Gram-Schmidt with every inner product read from
+  `gram` (u^T v of u = y a, v = y b is a^T gram b)."""
+  k = gram.shape[0]
+  diagonal = _diagonal(gram)
+  # Unit columns: scaling alone must not make a column look dependent.
+  scale = jnp.where(diagonal > 0, jax.lax.rsqrt(jnp.where(
+      diagonal > 0, diagonal, 1)), 0)
+  unit = gram * scale[:, None] * scale[None, :]
+
+  def column(j, t):
+    e_j = (jnp.arange(k) == j).astype(gram.dtype)
+    earlier = (jnp.arange(k) < j).astype(gram.dtype)
+    # y_j less its projections on the orthonormal q_p = y t_p, p < j.
+    x = e_j - _dot(t, _dot(t.T, unit[:, j]) * earlier)
+    norm2 = _dot(x, _dot(unit, x))
+    keep = norm2 > 1e-8 * unit[j, j]  # |x| > 1e-4 |y_j|
+    x = jnp.where(keep, x * jax.lax.rsqrt(jnp.where(keep, norm2, 1)), 0)
+    return jax.lax.dynamic_update_slice_in_dim(t, x[:, None], j, axis=1)
+
+  t = jax.lax.fori_loop(0, k, column, jnp.zeros_like(gram))
+  return t * scale[:, None]
 
 
 def _kept(power: Array, before: Array, target: Array) -> Array:

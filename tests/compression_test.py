@@ -53,6 +53,33 @@ def _compress(a, energy):
   return np.asarray(update['w'], np.float64), 4 * int(sent)
 
 
+class OrthonormalizeTest(absltest.TestCase):
+
+  def test_orthonormal_basis_of_the_span_with_dependent_columns_zero(self):
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=(200, 40))
+    y[:, 5] = 2 * y[:, 1] - y[:, 3]  # dependent on earlier columns
+    y[:, 9] = 0
+    y[:, 20] = y[:, 11] + 1e-7 * rng.normal(size=200)  # dependent in float32
+    y[:, 30] *= 1e4  # columns of very different norms
+    y[:, 31] *= 1e-4
+    # Nearly dependent but kept: one pass on the Gram matrix, which squares
+    # the condition number, would leave these 0.09 from orthogonal.
+    y[:, 25] = y[:, 24] + 1e-3 * rng.normal(size=200)
+    q = np.asarray(jax.jit(compression._orthonormalize)(
+        jnp.asarray(y, jnp.float32)), np.float64)
+    dropped = [5, 9, 20]
+    kept = [j for j in range(40) if j not in dropped]
+    np.testing.assert_array_equal(q[:, dropped], 0)
+    np.testing.assert_allclose(q[:, kept].T @ q[:, kept], np.eye(len(kept)),
+                               atol=1e-5)
+    # Gram-Schmidt: column j of q is in the span of y's first j + 1 columns.
+    for j in kept:
+      basis = np.linalg.qr(y[:, :j + 1])[0]
+      np.testing.assert_allclose(basis @ (basis.T @ q[:, j]), q[:, j],
+                                 atol=1e-4)
+
+
 class SvdCompressTest(parameterized.TestCase):
 
   # Gram matrices this small are diagonalised exactly (Jacobi).
