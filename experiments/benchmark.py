@@ -492,6 +492,11 @@ def check_workloads(names: Sequence[str]) -> None:
       models.get_model(model, NUM_CLASSES)
 
 
+def cohort_sizes(name: str) -> list[int]:
+  """The cohort sizes to run workload `name` with: `--clients`, or its own."""
+  return [int(c) for c in _CLIENTS.value or WORKLOADS[name].clients]
+
+
 def main(argv):
   del argv
   check_workloads(_WORKLOAD.value)
@@ -508,7 +513,7 @@ def main(argv):
                       rounds=_ROUNDS.value or workload.rounds, peak=peak,
                       loop=_LOOP.value, torch_threads=torch_threads,
                       clients_per_chunk=_CHUNK.value)
-            for num_clients in map(int, _CLIENTS.value or workload.clients)]
+            for num_clients in cohort_sizes(name)]
     results += rows
     if not _JSON_ONLY.value:
       print(f'\n{name}: {workload.description}, {workload.examples} '

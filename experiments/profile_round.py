@@ -11,7 +11,7 @@ CPU threads: milliseconds per round (summed over threads), executions per
 round, the JAX operation each came from (the HLO op's metadata, e.g.
 `transpose(jvp(MnistCNN))/Conv_1/dot_general` for the second conv's input
 gradient) and the line of fedkd's code that emitted it (the innermost frame
-in fedkd/ or experiments/ of the op's stack trace, e.g. `layers.py:118
+in fedkd/ or experiments/ of the op's stack trace, e.g. `layers.py:115
 _conv_im2col`). Ops that run on several threads at once count once per thread,
 so on 2 cores the total can reach twice the wall time; a plain `dot` (not a
 `ynn_fusion`) is handed to Eigen's pool and shows little more than its
@@ -133,8 +133,7 @@ def main(argv):
                          "in TensorBoard's profile plugin")
   benchmark.check_workloads(FLAGS.workload)
   for name in FLAGS.workload:
-    for num_clients in map(int, FLAGS.clients or
-                           benchmark.WORKLOADS[name].clients):
+    for num_clients in benchmark.cohort_sizes(name):
       profile(name, num_clients, FLAGS.rounds or 2)
 
 
