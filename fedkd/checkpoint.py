@@ -180,7 +180,7 @@ class Checkpointer:
       return step, restored[_STATE], restored[_META]
     raise FedkdError(
         f'no checkpoint in {self.directory} loads (newest, step {steps[0]}: '
-        f'{_one_line(first_error)}); use a new --workdir or delete '
+        f'{_one_line(first_error)}); use a new workdir or delete '
         f'{self.directory} to start over') from first_error
 
   def close(self) -> None:

@@ -140,7 +140,7 @@ def out_of_space_is(workdir: str):
     where = getattr(e, 'filename', None) or workdir
     first = text.splitlines()[0][:200] if text else type(e).__name__
     raise FedkdError(f'no space left on the disk holding {where} ({first}); '
-                     'free space there, or choose a --workdir on a disk with '
+                     'free space there, or choose a workdir on a disk with '
                      'room') from None
 
 
@@ -149,7 +149,7 @@ def _round_advice(settings: 'Settings', cohort_size: int, chunk: int) -> str:
   at_once = chunk or cohort_size
   if at_once > 1:
     lower = (f'lower clients_per_chunk (clients trained at once, now '
-             f'{at_once}), e.g. --config.clients_per_chunk={at_once // 4 or 1},'
+             f'{at_once}), e.g. clients_per_chunk={at_once // 4 or 1},'
              ' or')
   else:
     lower = 'lower'

@@ -173,7 +173,7 @@ class Workdir:
                    0o644)
     except OSError as e:
       raise FedkdError(f'cannot open the lock file {name} ({e.strerror}); '
-                       'remove it or use another --workdir') from e
+                       'remove it or use another workdir') from e
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -181,8 +181,8 @@ class Workdir:
       if e.errno in (errno.EAGAIN, errno.EACCES):
         raise FedkdError(f'workdir {self.path} is in use by another run '
                          f'(it holds {name}); wait for that run to end or '
-                         'use another --workdir') from e
-      raise FedkdError(f'cannot lock {name} ({e.strerror}); use a --workdir '
+                         'use another workdir') from e
+      raise FedkdError(f'cannot lock {name} ({e.strerror}); use a workdir '
                        'on a local filesystem') from e
     return fd
 
@@ -193,14 +193,14 @@ class Workdir:
           os.path.isdir(path) if want_dir else os.path.isfile(path)):
         kind = 'directory' if want_dir else 'regular file'
         raise FedkdError(f'{path} is not a {kind}; move it out of the workdir'
-                         ' or use another --workdir')
+                         ' or use another workdir')
 
   def _refuse(self, where: str, field: str, old, now) -> None:
     hint = f'; {self._why_fixed[field]}' if field in self._why_fixed else ''
     raise FedkdError(
         f'workdir {self.path} holds a run with a different {where} ({field}: '
-        f'{old!r} there, {now!r} now{hint}); use another --workdir, or '
-        '--config.overwrite=True to replace that run')
+        f'{old!r} there, {now!r} now{hint}); use another workdir, or set '
+        'overwrite=True to replace that run')
 
   def _check_same_run(self) -> None:
     """Refuses a workdir holding another run, by config.json or checkpoint."""
@@ -215,7 +215,7 @@ class Workdir:
         os.path.lexists(self._file(n)) for n in _FILES):
       raise FedkdError(f'workdir {self.path} holds run files but neither '
                        f'{CONFIG} nor a checkpoint to check them against; '
-                       'use another --workdir, or --config.overwrite=True '
+                       'use another workdir, or set overwrite=True '
                        'to replace them')
     problems = {step: _meta_problem(meta, step) for step, meta in
                 metas.items()}
@@ -226,8 +226,8 @@ class Workdir:
       newest = max(metas)
       raise FedkdError(
           f'no checkpoint in {self._file(CHECKPOINTS)} loads (newest, step '
-          f'{newest}: {problems[newest]}); use a new --workdir, or '
-          '--config.overwrite=True to start over')
+          f'{newest}: {problems[newest]}); use a new workdir, or set '
+          'overwrite=True to start over')
 
   def _check_checkpoint(self, step: int, meta: dict) -> None:
     """Refuses to resume checkpoint `step` of another config or dataset."""
@@ -241,12 +241,12 @@ class Workdir:
           f'the dataset differs from the one checkpoint {step} in {self.path}'
           f' was trained on (sha256 {meta["data"][:12]}... there, '
           f'{self._data[:12]}... now); restore that data, use another '
-          '--workdir, or --config.overwrite=True to replace that run')
+          'workdir, or set overwrite=True to replace that run')
     if step > self._num_rounds:
       raise FedkdError(
           f'num_rounds={self._num_rounds} is below the {step} '
           f'rounds the checkpoint in {self.path} has done; set num_rounds '
-          f'>= {step}, or --config.overwrite=True to start over')
+          f'>= {step}, or set overwrite=True to start over')
 
   def _read_config(self) -> dict | None:
     try:
@@ -256,11 +256,11 @@ class Workdir:
       return None
     except (OSError, ValueError) as e:
       raise FedkdError(f'cannot read {self._file(CONFIG)} ({e}); use another '
-                       '--workdir or --config.overwrite=True') from e
+                       'workdir or set overwrite=True') from e
     if not isinstance(config, dict):
       raise FedkdError(f'{self._file(CONFIG)} holds {json.dumps(config)[:20]},'
-                       ' not a config object; use another --workdir or '
-                       '--config.overwrite=True')
+                       ' not a config object; use another workdir or set '
+                       'overwrite=True')
     return config
 
   def _checkpoint_metas(self) -> dict[int, object]:

@@ -207,7 +207,7 @@ class CheckpointTest(parameterized.TestCase):
     warning.assert_not_called()
     message = str(cm.exception)
     self.assertIn(self.dir, message)
-    self.assertIn('--workdir', message)
+    self.assertIn('use a new workdir', message)
     self.assertNotIn('\n', message)
 
   def test_metas_read_without_arrays(self):

@@ -468,7 +468,7 @@ class OutOfMemoryTest(absltest.TestCase):
     self.assertNotIn('Traceback', proc.stderr)
     last = proc.stderr.strip().splitlines()[-1]
     self.assertStartsWith(last, 'error: out of memory in round 1 (')
-    self.assertIn('--config.clients_per_chunk=25', last)
+    self.assertIn('e.g. clients_per_chunk=25', last)
     self.assertIn('no checkpoint was saved', last)
 
 
