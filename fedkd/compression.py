@@ -168,22 +168,27 @@ def _kept(power: Array, before: Array, target: Array) -> Array:
   return jnp.where(before < target, jnp.minimum(needed, power.shape[0]), 0)
 
 
-def _factor_exact(gram: Array, target: Array) -> tuple[Array, Array]:
-  """(rank, V_r V_r^T) from the full eigendecomposition of a small `gram`."""
+Projection = Callable[[Array], Array]  # V ([n, k]) -> A V V^T (or V V^T A)
+
+
+def _factor_exact(gram: Array, target: Array,
+                  project: Projection) -> tuple[Array, Array]:
+  """(rank, A V_r V_r^T) from the full eigendecomposition of a small `gram`."""
   power, v = _jacobi_eigh(gram, _MAX_SWEEPS)
   rank = _kept(power, jnp.zeros_like(target), target)
-  v *= jnp.arange(v.shape[1]) < rank
-  return rank, _dot(v, v.T)
+  return rank, project(v * (jnp.arange(v.shape[1]) < rank))
 
 
-def _factor_blocks(gram: Array, target: Array,
-                   max_rank: int) -> tuple[Array, Array]:
-  """(rank, V_r V_r^T) from blocks of subspace iteration on `gram`.
+def _factor_blocks(gram: Array, target: Array, max_rank: int,
+                   project: Projection) -> tuple[Array, Array]:
+  """(rank, A V_r V_r^T) from blocks of subspace iteration on `gram`.
 
   Each block finds the next _BLOCK eigenvectors, then projects them out of
   the Gram matrix (G <- P G P, P = I - V V^T), so the next block works in the
   remaining directions only; blocks stop once the energies reach `target`.
-  Returns a rank above `max_rank` when `max_rank` vectors do not.
+  Returns a rank above `max_rank` when `max_rank` vectors do not. Each
+  block's vectors are applied to A as they are found: two thin matmuls a
+  block, against one [n, n] one for all of them.
   """
   n = gram.shape[0]
 
@@ -192,7 +197,7 @@ def _factor_blocks(gram: Array, target: Array,
     return (kept < target) & (block * _BLOCK < max_rank) & (rank <= max_rank)
 
   def next_block(state):
-    block, gram, projector, rank, kept = state
+    block, gram, recon, rank, kept = state
     y = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), block),
                           (n, _BLOCK + _OVERSAMPLE), gram.dtype)
     y = jax.lax.fori_loop(
@@ -205,13 +210,14 @@ def _factor_blocks(gram: Array, target: Array,
     # P G P = G - V W^T - W V^T with W = G V - V (V^T G V) / 2.
     gv = _dot(gram, v)
     vw = _dot(v, (gv - _dot(v, _dot(v.T, gv)) / 2).T)
-    return (block + 1, gram - vw - vw.T, projector + _dot(used, used.T),
+    return (block + 1, gram - vw - vw.T, recon + project(used),
             rank + take, kept + jnp.sum(jnp.where(mask, power[:_BLOCK], 0)))
 
-  state = (0, gram, jnp.zeros_like(gram), 0, jnp.zeros_like(target))
-  _, _, projector, rank, kept = jax.lax.while_loop(
-      unfinished, next_block, state)
-  return jnp.where(kept < target, max_rank + 1, rank), projector
+  recon = jax.eval_shape(project, jax.ShapeDtypeStruct((n, 1), gram.dtype))
+  state = (0, gram, jnp.zeros(recon.shape, recon.dtype), 0,
+           jnp.zeros_like(target))
+  _, _, recon, rank, kept = jax.lax.while_loop(unfinished, next_block, state)
+  return jnp.where(kept < target, max_rank + 1, rank), recon
 
 
 def _svd_truncate(matrix: Array, energy: Array) -> tuple[Array, Array]:
@@ -232,17 +238,18 @@ def _svd_truncate(matrix: Array, energy: Array) -> tuple[Array, Array]:
   target = energy * total
   # Above it, the dense matrix is no larger than the factors.
   max_rank = (m * n - 1) // (m + n + 1)
-  if gram.shape[0] <= _BLOCK + _OVERSAMPLE:
-    rank, projector = _factor_exact(gram, target)
+  if wide:
+    project = lambda v: _dot(v, _dot(v.T, matrix))
   else:
-    rank, projector = _factor_blocks(gram, target, max_rank)
+    project = lambda v: _dot(_dot(matrix, v), v.T)
+  if gram.shape[0] <= _BLOCK + _OVERSAMPLE:
+    rank, recon = _factor_exact(gram, target, project)
+  else:
+    rank, recon = _factor_blocks(gram, target, max_rank, project)
   rank = jnp.where(finite & (total > 0), rank, 0).astype(jnp.int32)
   dense = rank > max_rank
   # A V_r V_r^T (or V_r V_r^T A), A itself when dense, all NaN if not finite.
-  projector = jnp.where(dense, jnp.eye(gram.shape[0], dtype=gram.dtype),
-                        projector)
-  projector = jnp.where(finite, projector, jnp.nan)
-  recon = _dot(projector, matrix) if wide else _dot(matrix, projector)
+  recon = jnp.where(finite, jnp.where(dense, matrix, recon), jnp.nan)
   return recon, jnp.where(dense, m * n, rank * (m + n + 1))
 
 
