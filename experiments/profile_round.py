@@ -12,10 +12,14 @@ round, the JAX operation each came from (the HLO op's metadata, e.g.
 `transpose(jvp(MnistCNN))/Conv_1/dot_general` for the second conv's input
 gradient) and the line of fedkd's code that emitted it (the innermost frame
 in fedkd/ or experiments/ of the op's stack trace, e.g. `layers.py:115
-_conv_im2col`). Ops that run on several threads at once count once per thread,
+_conv_im2col`). A fusion that holds a matmul or convolution is named after
+it, since that is where its time goes (XLA names a fusion after its root: a
+dot fused with the division of a max-pool's gradient reads as the pool's
+`reduce_sum`). Ops that run on several threads at once count once per thread,
 so on 2 cores the total can reach twice the wall time; a plain `dot` (not a
 `ynn_fusion`) is handed to Eigen's pool and shows little more than its
-dispatch. CPU only: on an accelerator, open the trace in TensorBoard's
+dispatch. Loops and calls (`while`, `conditional`, `call`) are left out: the
+ops of their bodies are listed themselves. CPU only: on an accelerator, open the trace in TensorBoard's
 profile plugin instead.
 
 This is how fedkd's CPU kernels (`fedkd/layers.py`) were chosen.
@@ -36,8 +40,10 @@ from fedkd import algorithm
 FLAGS = flags.FLAGS
 _TOP = flags.DEFINE_integer('top', 20, 'Ops to print per round.')
 
-# Wrappers around the ops on XLA's threads, not ops themselves.
-_NOT_OPS = ('ThunkExecutor', 'SlinkyThreadPool')
+# Wrappers around the ops on XLA's threads, and control flow, whose events
+# can span the ops of their bodies: not ops themselves.
+_NOT_OPS = ('ThunkExecutor', 'SlinkyThreadPool', 'while', 'conditional',
+            'call')
 
 
 def op_times(trace_dir: str) -> tuple[collections.Counter,
@@ -60,6 +66,17 @@ def op_sources(hlo_text: str) -> dict[str, str]:
   """HLO op name -> the JAX operation it came from (`op_name` metadata)."""
   return {name: source.split(')/', 1)[-1] for name, source in re.findall(
       r'%([\w.-]+) = .*?metadata=\{op_name="([^"]*)"', hlo_text)}
+
+
+def principal_ops(hlo_text: str) -> dict[str, str]:
+  """Fusion name -> the dot or convolution inside it, where it holds one."""
+  inner = {name: re.search(r'%([\w.-]+) = \S+ (?:dot|convolution)\(', body)
+           for name, body in re.findall(
+               r'^%?([\w.-]+) \(.*?\{\n(.*?)\n\}', hlo_text, re.S | re.M)}
+  return {fusion: inner[called][1]
+          for fusion, called in re.findall(
+              r'%([\w.-]+) = .*? fusion\(.*?calls=%([\w.-]+)', hlo_text)
+          if inner.get(called)}
 
 
 def _table(hlo_text: str, heading: str) -> str:
@@ -115,14 +132,16 @@ def profile(name: str, num_clients: int, rounds: int) -> None:
                          'its threads differently')
   hlo_text = compiled.as_text()
   sources, lines = op_sources(hlo_text), op_lines(hlo_text)
+  named = principal_ops(hlo_text)
   ms = lambda ns: ns / rounds / 1e6
   print(f'\n{name}, {num_clients} clients, {chunk or "all"} per chunk: '
         f'{ms(sum(nanoseconds.values())):.1f} ms of ops per round on XLA '
         'threads\n\n| ms/round | runs/round | HLO op | from | code |\n'
         '| ---: | ---: | --- | --- | --- |')
   for op, ns in nanoseconds.most_common(_TOP.value):
+    by = named.get(op, op)
     print(f'| {ms(ns):.2f} | {executions[op] // rounds} | {op} | '
-          f'{sources.get(op, "")} | {lines.get(op, "")} |')
+          f'{sources.get(by, "")} | {lines.get(by, "")} |')
 
 
 def main(argv):

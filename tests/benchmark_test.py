@@ -214,6 +214,31 @@ class ProfileRoundTest(absltest.TestCase):
     self.assertTrue(any(re.fullmatch(r'layers\.py:\d+ dense', code)
                         for *_, code in rows), rows)
 
+  def test_a_fusion_is_named_after_the_dot_it_holds(self):
+    # Trimmed from a cnn_fedavg round: XLA names the fusion after its root
+    # (max_pool's gradient), but its time is the Dense layer's dot.
+    hlo = """
+%fused_computation.7 (param_2.7: f32[5,10,512], param_3: f32[5,3136,512]) -> f32[5,10,7,7,64] {
+  %param_2.7 = f32[5,10,512]{2,1,0} parameter(0)
+  %param_3 = f32[5,3136,512]{2,1,0} parameter(1)
+  %dot_general.77 = f32[5,10,3136]{2,1,0} dot(%param_2.7, %param_3), lhs_batch_dims={0}, metadata={op_name="jit(apply)/transpose(jvp(MnistCNN))/Dense_0/dot_general"}
+  ROOT %reduce_sum.221 = f32[5,10,7,7,64]{4,3,2,1,0} reduce(%dot_general.77), metadata={op_name="jit(apply)/jvp(MnistCNN)/reduce_sum"}
+}
+
+%fused_computation.8 (param_0: f32[4]) -> f32[4] {
+  ROOT %param_0 = f32[4]{0} parameter(0)
+}
+
+ENTRY %main.1 (a: f32[5,10,512], b: f32[5,3136,512], c: f32[4]) -> f32[5,10,7,7,64] {
+  %ynn_fusion.7 = f32[5,10,7,7,64]{4,3,2,1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.7, metadata={op_name="jit(apply)/jvp(MnistCNN)/reduce_sum"}
+  %copy_fusion = f32[4]{0} fusion(%c), kind=kLoop, calls=%fused_computation.8
+}
+"""
+    self.assertEqual(profile_round.principal_ops(hlo),
+                     {'ynn_fusion.7': 'dot_general.77'})
+    self.assertEqual(profile_round.op_sources(hlo)['dot_general.77'],
+                     'transpose(jvp(MnistCNN))/Dense_0/dot_general')
+
   def test_unknown_workload(self):
     with flagsaver.flagsaver(workload=['vgg']):
       with self.assertRaisesRegex(Exception, 'unknown workloads'):
