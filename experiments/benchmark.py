@@ -18,6 +18,13 @@ T=2, w=0.5 and the teacher's SGD at 0.05):
               seed_student, seed_teacher or mnist_2nn by i % 3), 300 clients
               x 50 of 8x8x1, 500 public examples (server: Adam 1e-3, one
               pass of batch 50); no PyTorch arm.
+  mlp_ALG     every algorithm of fedkd (mlp_fedavg, mlp_fedprox, mlp_fedntd,
+              mlp_local_kd, mlp_fedkd, mlp_feddf, mlp_fd, mlp_fedmd; all of
+              them: `--workload=algorithms`), built by `experiments/builder`
+              from `experiments/configs/default.py` as `experiments/main.py`
+              builds it, with the settings above, the seed MLPs (and the
+              seed teacher as private teacher or mentor) and 500 labelled
+              public examples: 100 clients x 50 of 8x8x1; no PyTorch arm.
 
 Each is run three ways in one process:
 
@@ -78,8 +85,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import builder
+from experiments.configs import default as default_config
 from fedkd import aggregation
 from fedkd import algorithm
+from fedkd import algorithms
 from fedkd import clients
 from fedkd import communication
 from fedkd import layers
@@ -102,6 +112,8 @@ class Workload(NamedTuple):
     clients: default cohort sizes.
     examples: examples per client.
     rounds: default timed rounds per arm.
+    algorithm: an algorithm of `fedkd.algorithms`, built from the default
+      run config; '' for the ones above (FedAvg, local KD, FedDF).
   """
   description: str
   student: str
@@ -110,6 +122,7 @@ class Workload(NamedTuple):
   clients: tuple[int, ...]
   examples: int
   rounds: int
+  algorithm: str = ''
 
 
 WORKLOADS = {
@@ -125,11 +138,19 @@ WORKLOADS = {
     'feddf_hetero': Workload(
         'FedDF, 3 architectures in one round', 'seed_student,seed_teacher,'
         'mnist_2nn', None, (8, 8, 1), (300,), 50, 3),
+    **{f'mlp_{name}': Workload(
+        f'{name}, seed MLPs', 'seed_student', 'seed_teacher'
+        if name in algorithms.PRIVATE_TEACHERS else None, (8, 8, 1), (100,),
+        50, 3, name) for name in algorithms.ALGORITHMS},
 }
+# --workload names that stand for several workloads.
+GROUPS = {'algorithms': [f'mlp_{name}' for name in algorithms.ALGORITHMS]}
 NUM_PUBLIC = 500
 
-_WORKLOAD = flags.DEFINE_list('workload', list(WORKLOADS),
-                              f'Workloads to time, of {", ".join(WORKLOADS)}.')
+_WORKLOAD = flags.DEFINE_list(
+    'workload', [w for w in WORKLOADS if not WORKLOADS[w].algorithm],
+    f'Workloads to time, of {", ".join(WORKLOADS)}, or "algorithms" for '
+    'every mlp_ALG.')
 _CLIENTS = flags.DEFINE_list('clients', None, 'Cohort sizes to time, for '
                              'every workload (default: each its own).')
 _ROUNDS = flags.DEFINE_integer('rounds', None, 'Timed rounds per arm '
@@ -172,12 +193,42 @@ def random_clients(workload: Workload, num_clients: int):
   return x, y
 
 
+def _public(workload: Workload, labels: bool) -> dict:
+  """NUM_PUBLIC random public examples (and labels), as `ClientData` fields."""
+  rng = np.random.default_rng(1)
+  public = dict(public_x=jnp.asarray(rng.random(
+      (NUM_PUBLIC, *workload.input_shape), np.float32)))
+  if labels:
+    public['public_y'] = jnp.asarray(
+        rng.integers(0, NUM_CLASSES, NUM_PUBLIC).astype(np.int32))
+  return public
+
+
+def _build_from_config(workload: Workload, num_clients: int, data):
+  """(algorithm, state, data) of `workload.algorithm`, built from the
+  default run config as `experiments/main.py` builds it."""
+  config = default_config.get_config()
+  config.update(dict(
+      algorithm=workload.algorithm, student=workload.student,
+      teacher=workload.teacher or config.teacher, num_clients=num_clients,
+      clients_per_round=num_clients, local_epochs=EPOCHS, batch_size=BATCH,
+      public_examples=NUM_PUBLIC, **HPARAMS))
+  built = builder.build(config, workload.input_shape, NUM_CLASSES, NUM_PUBLIC)
+  data = data.replace(**_public(workload, builder.public_labels(config)))
+  params = built.init_params and jax.jit(built.init_params)(
+      jax.random.PRNGKey(0))
+  return (built.algorithm,
+          jax.jit(built.init)(params, jax.random.PRNGKey(1), data), data)
+
+
 def build(workload: Workload, num_clients: int):
   """The workload's algorithm, initial server state and stacked data."""
   x, y = random_clients(workload, num_clients)
   data = jax.tree.map(jnp.asarray, clients.stack_clients(
       x.reshape(-1, *workload.input_shape), y.reshape(-1),
       np.arange(x.shape[0] * x.shape[1]).reshape(x.shape[:2])))
+  if workload.algorithm:
+    return _build_from_config(workload, num_clients, data)
   modules = [models.get_model(n, NUM_CLASSES)
              for n in workload.student.split(',')]
   common = dict(client_tx=optax.sgd(HPARAMS['client_lr']),
@@ -186,8 +237,7 @@ def build(workload: Workload, num_clients: int):
     alg = feddf(model=tuple(modules), distill_tx=optax.adam(1e-3),
                 distill_epochs=1, public_batch_size=50, temperature=1.0,
                 **common)
-    data = data.replace(public_x=jnp.asarray(np.random.default_rng(1).random(
-        (NUM_PUBLIC, *workload.input_shape), np.float32)))
+    data = data.replace(**_public(workload, labels=False))
   elif workload.teacher:
     alg = local_kd(
         teacher=models.get_model(workload.teacher, NUM_CLASSES),
@@ -433,8 +483,9 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
       alg, jax.device_put(state, jax.devices()[0]),
       jax.device_put(data, jax.devices()[0]), rounds)
   torch_by_threads = {}
-  # The PyTorch loop has no FedDF.
-  if torch_threads and _torch_installed() and ',' not in workload.student:
+  # The PyTorch loop has FedAvg and local KD only.
+  if (torch_threads and _torch_installed() and ',' not in workload.student
+      and not workload.algorithm):
     torch_by_threads = {
         threads: time_torch(workload, num_clients, rounds, threads)
         for threads in torch_threads}
@@ -478,9 +529,10 @@ def markdown_table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def check_workloads(names: Sequence[str]) -> None:
-  """Fails before timing anything if a workload or one of its models is
-  unknown."""
+def check_workloads(names: Sequence[str]) -> list[str]:
+  """The workloads `names` stand for (`GROUPS` expanded); fails before
+  timing anything if a workload or one of its models is unknown."""
+  names = [w for name in names for w in GROUPS.get(name, [name])]
   unknown = set(names) - set(WORKLOADS)
   if unknown:
     raise app.UsageError(f'unknown workloads {sorted(unknown)}; choose from '
@@ -490,6 +542,7 @@ def check_workloads(names: Sequence[str]) -> None:
     for model in filter(None, [*workload.student.split(','),
                                workload.teacher]):
       models.get_model(model, NUM_CLASSES)
+  return names
 
 
 def cohort_sizes(name: str) -> list[int]:
@@ -499,7 +552,7 @@ def cohort_sizes(name: str) -> list[int]:
 
 def main(argv):
   del argv
-  check_workloads(_WORKLOAD.value)
+  names = check_workloads(_WORKLOAD.value)
   peak = matmul_peak_gflop_s()
   if not _JSON_ONLY.value:
     print(f'backend: {jax.default_backend()}, devices: {jax.device_count()} '
@@ -507,7 +560,7 @@ def main(argv):
           f'peak (2048^3 float32 on one device): {peak:.1f} GFLOP/s')
   torch_threads = [int(t) for t in _TORCH_THREADS.value if _TORCH.value]
   results = []
-  for name in _WORKLOAD.value:
+  for name in names:
     workload = WORKLOADS[name]
     rows = [benchmark(name, workload, num_clients,
                       rounds=_ROUNDS.value or workload.rounds, peak=peak,

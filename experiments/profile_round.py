@@ -150,8 +150,7 @@ def main(argv):
     raise app.UsageError('profile_round reads CPU traces only; on '
                          f'{jax.default_backend()}, open a jax.profiler trace '
                          "in TensorBoard's profile plugin")
-  benchmark.check_workloads(FLAGS.workload)
-  for name in FLAGS.workload:
+  for name in benchmark.check_workloads(FLAGS.workload):
     for num_clients in benchmark.cohort_sizes(name):
       profile(name, num_clients, FLAGS.rounds or 2)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from experiments import benchmark
 from experiments import profile_round
+from fedkd import algorithms
 from fedkd import layers
 from fedkd import losses
 from fedkd import models
@@ -161,6 +162,27 @@ class WorkloadsTest(parameterized.TestCase):
               [2 * 64 * 200, 2 * 200 * 200, 2 * 200 * 10]]  # mnist_2nn
     per_client = sum(_training(f) for f in on_8x8) / 3
     self._check_row(row, 3, per_client, 10, timed_torch=False)
+
+  @parameterized.parameters(*algorithms.ALGORITHMS)
+  def test_every_algorithm_arms_run(self, name):
+    # fedmd by default: labelled public data, an init that trains, private
+    # models; built by experiments/builder as the CLI builds it.
+    toys.full_or(self, name == 'fedmd')
+    workload = benchmark.WORKLOADS[f'mlp_{name}']._replace(examples=10)
+    row = benchmark.benchmark(f'mlp_{name}', workload, 2, rounds=1, peak=1.0,
+                              loop=True, torch_threads=[1])
+    trained = [_LAYERS['seed_student']] + (
+        [[2 * 64 * 64, 2 * 64 * 32, 2 * 32 * 10]]  # the seed teacher
+        if name in algorithms.PRIVATE_TEACHERS else [])
+    self._check_row(row, 2, sum(map(_training, trained)), 10,
+                    timed_torch=False)
+
+  def test_algorithms_stands_for_every_algorithms_workload(self):
+    self.assertEqual(
+        benchmark.check_workloads(['mlp', 'algorithms']),
+        ['mlp'] + [f'mlp_{name}' for name in algorithms.ALGORITHMS])
+    with self.assertRaisesRegex(Exception, 'unknown workloads'):
+      benchmark.check_workloads(['algorithms', 'mlp_fedsgd'])
 
   def test_json_only_prints_one_parsable_line(self):
     # The interface experiments/scaling.py reads; (c) with each thread count.
