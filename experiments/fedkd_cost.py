@@ -34,8 +34,9 @@ the Gram matrices 1.2 s, the Jacobi rotations of the Rayleigh-Ritz steps 0.8
 s, the orthonormalisations 1.1 s, `A V_r V_r^T` and the subspace iteration's
 products the rest: memory-bound batched small ops more than matmul flops.
 `A V_r V_r^T` now goes by blocks of V, two thin matmuls each (4.6 s against
-5.1 s in one process); its cost is linear in the clients (one upload: 4.6
-ms, 50: 5.0 ms each), so batching has no overhead left to remove. Fewer
+5.1 s in one process); its cost grows linearly with the clients (one
+upload of 8 local steps 4.6 ms, 10 uploads 4.6 ms each, 50 5.4-6.3 ms each),
+so batching has no per-call overhead left to remove. Fewer
 Jacobi sweeps (2) or one Gram-Schmidt pass in the early power steps cost
 accuracy that tests/compression_test.py catches (reconstructions off by up
 to 6e-4 of the largest entry).
