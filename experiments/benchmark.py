@@ -58,8 +58,9 @@ is 2 FLOPs; a Dense costs 2 x in x out per example, a Conv 2 x in x out
 channels x the kernel taps inside the input (not on 'SAME' padding, as XLA
 counts); training costs the forward pass, the same again for the weight
 gradients and again for the input gradients but the first layer's (never
-computed); FedDF's proxy logits and server distillation are not counted.
-Activations, norms, pooling, losses and optimizer updates are left
+computed). Only the clients' local training on their own examples is
+counted: not FedDF's proxy logits and server distillation, FedMD's digest
+of the public data, FD's per-class logits, nor FedKD's SVD. Activations, norms, pooling, losses and optimizer updates are left
 out: `tests/benchmark_test.py` checks that XLA's cost analysis of one
 unvmapped training step, lowered with XLA's own dot and convolution ops,
 counts at most 10% more. fedkd's CPU kernels do more arithmetic (im2col
