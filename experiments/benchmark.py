@@ -22,9 +22,10 @@ T=2, w=0.5 and the teacher's SGD at 0.05):
               mlp_local_kd, mlp_fedkd, mlp_feddf, mlp_fd, mlp_fedmd; all of
               them: `--workload=algorithms`), built by `experiments/builder`
               from `experiments/configs/default.py` as `experiments/main.py`
-              builds it, with the settings above, the seed MLPs (and the
-              seed teacher as private teacher or mentor) and 500 labelled
-              public examples: 100 clients x 50 of 8x8x1; no PyTorch arm.
+              builds it, with the settings above and the seed MLPs (the
+              seed teacher as private teacher or mentor), 100 clients x 50
+              of 8x8x1, 500 public examples for feddf and fedmd (labelled,
+              as the CLI keeps them for those two); no PyTorch arm.
 
 Each is run three ways in one process:
 
@@ -53,20 +54,20 @@ count and the fastest is reported (1 thread, the default, beat 2 on a shared
 2-core CPU for every workload). Timings are noisy; only ratios measured side
 by side in one run mean much.
 
-FLOPs are counted by hand per layer, the same for every arm: a multiply-add
-is 2 FLOPs; a Dense costs 2 x in x out per example, a Conv 2 x in x out
-channels x the kernel taps inside the input (not on 'SAME' padding, as XLA
-counts); training costs the forward pass, the same again for the weight
-gradients and again for the input gradients but the first layer's (never
-computed). Only the clients' local training on their own examples is
-counted: not FedDF's proxy logits and server distillation, FedMD's digest
-of the public data, FD's per-class logits, nor FedKD's SVD. Activations, norms, pooling, losses and optimizer updates are left
-out: `tests/benchmark_test.py` checks that XLA's cost analysis of one
-unvmapped training step, lowered with XLA's own dot and convolution ops,
-counts at most 10% more. fedkd's CPU kernels do more arithmetic (im2col
-multiplies padding too); that is not counted. XLA's count of the whole
-round cannot be used: it visits each `lax.scan` body once, however many local
-steps it runs (4.6 MFLOP for the 10-client mlp round, 20.4 by hand).
+FLOPs are counted by hand per layer, the same for every arm: a multiply-add is
+2 FLOPs; a Dense costs 2 x in x out per example, a Conv 2 x in x out channels x
+the kernel taps inside the input (not on 'SAME' padding, as XLA counts);
+training costs the forward pass, the same again for the weight gradients and
+again for the input gradients but the first layer's (never computed). Only the
+clients' local training on their own examples is counted: not FedDF's proxy
+logits and server distillation, FedMD's digest of the public data, FD's
+per-class logits, nor FedKD's SVD. Activations, norms, pooling, losses and
+optimizer updates are left out: `tests/benchmark_test.py` checks that XLA's
+cost analysis of one unvmapped training step, lowered with XLA's own dot and
+convolution ops, counts at most 10% more. fedkd's CPU kernels do more
+arithmetic (im2col multiplies padding too); that is not counted. XLA's count of
+the whole round cannot be used: it visits each `lax.scan` body once, however
+many local steps it runs (4.6 MFLOP for the 10-client mlp round, 20.4 by hand).
 """
 
 from collections.abc import Sequence
@@ -215,7 +216,8 @@ def _build_from_config(workload: Workload, num_clients: int, data):
       clients_per_round=num_clients, local_epochs=EPOCHS, batch_size=BATCH,
       public_examples=NUM_PUBLIC, **HPARAMS))
   built = builder.build(config, workload.input_shape, NUM_CLASSES, NUM_PUBLIC)
-  data = data.replace(**_public(workload, builder.public_labels(config)))
+  if workload.algorithm in algorithms.PUBLIC_DATA:
+    data = data.replace(**_public(workload, builder.public_labels(config)))
   params = built.init_params and jax.jit(built.init_params)(
       jax.random.PRNGKey(0))
   return (built.algorithm,

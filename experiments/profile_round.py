@@ -19,8 +19,8 @@ dot fused with the division of a max-pool's gradient reads as the pool's
 so on 2 cores the total can reach twice the wall time; a plain `dot` (not a
 `ynn_fusion`) is handed to Eigen's pool and shows little more than its
 dispatch. Loops and calls (`while`, `conditional`, `call`) are left out: the
-ops of their bodies are listed themselves. CPU only: on an accelerator, open the trace in TensorBoard's
-profile plugin instead.
+ops of their bodies are listed themselves. CPU only: on an accelerator, open
+the trace in TensorBoard's profile plugin instead.
 
 This is how fedkd's CPU kernels (`fedkd/layers.py`) were chosen.
 """
