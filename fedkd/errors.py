@@ -2,9 +2,9 @@
 
 Library code raises `FedkdError` with a single line that says what is wrong and
 how to fix it; `experiments/main.py` prints that line and exits with code 2.
-The line names settings by their `train.Settings` / config field names
-(`overwrite=True`, `clients_per_chunk=25`), not by the flags of one script:
-the command line sets them as `--config.FIELD`.
+The line names settings by their `train.Settings` field names
+(`overwrite=True`, `clients_per_chunk=25`), not by the flags of one script
+(`experiments/main.py` takes each as a config override).
 """
 
 import errno
