@@ -24,25 +24,24 @@ and a later run, after the reconstruction went by blocks (below):
     1000:1000:20  fedavg 1.890  local_kd 3.258  fedkd 10.595  5.6x  3.3x
 
 Alternating with the code from before `compression._orthonormalize` ran its
-Gram-Schmidt on the small Gram matrix (it ran it on the [n, k] block), fedkd
-at 1000:1000:20 took 9.85, 8.49 and 8.15 s against 10.72, 9.65 and 11.25 s
-(3.2x, 2.5x, 2.2x local_kd against 3.3x, 3.0x, 4.1x). Training is as costly as local KD's (fedkd with the
-compression replaced by the identity: 1.01x local_kd); the rest is
-`svd_compress` on the clients. Per-line profile of it alone, vmapped over
-1000 uploads of the three 2NN kernels (low rank, ~10): about 5.8 s, of which
-the Gram matrices 1.2 s, the Jacobi rotations of the Rayleigh-Ritz steps 0.8
-s, the orthonormalisations 1.1 s, `A V_r V_r^T` and the subspace iteration's
-products the rest: memory-bound batched small ops more than matmul flops.
-`A V_r V_r^T` now goes by blocks of V, two thin matmuls each (4.6 s against
-5.1 s in one process); its cost grows linearly with the clients (one
-upload of 8 local steps 4.6 ms, 10 uploads 4.6 ms each, 50 5.4-6.3 ms each),
-so batching has no per-call overhead left to remove. Fewer
-Jacobi sweeps (2) or one Gram-Schmidt pass in the early power steps cost
-accuracy that tests/compression_test.py catches (reconstructions off by up
-to 6e-4 of the largest entry).
-`--clients_per_chunk` helps FedAvg and local KD more than FedKD (measured
-before: 1000 clients at 100 per chunk 7.8x and 4.7x, 50 at 10 6.3x and
-2.8x). The issue's 1.5x fedavg cannot be met by construction, as local KD
+Gram-Schmidt on the small Gram matrix (it ran it on the [n, k] block), fedkd at
+1000:1000:20 took 9.85, 8.49 and 8.15 s against 10.72, 9.65 and 11.25 s (3.2x,
+2.5x, 2.2x local_kd against 3.3x, 3.0x, 4.1x). Training is as costly as local
+KD's (fedkd with the compression replaced by the identity: 1.01x local_kd); the
+rest is `svd_compress` on the clients. Per-line profile of it alone, vmapped
+over 1000 uploads of the three 2NN kernels (low rank, ~10): about 5.8 s, of
+which the Gram matrices 1.2 s, the Jacobi rotations of the Rayleigh-Ritz steps
+0.8 s, the orthonormalisations 1.1 s, `A V_r V_r^T` and the subspace
+iteration's products the rest: memory-bound batched small ops more than matmul
+flops. `A V_r V_r^T` now goes by blocks of V, two thin matmuls each (4.6 s
+against 5.1 s in one process); its cost grows linearly with the clients (one
+upload of 8 local steps 4.6 ms, 10 uploads 4.6 ms each, 50 5.4-6.3 ms each), so
+batching has no per-call overhead left to remove. Fewer Jacobi sweeps (2) or
+one Gram-Schmidt pass in the early power steps cost accuracy that
+tests/compression_test.py catches (reconstructions off by up to 6e-4 of the
+largest entry). `--clients_per_chunk` helps FedAvg and local KD more than FedKD
+(measured before: 1000 clients at 100 per chunk 7.8x and 4.7x, 50 at 10 6.3x
+and 2.8x). The issue's 1.5x fedavg cannot be met by construction, as local KD
 (the same two models, no compression) is already 1.7-2x fedavg.
 """
 
