@@ -165,6 +165,9 @@ _JSON_ONLY = flags.DEFINE_bool('json_only', False, 'Print only the JSON line '
 _CHUNK = flags.DEFINE_integer(
     'clients_per_chunk', 0, "(a)'s clients per chunk (the run config's "
     'clients_per_chunk; 0 = the whole cohort at once).')
+_SHARD_DATA = flags.DEFINE_bool(
+    'shard_data', True, "(a)'s client examples split by rows over the devices "
+    "(the run config's shard_data; False copies them to every device).")
 _TORCH_THREADS = flags.DEFINE_list(
     'torch_threads', ['1'], 'torch.set_num_threads values to time (c) with; '
     'the fastest is reported.')
@@ -322,9 +325,10 @@ def round_flops(workload: Workload, num_clients: int) -> float:
   return float(per_client * workload.examples * EPOCHS)
 
 
-def compiled_round(alg, state, data):
+def compiled_round(alg, state, data, shard_data: bool = True):
   """(a)'s round compiled ahead of time for every client of `data`, sharded
-  over all visible devices.
+  over all visible devices, the examples split by rows (`shard_data`) or
+  copied to each.
 
   Returns:
     (run, compiled, compile seconds): `run()` runs one round and waits for
@@ -339,11 +343,14 @@ def compiled_round(alg, state, data):
   # Every client, each in a slot of its group.
   cohort = jax.device_put(clients.sample_cohort(
       np.random.default_rng(0), k, k, size, len(groups)), split)
-  state, data = jax.device_put((state, data), rep)
+  state = jax.device_put(state, rep)
+  data = sharding.place_data(data, mesh, shard_data)
   rng = jax.random.PRNGKey(2)
   start = time.perf_counter()
-  compiled = sharding.jit_round(alg.apply, mesh, donate_argnums=0).lower(
-      state, data, cohort, rng).compile()
+  compiled = sharding.jit_round(
+      alg.apply, mesh,
+      data_shardings=sharding.data_sharding(data, mesh, shard_data),
+      donate_argnums=0).lower(state, data, cohort, rng).compile()
   compile_seconds = time.perf_counter() - start
   carry = [jax.tree.map(jnp.copy, state)]  # the round donates its input
 
@@ -354,11 +361,17 @@ def compiled_round(alg, state, data):
   return run, compiled, compile_seconds
 
 
-def time_vmapped(alg, state, data, rounds):
+def time_vmapped(alg, state, data, rounds, shard_data: bool = True):
   """(a): returns (seconds per round, compile seconds)."""
-  run, _, compile_seconds = compiled_round(alg, state, data)
+  run, _, compile_seconds = compiled_round(alg, state, data, shard_data)
   # Compiled ahead of time: no warm-up needed, the first round is timed too.
   return _median_seconds(run, rounds), compile_seconds
+
+
+def examples_mib_per_device(data, devices: int, shard_data: bool) -> float:
+  """MiB of client examples (`x`, `y`) each device holds in (a)."""
+  rows = np.asarray(data.x).nbytes + np.asarray(data.y).nbytes
+  return rows / (devices if shard_data else 1) / 2**20
 
 
 def time_loop(alg, state, data, rounds):
@@ -464,8 +477,8 @@ def matmul_peak_gflop_s(size: int = 2048, repeats: int = 5) -> float:
 
 def benchmark(name: str, workload: Workload, num_clients: int, *,
               rounds: int, peak: float, loop: bool,
-              torch_threads: Sequence[int], clients_per_chunk: int = 0
-              ) -> dict:
+              torch_threads: Sequence[int], clients_per_chunk: int = 0,
+              shard_data: bool = True) -> dict:
   """Times the arms of `workload`; returns its JSON row.
 
   Args:
@@ -478,10 +491,12 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
     torch_threads: thread counts to time (c) with, if torch is installed;
       empty skips (c).
     clients_per_chunk: (a)'s clients per chunk; 0 = all at once.
+    shard_data: (a)'s client examples split over the devices, or copied.
   """
   alg, state, data = build(workload, num_clients)
   vmapped, compile_s = time_vmapped(algorithm.with_round(
-      alg, clients_per_chunk=clients_per_chunk), state, data, rounds)
+      alg, clients_per_chunk=clients_per_chunk), state, data, rounds,
+                                    shard_data)
   looped = loop and time_loop(
       alg, jax.device_put(state, jax.devices()[0]),
       jax.device_put(data, jax.devices()[0]), rounds)
@@ -496,7 +511,9 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
   flops = round_flops(workload, num_clients)
   return dict(
       workload=name, clients=num_clients, devices=jax.device_count(),
-      clients_per_chunk=clients_per_chunk,
+      clients_per_chunk=clients_per_chunk, shard_data=shard_data,
+      examples_mib_per_device=examples_mib_per_device(
+          data, jax.device_count(), shard_data),
       backend=jax.default_backend(), rounds=rounds, vmapped_s=vmapped,
       compile_s=compile_s, clients_per_s=num_clients / vmapped,
       loop_s=looped or None, torch_s=torch_s,
@@ -568,7 +585,8 @@ def main(argv):
     rows = [benchmark(name, workload, num_clients,
                       rounds=_ROUNDS.value or workload.rounds, peak=peak,
                       loop=_LOOP.value, torch_threads=torch_threads,
-                      clients_per_chunk=_CHUNK.value)
+                      clients_per_chunk=_CHUNK.value,
+                      shard_data=_SHARD_DATA.value)
             for num_clients in cohort_sizes(name)]
     results += rows
     if not _JSON_ONLY.value:

@@ -208,7 +208,7 @@ def settings(config) -> train.Settings:
       eval_batch_size=config.eval_batch_size,
       eval_teachers=config.eval_teachers,
       clients_per_chunk=config.clients_per_chunk,
-      num_devices=config.num_devices,
+      num_devices=config.num_devices, shard_data=config.shard_data,
       faults=algorithm.Faults(dropout_rate=config.dropout_rate,
                               straggler_rate=config.straggler_rate),
       dp=dp, dp_delta=config.dp_delta, dp_accountant=config.dp_accountant,

@@ -30,8 +30,9 @@ DEFAULT_PUBLIC_FRACTION = 0.1
 # fingerprint). `num_rounds` too, but for fedkd's energy schedule.
 _RESUMABLE = frozenset({
     'overwrite', 'checkpoint_every', 'eval_every', 'eval_batch_size',
-    'eval_teachers', 'num_devices', 'clients_per_chunk', 'process_id',
-    'coordinator_address', 'data_dir', 'target_accuracy', 'tfds_download'})
+    'eval_teachers', 'num_devices', 'shard_data', 'clients_per_chunk',
+    'process_id', 'coordinator_address', 'data_dir', 'target_accuracy',
+    'tfds_download'})
 
 
 def resumable(config) -> dict:

@@ -1,15 +1,18 @@
 """Scaling table: clients per round x devices, one process per cell.
 
     python -m experiments.scaling [--clients=10,100,1000,10000] \\
-        [--devices=1,2,8] [--out=docs/scaling]
+        [--devices=1,2,8] [--shard_data=true,false] [--out=docs/scaling]
 
 Each cell runs `experiments/benchmark.py` (its `mlp` workload, arms (a) and
 (b), no torch) in a fresh process, on CPU with
 `--xla_force_host_platform_device_count=D` (on a GPU/TPU host pass the real
-device counts, e.g. `--devices=1,8`, and `--cpu=false`). Writes OUT.json,
-OUT.md (seconds per round, compile seconds, clients/s, GFLOP/s against the
-measured matmul peak, peak host memory, the per-client-loop ratio) and OUT.png
-(seconds per round against clients).
+device counts, e.g. `--devices=1,8`, and `--cpu=false`), with the client
+examples split over the devices, copied to each, or both (`--shard_data`;
+split and copied are the same on one device, so it runs once). Writes
+OUT.json, OUT.md (seconds per round, compile seconds, clients/s, GFLOP/s
+against the measured matmul peak, the examples' MiB per device, peak host
+memory, the per-client-loop ratio) and OUT.png (seconds per round against
+clients).
 """
 
 import json
@@ -23,6 +26,9 @@ from absl import flags
 _CLIENTS = flags.DEFINE_list('clients', ['10', '100', '1000', '10000'],
                              'Clients per round.')
 _DEVICES = flags.DEFINE_list('devices', ['1', '2', '8'], 'Device counts.')
+_SHARD_DATA = flags.DEFINE_list(
+    'shard_data', ['true'], 'Client examples split over the devices (true), '
+    'copied to each (false), or both (true,false).')
 _CPU = flags.DEFINE_bool('cpu', True, 'Split the CPU into fake devices.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Timed rounds per cell.')
 _OUT = flags.DEFINE_string('out', 'docs/scaling', 'Output path prefix.')
@@ -30,7 +36,7 @@ _OUT = flags.DEFINE_string('out', 'docs/scaling', 'Output path prefix.')
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cell(clients: int, devices: int) -> dict:
+def _cell(clients: int, devices: int, shard_data: bool) -> dict:
   env = dict(os.environ)
   if _CPU.value:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
@@ -39,21 +45,25 @@ def _cell(clients: int, devices: int) -> dict:
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.benchmark', '--workload=mlp',
        f'--clients={clients}', '--torch=false', '--json_only',
+       f'--shard_data={shard_data}',
        f'--rounds={_ROUNDS.value}'],
       cwd=_ROOT, env=env, capture_output=True, text=True, check=True)
   return json.loads(proc.stdout.strip().splitlines()[-1])[0]
 
 
 def _markdown(cells) -> str:
-  lines = ['| clients | devices | s/round | compile s | clients/s | GFLOP/s '
-           '| % of matmul peak | peak host MiB | loop/vmapped |',
-           '|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  lines = ['| clients | devices | examples | s/round | compile s | clients/s '
+           '| GFLOP/s | % of matmul peak | examples MiB/device '
+           '| peak host MiB | loop/vmapped |',
+           '|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|']
   for c in cells:
     lines.append(
-        f'| {c["clients"]} | {c["devices"]} | {c["vmapped_s"]:.4f} | '
-        f'{c["compile_s"]:.2f} | {c["clients_per_s"]:.0f} | '
-        f'{c["vmapped_gflop_s"]:.1f} | '
+        f'| {c["clients"]} | {c["devices"]} | '
+        f'{"split" if c["shard_data"] else "copied"} | '
+        f'{c["vmapped_s"]:.4f} | {c["compile_s"]:.2f} | '
+        f'{c["clients_per_s"]:.0f} | {c["vmapped_gflop_s"]:.1f} | '
         f'{100 * c["vmapped_gflop_s"] / c["matmul_peak_gflop_s"]:.0f}% | '
+        f'{c["examples_mib_per_device"]:.1f} | '
         f'{c["peak_host_mib"]:.0f} | {c["loop_over_vmapped"]:.1f}x |')
   return '\n'.join(lines) + '\n'
 
@@ -62,11 +72,14 @@ def _plot(cells, path):
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(6, 4))
   ax = fig.subplots()
-  for d in sorted({c['devices'] for c in cells}):
-    row = sorted((c for c in cells if c['devices'] == d),
+  for d, split in sorted({(c['devices'], c['shard_data']) for c in cells}):
+    row = sorted((c for c in cells
+                  if (c['devices'], c['shard_data']) == (d, split)),
                  key=lambda c: c['clients'])
     ax.plot([c['clients'] for c in row], [c['vmapped_s'] for c in row],
-            'o-', label=f'fedkd, {d} device(s)')
+            'o-', label=f'fedkd, {d} device(s)' + (
+                '' if d == 1 else ', examples split' if split else
+                ', examples copied'))
   loop = sorted((c for c in cells if c['devices'] == cells[0]['devices']),
                 key=lambda c: c['clients'])
   ax.plot([c['clients'] for c in loop], [c['loop_s'] for c in loop], 's--',
@@ -81,10 +94,15 @@ def _plot(cells, path):
 def main(argv):
   del argv
   cells = []
+  if not set(m.lower() for m in _SHARD_DATA.value) <= {'true', 'false'}:
+    raise app.UsageError('--shard_data takes true, false or true,false, got '
+                         f'{",".join(_SHARD_DATA.value)}')
+  modes = [m.lower() == 'true' for m in _SHARD_DATA.value]
   for devices in map(int, _DEVICES.value):
-    for clients in map(int, _CLIENTS.value):
-      cells.append(_cell(clients, devices))
-      print(json.dumps(cells[-1]), flush=True)
+    for split in modes[:1] if devices == 1 else modes:
+      for clients in map(int, _CLIENTS.value):
+        cells.append(_cell(clients, devices, split))
+        print(json.dumps(cells[-1]), flush=True)
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   with open(_OUT.value + '.json', 'w') as f:
     json.dump(cells, f, indent=1)

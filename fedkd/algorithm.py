@@ -102,11 +102,13 @@ class Faults(NamedTuple):
 
 def _one_client(client_update: ClientUpdate,
                 aggregator: aggregation.Aggregator, faults: Faults, shared,
-                client_id, num_examples,
-                client_state) -> tuple[ClientOutput, Array]:
+                client_id, num_examples, client_state,
+                own_rows) -> tuple[ClientOutput, Array]:
   """One client's round, its upload encoded, plus its failure draw:
-  (output, dropped). `shared` is (server, data, round rng)."""
+  (output, dropped). `shared` is (server, data, round rng); `own_rows` the
+  client's (x, y) from `ClientData.rows_of`."""
   server, data, rng = shared
+  data = data.own(*own_rows)
   # Client randomness depends on (round rng, client id) only, never on the
   # client's slot in the cohort or on the device layout.
   train_rng, fault_rng = jax.random.split(jax.random.fold_in(rng, client_id))
@@ -178,8 +180,8 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
       reduces the groups' sums to the means `server_update` receives
       (`fedkd.aggregation`; `privacy.private` adds client-level DP).
     map_fn: how a one-client function of `((server, data, rng), client_id,
-      num_examples, client_state)` is mapped over the stacked arguments
-      after the shared first one: `map_clients` (vmap, the default) or a
+      num_examples, client_state, own_rows)` is mapped over the stacked
+      arguments after the shared first one: `map_clients` (vmap, the default) or a
       per-client loop (`fedkd.loop.python_map`) for reference runs.
     clients_per_chunk: if > 0 and smaller than the cohort, clients run in
       chunks of this many (a `lax.scan` over chunks, each vmapped) and only
@@ -207,7 +209,7 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
     chunk_states = jax.tree.map(
         lambda s: s[jnp.minimum(own, rows - 1)], clients)
     out, dropped = mapped((state.replace(clients=()), data, rng), safe_ids,
-                          num_examples, chunk_states)
+                          num_examples, chunk_states, data.rows_of(safe_ids))
     dropped &= mask
     finite = _all_finite(out.upload)
     reported = mask & ~dropped & finite

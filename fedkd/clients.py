@@ -61,6 +61,25 @@ class ClientData(struct.PyTreeNode):
   def num_clients(self) -> int:
     return self.num_examples.shape[0]
 
+  def rows_of(self, client_ids: Array) -> tuple[Array, Array]:
+    """(x, y) of each client's first `max_examples` rows, [C, max_examples,
+    ...] and [C, max_examples] (past a client's own rows: other clients'
+    rows, which its masks leave out).
+
+    The round gathers its cohort's rows once, so that each client trains on
+    arrays of its own: split over the `clients` axis like the cohort, they
+    keep every local step's batch on the device that trains the client
+    while `x` and `y` themselves are split by rows (`sharding.place_data`).
+    """
+    rows = jnp.minimum(self.offsets[client_ids][:, None]
+                       + jnp.arange(self.max_examples), self.x.shape[0] - 1)
+    return self.x[rows], self.y[rows]
+
+  def own(self, x: Array, y: Array) -> 'ClientData':
+    """The data as one client's update sees it: `x`, `y` are that client's
+    `rows_of`, so its rows start at 0 (every offset 0)."""
+    return self.replace(x=x, y=y, offsets=jnp.zeros_like(self.offsets))
+
 
 class Cohort(NamedTuple):
   """The clients sampled for one round, padded to a fixed size.

@@ -5,9 +5,10 @@ import threading
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 
 from fedkd import stopping
-from fedkd.clients import CLIENTS_AXIS
+from fedkd.clients import CLIENTS_AXIS, ClientData
 from fedkd.errors import FedkdError
 
 
@@ -85,14 +86,47 @@ def state_sharding(state, mesh: Mesh):
       clients=clients)
 
 
-def jit_round(apply, mesh: Mesh, state_shardings=None, **jit_options):
+def data_sharding(data: ClientData, mesh: Mesh,
+                  split: bool = True) -> ClientData:
+  """Shardings for `ClientData`: the examples (`x`, `y`) split by rows over
+  the `clients` axis (`split`) or copied to every device, the rest (offsets,
+  sizes, public data) replicated.
+
+  Split, each device holds 1/D of the examples. Rows are not aligned with
+  clients: the round gathers its cohort's rows once (`ClientData.rows_of`;
+  XLA's partitioner gathers each device's rows locally and all-reduces the
+  cohort's examples), after which every local step reads the rows of the
+  client it trains on its own device. Copied, the gather needs no
+  communication (faster where every device has room for all the data).
+  """
+  rep = replicated(mesh)
+  rows = cohort_sharding(mesh) if split else rep
+  return jax.tree.map(lambda _: rep, data).replace(x=rows, y=rows)
+
+
+def place_data(data: ClientData, mesh: Mesh,
+               split: bool = True) -> ClientData:
+  """`data` (numpy leaves) on `mesh` as `data_sharding` says, its rows
+  padded with zeros to a multiple of the device count (no client owns the
+  padding rows)."""
+  pad = -len(data.y) % mesh.size
+  padded = lambda a: np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+  data = data.replace(x=padded(np.asarray(data.x)),
+                      y=padded(np.asarray(data.y)))
+  return jax.device_put(data, data_sharding(data, mesh, split))
+
+
+def jit_round(apply, mesh: Mesh, state_shardings=None, data_shardings=None,
+              **jit_options):
   """A round `apply(state, data, cohort, rng)` jitted for `mesh`: the cohort
   split over the `clients` axis, the state as `state_shardings` (default
-  replicated; `state_sharding` splits per-client state), the client data, rng
+  replicated; `state_sharding` splits per-client state), the client data as
+  `data_shardings` (default replicated; `data_sharding` splits its rows), rng
   and metrics replicated. `jit_options` go to `jax.jit` (`donate_argnums`)."""
   rep = replicated(mesh)
   state_shardings = rep if state_shardings is None else state_shardings
-  return jax.jit(apply, in_shardings=(state_shardings, rep,
+  data_shardings = rep if data_shardings is None else data_shardings
+  return jax.jit(apply, in_shardings=(state_shardings, data_shardings,
                                       cohort_sharding(mesh), rep),
                  out_shardings=(state_shardings, rep), **jit_options)
 

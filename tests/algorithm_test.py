@@ -133,8 +133,11 @@ class RoundTest(parameterized.TestCase):
       size, _ = sharding.cohort_layout(4, mesh)
       cohorts = [toys.cohort([0, 2, 3, 5], size=size, num_clients=6),
                  toys.cohort([1, 2, 4], size=size, num_clients=6)]
-      apply = sharding.jit_round(alg.apply, mesh)
-      results.append(_run(apply, state, self.data, cohorts))
+      # The 37 examples split by rows (8 devices: padded to 40, 5 each).
+      data = sharding.place_data(self.data, mesh)
+      apply = sharding.jit_round(alg.apply, mesh, data_shardings=(
+          sharding.data_sharding(data, mesh)))
+      results.append(_run(apply, state, data, cohorts))
     toys.assert_trees_close(results[0], results[1])
     self.assertEqual(size, 8)
 
@@ -201,10 +204,12 @@ class RoundTest(parameterized.TestCase):
     mesh = sharding.make_mesh(2)
     size, chunk = sharding.cohort_layout(5, mesh, clients_per_chunk=1)
     self.assertEqual((size, chunk), (6, 2))
+    data = sharding.place_data(self.data, mesh)
     apply = sharding.jit_round(
-        algorithm.with_round(alg, clients_per_chunk=chunk).apply, mesh)
+        algorithm.with_round(alg, clients_per_chunk=chunk).apply, mesh,
+        data_shardings=sharding.data_sharding(data, mesh))
     ids = [0, 1, 2, 4, 5]
-    sharded = _run(apply, state, self.data,
+    sharded = _run(apply, state, data,
                    [toys.cohort(ids, size=size, num_clients=6)])
     plain = _run(jax.jit(alg.apply), state, self.data, [toys.cohort(ids)])
     toys.assert_trees_close(plain, sharded)

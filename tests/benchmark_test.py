@@ -199,6 +199,11 @@ class WorkloadsTest(parameterized.TestCase):
     teacher = _training([2 * 64 * 64, 2 * 64 * 32, 2 * 32 * 10])
     self._check_row(row, 2, teacher + _training(_LAYERS['seed_student']), 50,
                     timed_torch=torch is not None)
+    # 2 x 50 examples of 64 float32 features and an int32 label, split over
+    # the tests' 8 devices.
+    self.assertTrue(row['shard_data'])
+    self.assertEqual(row['examples_mib_per_device'],
+                     2 * 50 * (64 + 1) * 4 / 8 / 2**20)
     if torch:
       self.assertSameElements(row['torch_s_by_threads'], ['1', '2'])
       self.assertEqual(row['torch_s_by_threads'][str(row['torch_threads'])],

@@ -4,6 +4,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from fedkd import sharding
 from fedkd.errors import FedkdError
@@ -35,6 +36,22 @@ class ShardingTest(parameterized.TestCase):
     teachers = jax.tree.leaves(placed.clients)[0]
     self.assertEqual(teachers.addressable_shards[0].data.shape[0],
                      clients // 8 if spec == P('clients') else clients)
+
+  def test_client_examples_are_split_by_rows_and_gathered_per_client(self):
+    sizes = (7, 3, 12, 5, 9, 1)  # 37 rows: 8 devices hold 5 each, 3 padding
+    data = toys.toy_data(sizes)
+    placed = sharding.place_data(data, sharding.make_mesh(8))
+    for a in (placed.x, placed.y):
+      self.assertEqual([s.data.shape[0] for s in a.addressable_shards],
+                       [5] * 8)
+    self.assertEqual(placed.offsets.addressable_shards[0].data.shape, (6,))
+    ids = np.array([4, 0, 5], np.int32)
+    x, y = jax.jit(lambda d: d.rows_of(ids))(placed)
+    self.assertEqual(x.shape[:2], (3, 12))
+    for row, client in enumerate(ids):
+      own = slice(data.offsets[client], data.offsets[client] + sizes[client])
+      np.testing.assert_array_equal(x[row, :sizes[client]], data.x[own])
+      np.testing.assert_array_equal(y[row, :sizes[client]], data.y[own])
 
   def test_refuses_sharding_dependent_random_bits(self):
     # The library never flips global JAX flags; it refuses the one setting

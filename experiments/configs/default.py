@@ -86,6 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_batch_size = 1000
   c.eval_teachers = 100  # evaluate the private teachers of the first N clients
   c.num_devices = 0  # 0 = all visible devices
+  c.shard_data = True  # split client examples over devices (False: copy)
   # Multi-process (multi-host): start one process per host with its id.
   c.num_processes = 1
   c.process_id = 0
