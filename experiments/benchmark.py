@@ -89,7 +89,6 @@ import optax
 
 from experiments import builder
 from experiments.configs import default as default_config
-from fedkd import aggregation
 from fedkd import algorithm
 from fedkd import algorithms
 from fedkd import clients
@@ -389,9 +388,12 @@ def time_loop(alg, state, data, rounds):
     return out._replace(upload=upload, weight=weight)
 
   client_updates = [jax.jit(functools.partial(encoded, u)) for u in groups]
-  means = jax.jit(lambda uploads, weights, rng: alg.aggregator.reduce(
-      tuple(aggregation.weighted_sum(u, w) for u, w in zip(uploads, weights)),
-      tuple(jnp.sum(w) for w in weights), rng))
+  # Each group's running (weighted sum of uploads, sum of weights), added to
+  # client by client as a loop simulator aggregates.
+  accumulate = jax.jit(lambda acc, upload, weight: (jax.tree.map(
+      lambda a, u: a + weight.astype(u.dtype) * u, acc[0], upload),
+                                                    acc[1] + weight))
+  means = jax.jit(alg.aggregator.reduce)
   server_update = jax.jit(alg.server_update)
   reduce_key, server_key = jax.random.split(jax.random.PRNGKey(3))
   # A loop simulator keeps each client's state and inputs apart, ready to use
@@ -405,32 +407,32 @@ def time_loop(alg, state, data, rounds):
   sizes = [data.num_examples[i] for i in range(k)]
   keys = [jax.random.fold_in(jax.random.PRNGKey(2), i) for i in range(k)]
   carry = [state]
+  zeros = []  # each group's empty (sums, weight), set by the warm-up
 
-  def server_step(server, uploads, weights):
-    by_group = [slice(g, None, len(groups)) for g in range(len(groups))]
-    stack = lambda xs: jax.tree.map(lambda *u: jnp.stack(u), *xs)
-    mean = means(tuple(stack(uploads[g]) for g in by_group),
-                 tuple(jnp.stack(weights[g]) for g in by_group), reduce_key)
+  def server_step(server, sums):
+    mean = means(*zip(*sums), reduce_key)
     server, _ = server_update(server, algorithm.per_group(mean), data,
                               server_key)
     return jax.block_until_ready(server)
 
   def one_round():
-    uploads, weights = [], []
+    sums = list(zeros)
     for i in range(k):
-      out = client_updates[i % len(groups)](carry[0], states[i], data, ids[i],
-                                            sizes[i], keys[i])
+      g = i % len(groups)
+      out = client_updates[g](carry[0], states[i], data, ids[i], sizes[i],
+                              keys[i])
       states[i] = out.state
-      uploads.append(out.upload)
-      weights.append(out.weight)
-    carry[0] = server_step(carry[0], uploads, weights)
+      sums[g] = accumulate(sums[g], out.upload, out.weight)
+    carry[0] = server_step(carry[0], sums)
 
   def warm_up():
     """Compiles every function: one client of each group, the server step."""
     outs = [client_updates[i](state, states[i], data, ids[i], sizes[i],
                               keys[i]) for i in range(len(groups))]
-    server_step(state, [outs[i % len(groups)].upload for i in range(k)],
-                [outs[i % len(groups)].weight for i in range(k)])
+    zeros[:] = [jax.tree.map(jnp.zeros_like, (o.upload, o.weight))
+                for o in outs]
+    server_step(state, [accumulate(z, o.upload, o.weight)
+                        for z, o in zip(zeros, outs)])
 
   return _median_seconds(one_round, rounds, warm_up)
 

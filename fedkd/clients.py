@@ -27,7 +27,8 @@ class ClientData(struct.PyTreeNode):
 
   Flat storage keeps memory proportional to the number of examples, however
   skewed the client sizes (power-law or Dirichlet partitions); only the local
-  step schedule is padded, to `max_examples`.
+  step schedule is padded, to `max_examples`. Inside a client's update, `x`
+  and `y` hold that client's rows only (`own`).
 
   Attributes:
     x: [total_examples, ...] features, client after client.
