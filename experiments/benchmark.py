@@ -348,7 +348,7 @@ def compiled_round(alg, state, data, shard_data: bool = True):
   start = time.perf_counter()
   compiled = sharding.jit_round(
       alg.apply, mesh,
-      data_shardings=sharding.data_sharding(data, mesh, shard_data),
+      data_shardings=sharding.data_sharding(data, mesh),
       donate_argnums=0).lower(state, data, cohort, rng).compile()
   compile_seconds = time.perf_counter() - start
   carry = [jax.tree.map(jnp.copy, state)]  # the round donates its input

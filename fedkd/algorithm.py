@@ -106,9 +106,9 @@ def _one_client(client_update: ClientUpdate,
                 own_rows) -> tuple[ClientOutput, Array]:
   """One client's round, its upload encoded, plus its failure draw:
   (output, dropped). `shared` is (server, data, round rng); `own_rows` the
-  client's (x, y) from `ClientData.rows_of`."""
+  client's `ClientData.cohort_rows`."""
   server, data, rng = shared
-  data = data.own(*own_rows)
+  data = data.own(own_rows)
   # Client randomness depends on (round rng, client id) only, never on the
   # client's slot in the cohort or on the device layout.
   train_rng, fault_rng = jax.random.split(jax.random.fold_in(rng, client_id))
@@ -209,7 +209,8 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
     chunk_states = jax.tree.map(
         lambda s: s[jnp.minimum(own, rows - 1)], clients)
     out, dropped = mapped((state.replace(clients=()), data, rng), safe_ids,
-                          num_examples, chunk_states, data.rows_of(safe_ids))
+                          num_examples, chunk_states,
+                          data.cohort_rows(safe_ids))
     dropped &= mask
     finite = _all_finite(out.upload)
     reported = mask & ~dropped & finite

@@ -27,8 +27,8 @@ class ClientData(struct.PyTreeNode):
 
   Flat storage keeps memory proportional to the number of examples, however
   skewed the client sizes (power-law or Dirichlet partitions); only the local
-  step schedule is padded, to `max_examples`. Inside a client's update, `x`
-  and `y` hold that client's rows only (`own`).
+  step schedule is padded, to `max_examples`. Where the rows are split over
+  devices, a client's update sees its own rows only (`own`).
 
   Attributes:
     x: [total_examples, ...] features, client after client.
@@ -45,6 +45,9 @@ class ClientData(struct.PyTreeNode):
       otherwise, so FedDF's proxy data stays unlabeled.
     work_fraction: the share of its local steps a client completes (1.0);
       the round sets it per client to simulate stragglers.
+    split_rows: whether `x` and `y` are split by rows over several devices
+      (`sharding.place_data`); the round then gathers each client's rows
+      once (`cohort_rows`) instead of every step's batch across devices.
   """
   x: Array
   y: Array
@@ -57,6 +60,7 @@ class ClientData(struct.PyTreeNode):
       default_factory=lambda: np.zeros((0,), np.int32))
   work_fraction: Array = struct.field(
       default_factory=lambda: np.ones((), np.float32))
+  split_rows: bool = struct.field(pytree_node=False, default=False)
 
   @property
   def num_clients(self) -> int:
@@ -65,21 +69,26 @@ class ClientData(struct.PyTreeNode):
   def rows_of(self, client_ids: Array) -> tuple[Array, Array]:
     """(x, y) of each client's first `max_examples` rows, [C, max_examples,
     ...] and [C, max_examples] (past a client's own rows: other clients'
-    rows, which its masks leave out).
-
-    The round gathers its cohort's rows once, so that each client trains on
-    arrays of its own: split over the `clients` axis like the cohort, they
-    keep every local step's batch on the device that trains the client
-    while `x` and `y` themselves are split by rows (`sharding.place_data`).
-    """
+    rows, which its masks leave out)."""
     rows = jnp.minimum(self.offsets[client_ids][:, None]
                        + jnp.arange(self.max_examples), self.x.shape[0] - 1)
     return self.x[rows], self.y[rows]
 
-  def own(self, x: Array, y: Array) -> 'ClientData':
-    """The data as one client's update sees it: `x`, `y` are that client's
-    `rows_of`, so its rows start at 0 (every offset 0)."""
-    return self.replace(x=x, y=y, offsets=jnp.zeros_like(self.offsets))
+  def cohort_rows(self, client_ids: Array) -> tuple[Array, Array] | None:
+    """What the round hands each of `client_ids` besides the shared data:
+    with `split_rows`, its `rows_of`, which split over the `clients` axis
+    like the cohort keep each local step's batch on the device that trains
+    the client (one gather a round, not one across devices a step); else
+    None, and clients read the flat arrays."""
+    return self.rows_of(client_ids) if self.split_rows else None
+
+  def own(self, rows: tuple[Array, Array] | None) -> 'ClientData':
+    """The data as one client's update sees it, given its `cohort_rows`:
+    with rows, `x` and `y` are those rows (so every offset is 0)."""
+    if rows is None:
+      return self
+    return self.replace(x=rows[0], y=rows[1], split_rows=False,
+                        offsets=jnp.zeros_like(self.offsets))
 
 
 class Cohort(NamedTuple):

@@ -86,34 +86,35 @@ def state_sharding(state, mesh: Mesh):
       clients=clients)
 
 
-def data_sharding(data: ClientData, mesh: Mesh,
-                  split: bool = True) -> ClientData:
+def data_sharding(data: ClientData, mesh: Mesh) -> ClientData:
   """Shardings for `ClientData`: the examples (`x`, `y`) split by rows over
-  the `clients` axis (`split`) or copied to every device, the rest (offsets,
-  sizes, public data) replicated.
-
-  Split, each device holds 1/D of the examples. Rows are not aligned with
-  clients: the round gathers its cohort's rows once (`ClientData.rows_of`;
-  XLA's partitioner gathers each device's rows locally and all-reduces the
-  cohort's examples), after which every local step reads the rows of the
-  client it trains on its own device. Copied, the gather needs no
-  communication (faster where every device has room for all the data).
-  """
+  the `clients` axis where `data.split_rows`, else copied to every device;
+  the rest (offsets, sizes, public data) replicated."""
   rep = replicated(mesh)
-  rows = cohort_sharding(mesh) if split else rep
+  rows = cohort_sharding(mesh) if data.split_rows else rep
   return jax.tree.map(lambda _: rep, data).replace(x=rows, y=rows)
 
 
 def place_data(data: ClientData, mesh: Mesh,
                split: bool = True) -> ClientData:
-  """`data` (numpy leaves) on `mesh` as `data_sharding` says, its rows
-  padded with zeros to a multiple of the device count (no client owns the
-  padding rows)."""
-  pad = -len(data.y) % mesh.size
+  """`data` (numpy leaves) on `mesh`, its examples split by rows over the
+  devices (`split`, on more than one device) or copied to each.
+
+  Split, each device holds 1/D of the examples (rows padded with zeros, which
+  no client owns, to a multiple of D). Rows are not aligned with clients:
+  the round gathers its cohort's rows once (`ClientData.cohort_rows`; XLA's
+  partitioner gathers each device's rows locally and all-reduces the
+  cohort's examples), after which every local step reads the rows of the
+  client it trains on its own device. Copied, clients read each step's
+  batch from the flat arrays, as on one device (faster where every device
+  has room for all the data).
+  """
+  split = split and mesh.size > 1
+  pad = -len(data.y) % mesh.size if split else 0
   padded = lambda a: np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
   data = data.replace(x=padded(np.asarray(data.x)),
-                      y=padded(np.asarray(data.y)))
-  return jax.device_put(data, data_sharding(data, mesh, split))
+                      y=padded(np.asarray(data.y)), split_rows=split)
+  return jax.device_put(data, data_sharding(data, mesh))
 
 
 def jit_round(apply, mesh: Mesh, state_shardings=None, data_shardings=None,
@@ -121,7 +122,7 @@ def jit_round(apply, mesh: Mesh, state_shardings=None, data_shardings=None,
   """A round `apply(state, data, cohort, rng)` jitted for `mesh`: the cohort
   split over the `clients` axis, the state as `state_shardings` (default
   replicated; `state_sharding` splits per-client state), the client data as
-  `data_shardings` (default replicated; `data_sharding` splits its rows), rng
+  `data_shardings` (default replicated; `data_sharding` for `place_data`), rng
   and metrics replicated. `jit_options` go to `jax.jit` (`donate_argnums`)."""
   rep = replicated(mesh)
   state_shardings = rep if state_shardings is None else state_shardings

@@ -346,8 +346,7 @@ def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
   with out_of_memory_is('compiling the round', round_advice):
     apply = sharding.jit_round(
         alg.apply, mesh, state_shardings,
-        sharding.data_sharding(client_data, mesh, settings.shard_data),
-        donate_argnums=0).lower(
+        sharding.data_sharding(client_data, mesh), donate_argnums=0).lower(
             state, client_data, cohort_for(0), round_key).compile()
   compile_seconds = time.perf_counter() - start
 

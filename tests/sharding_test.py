@@ -44,6 +44,14 @@ class ShardingTest(parameterized.TestCase):
     for a in (placed.x, placed.y):
       self.assertEqual([s.data.shape[0] for s in a.addressable_shards],
                        [5] * 8)
+    # Copied, or on one device: every device holds the 37 rows, which the
+    # clients read directly.
+    for copied in (sharding.place_data(data, sharding.make_mesh(8), False),
+                   sharding.place_data(data, sharding.make_mesh(1))):
+      self.assertFalse(copied.split_rows)
+      self.assertEqual({s.data.shape[0] for s in copied.x.addressable_shards},
+                       {37})
+    self.assertTrue(placed.split_rows)
     self.assertEqual(placed.offsets.addressable_shards[0].data.shape, (6,))
     ids = np.array([4, 0, 5], np.int32)
     x, y = jax.jit(lambda d: d.rows_of(ids))(placed)
