@@ -51,6 +51,13 @@ def _cell(clients: int, devices: int, shard_data: bool) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])[0]
 
 
+def _placement(cell) -> str:
+  """How a cell held the client examples; one device has one way."""
+  if cell['devices'] == 1:
+    return '-'
+  return 'split' if cell['shard_data'] else 'copied'
+
+
 def _markdown(cells) -> str:
   lines = ['| clients | devices | examples | s/round | compile s | clients/s '
            '| GFLOP/s | % of matmul peak | examples MiB/device '
@@ -58,8 +65,7 @@ def _markdown(cells) -> str:
            '|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|']
   for c in cells:
     lines.append(
-        f'| {c["clients"]} | {c["devices"]} | '
-        f'{"split" if c["shard_data"] else "copied"} | '
+        f'| {c["clients"]} | {c["devices"]} | {_placement(c)} | '
         f'{c["vmapped_s"]:.4f} | {c["compile_s"]:.2f} | '
         f'{c["clients_per_s"]:.0f} | {c["vmapped_gflop_s"]:.1f} | '
         f'{100 * c["vmapped_gflop_s"] / c["matmul_peak_gflop_s"]:.0f}% | '
