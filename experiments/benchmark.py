@@ -388,11 +388,14 @@ def time_loop(alg, state, data, rounds):
     return out._replace(upload=upload, weight=weight)
 
   client_updates = [jax.jit(functools.partial(encoded, u)) for u in groups]
-  # Each group's running (weighted sum of uploads, sum of weights), added to
-  # client by client as a loop simulator aggregates.
-  accumulate = jax.jit(lambda acc, upload, weight: (jax.tree.map(
-      lambda a, u: a + weight.astype(u.dtype) * u, acc[0], upload),
-                                                    acc[1] + weight))
+  @jax.jit
+  def accumulate(acc, upload, weight):
+    """A group's running (weighted sum of uploads, sum of weights), added to
+    client by client as a loop simulator aggregates."""
+    total, weights = acc
+    return jax.tree.map(lambda t, u: t + weight.astype(u.dtype) * u, total,
+                        upload), weights + weight
+
   means = jax.jit(alg.aggregator.reduce)
   server_update = jax.jit(alg.server_update)
   reduce_key, server_key = jax.random.split(jax.random.PRNGKey(3))

@@ -181,8 +181,9 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
       (`fedkd.aggregation`; `privacy.private` adds client-level DP).
     map_fn: how a one-client function of `((server, data, rng), client_id,
       num_examples, client_state, own_rows)` is mapped over the stacked
-      arguments after the shared first one: `map_clients` (vmap, the default) or a
-      per-client loop (`fedkd.loop.python_map`) for reference runs.
+      arguments after the shared first one: `map_clients` (vmap, the
+      default) or a per-client loop (`fedkd.loop.python_map`) for reference
+      runs.
     clients_per_chunk: if > 0 and smaller than the cohort, clients run in
       chunks of this many (a `lax.scan` over chunks, each vmapped) and only
       running weighted sums are kept, so memory is bounded by the chunk. The

@@ -220,7 +220,7 @@ class Settings:
     clients_per_chunk: clients trained at once; 0 = the whole cohort.
     num_devices: devices of the `clients` mesh; 0 = all.
     shard_data: split the client examples by rows over the devices (1/D
-      each); False copies them to every device (`sharding.data_sharding`).
+      each); False copies them to every device (`sharding.place_data`).
     faults: simulated client failures.
     dp: client-level DP, or None.
     dp_delta: the delta of the reported epsilon (with DP noise).
