@@ -3,7 +3,7 @@
     python -m experiments.benchmark [--workload=mlp,cnn_fedavg,cnn_kd,resnet8,
         feddf_hetero]
         [--clients=...] [--rounds=...] [--torch_threads=1,2]
-        [--clients_per_chunk=N]
+        [--clients_per_chunk=N] [--shard_data=false]
 
 Workloads (E=1, B=10, 10 classes, SGD at 0.05, random data; local KD with
 T=2, w=0.5 and the teacher's SGD at 0.05):
@@ -48,8 +48,9 @@ line with every row (`--json_only`: only that line, which
 ahead of time (its compile seconds are reported), (b) first runs one client
 and the server step, (c) one client. (a)'s first round is timed with whatever
 a first execution costs once: a median over 3 or more rounds leaves that out,
-and beside a CNN round it does not matter. (a) uses all visible devices; (b)
-and (c) one. `--torch_threads` takes a list: (c) is timed with each thread
+and beside a CNN round it does not matter. (a) uses all visible devices, the
+client examples split over them (`--shard_data=false`: copied to each); (b)
+and (c) one, (b) adding each client's weighted upload to a running sum. `--torch_threads` takes a list: (c) is timed with each thread
 count and the fastest is reported (1 thread, the default, beat 2 on a shared
 2-core CPU for every workload). Timings are noisy; only ratios measured side
 by side in one run mean much.
