@@ -1,5 +1,7 @@
 """The `clients` mesh: cohort layout and where state lives."""
 
+import re
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
@@ -60,6 +62,25 @@ class ShardingTest(parameterized.TestCase):
       own = slice(data.offsets[client], data.offsets[client] + sizes[client])
       np.testing.assert_array_equal(x[row, :sizes[client]], data.x[own])
       np.testing.assert_array_equal(y[row, :sizes[client]], data.y[own])
+
+  def test_local_steps_read_split_examples_without_collectives(self):
+    # The round gathers its cohort's rows once; reading each step's batch
+    # from the split rows instead would put an all-reduce in the step loop.
+    alg = toys.algorithms(6)['fedavg']
+    mesh = sharding.make_mesh(8)
+    data = sharding.place_data(toys.toy_data((7, 3, 12, 5, 9, 1)), mesh)
+    hlo = sharding.jit_round(
+        alg.apply, mesh, data_shardings=sharding.data_sharding(data, mesh)
+    ).lower(toys.init_state(alg), data, toys.cohort([0, 2, 3, 5], size=8),
+            jax.random.PRNGKey(0)).compile().as_text()
+    loops = set(re.findall(r'(?:body|condition)=%?([\w.-]+)', hlo))
+    self.assertNotEmpty(loops)
+    collective = re.compile(r'= \S+ (all-reduce|all-gather|reduce-scatter|'
+                            r'all-to-all|collective-permute)(-start)?\(')
+    for computation in re.split(r'\n(?=\S)', hlo):
+      name = re.match(r'(?:ENTRY )?%?([\w.-]+)', computation)
+      if name and name[1] in loops:
+        self.assertIsNone(collective.search(computation), name[1])
 
   def test_refuses_sharding_dependent_random_bits(self):
     # The library never flips global JAX flags; it refuses the one setting
