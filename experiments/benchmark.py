@@ -50,8 +50,9 @@ and the server step, (c) one client. (a)'s first round is timed with whatever
 a first execution costs once: a median over 3 or more rounds leaves that out,
 and beside a CNN round it does not matter. (a) uses all visible devices, the
 client examples split over them (`--shard_data=false`: copied to each); (b)
-and (c) one, (b) adding each client's weighted upload to a running sum. `--torch_threads` takes a list: (c) is timed with each thread
-count and the fastest is reported (1 thread, the default, beat 2 on a shared
+and (c) one, (b) adding each client's weighted upload to a running sum.
+`--torch_threads` takes a list: (c) is timed with each thread count and the
+fastest is reported (1 thread, the default, beat 2 on a shared
 2-core CPU for every workload). Timings are noisy; only ratios measured side
 by side in one run mean much.
 
@@ -370,8 +371,8 @@ def time_vmapped(alg, state, data, rounds, shard_data: bool = True):
 
 def examples_mib_per_device(data, devices: int, shard_data: bool) -> float:
   """MiB of client examples (`x`, `y`) each device holds in (a)."""
-  rows = np.asarray(data.x).nbytes + np.asarray(data.y).nbytes
-  return rows / (devices if shard_data else 1) / 2**20
+  return (algorithm.tree_bytes((data.x, data.y))
+          / (devices if shard_data else 1) / 2**20)
 
 
 def time_loop(alg, state, data, rounds):
@@ -389,6 +390,7 @@ def time_loop(alg, state, data, rounds):
     return out._replace(upload=upload, weight=weight)
 
   client_updates = [jax.jit(functools.partial(encoded, u)) for u in groups]
+
   @jax.jit
   def accumulate(acc, upload, weight):
     """A group's running (weighted sum of uploads, sum of weights), added to

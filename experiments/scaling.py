@@ -84,8 +84,7 @@ def _plot(cells, path):
                  key=lambda c: c['clients'])
     ax.plot([c['clients'] for c in row], [c['vmapped_s'] for c in row],
             'o-', label=f'fedkd, {d} device(s)' + (
-                '' if d == 1 else ', examples split' if split else
-                ', examples copied'))
+                '' if d == 1 else f', examples {_placement(row[0])}'))
   loop = sorted((c for c in cells if c['devices'] == cells[0]['devices']),
                 key=lambda c: c['clients'])
   ax.plot([c['clients'] for c in loop], [c['loop_s'] for c in loop], 's--',

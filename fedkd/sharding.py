@@ -110,10 +110,12 @@ def place_data(data: ClientData, mesh: Mesh,
   has room for all the data).
   """
   split = split and mesh.size > 1
-  pad = -len(data.y) % mesh.size if split else 0
-  padded = lambda a: np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-  data = data.replace(x=padded(np.asarray(data.x)),
-                      y=padded(np.asarray(data.y)), split_rows=split)
+  if split:  # copied examples are placed as they are, without a host copy
+    pad = -len(data.y) % mesh.size
+    padded = lambda a: np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+    data = data.replace(x=padded(np.asarray(data.x)),
+                        y=padded(np.asarray(data.y)))
+  data = data.replace(split_rows=split)
   return jax.device_put(data, data_sharding(data, mesh))
 
 
