@@ -165,7 +165,8 @@ _JSON_ONLY = flags.DEFINE_bool('json_only', False, 'Print only the JSON line '
                                '(used by experiments/scaling.py).')
 _CHUNK = flags.DEFINE_integer(
     'clients_per_chunk', 0, "(a)'s clients per chunk (the run config's "
-    'clients_per_chunk; 0 = the whole cohort at once).')
+    'clients_per_chunk, rounded up as a run rounds it; 0 = the whole cohort '
+    'at once).')
 _SHARD_DATA = flags.DEFINE_bool(
     'shard_data', True, "(a)'s client examples split by rows over the devices "
     "(the run config's shard_data; False copies them to every device).")
@@ -326,21 +327,29 @@ def round_flops(workload: Workload, num_clients: int) -> float:
   return float(per_client * workload.examples * EPOCHS)
 
 
-def compiled_round(alg, state, data, shard_data: bool = True):
+def compiled_round(alg, state, data, shard_data: bool = True,
+                   clients_per_chunk: int = 0):
   """(a)'s round compiled ahead of time for every client of `data`, sharded
   over all visible devices, the examples split by rows (`shard_data`) or
   copied to each.
 
+  `clients_per_chunk` is rounded up as a run rounds it
+  (`sharding.cohort_layout`: to a multiple of the client groups times the
+  devices), and the cohort to a whole number of chunks.
+
   Returns:
-    (run, compiled, compile seconds): `run()` runs one round and waits for
-    it; `compiled` is the `jax.stages.Compiled` round.
+    (run, compiled, compile seconds, clients per chunk; 0 = all at once):
+    `run()` runs one round and waits for it; `compiled` is the
+    `jax.stages.Compiled` round.
   """
   mesh = sharding.make_mesh()
   rep, split = sharding.replicated(mesh), sharding.cohort_sharding(mesh)
   k = data.num_clients
   groups = algorithm.groups_of(alg.client_update)
-  size, _ = sharding.cohort_layout(k, mesh, quota=clients.group_quota(
-      k, k, len(groups)) if len(groups) > 1 else ())
+  size, chunk = sharding.cohort_layout(
+      k, mesh, clients_per_chunk, quota=clients.group_quota(
+          k, k, len(groups)) if len(groups) > 1 else ())
+  alg = algorithm.with_round(alg, clients_per_chunk=chunk)
   # Every client, each in a slot of its group.
   cohort = jax.device_put(clients.sample_cohort(
       np.random.default_rng(0), k, k, size, len(groups)), split)
@@ -359,14 +368,16 @@ def compiled_round(alg, state, data, shard_data: bool = True):
     carry[0], _ = compiled(carry[0], data, cohort, rng)
     jax.block_until_ready(carry[0])
 
-  return run, compiled, compile_seconds
+  return run, compiled, compile_seconds, chunk
 
 
-def time_vmapped(alg, state, data, rounds, shard_data: bool = True):
-  """(a): returns (seconds per round, compile seconds)."""
-  run, _, compile_seconds = compiled_round(alg, state, data, shard_data)
+def time_vmapped(alg, state, data, rounds, shard_data: bool = True,
+                 clients_per_chunk: int = 0):
+  """(a): returns (seconds per round, compile seconds, clients per chunk)."""
+  run, _, compile_seconds, chunk = compiled_round(
+      alg, state, data, shard_data, clients_per_chunk)
   # Compiled ahead of time: no warm-up needed, the first round is timed too.
-  return _median_seconds(run, rounds), compile_seconds
+  return _median_seconds(run, rounds), compile_seconds, chunk
 
 
 def examples_mib_per_device(data, devices: int, shard_data: bool) -> float:
@@ -498,13 +509,13 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
     loop: whether to time (b).
     torch_threads: thread counts to time (c) with, if torch is installed;
       empty skips (c).
-    clients_per_chunk: (a)'s clients per chunk; 0 = all at once.
+    clients_per_chunk: (a)'s clients per chunk, rounded up as
+      `compiled_round` says; 0 = all at once. The row has the rounded one.
     shard_data: (a)'s client examples split over the devices, or copied.
   """
   alg, state, data = build(workload, num_clients)
-  vmapped, compile_s = time_vmapped(algorithm.with_round(
-      alg, clients_per_chunk=clients_per_chunk), state, data, rounds,
-                                    shard_data)
+  vmapped, compile_s, chunk = time_vmapped(
+      alg, state, data, rounds, shard_data, clients_per_chunk)
   looped = loop and time_loop(
       alg, jax.device_put(state, jax.devices()[0]),
       jax.device_put(data, jax.devices()[0]), rounds)
@@ -519,7 +530,7 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
   flops = round_flops(workload, num_clients)
   return dict(
       workload=name, clients=num_clients, devices=jax.device_count(),
-      clients_per_chunk=clients_per_chunk, shard_data=shard_data,
+      clients_per_chunk=chunk, shard_data=shard_data,
       examples_mib_per_device=examples_mib_per_device(
           data, jax.device_count(), shard_data),
       backend=jax.default_backend(), rounds=rounds, vmapped_s=vmapped,
@@ -601,7 +612,8 @@ def main(argv):
       print(f'\n{name}: {workload.description}, {workload.examples} '
             f'examples of {"x".join(map(str, workload.input_shape))} per '
             f'client, E={EPOCHS}, B={BATCH}; median of {rows[0]["rounds"]} '
-            f'round(s); (a) {_CHUNK.value or "all"} clients per chunk\n')
+            f'round(s); (a) {rows[0]["clients_per_chunk"] or "all"} clients '
+            'per chunk\n')
       print(markdown_table(rows), flush=True)
   print(json.dumps(results))
 

@@ -35,7 +35,6 @@ from absl import flags
 import jax
 
 from experiments import benchmark  # defines the flags used here too
-from fedkd import algorithm
 
 FLAGS = flags.FLAGS
 _TOP = flags.DEFINE_integer('top', 20, 'Ops to print per round.')
@@ -118,9 +117,8 @@ def op_lines(hlo_text: str) -> dict[str, str]:
 def profile(name: str, num_clients: int, rounds: int) -> None:
   """Prints the `--top` ops of `rounds` rounds of workload `name`."""
   alg, state, data = benchmark.build(benchmark.WORKLOADS[name], num_clients)
-  chunk = FLAGS.clients_per_chunk
-  run, compiled, _ = benchmark.compiled_round(algorithm.with_round(
-      alg, clients_per_chunk=chunk), state, data)
+  run, compiled, _, chunk = benchmark.compiled_round(
+      alg, state, data, clients_per_chunk=FLAGS.clients_per_chunk)
   run()  # the first execution's one-off costs stay out of the trace
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):

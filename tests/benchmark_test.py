@@ -209,6 +209,18 @@ class WorkloadsTest(parameterized.TestCase):
       self.assertEqual(row['torch_s_by_threads'][str(row['torch_threads'])],
                        row['torch_s'])
 
+  def test_chunk_rounded_up_to_the_groups_and_devices(self):
+    # A chunk of 5 fits neither 2 client groups nor the tests' 8 devices: it
+    # becomes 16 (2 x 8), as a run rounds it, not a ValueError of the round.
+    num_clients = 32
+    data = toys.toy_data([3] * num_clients)
+    alg = toys.algorithms(num_clients, epochs=1, client_models=(
+        toys.teacher(), toys.teacher()))['local_kd']  # two groups
+    run, _, _, chunk = benchmark.compiled_round(
+        alg, toys.init_state(alg), data, clients_per_chunk=5)
+    self.assertEqual(chunk, 16)
+    run()
+
   def test_unknown_workload(self):
     with flagsaver.flagsaver(workload=['mlp', 'vgg']):
       with self.assertRaisesRegex(Exception, 'unknown workloads'):
