@@ -42,6 +42,7 @@ from fedkd import aggregation
 from fedkd import communication
 from fedkd import privacy
 from fedkd.clients import ClientData, ClientOutput, Cohort, map_clients
+from fedkd.clients import take_rows
 from fedkd.typing import Array, Metrics, OptState, Params, PRNGKey, PyTree
 
 
@@ -208,7 +209,7 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
     num_examples = jnp.where(mask, data.num_examples[safe_ids], 0)
     own = jnp.where(mask, ids // k, rows)
     chunk_states = jax.tree.map(
-        lambda s: s[jnp.minimum(own, rows - 1)], clients)
+        lambda s: take_rows(s, jnp.minimum(own, rows - 1)), clients)
     out, dropped = mapped((state.replace(clients=()), data, rng), safe_ids,
                           num_examples, chunk_states,
                           data.cohort_rows(safe_ids))

@@ -22,6 +22,40 @@ from fedkd.typing import Array, Params, PRNGKey, PyTree
 CLIENTS_AXIS = 'clients'
 
 
+def take_rows(table: Array, index: Array) -> Array:
+  """`table[index]`, for `index` ([C, ...], in range) split over the
+  `clients` axis like a cohort and `table` split by rows over it (per-client
+  state, split client examples), inside a round jitted by
+  `sharding.jit_round`.
+
+  Each device gathers the rows it holds (zeros for the others) and one
+  reduce-scatter sums them onto the devices of the slots that asked: each
+  device receives 1/D of the result. Left to itself, XLA's partitioner
+  all-reduces the whole result to every device, or all-gathers the whole
+  table. Plain indexing where no mesh is set, on one device, where the row
+  or slot counts do not divide by the devices, or for non-numeric tables.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  d = 1 if mesh.empty else dict(mesh.shape).get(CLIENTS_AXIS, 1)
+  if (d == 1 or table.shape[0] % d or index.shape[0] % d
+      or not jnp.issubdtype(table.dtype, jnp.number)):
+    return table[index]
+  per_device = table.shape[0] // d
+
+  def local(table, index):
+    index = index - jax.lax.axis_index(CLIENTS_AXIS) * per_device
+    held = (index >= 0) & (index < per_device)
+    rows = table[jnp.clip(index, 0, per_device - 1)]
+    rows = jnp.where(held.reshape(held.shape + (1,) * (table.ndim - 1)),
+                     rows, 0)
+    return jax.lax.psum_scatter(rows, CLIENTS_AXIS, tiled=True)
+
+  split, whole = jax.sharding.PartitionSpec(CLIENTS_AXIS), (
+      jax.sharding.PartitionSpec())
+  return jax.shard_map(local, mesh=mesh, in_specs=(split, whole),
+                       out_specs=split)(table, index)
+
+
 class ClientData(struct.PyTreeNode):
   """Every client's examples, stored back to back.
 
@@ -72,7 +106,7 @@ class ClientData(struct.PyTreeNode):
     rows, which its masks leave out)."""
     rows = jnp.minimum(self.offsets[client_ids][:, None]
                        + jnp.arange(self.max_examples), self.x.shape[0] - 1)
-    return self.x[rows], self.y[rows]
+    return take_rows(self.x, rows), take_rows(self.y, rows)
 
   def cohort_rows(self, client_ids: Array) -> tuple[Array, Array] | None:
     """What the round hands each of `client_ids` besides the shared data:

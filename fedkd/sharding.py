@@ -102,10 +102,10 @@ def place_data(data: ClientData, mesh: Mesh,
 
   Split, each device holds 1/D of the examples (rows padded with zeros, which
   no client owns, to a multiple of D). Rows are not aligned with clients:
-  the round gathers its cohort's rows once (`ClientData.cohort_rows`; XLA's
-  partitioner gathers each device's rows locally and all-reduces the
-  cohort's examples), after which every local step reads the rows of the
-  client it trains on its own device. Copied, clients read each step's
+  the round gathers its cohort's rows once (`ClientData.cohort_rows`, by
+  `clients.take_rows`: each device receives its own slots' rows), after
+  which every local step reads the rows of the client it trains on its own
+  device. Copied, clients read each step's
   batch from the flat arrays, as on one device (faster where every device
   has room for all the data).
   """
@@ -125,11 +125,17 @@ def jit_round(apply, mesh: Mesh, state_shardings=None, data_shardings=None,
   split over the `clients` axis, the state as `state_shardings` (default
   replicated; `state_sharding` splits per-client state), the client data as
   `data_shardings` (default replicated; `data_sharding` for `place_data`), rng
-  and metrics replicated. `jit_options` go to `jax.jit` (`donate_argnums`)."""
+  and metrics replicated. `jit_options` go to `jax.jit` (`donate_argnums`).
+  `apply` is traced with `mesh` set, so `clients.take_rows` gathers the
+  cohort's split rows by reduce-scatter."""
   rep = replicated(mesh)
   state_shardings = rep if state_shardings is None else state_shardings
   data_shardings = rep if data_shardings is None else data_shardings
-  return jax.jit(apply, in_shardings=(state_shardings, data_shardings,
+  def on_mesh(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return apply(*args)
+
+  return jax.jit(on_mesh, in_shardings=(state_shardings, data_shardings,
                                       cohort_sharding(mesh), rep),
                  out_shardings=(state_shardings, rep), **jit_options)
 

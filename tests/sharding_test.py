@@ -63,16 +63,32 @@ class ShardingTest(parameterized.TestCase):
       np.testing.assert_array_equal(x[row, :sizes[client]], data.x[own])
       np.testing.assert_array_equal(y[row, :sizes[client]], data.y[own])
 
-  def test_local_steps_read_split_examples_without_collectives(self):
-    # The round gathers its cohort's rows once; reading each step's batch
-    # from the split rows instead would put an all-reduce in the step loop.
-    alg = toys.algorithms(6)['fedavg']
-    mesh = sharding.make_mesh(8)
-    data = sharding.place_data(toys.toy_data((7, 3, 12, 5, 9, 1)), mesh)
-    hlo = sharding.jit_round(
-        alg.apply, mesh, data_shardings=sharding.data_sharding(data, mesh)
-    ).lower(toys.init_state(alg), data, toys.cohort([0, 2, 3, 5], size=8),
-            jax.random.PRNGKey(0)).compile().as_text()
+  def test_cohort_rows_and_states_arrive_split_once_a_round(self):
+    # 16 clients, their private teachers and examples split over 8 devices;
+    # a cohort of 8: each device receives its one slot's teacher and rows,
+    # by reduce-scatter, before the local steps, which then run without
+    # collectives (reading each step's batch from the split rows instead
+    # puts an all-reduce in the step loop).
+    alg = toys.algorithms(16)['local_kd']
+    state, data = toys.init_state(alg), toys.toy_data([3] * 16)
+    cohort = toys.cohort([9, 0, 4, 15, 7, 2, 12, 5])
+    rounds = []
+    for devices in (1, 8):
+      mesh = sharding.make_mesh(devices)
+      placed = sharding.place_data(data, mesh)
+      shardings = sharding.state_sharding(state, mesh)
+      compiled = sharding.jit_round(
+          alg.apply, mesh, shardings, sharding.data_sharding(placed, mesh)
+      ).lower(state, placed, cohort, jax.random.PRNGKey(0)).compile()
+      rounds.append(compiled(jax.device_put(state, shardings), placed,
+                             cohort, jax.random.PRNGKey(0)))
+    toys.assert_trees_close(rounds[0], rounds[1])
+    hlo = compiled.as_text()
+    scattered = re.findall(r'= (\w+\[[\d,]*\])\S* reduce-scatter\(', hlo)
+    teachers = [f'f32[{",".join(map(str, (1, *leaf.shape[1:])))}]'
+                for leaf in jax.tree.leaves(state.clients)]
+    self.assertCountEqual(scattered, teachers + ['f32[1,3,4,4,1]',
+                                                 's32[1,3]'])
     loops = set(re.findall(r'(?:body|condition)=%?([\w.-]+)', hlo))
     self.assertNotEmpty(loops)
     collective = re.compile(r'= \S+ (all-reduce|all-gather|reduce-scatter|'
