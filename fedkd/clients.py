@@ -28,16 +28,22 @@ def take_rows(table: Array, index: Array) -> Array:
   state, split client examples), inside a round jitted by
   `sharding.jit_round`.
 
-  Each device gathers the rows it holds (zeros for the others) and one
-  reduce-scatter sums them onto the devices of the slots that asked: each
-  device receives 1/D of the result. Left to itself, XLA's partitioner
-  all-reduces the whole result to every device, or all-gathers the whole
-  table. Plain indexing where no mesh is set, on one device, where the row
-  or slot counts do not divide by the devices, or for non-numeric tables.
+  Where the cohort asks for fewer rows than the table holds (a sampled
+  cohort), each device gathers the rows it holds (zeros for the others) and
+  one reduce-scatter sums them onto the devices of the slots that asked:
+  each device receives 1/D of the result, and moves as many rows as were
+  asked for. XLA's partitioner would all-reduce the whole result to every
+  device instead (10,000 clients with private teachers, cohort 1,000, 8 CPU
+  devices: 2.1x slower, 2.8x the temporary memory). Where it asks for as
+  many or more (every client every round), plain indexing: XLA all-gathers
+  the table, which moves no more rows and sums nothing. Plain indexing also
+  where no mesh is set, on one device, where the row or slot counts do not
+  divide by the devices, and for non-numeric tables.
   """
   mesh = jax.sharding.get_abstract_mesh()
   d = 1 if mesh.empty else dict(mesh.shape).get(CLIENTS_AXIS, 1)
   if (d == 1 or table.shape[0] % d or index.shape[0] % d
+      or index.size >= table.shape[0]
       or not jnp.issubdtype(table.dtype, jnp.number)):
     return table[index]
   per_device = table.shape[0] // d
