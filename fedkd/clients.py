@@ -33,12 +33,14 @@ def take_rows(table: Array, index: Array) -> Array:
   one reduce-scatter sums them onto the devices of the slots that asked:
   each device receives 1/D of the result, and moves as many rows as were
   asked for. XLA's partitioner would all-reduce the whole result to every
-  device instead (10,000 clients with private teachers, cohort 1,000, 8 CPU
-  devices: 2.1x slower, 2.8x the temporary memory). Where it asks for as
-  many or more (every client every round), plain indexing: XLA all-gathers
-  the table, which moves no more rows and sums nothing. Plain indexing also
-  where no mesh is set, on one device, where the row or slot counts do not
-  divide by the devices, and for non-numeric tables.
+  device instead: with 10,000 clients with private teachers, cohorts of
+  1,000 and 8 CPU devices, a local_kd round took 1.3x as long (README,
+  "Scaling out") and the benchmark's mlp round 2.8x the temporary memory
+  per device (79.6 MB against 28.5 MB, XLA's memory analysis). Where it
+  asks for as many or more (every client every round), plain indexing: XLA
+  all-gathers the table, which moves no more rows and sums nothing. Plain
+  indexing also where no mesh is set, on one device, where the row or slot
+  counts do not divide by the devices, and for non-numeric tables.
   """
   mesh = jax.sharding.get_abstract_mesh()
   d = 1 if mesh.empty else dict(mesh.shape).get(CLIENTS_AXIS, 1)

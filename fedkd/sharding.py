@@ -106,9 +106,8 @@ def place_data(data: ClientData, mesh: Mesh,
   the round gathers its cohort's rows once (`ClientData.cohort_rows`, by
   `clients.take_rows`: each device receives its own slots' rows), after
   which every local step reads the rows of the client it trains on its own
-  device. Copied, clients read each step's
-  batch from the flat arrays, as on one device (faster where every device
-  has room for all the data).
+  device. Copied, clients read each step's batch from the flat arrays, as
+  on one device (faster where every device has room for all the data).
   """
   split = split and mesh.size > 1
   if split:  # copied examples are placed as they are, without a host copy
