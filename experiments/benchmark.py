@@ -3,7 +3,7 @@
     python -m experiments.benchmark [--workload=mlp,cnn_fedavg,cnn_kd,resnet8,
         feddf_hetero]
         [--clients=...] [--rounds=...] [--torch_threads=1,2]
-        [--clients_per_chunk=N] [--shard_data=false]
+        [--clients_per_chunk=N] [--shard_data=false] [--population=N]
 
 Workloads (E=1, B=10, 10 classes, SGD at 0.05, random data; local KD with
 T=2, w=0.5 and the teacher's SGD at 0.05):
@@ -51,6 +51,9 @@ a first execution costs once: a median over 3 or more rounds leaves that out,
 and beside a CNN round it does not matter. (a) uses all visible devices, the
 client examples split over them (`--shard_data=false`: copied to each); (b)
 and (c) one, (b) adding each client's weighted upload to a running sum.
+Every client trains every round, unless `--population` holds more clients
+than `--clients`: the arms then train the same random cohort of them each
+round, as runs with clients_per_round < num_clients do.
 `--torch_threads` takes a list: (c) is timed with each thread count and the
 fastest is reported (1 thread, the default, beat 2 on a shared
 2-core CPU for every workload). Timings are noisy; only ratios measured side
@@ -156,6 +159,11 @@ _WORKLOAD = flags.DEFINE_list(
     'every mlp_ALG.')
 _CLIENTS = flags.DEFINE_list('clients', None, 'Cohort sizes to time, for '
                              'every workload (default: each its own).')
+_POPULATION = flags.DEFINE_integer(
+    'population', 0, 'Clients in the federation, each with its examples '
+    '(and private teacher); every round trains a random cohort of --clients '
+    'of them, as a run with clients_per_round < num_clients does (0: the '
+    'cohort size, every client every round).')
 _ROUNDS = flags.DEFINE_integer('rounds', None, 'Timed rounds per arm '
                                '(default: each workload its own).')
 _TORCH = flags.DEFINE_bool('torch', True, 'Time baseline (c) if torch is '
@@ -327,15 +335,28 @@ def round_flops(workload: Workload, num_clients: int) -> float:
   return float(per_client * workload.examples * EPOCHS)
 
 
-def compiled_round(alg, state, data, shard_data: bool = True,
-                   clients_per_chunk: int = 0):
-  """(a)'s round compiled ahead of time for every client of `data`, sharded
-  over all visible devices, the examples split by rows (`shard_data`) or
-  copied to each.
+def sampled_cohort(alg, num_clients: int, clients_per_round: int,
+                   mesh, clients_per_chunk: int = 0):
+  """(the round's cohort of `clients_per_round` of `num_clients` clients,
+  clients per chunk), laid out as a run lays them out
+  (`sharding.cohort_layout`: the cohort padded and `clients_per_chunk`
+  rounded up to a multiple of the client groups times the devices); the
+  same clients whatever the mesh."""
+  groups = len(algorithm.groups_of(alg.client_update))
+  size, chunk = sharding.cohort_layout(
+      clients_per_round, mesh, clients_per_chunk,
+      quota=clients.group_quota(num_clients, clients_per_round, groups)
+      if groups > 1 else ())
+  return clients.sample_cohort(np.random.default_rng(0), num_clients,
+                               clients_per_round, size, groups), chunk
 
-  `clients_per_chunk` is rounded up as a run rounds it
-  (`sharding.cohort_layout`: to a multiple of the client groups times the
-  devices), and the cohort to a whole number of chunks.
+
+def compiled_round(alg, state, data, shard_data: bool = True,
+                   clients_per_chunk: int = 0, clients_per_round: int = 0):
+  """(a)'s round compiled ahead of time for `sampled_cohort`'s
+  `clients_per_round` clients of `data` (0: every client), sharded over all
+  visible devices, the examples split by rows (`shard_data`) or copied to
+  each.
 
   Returns:
     (run, compiled, compile seconds, clients per chunk; 0 = all at once):
@@ -344,15 +365,11 @@ def compiled_round(alg, state, data, shard_data: bool = True,
   """
   mesh = sharding.make_mesh()
   rep, split = sharding.replicated(mesh), sharding.cohort_sharding(mesh)
-  k = data.num_clients
-  groups = algorithm.groups_of(alg.client_update)
-  size, chunk = sharding.cohort_layout(
-      k, mesh, clients_per_chunk, quota=clients.group_quota(
-          k, k, len(groups)) if len(groups) > 1 else ())
+  cohort, chunk = sampled_cohort(
+      alg, data.num_clients, clients_per_round or data.num_clients, mesh,
+      clients_per_chunk)
   alg = algorithm.with_round(alg, clients_per_chunk=chunk)
-  # Every client, each in a slot of its group.
-  cohort = jax.device_put(clients.sample_cohort(
-      np.random.default_rng(0), k, k, size, len(groups)), split)
+  cohort = jax.device_put(cohort, split)
   state = jax.device_put(state, rep)
   data = sharding.place_data(data, mesh, shard_data)
   rng = jax.random.PRNGKey(2)
@@ -372,10 +389,10 @@ def compiled_round(alg, state, data, shard_data: bool = True,
 
 
 def time_vmapped(alg, state, data, rounds, shard_data: bool = True,
-                 clients_per_chunk: int = 0):
+                 clients_per_chunk: int = 0, clients_per_round: int = 0):
   """(a): returns (seconds per round, compile seconds, clients per chunk)."""
   run, _, compile_seconds, chunk = compiled_round(
-      alg, state, data, shard_data, clients_per_chunk)
+      alg, state, data, shard_data, clients_per_chunk, clients_per_round)
   # Compiled ahead of time: no warm-up needed, the first round is timed too.
   return _median_seconds(run, rounds), compile_seconds, chunk
 
@@ -386,11 +403,14 @@ def examples_mib_per_device(data, devices: int, shard_data: bool) -> float:
           / (devices if shard_data else 1) / 2**20)
 
 
-def time_loop(alg, state, data, rounds):
+def time_loop(alg, state, data, rounds, client_ids=None):
   """(b): a Python loop of single-client jitted updates, FedJAX style, each
-  upload through the algorithm's aggregator chain as in the round."""
-  k = data.num_clients
+  upload through the algorithm's aggregator chain as in the round, over
+  `client_ids` (default: every client of `data`)."""
   groups = algorithm.groups_of(alg.client_update)
+  client_ids = [int(i) for i in (range(data.num_clients) if client_ids is None
+                                 else client_ids)]
+  group = [i % len(groups) for i in client_ids]
   encode = alg.aggregator.encode
 
   def encoded(update, server, *args):
@@ -418,11 +438,11 @@ def time_loop(alg, state, data, rounds):
   stacked = state.clients if len(groups) > 1 else (state.clients,)
   states = [jax.tree.map(lambda s, i=i: s[i // len(groups)],
                          stacked[i % len(groups)] if stacked else ())
-            for i in range(k)]
+            for i in client_ids]
   state = state.replace(clients=())  # clients see the server state alone
-  ids = [jnp.int32(i) for i in range(k)]
-  sizes = [data.num_examples[i] for i in range(k)]
-  keys = [jax.random.fold_in(jax.random.PRNGKey(2), i) for i in range(k)]
+  ids = [jnp.int32(i) for i in client_ids]
+  sizes = [data.num_examples[i] for i in client_ids]
+  keys = [jax.random.fold_in(jax.random.PRNGKey(2), i) for i in client_ids]
   carry = [state]
   zeros = []  # each group's empty (sums, weight), set by the warm-up
 
@@ -434,8 +454,7 @@ def time_loop(alg, state, data, rounds):
 
   def one_round():
     sums = list(zeros)
-    for i in range(k):
-      g = i % len(groups)
+    for i, g in enumerate(group):
       out = client_updates[g](carry[0], states[i], data, ids[i], sizes[i],
                               keys[i])
       states[i] = out.state
@@ -444,8 +463,9 @@ def time_loop(alg, state, data, rounds):
 
   def warm_up():
     """Compiles every function: one client of each group, the server step."""
-    outs = [client_updates[i](state, states[i], data, ids[i], sizes[i],
-                              keys[i]) for i in range(len(groups))]
+    outs = [client_updates[g](state, states[i], data, ids[i], sizes[i],
+                              keys[i])
+            for g, i in enumerate(map(group.index, range(len(groups))))]
     zeros[:] = [jax.tree.map(jnp.zeros_like, (o.upload, o.weight))
                 for o in outs]
     server_step(state, [accumulate(z, o.upload, o.weight)
@@ -497,7 +517,7 @@ def matmul_peak_gflop_s(size: int = 2048, repeats: int = 5) -> float:
 def benchmark(name: str, workload: Workload, num_clients: int, *,
               rounds: int, peak: float, loop: bool,
               torch_threads: Sequence[int], clients_per_chunk: int = 0,
-              shard_data: bool = True) -> dict:
+              shard_data: bool = True, population: int = 0) -> dict:
   """Times the arms of `workload`; returns its JSON row.
 
   Args:
@@ -512,13 +532,20 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
     clients_per_chunk: (a)'s clients per chunk, rounded up as
       `compiled_round` says; 0 = all at once. The row has the rounded one.
     shard_data: (a)'s client examples split over the devices, or copied.
+    population: clients in the federation, of which each round trains the
+      same random `num_clients` in every arm ((c) trains as many, on data of
+      the same shape); at most `num_clients` (the default) trains them all.
   """
-  alg, state, data = build(workload, num_clients)
+  population = max(population, num_clients)
+  alg, state, data = build(workload, population)
   vmapped, compile_s, chunk = time_vmapped(
-      alg, state, data, rounds, shard_data, clients_per_chunk)
+      alg, state, data, rounds, shard_data, clients_per_chunk, num_clients)
+  cohort, _ = sampled_cohort(alg, population, num_clients,
+                             sharding.make_mesh(1))
   looped = loop and time_loop(
       alg, jax.device_put(state, jax.devices()[0]),
-      jax.device_put(data, jax.devices()[0]), rounds)
+      jax.device_put(data, jax.devices()[0]), rounds,
+      cohort.client_ids[cohort.client_mask])
   torch_by_threads = {}
   # The PyTorch loop has FedAvg and local KD only.
   if (torch_threads and _torch_installed() and ',' not in workload.student
@@ -529,7 +556,8 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
   torch_s = min(torch_by_threads.values(), default=None)
   flops = round_flops(workload, num_clients)
   return dict(
-      workload=name, clients=num_clients, devices=jax.device_count(),
+      workload=name, clients=num_clients, population=population,
+      devices=jax.device_count(),
       clients_per_chunk=chunk, shard_data=shard_data,
       examples_mib_per_device=examples_mib_per_device(
           data, jax.device_count(), shard_data),
@@ -605,7 +633,8 @@ def main(argv):
                       rounds=_ROUNDS.value or workload.rounds, peak=peak,
                       loop=_LOOP.value, torch_threads=torch_threads,
                       clients_per_chunk=_CHUNK.value,
-                      shard_data=_SHARD_DATA.value)
+                      shard_data=_SHARD_DATA.value,
+                      population=_POPULATION.value)
             for num_clients in cohort_sizes(name)]
     results += rows
     if not _JSON_ONLY.value:

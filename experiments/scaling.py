@@ -1,14 +1,17 @@
 """Scaling table: clients per round x devices, one process per cell.
 
     python -m experiments.scaling [--clients=10,100,1000,10000] \\
-        [--devices=1,2,8] [--shard_data=true,false] [--out=docs/scaling]
+        [--devices=1,2,8] [--shard_data=true,false] [--population=N] \\
+        [--out=docs/scaling]
 
 Each cell runs `experiments/benchmark.py` (its `mlp` workload, arms (a) and
 (b), no torch) in a fresh process, on CPU with
 `--xla_force_host_platform_device_count=D` (on a GPU/TPU host pass the real
 device counts, e.g. `--devices=1,8`, and `--cpu=false`), with the client
 examples split over the devices, copied to each, or both (`--shard_data`;
-split and copied are the same on one device, so it runs once). Writes
+split and copied are the same on one device, so it runs once), every client
+training every round, or a random cohort of `--clients` of `--population`
+clients (the benchmark's flag). Writes
 OUT.json, OUT.md (seconds per round, compile seconds, clients/s, GFLOP/s
 against the measured matmul peak, the examples' MiB per device, peak host
 memory, the per-client-loop ratio) and OUT.png (seconds per round against
@@ -29,6 +32,9 @@ _DEVICES = flags.DEFINE_list('devices', ['1', '2', '8'], 'Device counts.')
 _SHARD_DATA = flags.DEFINE_list(
     'shard_data', ['true'], 'Client examples split over the devices (true), '
     'copied to each (false), or both (true,false).')
+_POPULATION = flags.DEFINE_integer(
+    'population', 0, 'Clients in the federation, of which each round trains '
+    '--clients (0: every client every round).')
 _CPU = flags.DEFINE_bool('cpu', True, 'Split the CPU into fake devices.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Timed rounds per cell.')
 _OUT = flags.DEFINE_string('out', 'docs/scaling', 'Output path prefix.')
@@ -45,7 +51,7 @@ def _cell(clients: int, devices: int, shard_data: bool) -> dict:
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.benchmark', '--workload=mlp',
        f'--clients={clients}', '--torch=false', '--json_only',
-       f'--shard_data={shard_data}',
+       f'--shard_data={shard_data}', f'--population={_POPULATION.value}',
        f'--rounds={_ROUNDS.value}'],
       cwd=_ROOT, env=env, capture_output=True, text=True, check=True)
   return json.loads(proc.stdout.strip().splitlines()[-1])[0]
@@ -64,8 +70,12 @@ def _markdown(cells) -> str:
            '| peak host MiB | loop/vmapped |',
            '|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|']
   for c in cells:
+    # Cells from before --population trained every client.
+    sampled = c.get('population', 0) > c['clients']
+    clients = f'{c["clients"]} of {c["population"]}' if sampled else (
+        c['clients'])
     lines.append(
-        f'| {c["clients"]} | {c["devices"]} | {_placement(c)} | '
+        f'| {clients} | {c["devices"]} | {_placement(c)} | '
         f'{c["vmapped_s"]:.4f} | {c["compile_s"]:.2f} | '
         f'{c["clients_per_s"]:.0f} | {c["vmapped_gflop_s"]:.1f} | '
         f'{100 * c["vmapped_gflop_s"] / c["matmul_peak_gflop_s"]:.0f}% | '

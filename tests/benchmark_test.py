@@ -186,10 +186,12 @@ class WorkloadsTest(parameterized.TestCase):
       benchmark.check_workloads(['algorithms', 'mlp_fedsgd'])
 
   def test_json_only_prints_one_parsable_line(self):
-    # The interface experiments/scaling.py reads; (c) with each thread count.
+    # The interface experiments/scaling.py reads; (c) with each thread count;
+    # 2 clients a round of a population of 4.
     out = io.StringIO()
-    with flagsaver.flagsaver(workload=['mlp'], clients=['2'], rounds=1,
-                             json_only=True, torch_threads=['1', '2']), \
+    with flagsaver.flagsaver(workload=['mlp'], clients=['2'], population=4,
+                             rounds=1, json_only=True,
+                             torch_threads=['1', '2']), \
         contextlib.redirect_stdout(out):
       benchmark.main([])
     (line,) = out.getvalue().splitlines()
@@ -199,11 +201,12 @@ class WorkloadsTest(parameterized.TestCase):
     teacher = _training([2 * 64 * 64, 2 * 64 * 32, 2 * 32 * 10])
     self._check_row(row, 2, teacher + _training(_LAYERS['seed_student']), 50,
                     timed_torch=torch is not None)
-    # 2 x 50 examples of 64 float32 features and an int32 label, split over
+    # 4 x 50 examples of 64 float32 features and an int32 label, split over
     # the tests' 8 devices.
+    self.assertEqual(row['population'], 4)
     self.assertTrue(row['shard_data'])
     self.assertEqual(row['examples_mib_per_device'],
-                     2 * 50 * (64 + 1) * 4 / 8 / 2**20)
+                     4 * 50 * (64 + 1) * 4 / 8 / 2**20)
     if torch:
       self.assertSameElements(row['torch_s_by_threads'], ['1', '2'])
       self.assertEqual(row['torch_s_by_threads'][str(row['torch_threads'])],
