@@ -355,8 +355,9 @@ def compiled_round(alg, state, data, shard_data: bool = True,
                    clients_per_chunk: int = 0, clients_per_round: int = 0):
   """(a)'s round compiled ahead of time for `sampled_cohort`'s
   `clients_per_round` clients of `data` (0: every client), sharded over all
-  visible devices, the examples split by rows (`shard_data`) or copied to
-  each.
+  visible devices as a run shards it: per-client state split where its
+  client count divides by the devices (`sharding.state_sharding`), the
+  examples split by rows (`shard_data`) or copied to each.
 
   Returns:
     (run, compiled, compile seconds, clients per chunk; 0 = all at once):
@@ -364,19 +365,19 @@ def compiled_round(alg, state, data, shard_data: bool = True,
     `jax.stages.Compiled` round.
   """
   mesh = sharding.make_mesh()
-  rep, split = sharding.replicated(mesh), sharding.cohort_sharding(mesh)
   cohort, chunk = sampled_cohort(
       alg, data.num_clients, clients_per_round or data.num_clients, mesh,
       clients_per_chunk)
   alg = algorithm.with_round(alg, clients_per_chunk=chunk)
-  cohort = jax.device_put(cohort, split)
-  state = jax.device_put(state, rep)
+  cohort = jax.device_put(cohort, sharding.cohort_sharding(mesh))
+  # Placed as a run places them: per-client state split where it divides.
+  state_shardings = sharding.state_sharding(state, mesh)
+  state = jax.device_put(state, state_shardings)
   data = sharding.place_data(data, mesh, shard_data)
   rng = jax.random.PRNGKey(2)
   start = time.perf_counter()
   compiled = sharding.jit_round(
-      alg.apply, mesh,
-      data_shardings=sharding.data_sharding(data, mesh),
+      alg.apply, mesh, state_shardings, sharding.data_sharding(data, mesh),
       donate_argnums=0).lower(state, data, cohort, rng).compile()
   compile_seconds = time.perf_counter() - start
   carry = [jax.tree.map(jnp.copy, state)]  # the round donates its input

@@ -28,24 +28,19 @@ def take_rows(table: Array, index: Array) -> Array:
   state, split client examples), inside a round jitted by
   `sharding.jit_round`.
 
-  Where the cohort asks for fewer rows than the table holds (a sampled
-  cohort), each device gathers the rows it holds (zeros for the others) and
-  one reduce-scatter sums them onto the devices of the slots that asked:
-  each device receives 1/D of the result, and moves as many rows as were
-  asked for. XLA's partitioner would all-reduce the whole result to every
-  device instead: with 10,000 clients with private teachers, cohorts of
-  1,000 and 8 CPU devices, a local_kd round took 1.3x as long (README,
-  "Scaling out") and the benchmark's mlp round 2.8x the temporary memory
-  per device (79.6 MB against 28.5 MB, XLA's memory analysis). Where it
-  asks for as many or more (every client every round), plain indexing: XLA
-  all-gathers the table, which moves no more rows and sums nothing. Plain
-  indexing also where no mesh is set, on one device, where the row or slot
-  counts do not divide by the devices, and for non-numeric tables.
+  Each device gathers the rows it holds (zeros for the others) and one
+  reduce-scatter sums them onto the devices of the slots that asked: each
+  device receives 1/D of the result. XLA's partitioner would all-reduce the
+  whole result to every device, or all-gather the whole table; with private
+  teachers on 8 CPU devices (`experiments.benchmark --workload=mlp`), that
+  round took 1.7-2.4x as long with cohorts of 1,000 of 10,000 clients and
+  1.5x with all 1,000 clients each round. Plain indexing where no mesh
+  is set, on one device, where the row or slot counts do not divide by the
+  devices, and for non-numeric tables.
   """
   mesh = jax.sharding.get_abstract_mesh()
   d = 1 if mesh.empty else dict(mesh.shape).get(CLIENTS_AXIS, 1)
   if (d == 1 or table.shape[0] % d or index.shape[0] % d
-      or index.size >= table.shape[0]
       or not jnp.issubdtype(table.dtype, jnp.number)):
     return table[index]
   per_device = table.shape[0] // d
