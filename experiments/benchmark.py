@@ -49,8 +49,9 @@ ahead of time (its compile seconds are reported), (b) first runs one client
 and the server step, (c) one client. (a)'s first round is timed with whatever
 a first execution costs once: a median over 3 or more rounds leaves that out,
 and beside a CNN round it does not matter. (a) uses all visible devices, the
-client examples split over them (`--shard_data=false`: copied to each); (b)
-and (c) one, (b) adding each client's weighted upload to a running sum.
+client examples split over them (`--shard_data=false`: copied to each) and
+per-client state split as a run splits it; (b) and (c) one, (b) adding each
+client's weighted upload to a running sum.
 Every client trains every round, unless `--population` holds more clients
 than `--clients`: the arms then train the same random cohort of them each
 round, as runs with clients_per_round < num_clients do.
