@@ -439,8 +439,8 @@ def time_loop(alg, state, data, rounds, client_ids=None):
   # (client i in row i // g of its group's state).
   stacked = state.clients if len(groups) > 1 else (state.clients,)
   states = [jax.tree.map(lambda s, i=i: s[i // len(groups)],
-                         stacked[i % len(groups)] if stacked else ())
-            for i in client_ids]
+                         stacked[g] if stacked else ())
+            for i, g in zip(client_ids, group)]
   state = state.replace(clients=())  # clients see the server state alone
   ids = [jnp.int32(i) for i in client_ids]
   sizes = [data.num_examples[i] for i in client_ids]

@@ -13,6 +13,7 @@ from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
@@ -53,9 +54,8 @@ def take_rows(table: Array, index: Array) -> Array:
                      rows, 0)
     return jax.lax.psum_scatter(rows, CLIENTS_AXIS, tiled=True)
 
-  split, whole = jax.sharding.PartitionSpec(CLIENTS_AXIS), (
-      jax.sharding.PartitionSpec())
-  return jax.shard_map(local, mesh=mesh, in_specs=(split, whole),
+  split = P(CLIENTS_AXIS)
+  return jax.shard_map(local, mesh=mesh, in_specs=(split, P()),
                        out_specs=split)(table, index)
 
 

@@ -131,6 +131,7 @@ def jit_round(apply, mesh: Mesh, state_shardings=None, data_shardings=None,
   rep = replicated(mesh)
   state_shardings = rep if state_shardings is None else state_shardings
   data_shardings = rep if data_shardings is None else data_shardings
+
   @functools.wraps(apply)
   def on_mesh(*args):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
