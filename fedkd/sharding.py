@@ -131,15 +131,36 @@ def jit_round(apply, mesh: Mesh, state_shardings=None, data_shardings=None,
   rep = replicated(mesh)
   state_shardings = rep if state_shardings is None else state_shardings
   data_shardings = rep if data_shardings is None else data_shardings
+  return jax.jit(_on_mesh(apply, mesh),
+                 in_shardings=(state_shardings, data_shardings,
+                               cohort_sharding(mesh), rep),
+                 out_shardings=(state_shardings, rep), **jit_options)
 
-  @functools.wraps(apply)
+
+def jit_init(init, mesh: Mesh, *args):
+  """`init` (`(*args) -> ServerState`, e.g. `algorithm.init(params, rng,
+  data)`) jitted to compute the state where `state_sharding` places it;
+  returns (jitted init, state shardings).
+
+  Each device builds (for fedmd, also trains) only its share of the
+  per-client state. Jitted without placement, every device built all of
+  it, and trained every client's fedmd transfer learning, before the
+  state was split.
+  """
+  shardings = state_sharding(jax.eval_shape(init, *args), mesh)
+  return jax.jit(_on_mesh(init, mesh), out_shardings=shardings), shardings
+
+
+def _on_mesh(fn, mesh: Mesh):
+  """`fn` traced with `mesh` set: `clients.map_clients` then ties the
+  client axis to the mesh's, and `clients.take_rows` finds it."""
+
+  @functools.wraps(fn)
   def on_mesh(*args):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return apply(*args)
+      return fn(*args)
 
-  return jax.jit(on_mesh, in_shardings=(state_shardings, data_shardings,
-                                      cohort_sharding(mesh), rep),
-                 out_shardings=(state_shardings, rep), **jit_options)
+  return on_mesh
 
 
 def cohort_layout(clients_per_round: int, mesh: Mesh,

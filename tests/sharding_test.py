@@ -5,12 +5,30 @@ import re
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
+import optax
 
+from fedkd import algorithms
 from fedkd import sharding
 from fedkd.errors import FedkdError
 import toys
+
+
+def _collectives(hlo: str, in_loops: bool = False) -> list[str]:
+  """The kinds of collective ops in compiled `hlo`, or in its loop bodies
+  and conditions only (`in_loops`; it must have loops)."""
+  loops = set(re.findall(r'(?:body|condition)=%?([\w.-]+)', hlo))
+  assert loops or not in_loops, 'no loops in the HLO'
+  found = []
+  for computation in re.split(r'\n(?=\S)', hlo):
+    name = re.match(r'(?:ENTRY )?%?([\w.-]+)', computation)
+    if not in_loops or (name and name[1] in loops):
+      found += re.findall(r' (all-reduce|all-gather|reduce-scatter|'
+                          r'all-to-all|collective-permute)(?:-start)?\(',
+                          computation)
+  return found
 
 
 class ShardingTest(parameterized.TestCase):
@@ -89,14 +107,32 @@ class ShardingTest(parameterized.TestCase):
                 for leaf in jax.tree.leaves(state.clients)]
     self.assertCountEqual(scattered, teachers + ['f32[1,3,4,4,1]',
                                                  's32[1,3]'])
-    loops = set(re.findall(r'(?:body|condition)=%?([\w.-]+)', hlo))
-    self.assertNotEmpty(loops)
-    collective = re.compile(r'= \S+ (all-reduce|all-gather|reduce-scatter|'
-                            r'all-to-all|collective-permute)(-start)?\(')
-    for computation in re.split(r'\n(?=\S)', hlo):
-      name = re.match(r'(?:ENTRY )?%?([\w.-]+)', computation)
-      if name and name[1] in loops:
-        self.assertIsNone(collective.search(computation), name[1])
+    self.assertEqual(_collectives(hlo, in_loops=True), [])
+
+  def test_init_trains_each_clients_share_on_its_device(self):
+    # fedmd's transfer learning for 16 clients, their examples split over 8
+    # devices: each device trains its 2 clients from their rows, gathered
+    # once by reduce-scatter, and no local step reads across devices.
+    alg = algorithms.fedmd(
+        model=toys.student(), input_shape=toys.INPUT_SHAPE, num_clients=16,
+        num_public=toys.NUM_PUBLIC, num_classes=toys.NUM_CLASSES,
+        client_tx=optax.sgd(0.1), epochs=1, batch_size=2, digest_epochs=1,
+        public_batch_size=2, transfer_epochs=1, private_epochs=1)
+    data = toys.toy_data([3] * 16).replace(
+        public_y=jnp.arange(toys.NUM_PUBLIC) % toys.NUM_CLASSES)
+    states = []
+    for devices in (1, 8):
+      mesh = sharding.make_mesh(devices)
+      args = None, jax.random.PRNGKey(0), sharding.place_data(data, mesh)
+      init, _ = sharding.jit_init(alg.init, mesh, *args)
+      states.append(init(*args))
+    toys.assert_trees_close(states[0], states[1])
+    for leaf in jax.tree.leaves(states[1].clients):
+      self.assertEqual(leaf.addressable_shards[0].data.shape[0], 2)
+    hlo = init.lower(*args).compile().as_text()
+    self.assertCountEqual(_collectives(hlo),
+                          ['reduce-scatter', 'reduce-scatter'])
+    self.assertEqual(_collectives(hlo, in_loops=True), [])
 
   def test_refuses_sharding_dependent_random_bits(self):
     # The library never flips global JAX flags; it refuses the one setting

@@ -70,8 +70,10 @@ def fedmd(*, model: nn.Module | Sequence[nn.Module], input_shape,
                                                  batch.y),
       client_tx, 'student_loss_sum')
 
-  def transfer(model, data, rng, client_id, client_state):
-    """One client's transfer learning: public labels, then private data."""
+  def transfer(model, data, rng, client_id, client_state, own_rows):
+    """One client's transfer learning: public labels, then private data
+    (`own_rows`: its `ClientData.cohort_rows`)."""
+    data = data.own(own_rows)
     public_rng, private_rng = jax.random.split(
         jax.random.fold_in(rng, client_id))
     state, _ = clients.public_training(
@@ -98,9 +100,12 @@ def fedmd(*, model: nn.Module | Sequence[nn.Module], input_shape,
       state = clients.init_models(model, client_tx, input_shape, num_clients,
                                   model_rng, group=g, groups=k)
       if transfer_epochs or private_epochs:
+        ids = jnp.arange(g, num_clients, k)
+        # Split examples are gathered once, as a round gathers its cohort's,
+        # not each step's batch across devices.
         state = clients.map_clients(
             lambda shared, *own: transfer(model, *shared, *own))(
-                (data, transfer_rng), jnp.arange(g, num_clients, k), state)
+                (data, transfer_rng), ids, state, data.cohort_rows(ids))
       return state
 
     return algorithm.server_init(
