@@ -226,7 +226,10 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
     sums.update(clients=jnp.sum(reported), dropped_clients=jnp.sum(dropped),
                 nonfinite_clients=jnp.sum(mask & ~dropped & ~finite),
                 sampled=jnp.sum(mask, dtype=jnp.int32))
-    write = jnp.where(reported, own, rows)  # the others' states are dropped
+    # The others' states are dropped. On a mesh, XLA all-gathers the new
+    # states and each device keeps its rows: any exchange of static shape
+    # must leave room for every slot to land on any device, so moves as much.
+    write = jnp.where(reported, own, rows)
     clients = jax.tree.map(lambda s, new: s.at[write].set(new, mode='drop'),
                            clients, out.state)
     return (aggregation.weighted_sum(upload, weights), jnp.sum(weights),
