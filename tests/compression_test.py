@@ -97,7 +97,8 @@ class SvdCompressTest(parameterized.TestCase):
           np.testing.assert_allclose(got, expected,
                                      atol=2e-5 * np.abs(a).max())
 
-  # Larger ones go by blocks of subspace iteration (n > 40 here).
+  # Larger ones go by blocks of subspace iteration (a Gram side of 60 here,
+  # above _BLOCK + _OVERSAMPLE).
   @parameterized.parameters((150, 60), (60, 150))
   def test_large_decaying_and_low_rank_matrices_match_numpy(self, m, n):
     for kind, energy in (('decaying', 0.9), ('decaying', 0.999),
