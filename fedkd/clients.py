@@ -183,6 +183,28 @@ def num_steps(num_examples: int, *, epochs: int, batch_size: int) -> int:
   return epochs * -(-num_examples // batch_size)
 
 
+# A shuffle sorts positions by 23 random bits each (those of which
+# `jax.random.uniform` makes a float32 in [0, 1)), ties in position order.
+_KEY_BITS = 23
+
+
+def _shuffled(key: PRNGKey, num_real: Array, size: int) -> Array:
+  """Positions 0..size-1: the first `num_real` in random order, then the
+  rest in order (int32)."""
+  position = jnp.arange(size, dtype=jnp.uint32)
+  keys = jax.random.bits(key, (size,), jnp.uint32) >> (32 - _KEY_BITS)
+  # The largest key, with the largest positions: after every real row.
+  keys = jnp.where(position < num_real, keys, (1 << _KEY_BITS) - 1)
+  index_bits = max(size - 1, 1).bit_length()
+  if _KEY_BITS + index_bits > 32:
+    return jnp.argsort(keys, stable=True).astype(jnp.int32)
+  # Key and position packed in one uint32 sort the same way, and XLA:CPU
+  # sorts one operand much faster than argsort's two (100 rows of 500:
+  # 1.7 ms against 10 ms).
+  mask = (1 << index_bits) - 1
+  return (jnp.sort(keys << index_bits | position) & mask).astype(jnp.int32)
+
+
 def local_batches(rng: PRNGKey, num_examples: Array, max_examples: int, *,
                   epochs: int, batch_size: int) -> tuple[Array, Array]:
   """Shuffled example indices for `epochs` passes over one client's data.
@@ -196,13 +218,9 @@ def local_batches(rng: PRNGKey, num_examples: Array, max_examples: int, *,
   """
   steps_per_epoch = num_steps(max_examples, epochs=1, batch_size=batch_size)
   slots = steps_per_epoch * batch_size
-  position = jnp.arange(max_examples)
 
   def one_epoch(key):
-    # Real rows get keys in [0, 1), padding sorts after them.
-    keys = jnp.where(position < num_examples,
-                     jax.random.uniform(key, (max_examples,)), 2.0)
-    order = jnp.argsort(keys)
+    order = _shuffled(key, num_examples, max_examples)
     return jnp.pad(order, (0, slots - max_examples))
 
   indices = jax.lax.map(one_epoch, jax.random.split(rng, epochs))

@@ -31,6 +31,20 @@ class LocalBatchesTest(parameterized.TestCase):
                                    batch_size=20)
     self.assertFalse(np.array_equal(idx[0], idx[1]))
 
+  # 512 rows pack key and position in 32 bits; 513 take argsort's path.
+  @parameterized.parameters((3, 5), (300, 512), (400, 513))
+  def test_shuffle_sorts_random_keys_then_positions(self, n, max_n):
+    # The order of a stable sort of 23 random bits per real row (the largest
+    # key for padding rows, which so come last, in order), as numpy sorts it.
+    key = jax.random.PRNGKey(max_n)
+    idx, _ = clients.local_batches(key, n, max_n, epochs=1,
+                                   batch_size=max_n)
+    epoch_key = jax.random.split(key, 1)[0]
+    keys = np.asarray(jax.random.bits(epoch_key, (max_n,), jnp.uint32)) >> 9
+    keys[n:] = 2**23 - 1
+    np.testing.assert_array_equal(idx[0], np.argsort(keys, kind='stable'))
+    np.testing.assert_array_equal(idx[0, n:], np.arange(n, max_n))
+
 
 def _slope_loss(w, batch):
   """Per-example loss `w * x`: its gradient is 1 whatever the batch."""
