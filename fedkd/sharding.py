@@ -137,18 +137,22 @@ def jit_round(apply, mesh: Mesh, state_shardings=None, data_shardings=None,
                  out_shardings=(state_shardings, rep), **jit_options)
 
 
-def jit_init(init, mesh: Mesh, *args):
+def jit_init(init, mesh: Mesh):
   """`init` (`(*args) -> ServerState`, e.g. `algorithm.init(params, rng,
-  data)`) jitted to compute the state where `state_sharding` places it;
-  returns (jitted init, state shardings).
+  data)`) jitted to compute the state where `state_sharding` places it.
 
   Each device builds (for fedmd, also trains) only its share of the
   per-client state. Jitted without placement, every device built all of
   it, and trained every client's fedmd transfer learning, before the
   state was split.
   """
-  shardings = state_sharding(jax.eval_shape(init, *args), mesh)
-  return jax.jit(_on_mesh(init, mesh), out_shardings=shardings), shardings
+
+  def placed(*args):
+    state = init(*args)
+    return jax.lax.with_sharding_constraint(state,
+                                            state_sharding(state, mesh))
+
+  return jax.jit(_on_mesh(placed, mesh))
 
 
 def _on_mesh(fn, mesh: Mesh):

@@ -321,9 +321,9 @@ def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
     # fd and fedmd have no global model to initialise.
     params = built.init_params and built.init_params(
         jax.random.fold_in(key, 0))
-    init_args = params, jax.random.fold_in(key, 1), client_data
-    init, state_shardings = sharding.jit_init(built.init, mesh, *init_args)
-    state = init(*init_args)
+    state = sharding.jit_init(built.init, mesh)(
+        params, jax.random.fold_in(key, 1), client_data)
+    state_shardings = sharding.state_sharding(state, mesh)
 
   def cohort_for(round_index):
     # Cohorts depend on (seed, round) only, so a resumed run samples the same.

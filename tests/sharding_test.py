@@ -124,7 +124,7 @@ class ShardingTest(parameterized.TestCase):
     for devices in (1, 8):
       mesh = sharding.make_mesh(devices)
       args = None, jax.random.PRNGKey(0), sharding.place_data(data, mesh)
-      init, _ = sharding.jit_init(alg.init, mesh, *args)
+      init = sharding.jit_init(alg.init, mesh)
       states.append(init(*args))
     toys.assert_trees_close(states[0], states[1])
     for leaf in jax.tree.leaves(states[1].clients):
@@ -133,6 +133,12 @@ class ShardingTest(parameterized.TestCase):
     self.assertCountEqual(_collectives(hlo),
                           ['reduce-scatter', 'reduce-scatter'])
     self.assertEqual(_collectives(hlo, in_loops=True), [])
+    # fd's tables of its clients' own uploads start as plain zeros, not per
+    # client: they are split all the same.
+    fd = sharding.jit_init(toys.algorithms(16)['fd'].init, mesh)(
+        None, jax.random.PRNGKey(0))
+    for leaf in jax.tree.leaves(fd.clients):
+      self.assertEqual(leaf.addressable_shards[0].data.shape[0], 2)
 
   def test_refuses_sharding_dependent_random_bits(self):
     # The library never flips global JAX flags; it refuses the one setting
