@@ -71,7 +71,7 @@ per-class logits, nor FedKD's SVD. Activations, norms, pooling, losses and
 optimizer updates are left out: `tests/benchmark_test.py` checks that XLA's
 cost analysis of one unvmapped training step, lowered with XLA's own dot and
 convolution ops, counts at most 10% more. fedkd's CPU kernels do more
-arithmetic (im2col multiplies padding too); that is not counted. XLA's count of
+arithmetic (Dense's outer products); that is not counted. XLA's count of
 the whole round cannot be used: it visits each `lax.scan` body once, however
 many local steps it runs (4.6 MFLOP for the 10-client mlp round, 20.4 by hand).
 """

@@ -9,10 +9,10 @@ compiles the round as the benchmark times it (arm (a)), runs it once, then
 (`jax.profiler.ProfileData`) and prints the ops that took longest on XLA's
 CPU threads: milliseconds per round (summed over threads), executions per
 round, the JAX operation each came from (the HLO op's metadata, e.g.
-`transpose(jvp(MnistCNN))/Conv_1/dot_general` for the second conv's input
-gradient) and the line of fedkd's code that emitted it (the innermost frame
-in fedkd/ or experiments/ of the op's stack trace, e.g. `layers.py:115
-_conv_im2col`). A fusion that holds a matmul or convolution is named after
+`transpose(jvp(MnistCNN))/Conv_1/cond/branch_0_fun/conv_general_dilated` for
+the second conv's gradients) and the line of fedkd's code that emitted it
+(the innermost frame in fedkd/ or experiments/ of the op's stack trace, e.g.
+`conv_cpu.py:74 conv`). A fusion that holds a matmul or convolution is named after
 it, since that is where its time goes (XLA names a fusion after its root: a
 dot fused with the division of a max-pool's gradient reads as the pool's
 `reduce_sum`). Ops that run on several threads at once count once per thread,

@@ -104,7 +104,7 @@ class FlopsTest(parameterized.TestCase):
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
     # Lowered for GPU (no GPU needed to lower): XLA's own dot and convolution
     # ops, whose count is the arithmetic the model needs. fedkd's CPU kernels
-    # (im2col over padding, outer products) count differently.
+    # (Dense's outer products) count differently.
     xla = jax.jit(step).trace(params).lower(
         lowering_platforms=('cuda',)).cost_analysis()['flops']
     # XLA also counts activations, norms, the loss and the update.

@@ -2,6 +2,7 @@
 which kernels each backend lowers to."""
 
 import itertools
+import re
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -38,29 +39,44 @@ _CASES = (
 
 class ConvTest(parameterized.TestCase):
 
-  def _data(self, h, w, kernel_hw, seed=0):
+  def _data(self, h, w, kernel_hw, clients=2, seed=0):
     rng = np.random.default_rng(seed)
-    # Two clients with their own kernels, vmapped as in a round.
-    x = rng.normal(size=(2, 3, h, w, 4)).astype(np.float32)
-    kernel = rng.normal(size=(2, *kernel_hw, 4, 5)).astype(np.float32)
+    # Clients with their own kernels, vmapped as in a round.
+    x = rng.normal(size=(clients, 3, h, w, 4)).astype(np.float32)
+    kernel = rng.normal(size=(clients, *kernel_hw, 4, 5)).astype(np.float32)
     return x, kernel
 
-  @parameterized.parameters(*_CASES)
-  def test_im2col_matches_xla_values_and_gradients(self, h, w, kernel_hw,
-                                                   strides, padding):
-    x, kernel = self._data(h, w, kernel_hw)
-    pads = layers._pads(x.shape[1:], kernel.shape[1:], strides, padding)
+  def _check_vmapped(self, x, kernel, in_axes, strides, padding):
+    """Values and both gradients of `layers.conv` vmapped with `in_axes`
+    against XLA's convolution."""
     ref = lambda x, k: _xla_conv(x, k, strides, padding)
-    ours = lambda x, k: layers._conv_im2col(x, k, strides, pads)
-    want, got = (jax.jit(jax.vmap(f))(x, kernel) for f in (ref, ours))
+    ours = lambda x, k: layers.conv(x, k, strides, padding)
+    want, got = (jax.jit(jax.vmap(f, in_axes))(x, kernel)
+                 for f in (ref, ours))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     target = np.random.default_rng(1).normal(size=want.shape).astype(
         np.float32)
-    grads = [jax.jit(jax.vmap(jax.grad(
-        lambda x, k, t, f=f: _loss(f, x, k, t), argnums=(0, 1))))(
-            x, kernel, target) for f in (ref, ours)]
+    grads = [jax.jit(jax.grad(
+        lambda x, k, f=f: _loss(jax.vmap(f, in_axes), x, k, target),
+        argnums=(0, 1)))(x, kernel) for f in (ref, ours)]
     for a, b in zip(*grads):
       np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+  @parameterized.parameters(*_CASES)
+  def test_matches_xla_values_and_gradients(self, h, w, kernel_hw, strides,
+                                            padding):
+    x, kernel = self._data(h, w, kernel_hw)
+    self._check_vmapped(x, kernel, 0, strides, padding)
+
+  @parameterized.parameters(
+      (0, None, 2),  # one kernel for every client: they join the batch
+      (None, 0, 2),  # one input (public data): they join the channels
+      (0, 0, 9))  # more clients than run unrolled: a loop over them
+  def test_every_batching_case(self, x_axis, kernel_axis, clients):
+    x, kernel = self._data(8, 7, (3, 3), clients)
+    x, kernel = (a if axis == 0 else a[0] for a, axis in
+                 ((x, x_axis), (kernel, kernel_axis)))
+    self._check_vmapped(x, kernel, (x_axis, kernel_axis), (2, 1), 'SAME')
 
   @parameterized.parameters(*_CASES[1:3])
   def test_forward_mode_and_hessian_vector_product(self, h, w, kernel_hw,
@@ -81,15 +97,26 @@ class ConvTest(parameterized.TestCase):
 
   def test_each_backend_lowers_its_own_kernel(self):
     # Chosen when lowering for a platform, not from the default backend:
-    # exporting for a GPU works on a CPU-only machine.
-    conv = jax.jit(lambda x, k: layers.conv(x, k))
-    args = (jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32),
-            jax.ShapeDtypeStruct((3, 3, 3, 4), jnp.float32))
-    cpu, gpu = (export.export(conv, platforms=[p])(*args).mlir_module()
+    # exporting for a GPU works on a CPU-only machine. A vmapped local step
+    # in a loop, as a round runs it.
+    def steps(x, kernel):
+      grad = jax.grad(lambda k: jnp.sum(jnp.tanh(layers.conv(x, k, (2, 2)))))
+      return jax.lax.fori_loop(0, 2, lambda _, k: k - grad(k), kernel)
+
+    step = jax.jit(jax.vmap(steps))
+    args = (jax.ShapeDtypeStruct((2, 2, 8, 8, 3), jnp.float32),
+            jax.ShapeDtypeStruct((2, 3, 3, 3, 4), jnp.float32))
+    cpu, gpu = (export.export(step, platforms=[p])(*args).mlir_module()
                 for p in ('cpu', 'cuda'))
-    self.assertNotIn('convolution', cpu)
-    self.assertIn('concatenate', cpu)
-    self.assertIn('convolution', gpu)
+    convs = lambda text: re.findall(
+        r'stablehlo.convolution.*? dim_numbers = (\[.*?\]x\[.*?\]->\[.*?\])'
+        r'.*?feature_group_count = (\d+)', text)
+    # CPU: the forward conv and the kernel gradient, each in XLA:CPU's fast
+    # layout, one client at a time. GPU: XLA's own, grouped over the clients.
+    self.assertLen(convs(cpu), 2 * 2)
+    self.assertEqual(set(convs(cpu)),
+                     {('[b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f]', '1')})
+    self.assertIn('2', {groups for _, groups in convs(gpu)})
 
 
 class MaxPoolTest(parameterized.TestCase):

@@ -11,6 +11,8 @@ import numpy as np
 import optax
 
 from fedkd import algorithms
+from fedkd import clients
+from fedkd import layers
 from fedkd import sharding
 from fedkd.errors import FedkdError
 import toys
@@ -108,6 +110,29 @@ class ShardingTest(parameterized.TestCase):
     self.assertCountEqual(scattered, teachers + ['f32[1,3,4,4,1]',
                                                  's32[1,3]'])
     self.assertEqual(_collectives(hlo, in_loops=True), [])
+
+  def test_each_device_convolves_its_own_clients(self):
+    # 16 clients with their own kernels, split over 8 devices: each device
+    # runs its 2 clients' convolutions (`conv_cpu`'s batching rule), where
+    # XLA's partitioner would gather every client's operands.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 2, 6, 6, 3)).astype(np.float32)
+    kernel = rng.normal(size=(16, 3, 3, 3, 4)).astype(np.float32)
+
+    def steps(_, x, kernel):  # local steps of one client
+      loss = lambda k: jnp.sum(jnp.tanh(layers.conv(x, k)))
+      return jax.lax.fori_loop(
+          0, 2, lambda _, k: k - 0.1 * jax.grad(loss)(k), kernel)
+
+    mapped = lambda x, k: clients.map_clients(steps)((), x, k)
+    want = jax.jit(mapped)(x, kernel)
+    mesh = sharding.make_mesh(8)
+    split = jax.NamedSharding(mesh, P('clients'))
+    compiled = jax.jit(sharding._on_mesh(mapped, mesh), in_shardings=split,
+                       out_shardings=split).lower(x, kernel).compile()
+    np.testing.assert_allclose(compiled(x, kernel), want, rtol=1e-5,
+                               atol=1e-5)
+    self.assertEqual(_collectives(compiled.as_text()), [])
 
   def test_init_trains_each_clients_share_on_its_device(self):
     # fedmd's transfer learning for 16 clients, their examples split over 8
