@@ -106,8 +106,8 @@ def activation_bytes(model: nn.Module, params: PyTree,
   The sum of every value the forward pass computes (in nested calls too;
   XLA frees or fuses most of them, hence an over-estimate) plus, for each
   convolution, the im2col patches a convolution kernel may materialise,
-  which no value of the program shows. Counted at batch 2 less batch 1, so values the size of
-  the parameters drop out.
+  which no value of the program shows. Counted at batch 2 less batch 1, so
+  values the size of the parameters drop out.
 
   Args:
     model: the model.
