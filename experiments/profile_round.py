@@ -12,10 +12,10 @@ round, the JAX operation each came from (the HLO op's metadata, e.g.
 `transpose(jvp(MnistCNN))/Conv_1/cond/branch_0_fun/conv_general_dilated` for
 the second conv's gradients) and the line of fedkd's code that emitted it
 (the innermost frame in fedkd/ or experiments/ of the op's stack trace, e.g.
-`conv_cpu.py:74 conv`). A fusion that holds a matmul or convolution is named after
-it, since that is where its time goes (XLA names a fusion after its root: a
-dot fused with the division of a max-pool's gradient reads as the pool's
-`reduce_sum`). Ops that run on several threads at once count once per thread,
+`conv_cpu.py:79 conv`). A fusion that holds a matmul or convolution is named
+after it, since that is where its time goes (XLA names a fusion after its
+root: a dot fused with the division of a max-pool's gradient reads as the
+pool's `reduce_sum`). Ops that run on several threads at once count once per thread,
 so on 2 cores the total can reach twice the wall time; a plain `dot` (not a
 `ynn_fusion`) is handed to Eigen's pool and shows little more than its
 dispatch. Loops and calls (`while`, `conditional`, `call`) are left out: the
