@@ -15,9 +15,9 @@ the second conv's gradients) and the line of fedkd's code that emitted it
 `conv_cpu.py:79 conv`). A fusion that holds a matmul or convolution is named
 after it, since that is where its time goes (XLA names a fusion after its
 root: a dot fused with the division of a max-pool's gradient reads as the
-pool's `reduce_sum`). Ops that run on several threads at once count once per thread,
-so on 2 cores the total can reach twice the wall time; a plain `dot` (not a
-`ynn_fusion`) is handed to Eigen's pool and shows little more than its
+pool's `reduce_sum`). Ops that run on several threads at once count once per
+thread, so on 2 cores the total can reach twice the wall time; a plain `dot`
+(not a `ynn_fusion`) is handed to Eigen's pool and shows little more than its
 dispatch. Loops and calls (`while`, `conditional`, `call`) are left out: the
 ops of their bodies are listed themselves. CPU only: on an accelerator, open
 the trace in TensorBoard's profile plugin instead.
