@@ -37,10 +37,12 @@ from typing import Any, NamedTuple
 from flax import struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from fedkd import aggregation
 from fedkd import communication
 from fedkd import privacy
+from fedkd.clients import CLIENTS_AXIS
 from fedkd.clients import ClientData, ClientOutput, Cohort, map_clients
 from fedkd.clients import take_rows
 from fedkd.typing import Array, Metrics, OptState, Params, PRNGKey, PyTree
@@ -146,6 +148,26 @@ def _leading(tree: PyTree) -> int:
   return leaves[0].shape[0] if leaves else 0
 
 
+def _by_device(reduce: Callable[..., PyTree], *args: PyTree) -> PyTree:
+  """`reduce` (a sum over the leading client axis of `args`) of each
+  device's own clients: [D, ...] for the D devices the `clients` mesh axis
+  splits them over, [1, ...] off a mesh or where they do not divide.
+
+  The round sums these over D once, after its chunks. Summed over devices in
+  each chunk, as XLA partitions a plain sum, every chunk ended in an
+  all-reduce of the uploads (a model's size). On 2 CPU devices, ResNet-8
+  FedAvg in chunks of 2: 758 ms of ops a round against 937 ms. (Each chunk's
+  gather of its rows still synchronises the devices.)
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  d = 1 if mesh.empty else dict(mesh.shape).get(CLIENTS_AXIS, 1)
+  one = lambda *a: jax.tree.map(lambda r: r[None], reduce(*a))
+  if d == 1 or _leading(args) % d:
+    return one(*args)
+  split = P(CLIENTS_AXIS)
+  return jax.shard_map(one, mesh=mesh, in_specs=split, out_specs=split)(*args)
+
+
 def _add_metrics(a: Metrics, b: Metrics) -> Metrics:
   """Sums two groups' metrics (`Bytes` of different units concatenate)."""
   return {k: a[k] + b[k] if k in a and k in b else a.get(k, b.get(k))
@@ -220,20 +242,24 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
     upload = jax.tree.map(lambda u: jnp.where(_per_client(reported, u), u, 0),
                           out.upload)
     weights = reported * out.weight
-    sums = jax.tree.map(
-        lambda v: jnp.sum(jnp.where(_per_client(reported, v), v, 0), axis=0),
-        out.metrics)
-    sums.update(clients=jnp.sum(reported), dropped_clients=jnp.sum(dropped),
-                nonfinite_clients=jnp.sum(mask & ~dropped & ~finite),
-                sampled=jnp.sum(mask, dtype=jnp.int32))
+    metrics = jax.tree.map(
+        lambda v: jnp.where(_per_client(reported, v), v, 0), out.metrics)
+    metrics.update(clients=reported.astype(jnp.int32),
+                   dropped_clients=dropped.astype(jnp.int32),
+                   nonfinite_clients=(mask & ~dropped & ~finite).astype(
+                       jnp.int32),
+                   sampled=mask.astype(jnp.int32))
+    totals, weight, sums = _by_device(
+        lambda u, w, m: (aggregation.weighted_sum(u, w), jnp.sum(w),
+                         jax.tree.map(lambda v: jnp.sum(v, axis=0), m)),
+        upload, weights, metrics)
     # The others' states are dropped. On a mesh, XLA all-gathers the new
     # states and each device keeps its rows: any exchange of static shape
     # must leave room for every slot to land on any device, so moves as much.
     write = jnp.where(reported, own, rows)
     clients = jax.tree.map(lambda s, new: s.at[write].set(new, mode='drop'),
                            clients, out.state)
-    return (aggregation.weighted_sum(upload, weights), jnp.sum(weights),
-            sums, clients)
+    return totals, weight, sums, clients
 
   def run_chunk(state, data, rng, clients, ids, mask):
     """Trains one chunk of slots, group by group (slot s: group s % k)."""
@@ -280,6 +306,8 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
       init = jax.tree.map(lambda z: jnp.zeros(z.shape, z.dtype), shapes[:3])
       (totals, weights, sums, states), _ = jax.lax.scan(
           body, (*init, states), chunked)
+    totals, weights, sums = jax.tree.map(lambda a: jnp.sum(a, axis=0),
+                                         (totals, weights, sums))
     means = aggregator.reduce(totals, weights, noise_rng)
     new_state, server_metrics = server_update(
         state, means if grouped else means[0], data, server_rng)

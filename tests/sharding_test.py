@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
+from fedkd import algorithm
 from fedkd import algorithms
 from fedkd import clients
 from fedkd import layers
@@ -110,6 +111,27 @@ class ShardingTest(parameterized.TestCase):
     self.assertCountEqual(scattered, teachers + ['f32[1,3,4,4,1]',
                                                  's32[1,3]'])
     self.assertEqual(_collectives(hlo, in_loops=True), [])
+
+  def test_chunked_round_sums_uploads_on_each_device_until_the_end(self):
+    # 16 slots over 8 devices, in chunks of 8: each device keeps its own
+    # running sums, and the round all-reduces them once, after the chunks.
+    alg = toys.algorithms(16)['fedavg']
+    state, data = toys.init_state(alg), toys.toy_data([3] * 16)
+    cohort = toys.cohort(list(range(16)))
+    chunked = algorithm.with_round(alg, clients_per_chunk=8)
+    rounds = []
+    for devices in (1, 8):
+      mesh = sharding.make_mesh(devices)
+      placed = sharding.place_data(data, mesh)
+      compiled = sharding.jit_round(
+          chunked.apply, mesh, sharding.state_sharding(state, mesh),
+          sharding.data_sharding(placed, mesh)
+      ).lower(state, placed, cohort, jax.random.PRNGKey(0)).compile()
+      rounds.append(compiled(state, placed, cohort, jax.random.PRNGKey(0)))
+    toys.assert_trees_close(rounds[0], rounds[1])
+    self.assertNotIn('all-reduce',
+                     _collectives(compiled.as_text(), in_loops=True))
+    self.assertIn('all-reduce', _collectives(compiled.as_text()))
 
   def test_each_device_convolves_its_own_clients(self):
     # 16 clients with their own kernels, split over 8 devices: each device
