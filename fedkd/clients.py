@@ -23,6 +23,15 @@ from fedkd.typing import Array, Params, PRNGKey, PyTree
 CLIENTS_AXIS = 'clients'
 
 
+def splitting_mesh(*sizes: int) -> jax.sharding.AbstractMesh | None:
+  """The mesh set by `sharding.jit_round` (or `jit_init`) when its `clients`
+  axis has several devices and their count divides every one of `sizes`
+  (leading axes split over it); None otherwise."""
+  mesh = jax.sharding.get_abstract_mesh()
+  d = 1 if mesh.empty else dict(mesh.shape).get(CLIENTS_AXIS, 1)
+  return mesh if d > 1 and not any(n % d for n in sizes) else None
+
+
 def take_rows(table: Array, index: Array) -> Array:
   """`table[index]`, for `index` ([C, ...], in range) split over the
   `clients` axis like a cohort and `table` split by rows over it (per-client
@@ -39,12 +48,10 @@ def take_rows(table: Array, index: Array) -> Array:
   is set, on one device, where the row or slot counts do not divide by the
   devices, and for non-numeric tables.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  d = 1 if mesh.empty else dict(mesh.shape).get(CLIENTS_AXIS, 1)
-  if (d == 1 or table.shape[0] % d or index.shape[0] % d
-      or not jnp.issubdtype(table.dtype, jnp.number)):
+  mesh = splitting_mesh(table.shape[0], index.shape[0])
+  if mesh is None or not jnp.issubdtype(table.dtype, jnp.number):
     return table[index]
-  per_device = table.shape[0] // d
+  per_device = table.shape[0] // dict(mesh.shape)[CLIENTS_AXIS]
 
   def local(table, index):
     index = index - jax.lax.axis_index(CLIENTS_AXIS) * per_device

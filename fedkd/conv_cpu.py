@@ -50,21 +50,24 @@ _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 _MAX_UNROLLED = 8
 
 
-def _xla_conv(x, kernel, *, strides, padding, lhs_dilation, rhs_dilation):
+def xla_conv(x, kernel, *, strides, padding, lhs_dilation=(1, 1),
+             rhs_dilation=(1, 1)):
+  """XLA's own convolution of NHWC `x` with an HWIO `kernel`, as JAX
+  differentiates and batches it (what other backends run)."""
   return jax.lax.conv_general_dilated(
       x, kernel, strides, padding, lhs_dilation, rhs_dilation,
       dimension_numbers=_DIMENSIONS)
 
 
 _conv_p = Primitive('fedkd_conv_nhwc')
-_conv_p.def_impl(_xla_conv)
-mlir.register_lowering(_conv_p, mlir.lower_fun(_xla_conv,
+_conv_p.def_impl(xla_conv)
+mlir.register_lowering(_conv_p, mlir.lower_fun(xla_conv,
                                                multiple_results=False))
 
 
 @_conv_p.def_abstract_eval
 def _shape(x, kernel, **params):
-  out = jax.eval_shape(functools.partial(_xla_conv, **params), x, kernel)
+  out = jax.eval_shape(functools.partial(xla_conv, **params), x, kernel)
   return jax.core.ShapedArray(out.shape, out.dtype)
 
 

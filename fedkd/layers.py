@@ -96,11 +96,6 @@ def _pads(x_shape, kernel_shape, strides, padding: Padding):
   return tuple(tuple(int(e) for e in p) for p in padding)
 
 
-def _conv_xla(x, kernel, *, strides, pads):
-  return jax.lax.conv_general_dilated(
-      x, kernel, strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
 def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
          padding: Padding = 'SAME') -> jax.Array:
   """2-D convolution of NHWC `x` with an HWIO `kernel` (no dilation)."""
@@ -109,7 +104,8 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
   return jax.lax.platform_dependent(
       x, kernel,
       cpu=lambda x, k: conv_cpu.conv(x, k, strides=strides, padding=pads),
-      default=functools.partial(_conv_xla, strides=strides, pads=pads))
+      default=functools.partial(conv_cpu.xla_conv, strides=strides,
+                                padding=pads))
 
 
 def max_pool(x: jax.Array, window: int) -> jax.Array:
