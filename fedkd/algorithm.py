@@ -157,8 +157,7 @@ def _by_device(reduce: Callable[..., PyTree], *args: PyTree) -> PyTree:
   The round sums these over D once, after its chunks. Summed over devices in
   each chunk, as XLA partitions a plain sum, every chunk ended in an
   all-reduce of the uploads (a model's size). On 2 CPU devices, ResNet-8
-  FedAvg in chunks of 2: 758 ms of ops a round against 937 ms. (Each chunk's
-  gather of its rows still synchronises the devices.)
+  FedAvg in chunks of 2: 758 ms of ops a round against 937 ms.
   """
   mesh = splitting_mesh(_leading(args))
   one = lambda *a: jax.tree.map(lambda r: r[None], reduce(*a))
@@ -166,6 +165,28 @@ def _by_device(reduce: Callable[..., PyTree], *args: PyTree) -> PyTree:
     return one(*args)
   split = P(CLIENTS_AXIS)
   return jax.shard_map(one, mesh=mesh, in_specs=split, out_specs=split)(*args)
+
+
+def _safe_ids(ids: Array, data: ClientData) -> Array:
+  """Cohort slot ids in range: padded slots read client num_clients - 1's
+  rows but train on 0 examples, and their state writes drop."""
+  return jnp.minimum(ids, data.num_clients - 1)
+
+
+def _examples_up_front(data: ClientData, ids: Array):
+  """The whole cohort's `cohort_rows`, gathered before its chunks run, or
+  None (each chunk gathers its own).
+
+  Each gather across devices synchronises them. Once a round instead of
+  once a chunk, mnist_cnn FedAvg on 2 CPU devices in chunks of 2
+  (`experiments.benchmark --workload=cnn_fedavg`, alternating) took 2.17
+  and 2.07 s a round against 2.41 and 2.22 s. Only where the cohort's padded
+  rows take no more room than the examples themselves (not for skewed
+  client sizes), since chunks are there to bound memory.
+  """
+  if not data.split_rows or ids.shape[0] * data.max_examples > data.x.shape[0]:
+    return None
+  return data.cohort_rows(_safe_ids(ids, data))
 
 
 def _add_metrics(a: Metrics, b: Metrics) -> Metrics:
@@ -222,19 +243,19 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
   mapped = [map_fn(functools.partial(_one_client, u, aggregator, faults))
             for u in updates]
 
-  def run_group(mapped, state, data, rng, clients, ids, mask):
-    """Trains one group's slots; returns their reduced contribution."""
+  def run_group(mapped, state, data, rng, clients, ids, mask, examples):
+    """Trains one group's slots; returns their reduced contribution.
+    `examples`: the slots' `cohort_rows` where gathered already, else None."""
     rows = _leading(clients)
-    # Padded slots read client num_clients - 1's rows but train on 0
-    # examples; their state row `rows` is past the end, so writes drop.
-    safe_ids = jnp.minimum(ids, data.num_clients - 1)
+    safe_ids = _safe_ids(ids, data)
     num_examples = jnp.where(mask, data.num_examples[safe_ids], 0)
     own = jnp.where(mask, ids // k, rows)
     chunk_states = jax.tree.map(
         lambda s: take_rows(s, jnp.minimum(own, rows - 1)), clients)
+    if examples is None:
+      examples = data.cohort_rows(safe_ids)
     out, dropped = mapped((state.replace(clients=()), data, rng), safe_ids,
-                          num_examples, chunk_states,
-                          data.cohort_rows(safe_ids))
+                          num_examples, chunk_states, examples)
     dropped &= mask
     finite = _all_finite(out.upload)
     reported = mask & ~dropped & finite
@@ -261,10 +282,12 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
                            clients, out.state)
     return totals, weight, sums, clients
 
-  def run_chunk(state, data, rng, clients, ids, mask):
+  def run_chunk(state, data, rng, clients, ids, mask, examples=None):
     """Trains one chunk of slots, group by group (slot s: group s % k)."""
-    by_group = [run_group(m, state, data, rng, c, ids.reshape(-1, k)[:, g],
-                          mask.reshape(-1, k)[:, g])
+    of_group = lambda a, g: a.reshape(-1, k, *a.shape[1:])[:, g]
+    by_group = [run_group(m, state, data, rng, c, of_group(ids, g),
+                          of_group(mask, g),
+                          jax.tree.map(lambda a: of_group(a, g), examples))
                 for g, (m, c) in enumerate(zip(mapped, clients))]
     return tuple(zip(*by_group))
 
@@ -292,17 +315,21 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
       # split across the devices of the cohort and keeps slot s in group
       # s % k.
       n = size // chunk
-      chunked = jax.tree.map(lambda a: a.reshape(chunk // k, n, k).transpose(
-          1, 0, 2).reshape(n, chunk), cohort)
+      chunked = jax.tree.map(lambda a: a.reshape(
+          chunk // k, n, k, *a.shape[1:]).swapaxes(0, 1).reshape(
+              n, chunk, *a.shape[1:]), (
+                  cohort.client_ids, cohort.client_mask,
+                  _examples_up_front(data, cohort.client_ids)))
 
-      def body(carry, ids_mask):
+      def body(carry, slots):
         *sums, states = carry
-        *new, states = run_chunk(state, data, client_rng, states, *ids_mask)
+        *new, states = run_chunk(state, data, client_rng, states, *slots)
         add = lambda a, b: jax.tree.map(jnp.add, a, b)
         return (*add(tuple(sums), tuple(new)), states), None
 
       shapes = jax.eval_shape(lambda: run_chunk(
-          state, data, client_rng, states, chunked[0][0], chunked[1][0]))
+          state, data, client_rng, states,
+          *jax.tree.map(lambda a: a[0], chunked)))
       init = jax.tree.map(lambda z: jnp.zeros(z.shape, z.dtype), shapes[:3])
       (totals, weights, sums, states), _ = jax.lax.scan(
           body, (*init, states), chunked)

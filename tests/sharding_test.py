@@ -112,11 +112,20 @@ class ShardingTest(parameterized.TestCase):
                                                  's32[1,3]'])
     self.assertEqual(_collectives(hlo, in_loops=True), [])
 
-  def test_chunked_round_sums_uploads_on_each_device_until_the_end(self):
+  @parameterized.named_parameters(
+      # 48 examples: the cohort's 16 x 3 padded rows gathered up front.
+      ('even', [3] * 16, []),
+      # 32 examples, padded to 16 x 9 rows: each chunk gathers its own.
+      ('skewed', [9] + [1] * 14 + [9],
+       ['all-gather'] + ['reduce-scatter'] * 2))
+  def test_chunked_round_sums_uploads_on_each_device_until_the_end(
+      self, sizes, collectives_in_loop):
     # 16 slots over 8 devices, in chunks of 8: each device keeps its own
-    # running sums, and the round all-reduces them once, after the chunks.
+    # running sums, and the round all-reduces them once, after the chunks;
+    # the cohort's rows arrive before the chunks where they take no more
+    # room than the examples.
     alg = toys.algorithms(16)['fedavg']
-    state, data = toys.init_state(alg), toys.toy_data([3] * 16)
+    state, data = toys.init_state(alg), toys.toy_data(sizes)
     cohort = toys.cohort(list(range(16)))
     chunked = algorithm.with_round(alg, clients_per_chunk=8)
     rounds = []
@@ -129,8 +138,9 @@ class ShardingTest(parameterized.TestCase):
       ).lower(state, placed, cohort, jax.random.PRNGKey(0)).compile()
       rounds.append(compiled(state, placed, cohort, jax.random.PRNGKey(0)))
     toys.assert_trees_close(rounds[0], rounds[1])
-    self.assertNotIn('all-reduce',
-                     _collectives(compiled.as_text(), in_loops=True))
+    self.assertTrue(placed.split_rows)
+    self.assertCountEqual(_collectives(compiled.as_text(), in_loops=True),
+                          collectives_in_loop)
     self.assertIn('all-reduce', _collectives(compiled.as_text()))
 
   def test_each_device_convolves_its_own_clients(self):
