@@ -125,16 +125,30 @@ def jit_round(apply, mesh: Mesh, state_shardings=None, data_shardings=None,
   split over the `clients` axis, the state as `state_shardings` (default
   replicated; `state_sharding` splits per-client state), the client data as
   `data_shardings` (default replicated; `data_sharding` for `place_data`), rng
-  and metrics replicated. `jit_options` go to `jax.jit` (`donate_argnums`).
+  and metrics replicated. `jit_options` go to `jax.jit` (`donate_argnums`);
+  on CPU, with `_CPU_ROUND_OPTIONS` among its `compiler_options`.
   `apply` is traced with `mesh` set, so `clients.take_rows` gathers the
   cohort's split rows by reduce-scatter."""
   rep = replicated(mesh)
   state_shardings = rep if state_shardings is None else state_shardings
   data_shardings = rep if data_shardings is None else data_shardings
+  if mesh.devices.flat[0].platform == 'cpu':
+    jit_options['compiler_options'] = dict(
+        _CPU_ROUND_OPTIONS, **jit_options.get('compiler_options', {}))
   return jax.jit(_on_mesh(apply, mesh),
                  in_shardings=(state_shardings, data_shardings,
                                cohort_sharding(mesh), rep),
                  out_shardings=(state_shardings, rep), **jit_options)
+
+
+# XLA:CPU's default copy insertion copies parameters carried by the
+# local-step loop at every step (each client's 6.4 MB first Dense kernel
+# of mnist_cnn, read then rewritten); its region analysis sees that the
+# step's reads of the old values come before the update and drops the
+# copies. Same results, bit for bit; mnist_cnn FedAvg on 2 CPU devices in
+# chunks of 2 (`experiments.benchmark --workload=cnn_fedavg`), in one
+# process, alternating: 2.18-2.26 s a round against 2.46-2.55 s.
+_CPU_ROUND_OPTIONS = {'xla_cpu_copy_insertion_use_region_analysis': True}
 
 
 def jit_init(init, mesh: Mesh):

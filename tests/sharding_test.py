@@ -143,6 +143,21 @@ class ShardingTest(parameterized.TestCase):
                           collectives_in_loop)
     self.assertIn('all-reduce', _collectives(compiled.as_text()))
 
+  def test_local_steps_update_parameters_in_place_on_cpu(self):
+    # XLA:CPU's default copy insertion copied some of the parameters the
+    # vmapped local-step loop carries, every step (here the second layer's
+    # [16, 8, 3] kernels); `jit_round` asks for its region analysis.
+    alg = toys.algorithms(16)['fedavg']
+    state, data = toys.init_state(alg), toys.toy_data([3] * 16)
+    hlo = sharding.jit_round(alg.apply, sharding.make_mesh(1)).lower(
+        state, data, toys.cohort(list(range(16))),
+        jax.random.PRNGKey(0)).compile().as_text()
+    copied = re.findall(r'= f32\[([\d,]+)\]\S* copy\(', hlo)
+    stacked = [','.join(map(str, (16, *leaf.shape)))
+               for leaf in jax.tree.leaves(state.params)]
+    self.assertTrue(copied)  # the check would see copies
+    self.assertFalse(set(copied) & set(stacked))
+
   def test_each_device_convolves_its_own_clients(self):
     # 16 clients with their own kernels, split over 8 devices: each device
     # runs its 2 clients' convolutions (`conv_cpu`'s batching rule), where
