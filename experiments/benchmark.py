@@ -41,7 +41,9 @@ Each is run three ways in one process:
 
 It prints, per workload, a table of the median seconds per round over
 `--rounds` rounds (default: 5 for mlp, 1 for the others, so that everything
-runs in about 10 minutes on 2 CPU cores), the ratios (b)/(a) and (c)/(a), and
+runs in about 10 minutes on 2 CPU cores), the arms taking turns round by
+round (so a slow spell of a shared machine slows them alike), the ratios
+(b)/(a) and (c)/(a), and
 achieved GFLOP/s of (a) against the matmul peak of device 0; then one JSON
 line with every row (`--json_only`: only that line, which
 `experiments/scaling.py` reads). Compilation is not timed: (a) is compiled
@@ -55,8 +57,8 @@ client's weighted upload to a running sum.
 Every client trains every round, unless `--population` holds more clients
 than `--clients`: the arms then train the same random cohort of them each
 round, as runs with clients_per_round < num_clients do.
-`--torch_threads` takes a list: (c) is timed with each thread count and the
-fastest is reported (1 thread, the default, beat 2 on a shared
+`--torch_threads` takes a list: (c) is timed with each thread count (each
+an arm of its own, taking its turn) and the fastest is reported (1 thread, the default, beat 2 on a shared
 2-core CPU for every workload). Timings are noisy; only ratios measured side
 by side in one run mean much.
 
@@ -76,14 +78,14 @@ the whole round cannot be used: it visits each `lax.scan` body once, however
 many local steps it runs (4.6 MFLOP for the 10-client mlp round, 20.4 by hand).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import functools
 import json
 import math
 import resource
 import statistics
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from absl import app
 from absl import flags
@@ -188,16 +190,26 @@ HPARAMS = dict(client_lr=0.05, teacher_lr=0.05, temperature=2.0,
                distill_weight=0.5)
 
 
-def _median_seconds(fn, rounds, warm_up=None):
-  """Median wall time of `rounds` calls of `fn`, after `warm_up()` if any."""
-  if warm_up:
-    warm_up()
-  times = []
+def median_seconds(arms: dict[Any, tuple[Callable[[], Any], Any]],
+                   rounds: int) -> dict[Any, float]:
+  """Median wall time of `rounds` calls of each arm's `one_round`, given as
+  `{name: (one_round, warm_up or None)}`, after every `warm_up()`.
+
+  The arms take turns, one round each, so that a slow spell of a shared
+  machine slows them all alike and their ratios hold. (Timed one arm after
+  the other, three runs of `--workload=cnn_fedavg` here gave (c)/(a) of 1.3x,
+  1.6x and 2.0x.)
+  """
+  for _, warm_up in arms.values():
+    if warm_up:
+      warm_up()
+  times = {name: [] for name in arms}
   for _ in range(rounds):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for name, (one_round, _) in arms.items():
+      start = time.perf_counter()
+      one_round()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def random_clients(workload: Workload, num_clients: int):
@@ -390,25 +402,17 @@ def compiled_round(alg, state, data, shard_data: bool = True,
   return run, compiled, compile_seconds, chunk
 
 
-def time_vmapped(alg, state, data, rounds, shard_data: bool = True,
-                 clients_per_chunk: int = 0, clients_per_round: int = 0):
-  """(a): returns (seconds per round, compile seconds, clients per chunk)."""
-  run, _, compile_seconds, chunk = compiled_round(
-      alg, state, data, shard_data, clients_per_chunk, clients_per_round)
-  # Compiled ahead of time: no warm-up needed, the first round is timed too.
-  return _median_seconds(run, rounds), compile_seconds, chunk
-
-
 def examples_mib_per_device(data, devices: int, shard_data: bool) -> float:
   """MiB of client examples (`x`, `y`) each device holds in (a)."""
   return (algorithm.tree_bytes((data.x, data.y))
           / (devices if shard_data else 1) / 2**20)
 
 
-def time_loop(alg, state, data, rounds, client_ids=None):
+def loop_arm(alg, state, data, client_ids=None):
   """(b): a Python loop of single-client jitted updates, FedJAX style, each
   upload through the algorithm's aggregator chain as in the round, over
-  `client_ids` (default: every client of `data`)."""
+  `client_ids` (default: every client of `data`). Returns `median_seconds`'
+  (one_round, warm_up)."""
   groups = algorithm.groups_of(alg.client_update)
   client_ids = [int(i) for i in (range(data.num_clients) if client_ids is None
                                  else client_ids)]
@@ -473,12 +477,13 @@ def time_loop(alg, state, data, rounds, client_ids=None):
     server_step(state, [accumulate(z, o.upload, o.weight)
                         for z, o in zip(zeros, outs)])
 
-  return _median_seconds(one_round, rounds, warm_up)
+  return one_round, warm_up
 
 
-def time_torch(workload: Workload, num_clients: int, rounds: int,
-               threads: int) -> float:
-  """(c): a plain PyTorch loop over clients on the CPU."""
+def torch_arm(workload: Workload, num_clients: int, threads: int):
+  """(c): a plain PyTorch loop over clients on the CPU, on `threads` threads.
+  Returns `median_seconds`' (one_round, warm_up)."""
+  import torch  # pylint: disable=g-import-not-at-top
   from experiments import torch_baseline  # pylint: disable=g-import-not-at-top
   x, y = random_clients(workload, num_clients)
   x = np.moveaxis(x, -1, 2)  # channels first: [C, n, channels, h, w]
@@ -493,9 +498,13 @@ def time_torch(workload: Workload, num_clients: int, rounds: int,
       client_lr=HPARAMS['client_lr'], epochs=EPOCHS, batch_size=BATCH,
       distillation=distillation, num_threads=threads)
   cohort = list(range(num_clients))
+
+  def one_round(clients=cohort):
+    torch.set_num_threads(threads)  # process-wide: other arms may change it
+    sim.run_round(clients)
+
   # One client warms up torch's kernels (oneDNN primitives, allocator).
-  return _median_seconds(lambda: sim.run_round(cohort), rounds,
-                         lambda: sim.run_round(cohort[:1]))
+  return one_round, lambda: one_round(cohort[:1])
 
 
 def _torch_installed() -> bool:
@@ -512,7 +521,7 @@ def matmul_peak_gflop_s(size: int = 2048, repeats: int = 5) -> float:
   a = jax.device_put(jnp.ones((size, size), jnp.float32), jax.devices()[0])
   matmul = jax.jit(lambda a: a @ a)
   run = lambda: matmul(a).block_until_ready()
-  seconds = _median_seconds(run, repeats, warm_up=run)
+  seconds = median_seconds({'matmul': (run, run)}, repeats)['matmul']
   return 2 * size**3 / seconds / 1e9
 
 
@@ -526,7 +535,7 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
     name: the workload's name, for the row.
     workload: what to time.
     num_clients: cohort size.
-    rounds: timed rounds per arm, after one warm-up round.
+    rounds: timed rounds per arm, the arms taking turns (`median_seconds`).
     peak: the matmul peak in GFLOP/s, for the row.
     loop: whether to time (b).
     torch_threads: thread counts to time (c) with, if torch is installed;
@@ -540,21 +549,25 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
   """
   population = max(population, num_clients)
   alg, state, data = build(workload, population)
-  vmapped, compile_s, chunk = time_vmapped(
-      alg, state, data, rounds, shard_data, clients_per_chunk, num_clients)
+  # Compiled ahead of time: no warm-up needed, the first round is timed too.
+  run, _, compile_s, chunk = compiled_round(
+      alg, state, data, shard_data, clients_per_chunk, num_clients)
+  arms = {'vmapped': (run, None)}
   cohort, _ = sampled_cohort(alg, population, num_clients,
                              sharding.make_mesh(1))
-  looped = loop and time_loop(
-      alg, jax.device_put(state, jax.devices()[0]),
-      jax.device_put(data, jax.devices()[0]), rounds,
-      cohort.client_ids[cohort.client_mask])
-  torch_by_threads = {}
+  if loop:
+    arms['loop'] = loop_arm(
+        alg, jax.device_put(state, jax.devices()[0]),
+        jax.device_put(data, jax.devices()[0]),
+        cohort.client_ids[cohort.client_mask])
   # The PyTorch loop has FedAvg and local KD only.
   if (torch_threads and _torch_installed() and ',' not in workload.student
       and not workload.algorithm):
-    torch_by_threads = {
-        threads: time_torch(workload, num_clients, rounds, threads)
-        for threads in torch_threads}
+    arms.update({threads: torch_arm(workload, num_clients, threads)
+                 for threads in torch_threads})
+  seconds = median_seconds(arms, rounds)
+  vmapped, looped = seconds.pop('vmapped'), seconds.pop('loop', None)
+  torch_by_threads = seconds
   torch_s = min(torch_by_threads.values(), default=None)
   flops = round_flops(workload, num_clients)
   return dict(
