@@ -58,9 +58,10 @@ Every client trains every round, unless `--population` holds more clients
 than `--clients`: the arms then train the same random cohort of them each
 round, as runs with clients_per_round < num_clients do.
 `--torch_threads` takes a list: (c) is timed with each thread count (each
-an arm of its own, taking its turn) and the fastest is reported (1 thread, the default, beat 2 on a shared
-2-core CPU for every workload). Timings are noisy; only ratios measured side
-by side in one run mean much.
+an arm of its own, taking its turn) and the fastest is reported (on the
+shared 2-core CPU, 1 thread, the default, was the faster for the MLP, 2 for
+the conv workloads). Timings are noisy; only ratios measured side by side
+in one run mean much.
 
 FLOPs are counted by hand per layer, the same for every arm: a multiply-add is
 2 FLOPs; a Dense costs 2 x in x out per example, a Conv 2 x in x out channels x
