@@ -29,7 +29,8 @@ T=2, w=0.5 and the teacher's SGD at 0.05):
 
 Each is run three ways in one process:
 
-  (a) fedkd: one jitted call, all clients vmapped;
+  (a) fedkd: one jitted call, the clients vmapped (in chunks as a run
+             chunks them unless `--clients_per_chunk` says otherwise);
   (b) loop:  a Python loop over clients, each calling the same one-client
              update jitted for a single client (FedJAX's execution model;
              with several architectures, each one's update jitted once).
@@ -176,9 +177,9 @@ _LOOP = flags.DEFINE_bool('loop', True, 'Time baseline (b).')
 _JSON_ONLY = flags.DEFINE_bool('json_only', False, 'Print only the JSON line '
                                '(used by experiments/scaling.py).')
 _CHUNK = flags.DEFINE_integer(
-    'clients_per_chunk', 0, "(a)'s clients per chunk (the run config's "
+    'clients_per_chunk', None, "(a)'s clients per chunk (the run config's "
     'clients_per_chunk, rounded up as a run rounds it; 0 = the whole cohort '
-    'at once).')
+    'at once; unset: as a run chooses it, `sharding.auto_chunk`).')
 _SHARD_DATA = flags.DEFINE_bool(
     'shard_data', True, "(a)'s client examples split by rows over the devices "
     "(the run config's shard_data; False copies them to every device).")
@@ -366,7 +367,8 @@ def sampled_cohort(alg, num_clients: int, clients_per_round: int,
 
 
 def compiled_round(alg, state, data, shard_data: bool = True,
-                   clients_per_chunk: int = 0, clients_per_round: int = 0):
+                   clients_per_chunk: int | None = None,
+                   clients_per_round: int = 0):
   """(a)'s round compiled ahead of time for `sampled_cohort`'s
   `clients_per_round` clients of `data` (0: every client), sharded over all
   visible devices as a run shards it: per-client state split where its
@@ -379,9 +381,12 @@ def compiled_round(alg, state, data, shard_data: bool = True,
     `jax.stages.Compiled` round.
   """
   mesh = sharding.make_mesh()
-  cohort, chunk = sampled_cohort(
-      alg, data.num_clients, clients_per_round or data.num_clients, mesh,
-      clients_per_chunk)
+  clients_per_round = clients_per_round or data.num_clients
+  if clients_per_chunk is None:
+    clients_per_chunk = sharding.auto_chunk(state, data.num_clients,
+                                            clients_per_round, mesh)
+  cohort, chunk = sampled_cohort(alg, data.num_clients, clients_per_round,
+                                 mesh, clients_per_chunk)
   alg = algorithm.with_round(alg, clients_per_chunk=chunk)
   cohort = jax.device_put(cohort, sharding.cohort_sharding(mesh))
   # Placed as a run places them: per-client state split where it divides.
@@ -528,7 +533,8 @@ def matmul_peak_gflop_s(size: int = 2048, repeats: int = 5) -> float:
 
 def benchmark(name: str, workload: Workload, num_clients: int, *,
               rounds: int, peak: float, loop: bool,
-              torch_threads: Sequence[int], clients_per_chunk: int = 0,
+              torch_threads: Sequence[int],
+              clients_per_chunk: int | None = None,
               shard_data: bool = True, population: int = 0) -> dict:
   """Times the arms of `workload`; returns its JSON row.
 
@@ -542,7 +548,8 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
     torch_threads: thread counts to time (c) with, if torch is installed;
       empty skips (c).
     clients_per_chunk: (a)'s clients per chunk, rounded up as
-      `compiled_round` says; 0 = all at once. The row has the rounded one.
+      `compiled_round` says; 0 = all at once; None = as a run chooses it
+      (`sharding.auto_chunk`). The row has the one used.
     shard_data: (a)'s client examples split over the devices, or copied.
     population: clients in the federation, of which each round trains the
       same random `num_clients` in every arm ((c) trains as many, on data of

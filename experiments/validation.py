@@ -38,7 +38,8 @@ _NON_NEGATIVE = ('num_devices', 'clients_per_chunk', 'eval_teachers',
                  'fedmd_private_epochs')
 # What 0 means, where it means something.
 _ZERO_MEANS = {'num_devices': ' (0 = all devices)',
-               'clients_per_chunk': ' (0 = the whole cohort at once)',
+               'clients_per_chunk': ' (0 = the whole cohort at once; unset:'
+                                     ' chosen from the model sizes)',
                'checkpoint_every': ' (0 = only after the last round)',
                'distill_clip_norm': ' (0 = no clipping)',
                'fedmd_transfer_epochs': ' (0 = none)',
@@ -74,7 +75,7 @@ def validate_config(config) -> None:
     if not value > 0:
       raise FedkdError(f'{field} must be a finite number > 0, got {value}')
   for field in _NON_NEGATIVE:
-    if getattr(config, field) < 0:
+    if (getattr(config, field) or 0) < 0:  # None: unset (clients_per_chunk)
       raise FedkdError(f'{field} must be >= 0{_ZERO_MEANS.get(field, "")}, '
                        f'got {getattr(config, field)}')
   if config.num_devices > jax.device_count():

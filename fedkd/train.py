@@ -217,7 +217,8 @@ class Settings:
     checkpoint_every: rounds between checkpoints; 0 = after the last only.
     eval_batch_size: the largest test batch evaluation may use.
     eval_teachers: private models evaluated, per architecture.
-    clients_per_chunk: clients trained at once; 0 = the whole cohort.
+    clients_per_chunk: clients trained at once; 0 = the whole cohort; None
+      = chosen from the model sizes (`sharding.auto_chunk`).
     num_devices: devices of the `clients` mesh; 0 = all.
     shard_data: split the client examples by rows over the devices (1/D
       each); False copies them to every device (`sharding.place_data`).
@@ -238,7 +239,7 @@ class Settings:
   checkpoint_every: int = 0
   eval_batch_size: int = 1000
   eval_teachers: int = 100
-  clients_per_chunk: int = 0
+  clients_per_chunk: int | None = None
   num_devices: int = 0
   shard_data: bool = True
   faults: algorithm.Faults = algorithm.Faults()
@@ -309,8 +310,14 @@ def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
   replicated = sharding.replicated(mesh)
   cohort_sharding = sharding.cohort_sharding(mesh)
   groups = settings.groups
+  per_chunk = settings.clients_per_chunk
+  if per_chunk is None:
+    shapes = jax.eval_shape(lambda: built.init(
+        built.init_params and built.init_params(key), key, client_data))
+    per_chunk = sharding.auto_chunk(shapes, settings.num_clients,
+                                    settings.clients_per_round, mesh)
   cohort_size, chunk = sharding.cohort_layout(
-      settings.clients_per_round, mesh, settings.clients_per_chunk,
+      settings.clients_per_round, mesh, per_chunk,
       quota=clients.group_quota(settings.num_clients,
                                 settings.clients_per_round, groups)
       if groups > 1 else ())

@@ -92,7 +92,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.process_id = 0
   c.coordinator_address = ''  # HOST:PORT of process 0
   c.coordinator_timeout = 300.0  # seconds for every process to join
-  c.clients_per_chunk = 0  # > 0: run the cohort in chunks (bounds memory)
+  # Clients trained at once: the cohort runs in chunks of this many (bounds
+  # memory); 0 = the whole cohort; unset = from the model sizes on CPU (a
+  # few MiB of parameters a device stay in cache), the whole cohort on
+  # accelerators.
+  c.clients_per_chunk = ml_collections.config_dict.placeholder(int)
   c.checkpoint_every = 10  # rounds between checkpoints (0 = only the last)
   c.overwrite = False  # replace a run of another config in --workdir
   # Faults, simulated inside the compiled round.
