@@ -192,6 +192,9 @@ HPARAMS = dict(client_lr=0.05, teacher_lr=0.05, temperature=2.0,
                distill_weight=0.5)
 
 
+_REWARM_S = 0.5
+
+
 def median_seconds(arms: dict[Any, tuple[Callable[[], Any], Any]],
                    rounds: int) -> dict[Any, float]:
   """Median wall time of `rounds` calls of each arm's `one_round`, given as
@@ -200,14 +203,21 @@ def median_seconds(arms: dict[Any, tuple[Callable[[], Any], Any]],
   The arms take turns, one round each, so that a slow spell of a shared
   machine slows them all alike and their ratios hold. (Timed one arm after
   the other, three runs of `--workload=cnn_fedavg` here gave (c)/(a) of 1.3x,
-  1.6x and 2.0x.)
+  1.6x and 2.0x.) Where an arm's first round took under `_REWARM_S`, each
+  turn first runs one round untimed, in every arm alike: right after
+  another arm's round, caches and idle threads are cold, which a short round
+  feels (the 10-client mlp round, 1.3 ms back to back, took 3.4-4.9 ms right
+  after a PyTorch round) and runs back to back do not.
   """
   for _, warm_up in arms.values():
     if warm_up:
       warm_up()
   times = {name: [] for name in arms}
   for _ in range(rounds):
+    rewarm = any(t and t[0] < _REWARM_S for t in times.values())
     for name, (one_round, _) in arms.items():
+      if rewarm:
+        one_round()
       start = time.perf_counter()
       one_round()
       times[name].append(time.perf_counter() - start)
@@ -664,8 +674,9 @@ def main(argv):
       print(f'\n{name}: {workload.description}, {workload.examples} '
             f'examples of {"x".join(map(str, workload.input_shape))} per '
             f'client, E={EPOCHS}, B={BATCH}; median of {rows[0]["rounds"]} '
-            f'round(s); (a) {rows[0]["clients_per_chunk"] or "all"} clients '
-            'per chunk\n')
+            'round(s); (a)\'s clients per chunk: ' + ', '.join(
+                f'{r["clients_per_chunk"] or "all"} of {r["clients"]}'
+                for r in rows) + '\n')
       print(markdown_table(rows), flush=True)
   print(json.dumps(results))
 
