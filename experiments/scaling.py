@@ -11,7 +11,8 @@ device counts, e.g. `--devices=1,8`, and `--cpu=false`), with the client
 examples split over the devices, copied to each, or both (`--shard_data`;
 split and copied are the same on one device, so it runs once), every client
 training every round, or a random cohort of `--clients` of `--population`
-clients (the benchmark's flag). Writes
+clients (the benchmark's flag), in chunks as a run chunks them
+(`clients_per_chunk` unset; each cell's JSON has its chunk). Writes
 OUT.json, OUT.md (seconds per round, compile seconds, clients/s, GFLOP/s
 against the measured matmul peak, the examples' MiB per device, peak host
 memory, the per-client-loop ratio) and OUT.png (seconds per round against
