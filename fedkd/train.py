@@ -310,19 +310,14 @@ def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
   replicated = sharding.replicated(mesh)
   cohort_sharding = sharding.cohort_sharding(mesh)
   groups = settings.groups
-  per_chunk = settings.clients_per_chunk
-  if per_chunk is None:
-    shapes = jax.eval_shape(lambda: built.init(
-        built.init_params and built.init_params(key), key, client_data))
-    per_chunk = sharding.auto_chunk(shapes, settings.num_clients,
-                                    settings.clients_per_round, mesh)
-  cohort_size, chunk = sharding.cohort_layout(
-      settings.clients_per_round, mesh, per_chunk,
+  layout = functools.partial(
+      sharding.cohort_layout, settings.clients_per_round, mesh,
       quota=clients.group_quota(settings.num_clients,
                                 settings.clients_per_round, groups)
       if groups > 1 else ())
-  round_advice = _round_advice(settings, cohort_size, chunk)
-  with out_of_memory_is('placing the data and models', round_advice):
+  # Unset, the chunk follows from the state's sizes, known after init.
+  with out_of_memory_is('placing the data and models', _round_advice(
+      settings, *layout(settings.clients_per_chunk or 0))):
     client_data = sharding.place_data(client_data, mesh,
                                       settings.shard_data)
     # fd and fedmd have no global model to initialise.
@@ -331,6 +326,12 @@ def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
     state = sharding.jit_init(built.init, mesh)(
         params, jax.random.fold_in(key, 1), client_data)
     state_shardings = sharding.state_sharding(state, mesh)
+  per_chunk = settings.clients_per_chunk
+  if per_chunk is None:
+    per_chunk = sharding.auto_chunk(state, settings.num_clients,
+                                    settings.clients_per_round, mesh)
+  cohort_size, chunk = layout(per_chunk)
+  round_advice = _round_advice(settings, cohort_size, chunk)
 
   def cohort_for(round_index):
     # Cohorts depend on (seed, round) only, so a resumed run samples the same.
