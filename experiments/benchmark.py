@@ -104,6 +104,7 @@ from fedkd import algorithms
 from fedkd import clients
 from fedkd import communication
 from fedkd import layers
+from fedkd import metrics
 from fedkd import models
 from fedkd import sharding
 from fedkd.algorithms import fedavg
@@ -376,14 +377,30 @@ def sampled_cohort(alg, num_clients: int, clients_per_round: int,
                                clients_per_round, size, groups), chunk
 
 
+def client_step_bytes(workload: Workload) -> int:
+  """`metrics.step_bytes` of a client of `workload`: one of its students,
+  and its teacher where it has one."""
+  example = jnp.zeros((1, *workload.input_shape))
+  kinds = [workload.student.split(',')]
+  if workload.teacher:
+    kinds.append([workload.teacher])
+  return metrics.step_bytes(
+      [[(m, jax.eval_shape(m.init, jax.random.PRNGKey(0), example))
+        for m in (models.get_model(n, NUM_CLASSES) for n in kind)]
+       for kind in kinds],
+      jax.ShapeDtypeStruct(workload.input_shape, jnp.float32), BATCH)
+
+
 def compiled_round(alg, state, data, shard_data: bool = True,
                    clients_per_chunk: int | None = None,
-                   clients_per_round: int = 0):
+                   clients_per_round: int = 0, step_bytes: int = 0):
   """(a)'s round compiled ahead of time for `sampled_cohort`'s
   `clients_per_round` clients of `data` (0: every client), sharded over all
   visible devices as a run shards it: per-client state split where its
   client count divides by the devices (`sharding.state_sharding`), the
-  examples split by rows (`shard_data`) or copied to each.
+  examples split by rows (`shard_data`) or copied to each. `step_bytes`
+  (`client_step_bytes`) helps choose the chunks where `clients_per_chunk`
+  is None.
 
   Returns:
     (run, compiled, compile seconds, clients per chunk; 0 = all at once):
@@ -393,8 +410,8 @@ def compiled_round(alg, state, data, shard_data: bool = True,
   mesh = sharding.make_mesh()
   clients_per_round = clients_per_round or data.num_clients
   if clients_per_chunk is None:
-    clients_per_chunk = sharding.auto_chunk(state, data.num_clients,
-                                            clients_per_round, mesh)
+    clients_per_chunk = sharding.auto_chunk(
+        state, data.num_clients, clients_per_round, mesh, step_bytes)
   cohort, chunk = sampled_cohort(alg, data.num_clients, clients_per_round,
                                  mesh, clients_per_chunk)
   alg = algorithm.with_round(alg, clients_per_chunk=chunk)
@@ -569,7 +586,8 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
   alg, state, data = build(workload, population)
   # Compiled ahead of time: no warm-up needed, the first round is timed too.
   run, _, compile_s, chunk = compiled_round(
-      alg, state, data, shard_data, clients_per_chunk, num_clients)
+      alg, state, data, shard_data, clients_per_chunk, num_clients,
+      client_step_bytes(workload))
   arms = {'vmapped': (run, None)}
   cohort, _ = sampled_cohort(alg, population, num_clients,
                              sharding.make_mesh(1))

@@ -116,9 +116,11 @@ def op_lines(hlo_text: str) -> dict[str, str]:
 
 def profile(name: str, num_clients: int, rounds: int) -> None:
   """Prints the `--top` ops of `rounds` rounds of workload `name`."""
-  alg, state, data = benchmark.build(benchmark.WORKLOADS[name], num_clients)
+  workload = benchmark.WORKLOADS[name]
+  alg, state, data = benchmark.build(workload, num_clients)
   run, compiled, _, chunk = benchmark.compiled_round(
-      alg, state, data, clients_per_chunk=FLAGS.clients_per_chunk)
+      alg, state, data, clients_per_chunk=FLAGS.clients_per_chunk,
+      step_bytes=benchmark.client_step_bytes(workload))
   run()  # the first execution's one-off costs stay out of the trace
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):

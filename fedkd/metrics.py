@@ -8,6 +8,7 @@ activations fit a memory budget, estimated per example by
 `activation_bytes` and bounded by `available_bytes`.
 """
 
+from collections.abc import Sequence
 import math
 import os
 
@@ -118,6 +119,22 @@ def activation_bytes(model: nn.Module, params: PyTree,
     x = jax.ShapeDtypeStruct((batch, *example.shape), example.dtype)
     return _jaxpr_bytes(jax.make_jaxpr(model.apply)(params, x).jaxpr)
   return max(program_bytes(2) - program_bytes(1), 1)
+
+
+def step_bytes(trained: Sequence[Sequence[tuple[nn.Module, PyTree]]],
+               example: jax.ShapeDtypeStruct, batch_size: int) -> int:
+  """An upper estimate of the activations of one client's local step.
+
+  Args:
+    trained: the kinds of model a client trains (say its teacher and its
+      student), each a sequence of the (model, params) it may be (one per
+      architecture); the largest `activation_bytes` of each kind counts.
+    example: shape and dtype of one example.
+    batch_size: examples a step.
+  """
+  return batch_size * sum(
+      max(activation_bytes(model, params, example) for model, params in kind)
+      for kind in trained if kind)
 
 
 def plan_chunks(per_example_bytes: int, *, num_models: int, num_examples: int,

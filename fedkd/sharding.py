@@ -182,42 +182,44 @@ def _on_mesh(fn, mesh: Mesh):
   return on_mesh
 
 
-# On CPU, a chunk whose clients' trained parameters fill about this much per
-# device stays in cache through the local steps, where a whole cohort's are
-# streamed from memory at every step. One process, rounds alternating
-# (`experiments.benchmark` workloads): the mlp round of 1000 clients (36 KB
-# of teacher and student a client) took 0.061-0.066 s in chunks of 100 or
-# 200 against 0.081-0.089 s unchunked, 0.066-0.070 s in chunks of 50 and
-# 0.071 s in chunks of 500; mnist_cnn's (13 MB a client) ran fastest one
-# client per device (one device: 2.98-3.12 s against 3.33-3.52 s in chunks
-# of 5 and 3.72-3.81 s in chunks of 10).
-_CHUNK_BYTES_PER_DEVICE = 4 * 2**20
+# On CPU, a chunk whose clients' trained parameters and activations fill
+# about this much per device stays in cache through the local steps, where
+# a whole cohort's are streamed from memory at every step. One process,
+# rounds alternating (`experiments.benchmark` workloads): the mlp round of
+# 1000 clients (36 KB of teacher and student and 38 KB of activations a
+# client step) took 0.061-0.066 s in chunks of 100 or 200 against
+# 0.081-0.089 s unchunked, 0.066-0.070 s in chunks of 50 and 0.071 s in
+# chunks of 500; mnist_cnn's (13 MB a client) ran fastest one client per
+# device (one device: 2.98-3.12 s against 3.33-3.52 s in chunks of 5 and
+# 3.72-3.81 s in chunks of 10), and so did ResNet-8's (0.3 MB of parameters,
+# 60 MB of activations at batch 10; two devices: 0.44 s against 0.52-0.53 s
+# in one chunk).
+_CHUNK_BYTES_PER_DEVICE = 8 * 2**20
 
 
 def chunk_for(client_bytes: int, clients_per_round: int, devices: int) -> int:
-  """`clients_per_chunk` for clients of `client_bytes` trained parameters
-  each on CPU: as few chunks as keep `_CHUNK_BYTES_PER_DEVICE` a device (at
-  least one client each), equal in size; 0 (the whole cohort) when one is
-  enough."""
+  """`clients_per_chunk` for clients of `client_bytes` each on CPU: as few
+  chunks as keep `_CHUNK_BYTES_PER_DEVICE` a device (at least one client
+  each), equal in size; 0 (the whole cohort) when one is enough."""
   per_device = max(1, _CHUNK_BYTES_PER_DEVICE // max(client_bytes, 1))
   chunks = -(-clients_per_round // (per_device * devices))
   return -(-clients_per_round // chunks) if chunks > 1 else 0
 
 
-def auto_chunk(state, num_clients: int, clients_per_round: int,
-               mesh: Mesh) -> int:
-  """`clients_per_chunk` when a run leaves it unset: `chunk_for` the bytes
-  each client trains (the global `params`, plus its share of the stacked
-  per-client state) on CPU; 0 (the whole cohort) on accelerators, whose
-  parallelism wants every client at once. `state` may be abstract
-  (`jax.eval_shape`). Activations are not counted: ResNet-8's (several MB a
-  client step, against 0.3 MB of parameters) would want smaller chunks.
+def auto_chunk(state, num_clients: int, clients_per_round: int, mesh: Mesh,
+               step_bytes: int = 0) -> int:
+  """`clients_per_chunk` when a run leaves it unset: on CPU, `chunk_for`
+  the bytes each client trains (the global `params`, plus its share of the
+  stacked per-client state) and `step_bytes`, the activations of one of its
+  local steps (`metrics.step_bytes`); 0 (the whole cohort) on accelerators,
+  whose parallelism wants every client at once. `state` may be abstract
+  (`jax.eval_shape`).
   """
   if mesh.devices.flat[0].platform != 'cpu':
     return 0
   client_bytes = (algorithm.tree_bytes(state.params)
                   + algorithm.tree_bytes(state.clients) // num_clients)
-  return chunk_for(client_bytes, clients_per_round, mesh.size)
+  return chunk_for(client_bytes + step_bytes, clients_per_round, mesh.size)
 
 
 def cohort_layout(clients_per_round: int, mesh: Mesh,

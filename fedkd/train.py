@@ -218,7 +218,7 @@ class Settings:
     eval_batch_size: the largest test batch evaluation may use.
     eval_teachers: private models evaluated, per architecture.
     clients_per_chunk: clients trained at once; 0 = the whole cohort; None
-      = chosen from the model sizes (`sharding.auto_chunk`).
+      = chosen from the model and activation sizes (`sharding.auto_chunk`).
     num_devices: devices of the `clients` mesh; 0 = all.
     shard_data: split the client examples by rows over the devices (1/D
       each); False copies them to every device (`sharding.place_data`).
@@ -270,6 +270,22 @@ class _Run:
   accountant: privacy.Accountant | None  # None without DP noise
 
 
+def _first(read_params, state) -> Params:
+  """Shapes of the first of the stacked models `read_params` reads."""
+  return jax.eval_shape(
+      lambda s: jax.tree.map(lambda p: p[0], read_params(s)), state)
+
+
+def _step_bytes(built: Built, state, data: clients.ClientData,
+                batch_size: int) -> int:
+  """`metrics.step_bytes` of a client training the global and private
+  models of `built`."""
+  return metrics_lib.step_bytes(
+      [[(m.model, _first(m.params, state)) for m in kind]
+       for kind in (built.global_models, built.private_models)],
+      jax.ShapeDtypeStruct(data.x.shape[1:], data.x.dtype), batch_size)
+
+
 def _compile_evaluation(model, read_params, state, x, y, *, num_models: int,
                         max_batch_size: int, budget: int):
   """Compiles `state, x, y -> evaluate_stacked(read_params(state)...)`.
@@ -282,10 +298,9 @@ def _compile_evaluation(model, read_params, state, x, y, *, num_models: int,
   Returns:
     The compiled function, returning ([N] losses, [N] accuracies).
   """
-  one = jax.eval_shape(
-      lambda s: jax.tree.map(lambda p: p[0], read_params(s)), state)
   per_example = metrics_lib.activation_bytes(
-      model, one, jax.ShapeDtypeStruct(x.shape[1:], x.dtype))
+      model, _first(read_params, state),
+      jax.ShapeDtypeStruct(x.shape[1:], x.dtype))
   while True:
     batch, chunk = metrics_lib.plan_chunks(
         per_example, num_models=num_models, num_examples=len(y),
@@ -328,8 +343,9 @@ def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
     state_shardings = sharding.state_sharding(state, mesh)
   per_chunk = settings.clients_per_chunk
   if per_chunk is None:
-    per_chunk = sharding.auto_chunk(state, settings.num_clients,
-                                    settings.clients_per_round, mesh)
+    per_chunk = sharding.auto_chunk(
+        state, settings.num_clients, settings.clients_per_round, mesh,
+        _step_bytes(built, state, client_data, settings.batch_size))
   cohort_size, chunk = layout(per_chunk)
   round_advice = _round_advice(settings, cohort_size, chunk)
 
@@ -346,7 +362,10 @@ def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
   # the run at once.
   accountant = _accountant(settings)
   stop.phase('compilation')
-  print('compiling the round and the evaluation', flush=True)
+  chunks = f'{chunk} clients a chunk' if chunk else 'the cohort in one chunk'
+  if settings.clients_per_chunk is None:
+    chunks += ', chosen from the model sizes'
+  print(f'compiling the round ({chunks}) and the evaluation', flush=True)
   start = time.perf_counter()
   alg = algorithm.with_round(alg, clients_per_chunk=chunk,
                              faults=settings.faults, dp=settings.dp)

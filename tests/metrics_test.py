@@ -87,6 +87,17 @@ class ActivationBytesTest(absltest.TestCase):
     self.assertEqual(metrics.activation_bytes(conv, params, example),
                      expected)
 
+  def test_step_bytes_counts_the_largest_model_of_each_kind(self):
+    conv = nn.Conv(4, (3, 3), use_bias=False)
+    params = conv.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 2)))
+    example = jax.ShapeDtypeStruct((6, 6, 2), jnp.float32)
+    # Students tanh (6x6x2 floats) or the conv above, teacher tanh; batch 3.
+    expected = 3 * (4 * (6 * 6 * 4 + 6 * 6 * 3 * 3 * 2) + 4 * 72)
+    self.assertEqual(
+        metrics.step_bytes([[(_Tanh(), {}), (conv, params)],
+                            [(_Tanh(), {})]], example, batch_size=3),
+        expected)
+
 
 class PlanChunksTest(parameterized.TestCase):
 

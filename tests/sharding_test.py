@@ -48,17 +48,18 @@ class ShardingTest(parameterized.TestCase):
 
   @parameterized.parameters(
       # (bytes a client trains, clients per round, devices) -> chunk
-      (36_000, 1000, 1, 112),  # 116 a device: 9 chunks of 112
-      (36_000, 1000, 8, 500),  # 8 x 116 = 928 a chunk: 2 of 500
-      (36_000, 900, 8, 0),  # 928 >= 900: one chunk
+      (74_000, 1000, 1, 112),  # 113 a device: 9 chunks of 112
+      (74_000, 1000, 8, 500),  # 8 x 113 = 904 a chunk: 2 of 500
+      (74_000, 900, 8, 0),  # 904 >= 900: one chunk
       (13_000_000, 50, 2, 2),  # one client a device
       (13_000_000, 5, 1, 1),
+      (60_000_000, 10, 2, 2),
       (100, 10, 1, 0))
   def test_chunk_for(self, client_bytes, per_round, devices, chunk):
     self.assertEqual(sharding.chunk_for(client_bytes, per_round, devices),
                      chunk)
 
-  def test_auto_chunk_counts_the_params_and_each_clients_state(self):
+  def test_auto_chunk_counts_params_client_state_and_activations(self):
     alg = toys.algorithms(16)['local_kd']  # private teachers: per-client
     state = toys.init_state(alg)
     client_bytes = (algorithm.tree_bytes(state.params)
@@ -70,6 +71,13 @@ class ShardingTest(parameterized.TestCase):
         -(-(4 * per_device + 1) // 5))
     self.assertEqual(sharding.auto_chunk(state, 16, per_device,
                                          sharding.make_mesh(1)), 0)
+    # A local step's activations as large again: the cohort that fitted in
+    # one chunk takes two or three.
+    chunk = sharding.auto_chunk(state, 16, per_device, sharding.make_mesh(1),
+                                step_bytes=client_bytes)
+    self.assertEqual(chunk, sharding.chunk_for(2 * client_bytes, per_device,
+                                               1))
+    self.assertBetween(-(-per_device // chunk), 2, 3)
 
   @parameterized.parameters((8, P('clients')), (6, P()))
   def test_per_client_state_is_split_when_it_divides(self, clients, spec):

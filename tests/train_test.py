@@ -4,6 +4,8 @@ Signals and running out of memory are tested end to end, on the command
 line, in main_test.py.
 """
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -19,6 +21,7 @@ from experiments.configs import default
 from fedkd import data
 from fedkd import metrics
 from fedkd import models
+from fedkd import sharding
 from fedkd import train
 from fedkd import workdir as workdir_lib
 
@@ -87,6 +90,17 @@ class LoopTest(absltest.TestCase):
     for chunked, whole in zip(rows, self.rows):
       for key in _EVAL_KEYS:
         self.assertAlmostEqual(chunked[key], whole[key], delta=1e-6, msg=key)
+
+  def test_unset_chunk_counts_the_activations_of_a_local_step(self):
+    # A client trains 35,920 bytes of seed models (student and teacher) and
+    # computes 38,240 of activations a step (batch 10): a device that may
+    # hold twice the models holds one client, 8 a chunk on the 8 devices.
+    out = io.StringIO()
+    with mock.patch.object(sharding, '_CHUNK_BYTES_PER_DEVICE', 2 * 35_920):
+      with contextlib.redirect_stdout(out):
+        _run(self.create_tempdir().full_path, num_rounds=1)
+    self.assertIn('compiling the round (8 clients a chunk, chosen from the '
+                  'model sizes)', out.getvalue())
 
   def test_divergence_found_at_a_later_round_names_its_round(self):
     workdir = self.create_tempdir().full_path
