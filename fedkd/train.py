@@ -279,7 +279,8 @@ def _first(read_params, state) -> Params:
 def _step_bytes(built: Built, state, data: clients.ClientData,
                 batch_size: int) -> int:
   """`metrics.step_bytes` of a client training the global and private
-  models of `built`."""
+  models of `built` (for feddf with a `server_model`, that model stands in
+  for the clients' own)."""
   return metrics_lib.step_bytes(
       [[(m.model, _first(m.params, state)) for m in kind]
        for kind in (built.global_models, built.private_models)],
