@@ -363,7 +363,8 @@ def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
   # the run at once.
   accountant = _accountant(settings)
   stop.phase('compilation')
-  chunks = f'{chunk} clients a chunk' if chunk else 'the cohort in one chunk'
+  chunks = (f'{chunk} client{"s" * (chunk > 1)} a chunk' if chunk else
+            'the cohort in one chunk')
   if settings.clients_per_chunk is None:
     chunks += ', chosen from the model sizes'
   print(f'compiling the round ({chunks}) and the evaluation', flush=True)
