@@ -45,6 +45,8 @@ from fedkd import privacy
 from fedkd.clients import CLIENTS_AXIS
 from fedkd.clients import ClientData, ClientOutput, Cohort, map_clients
 from fedkd.clients import splitting_mesh
+from fedkd.clients import put_rows
+from fedkd.clients import rows_held_here
 from fedkd.clients import take_rows
 from fedkd.typing import Array, Metrics, OptState, Params, PRNGKey, PyTree
 
@@ -250,8 +252,10 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
     safe_ids = _safe_ids(ids, data)
     num_examples = jnp.where(mask, data.num_examples[safe_ids], 0)
     own = jnp.where(mask, ids // k, rows)
-    chunk_states = jax.tree.map(
-        lambda s: take_rows(s, jnp.minimum(own, rows - 1)), clients)
+    read = jnp.minimum(own, rows - 1)
+    held_here = rows_held_here(read, rows)
+    chunk_states = jax.tree.map(lambda s: take_rows(s, read, held_here),
+                                clients)
     if examples is None:
       examples = data.cohort_rows(safe_ids)
     out, dropped = mapped((state.replace(clients=()), data, rng), safe_ids,
@@ -274,12 +278,10 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
         lambda u, w, m: (aggregation.weighted_sum(u, w), jnp.sum(w),
                          jax.tree.map(lambda v: jnp.sum(v, axis=0), m)),
         upload, weights, metrics)
-    # The others' states are dropped. On a mesh, XLA all-gathers the new
-    # states and each device keeps its rows: any exchange of static shape
-    # must leave room for every slot to land on any device, so moves as much.
+    # The others' states are dropped (written past the table).
     write = jnp.where(reported, own, rows)
-    clients = jax.tree.map(lambda s, new: s.at[write].set(new, mode='drop'),
-                           clients, out.state)
+    clients = jax.tree.map(
+        lambda s, new: put_rows(s, write, new, held_here), clients, out.state)
     return totals, weight, sums, clients
 
   def run_chunk(state, data, rng, clients, ids, mask, examples=None):

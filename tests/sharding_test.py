@@ -146,6 +146,64 @@ class ShardingTest(parameterized.TestCase):
     self.assertEqual(_collectives(hlo, in_loops=True), [])
 
   @parameterized.named_parameters(
+      # 16 rows on 8 devices, 2 each; 8 slots, one a device.
+      ('own_rows', [0, 2, 4, 6, 8, 10, 12, 14], True),
+      ('other_own_rows', [1, 3, 5, 7, 9, 11, 13, 15], True),
+      ('one_elsewhere', [2, 0, 4, 6, 8, 10, 12, 14], False),
+      ('reversed', [15, 13, 11, 9, 7, 5, 3, 1], False))
+  def test_rows_held_by_their_slots_devices_move_without_exchange(
+      self, index, held):
+    mesh = sharding.make_mesh(8)
+    split = jax.sharding.NamedSharding(mesh, P('clients'))
+    table = jax.device_put(np.arange(48, dtype=np.float32).reshape(16, 3),
+                           split)
+    index = jax.device_put(np.array(index, np.int32), split)
+    values = -1.0 - jnp.arange(24, dtype=jnp.float32).reshape(8, 3)
+
+    def rows(table, index, values):
+      here = clients.rows_held_here(index, 16)
+      taken = [clients.take_rows(table, index, h) for h in (here, False)]
+      put = [clients.put_rows(table, index, values, h) for h in (here, False)]
+      return here, taken, put
+
+    here, taken, put = jax.jit(sharding._on_mesh(rows, mesh))(
+        table, index, values)
+    self.assertEqual(bool(here), held)
+    for got in taken:
+      np.testing.assert_array_equal(got, np.asarray(table)[index])
+    for got in put:
+      np.testing.assert_array_equal(
+          got, np.asarray(table.at[index].set(values)))
+    # Held here, nothing but the rows asked for moves; otherwise a
+    # reduce-scatter brings them and an all-gather puts them back.
+    for here, collectives in ((True, []),
+                              (False, ['all-gather', 'reduce-scatter'])):
+      hlo = jax.jit(sharding._on_mesh(lambda t, i, v, h=here: (
+          clients.take_rows(t, i, h), clients.put_rows(t, i, v, h)),
+                                      mesh)).lower(
+          table, index, values).compile().as_text()
+      self.assertCountEqual(set(_collectives(hlo)), collectives)
+
+  def test_whole_population_rounds_read_and_write_states_in_place(self):
+    # All 16 clients every round, sorted as `sample_cohort` sorts them: each
+    # device's slots hold its own clients, whose teachers stay on it.
+    alg = algorithm.with_round(toys.algorithms(16)['local_kd'],
+                               clients_per_chunk=8)
+    state, data = toys.init_state(alg), toys.toy_data([3] * 16)
+    for ids in (list(range(16)), [3, 0, 1, 2] + list(range(4, 16))):
+      cohort = toys.cohort(ids)
+      rounds = []
+      for devices in (1, 8):
+        mesh = sharding.make_mesh(devices)
+        placed = sharding.place_data(data, mesh)
+        shardings = sharding.state_sharding(state, mesh)
+        rounds.append(sharding.jit_round(
+            alg.apply, mesh, shardings, sharding.data_sharding(placed, mesh))(
+                jax.device_put(state, shardings), placed, cohort,
+                jax.random.PRNGKey(0)))
+      toys.assert_trees_close(rounds[0], rounds[1])
+
+  @parameterized.named_parameters(
       # 48 examples: the cohort's 16 x 3 padded rows gathered up front.
       ('even', [3] * 16, []),
       # 32 examples, padded to 16 x 9 rows: each chunk gathers its own.
