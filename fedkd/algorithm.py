@@ -44,9 +44,9 @@ from fedkd import communication
 from fedkd import privacy
 from fedkd.clients import CLIENTS_AXIS
 from fedkd.clients import ClientData, ClientOutput, Cohort, map_clients
-from fedkd.clients import splitting_mesh
 from fedkd.clients import put_rows
 from fedkd.clients import rows_held_here
+from fedkd.clients import splitting_mesh
 from fedkd.clients import take_rows
 from fedkd.typing import Array, Metrics, OptState, Params, PRNGKey, PyTree
 
