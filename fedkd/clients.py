@@ -32,6 +32,11 @@ def splitting_mesh(*sizes: int) -> jax.sharding.AbstractMesh | None:
   return mesh if d > 1 and not any(n % d for n in sizes) else None
 
 
+def _per_device(mesh: jax.sharding.AbstractMesh, rows: int) -> int:
+  """Rows each device holds of `rows` split over `mesh`'s `clients` axis."""
+  return rows // dict(mesh.shape)[CLIENTS_AXIS]
+
+
 def take_rows(table: Array, index: Array,
               held_here: Array | None = None) -> Array:
   """`table[index]`, for `index` ([C, ...], in range) split over the
@@ -54,7 +59,7 @@ def take_rows(table: Array, index: Array,
   mesh = splitting_mesh(table.shape[0], index.shape[0])
   if mesh is None or not jnp.issubdtype(table.dtype, jnp.number):
     return table[index]
-  per_device = table.shape[0] // dict(mesh.shape)[CLIENTS_AXIS]
+  per_device = _per_device(mesh, table.shape[0])
 
   def local(table, index):
     index = index - jax.lax.axis_index(CLIENTS_AXIS) * per_device
@@ -91,7 +96,7 @@ def put_rows(table: Array, index: Array, values: Array,
   everywhere = lambda: table.at[index].set(values, mode='drop')
   if mesh is None or held_here is None:
     return everywhere()
-  per_device = table.shape[0] // dict(mesh.shape)[CLIENTS_AXIS]
+  per_device = _per_device(mesh, table.shape[0])
 
   def own(table, index, values):
     # Indices past the table (dropped slots) stay past this device's rows.
@@ -114,7 +119,7 @@ def rows_held_here(index: Array, rows: int) -> Array | None:
   mesh = splitting_mesh(rows, index.shape[0])
   if mesh is None:
     return None
-  per_device = rows // dict(mesh.shape)[CLIENTS_AXIS]
+  per_device = _per_device(mesh, rows)
 
   def held(index):
     here = jnp.all(index // per_device == jax.lax.axis_index(CLIENTS_AXIS))
