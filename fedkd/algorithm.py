@@ -253,7 +253,8 @@ def make_round(client_update: ClientUpdate | tuple[ClientUpdate, ...],
     num_examples = jnp.where(mask, data.num_examples[safe_ids], 0)
     own = jnp.where(mask, ids // k, rows)
     read = jnp.minimum(own, rows - 1)
-    held_here = rows_held_here(read, rows)
+    # Without per-client state (rows == 0) nothing is read or written.
+    held_here = rows_held_here(read, rows) if rows else None
     chunk_states = jax.tree.map(lambda s: take_rows(s, read, held_here),
                                 clients)
     if examples is None:
