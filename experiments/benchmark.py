@@ -12,6 +12,10 @@ T=2, w=0.5 and the teacher's SGD at 0.05):
               8x8x1 per client, 10, 100 and 1000 clients;
   cnn_fedavg  FedAvg of McMahan et al.'s CNN, 50 clients x 80 of 28x28x1;
   cnn_kd      local KD, teacher `mnist_cnn` -> student `mnist_2nn`, same data;
+  cnn_fedkd   FedKD, mentor `mnist_cnn` -> mentee `mnist_2nn`, same data, built
+              from the default run config (`experiments.fedkd_cost` times it
+              beside FedAvg and local KD); not in the default list, no
+              PyTorch arm;
   resnet8     FedAvg of ResNet-8 with GroupNorm (FedDF's), 10 clients x 50
               of 32x32x3;
   feddf_hetero  FedDF with three architectures (client i trains
@@ -145,6 +149,8 @@ WORKLOADS = {
                            (28, 28, 1), (50,), 80, 1),
     'cnn_kd': Workload('local KD, CNN teacher -> 2NN student', 'mnist_2nn',
                        'mnist_cnn', (28, 28, 1), (50,), 80, 1),
+    'cnn_fedkd': Workload('FedKD, CNN mentor -> 2NN mentee', 'mnist_2nn',
+                          'mnist_cnn', (28, 28, 1), (50,), 80, 1, 'fedkd'),
     'resnet8': Workload('FedAvg, ResNet-8 (GroupNorm)', 'resnet8_gn', None,
                         (32, 32, 3), (10,), 50, 1),
     'feddf_hetero': Workload(

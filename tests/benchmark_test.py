@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import benchmark
+from experiments import fedkd_cost
 from experiments import profile_round
 from fedkd import algorithms
 from fedkd import layers
@@ -286,6 +287,38 @@ ENTRY %main.1 (a: f32[5,10,512], b: f32[5,3136,512], c: f32[4]) -> f32[5,10,7,7,
     with flagsaver.flagsaver(workload=['vgg']):
       with self.assertRaisesRegex(Exception, 'unknown workloads'):
         profile_round.main([])
+
+
+class FedkdCostTest(absltest.TestCase):
+
+  def test_times_every_round_and_prints_fedkds_ratios(self):
+    # A mentor other than the mentee adds FedAvg of the mentor.
+    out = io.StringIO()
+    with flagsaver.flagsaver(setups=['3:2:10'], mentor='logreg', rounds=1), \
+        contextlib.redirect_stdout(out):
+      fedkd_cost.main([])
+    header, _, row = out.getvalue().splitlines()[-3:]
+    cells = lambda line: [c.strip() for c in line.strip('|').split('|')]
+    table = dict(zip(cells(header), cells(row)))
+    self.assertEqual(list(table), [
+        'clients', 'cohort', 'examples', 'fedavg s', 'fedavg_mentor s',
+        'local_kd s', 'fedkd s', 'fedkd/fedavg', 'fedkd/fedavg_mentor',
+        'fedkd/local_kd'])
+    self.assertEqual([table[c] for c in ('clients', 'cohort', 'examples')],
+                     ['3', '2', '10'])
+    for cell in list(table)[3:]:
+      self.assertGreater(float(table[cell].rstrip('x')), 0, msg=cell)
+
+  def test_ratios_are_fedkds_round_over_each_other(self):
+    self.assertEqual(
+        fedkd_cost.ratios({'fedavg': 0.5, 'local_kd': 2.0, 'fedkd': 3.0}),
+        {'fedkd/fedavg': 6.0, 'fedkd/local_kd': 1.5})
+
+  def test_a_malformed_setup_is_a_usage_error(self):
+    for setup in ('50:10', '10:20:5', '10:5:0', 'a:b:c'):
+      with flagsaver.flagsaver(setups=[setup]), self.assertRaisesRegex(
+          Exception, 'is not clients:cohort:examples'):
+        fedkd_cost.main([])
 
 
 if __name__ == '__main__':

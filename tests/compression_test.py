@@ -158,6 +158,22 @@ class SvdCompressTest(parameterized.TestCase):
     np.testing.assert_allclose(update['conv'], kernel, atol=1e-5)
     np.testing.assert_array_equal(update['bias'], tree['bias'])
 
+  def test_non_finite_uploads_come_back_nan_beside_finite_ones(self):
+    # [60, 40]: the blocks path. A NaN, and squares that overflow, vmapped
+    # with a finite matrix, which must come back as it does alone.
+    good = _matrix('rank3', (60, 40))
+    nan, huge = good.copy(), good.copy()
+    nan[7, 3] = np.nan
+    huge[0, 0] = 1e30
+    stacked = {'w': jnp.asarray(np.stack([good, nan, huge]))}
+    update, sent = jax.jit(jax.vmap(compression.svd_compress, (0, None)))(
+        stacked, 0.99)
+    alone, alone_sent = _compress(good, 0.99)
+    np.testing.assert_allclose(update['w'][0], alone, atol=1e-6)
+    self.assertEqual(4 * int(sent[0]), alone_sent)
+    self.assertEqual(alone_sent, 4 * 3 * (60 + 40 + 1))
+    self.assertTrue(np.all(np.isnan(update['w'][1:])))
+
   def test_no_lapack_in_the_vmapped_compression(self):
     # jaxlib's batched CPU LAPACK kernels wait on the XLA thread pool they
     # run on: concurrent calls deadlocked FedKD rounds. The check can fail:
