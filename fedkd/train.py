@@ -18,6 +18,7 @@ from collections.abc import Callable
 import contextlib
 import dataclasses
 import functools
+import os
 import signal
 import time
 from typing import Any, NamedTuple
@@ -270,6 +271,12 @@ class _Run:
   accountant: privacy.Accountant | None  # None without DP noise
 
 
+def _cores() -> int:
+  """CPU cores this process may run on."""
+  return len(os.sched_getaffinity(0)) if hasattr(
+      os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
 def _first(read_params, state) -> Params:
   """Shapes of the first of the stacked models `read_params` reads."""
   return jax.eval_shape(
@@ -367,6 +374,10 @@ def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
             'the cohort in one chunk')
   if settings.clients_per_chunk is None:
     chunks += ', chosen from the model sizes'
+  hint = sharding.device_split_hint(jax.default_backend(),
+                                    jax.local_device_count(), _cores())
+  if hint:
+    print(hint)
   print(f'compiling the round ({chunks}) and the evaluation', flush=True)
   start = time.perf_counter()
   alg = algorithm.with_round(alg, clients_per_chunk=chunk,

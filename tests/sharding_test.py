@@ -59,6 +59,16 @@ class ShardingTest(parameterized.TestCase):
     self.assertEqual(sharding.chunk_for(client_bytes, per_round, devices),
                      chunk)
 
+  def test_a_device_per_core_is_suggested_only_for_one_cpu_device(self):
+    hint = sharding.device_split_hint('cpu', 1, 8)
+    self.assertIn('XLA_FLAGS=--xla_force_host_platform_device_count=8', hint)
+    self.assertIn('8 CPU cores run as one XLA device', hint)
+    for backend, devices, cores in [('cpu', 1, 1), ('cpu', 2, 8),
+                                    ('cpu', 8, 8), ('gpu', 1, 16),
+                                    ('tpu', 1, 96)]:
+      self.assertEqual(sharding.device_split_hint(backend, devices, cores),
+                       '', msg=(backend, devices, cores))
+
   def test_auto_chunk_counts_params_client_state_and_activations(self):
     alg = toys.algorithms(16)['local_kd']  # private teachers: per-client
     state = toys.init_state(alg)
