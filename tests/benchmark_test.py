@@ -136,6 +136,7 @@ class WorkloadsTest(parameterized.TestCase):
   @parameterized.parameters(
       ('cnn_fedavg', ['mnist_cnn']),
       ('cnn_kd', ['mnist_2nn', 'mnist_cnn']),
+      ('cnn_fedkd', ['mnist_2nn', 'mnist_cnn']),
       ('resnet8', None))
   def test_arms_run(self, name, trained):
     toys.full_or(self, name == 'cnn_fedavg')
@@ -147,7 +148,9 @@ class WorkloadsTest(parameterized.TestCase):
         sum(_training(_LAYERS[model]) for model in trained) if trained
         else benchmark.training_flops(models.get_model('resnet8_gn', 10),
                                       (32, 32, 3)))  # checked by hand above
-    self._check_row(row, 2, per_example, 10, timed_torch=torch is not None)
+    # PyTorch has FedAvg and local KD only.
+    self._check_row(row, 2, per_example, 10,
+                    timed_torch=torch is not None and not workload.algorithm)
     table = benchmark.markdown_table([row]).splitlines()
     self.assertLen(table, 3)
     self.assertEqual(table[0].count('|'), table[2].count('|'))
