@@ -13,8 +13,8 @@ every client's private model (mentor, teacher) is `--mentor`. Timed in turn,
 round by round (`benchmark.median_seconds`):
 
   fedavg         FedAvg of the mentee;
-  fedavg_mentor  FedAvg of the mentor, when it is another model: the FedKD
-                 paper's baseline, which federates the large model itself;
+  fedavg_mentor  FedAvg of the mentor, when it is another model: what FedKD
+                 stands in for, federating the large model itself;
   local_kd       the same two models as FedKD, no exchange but the student's
                  average and no compression;
   fedkd          local KD plus mutual distillation plus the SVD compression
@@ -25,9 +25,9 @@ the median seconds of `--rounds` rounds and the ratios.
 
 With mentor = mentee, a FedKD round trains two models a client and FedAvg
 one, so it cannot cost less than about twice FedAvg's (local KD alone costs
-1.6-2.1x below). FedKD's setting is a large mentor and a small mentee: the
-paper federates the mentee instead of the large model, so its baseline is
-FedAvg of the mentor. There, training the mentor dominates, and the
+1.6-2.1x below). FedKD's setting is a large mentor and a small mentee: it
+federates the mentee instead of the large model, so the round to compare
+with is FedAvg of the mentor. There, training the mentor dominates, and the
 compression works on the small model's update only. Measured on the shared
 2-core CPU, 2026-11-29, `--rounds=5` (seconds a round):
 
