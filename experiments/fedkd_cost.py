@@ -29,7 +29,8 @@ one, so it cannot cost less than about twice FedAvg's (local KD alone costs
 federates the mentee instead of the large model, so the round to compare
 with is FedAvg of the mentor. There, training the mentor dominates, and the
 compression works on the small model's update only. Measured on the shared
-2-core CPU, 2026-11-29, `--rounds=5` (seconds a round):
+2-core CPU, 2026-11-29, `--rounds=5` (seconds a round;
+`docs/benchmarks/cpu_fedkd_cost_2026-11-29.log`):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 \
     python -m experiments.fedkd_cost --mentor=mnist_cnn \
