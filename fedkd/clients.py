@@ -37,6 +37,12 @@ def _per_device(mesh: jax.sharding.AbstractMesh, rows: int) -> int:
   return rows // dict(mesh.shape)[CLIENTS_AXIS]
 
 
+def _from_here(index: Array, per_device: int) -> Array:
+  """`index` counted from this device's first row of a table split by rows
+  over the `clients` axis (inside `shard_map`)."""
+  return index - jax.lax.axis_index(CLIENTS_AXIS) * per_device
+
+
 def take_rows(table: Array, index: Array,
               held_here: Array | None = None) -> Array:
   """`table[index]`, for `index` ([C, ...], in range) split over the
@@ -62,7 +68,7 @@ def take_rows(table: Array, index: Array,
   per_device = _per_device(mesh, table.shape[0])
 
   def local(table, index):
-    index = index - jax.lax.axis_index(CLIENTS_AXIS) * per_device
+    index = _from_here(index, per_device)
     held = (index >= 0) & (index < per_device)
     rows = table[jnp.clip(index, 0, per_device - 1)]
     rows = jnp.where(held.reshape(held.shape + (1,) * (table.ndim - 1)),
@@ -70,7 +76,7 @@ def take_rows(table: Array, index: Array,
     return jax.lax.psum_scatter(rows, CLIENTS_AXIS, tiled=True)
 
   def own(table, index):  # index: this device's slots only
-    return table[index - jax.lax.axis_index(CLIENTS_AXIS) * per_device]
+    return table[_from_here(index, per_device)]
 
   split = P(CLIENTS_AXIS)
   take = lambda fn, index_spec: jax.shard_map(
@@ -100,8 +106,7 @@ def put_rows(table: Array, index: Array, values: Array,
 
   def own(table, index, values):
     # Indices past the table (dropped slots) stay past this device's rows.
-    index = index - jax.lax.axis_index(CLIENTS_AXIS) * per_device
-    return table.at[index].set(values, mode='drop')
+    return table.at[_from_here(index, per_device)].set(values, mode='drop')
 
   split = P(CLIENTS_AXIS)
   return jax.lax.cond(held_here, lambda: jax.shard_map(
