@@ -12,10 +12,6 @@ T=2, w=0.5 and the teacher's SGD at 0.05):
               8x8x1 per client, 10, 100 and 1000 clients;
   cnn_fedavg  FedAvg of McMahan et al.'s CNN, 50 clients x 80 of 28x28x1;
   cnn_kd      local KD, teacher `mnist_cnn` -> student `mnist_2nn`, same data;
-  cnn_fedkd   FedKD, mentor `mnist_cnn` -> mentee `mnist_2nn`, same data, built
-              from the default run config (`experiments.fedkd_cost` times it
-              beside FedAvg and local KD); not in the default list, no
-              PyTorch arm;
   resnet8     FedAvg of ResNet-8 with GroupNorm (FedDF's), 10 clients x 50
               of 32x32x3;
   feddf_hetero  FedDF with three architectures (client i trains
@@ -29,7 +25,15 @@ T=2, w=0.5 and the teacher's SGD at 0.05):
               builds it, with the settings above and the seed MLPs (the
               seed teacher as private teacher or mentor), 100 clients x 50
               of 8x8x1, 500 public examples for feddf and fedmd (labelled,
-              as the CLI keeps them for those two); no PyTorch arm.
+              as the CLI keeps them for those two; fedmd without its
+              transfer learning, which precedes the rounds); no PyTorch arm.
+  cnn_ALG     the same at cnn_fedavg's shape (cnn_fd, cnn_feddf, cnn_fedkd,
+              cnn_fedmd, cnn_fedntd, cnn_fedprox; `--workload=cnn_algorithms`
+              adds cnn_fedavg and cnn_kd for fedavg and local_kd):
+              `mnist_cnn` is the shared model, or with local_kd and fedkd
+              the private teacher (mentor) of a `mnist_2nn` student
+              (`experiments.fedkd_cost` times cnn_fedkd beside FedAvg and
+              local KD).
 
 Each is run three ways in one process:
 
@@ -141,6 +145,16 @@ class Workload(NamedTuple):
   algorithm: str = ''
 
 
+def _cnn_algorithm(name: str) -> Workload:
+  """Algorithm `name` at cnn_fedavg's shape: the CNN is the shared model,
+  or the private teacher (mentor) of a 2NN where the algorithm has one."""
+  if name in algorithms.PRIVATE_TEACHERS:
+    return Workload(f'{name}, CNN teacher -> 2NN student', 'mnist_2nn',
+                    'mnist_cnn', (28, 28, 1), (50,), 80, 1, name)
+  return Workload(f'{name}, McMahan et al. CNN', 'mnist_cnn', None,
+                  (28, 28, 1), (50,), 80, 1, name)
+
+
 WORKLOADS = {
     'mlp': Workload('local KD, seed MLP teacher -> seed MLP student',
                     'seed_student', 'seed_teacher', (8, 8, 1),
@@ -149,8 +163,6 @@ WORKLOADS = {
                            (28, 28, 1), (50,), 80, 1),
     'cnn_kd': Workload('local KD, CNN teacher -> 2NN student', 'mnist_2nn',
                        'mnist_cnn', (28, 28, 1), (50,), 80, 1),
-    'cnn_fedkd': Workload('FedKD, CNN mentor -> 2NN mentee', 'mnist_2nn',
-                          'mnist_cnn', (28, 28, 1), (50,), 80, 1, 'fedkd'),
     'resnet8': Workload('FedAvg, ResNet-8 (GroupNorm)', 'resnet8_gn', None,
                         (32, 32, 3), (10,), 50, 1),
     'feddf_hetero': Workload(
@@ -160,15 +172,22 @@ WORKLOADS = {
         f'{name}, seed MLPs', 'seed_student', 'seed_teacher'
         if name in algorithms.PRIVATE_TEACHERS else None, (8, 8, 1), (100,),
         50, 3, name) for name in algorithms.ALGORITHMS},
+    **{f'cnn_{name}': _cnn_algorithm(name) for name in algorithms.ALGORITHMS
+       if name not in ('fedavg', 'local_kd')},
 }
-# --workload names that stand for several workloads.
-GROUPS = {'algorithms': [f'mlp_{name}' for name in algorithms.ALGORITHMS]}
+# --workload names that stand for several workloads. cnn_fedavg and cnn_kd
+# are the CNN family's fedavg and local_kd, built by hand for the PyTorch arm.
+GROUPS = {
+    'algorithms': [f'mlp_{name}' for name in algorithms.ALGORITHMS],
+    'cnn_algorithms': [{'fedavg': 'cnn_fedavg', 'local_kd': 'cnn_kd'}.get(
+        name, f'cnn_{name}') for name in algorithms.ALGORITHMS],
+}
 NUM_PUBLIC = 500
 
 _WORKLOAD = flags.DEFINE_list(
     'workload', [w for w in WORKLOADS if not WORKLOADS[w].algorithm],
     f'Workloads to time, of {", ".join(WORKLOADS)}, or "algorithms" for '
-    'every mlp_ALG.')
+    'every mlp_ALG, "cnn_algorithms" for every algorithm on the CNN.')
 _CLIENTS = flags.DEFINE_list('clients', None, 'Cohort sizes to time, for '
                              'every workload (default: each its own).')
 _POPULATION = flags.DEFINE_integer(
@@ -259,7 +278,10 @@ def _build_from_config(workload: Workload, num_clients: int, data):
       algorithm=workload.algorithm, student=workload.student,
       teacher=workload.teacher or config.teacher, num_clients=num_clients,
       clients_per_round=num_clients, local_epochs=EPOCHS, batch_size=BATCH,
-      public_examples=NUM_PUBLIC, **HPARAMS))
+      public_examples=NUM_PUBLIC, **HPARAMS,
+      # FedMD's transfer learning runs once, in `init`, not in the rounds
+      # timed here; at CNN size it would take minutes.
+      fedmd_transfer_epochs=0, fedmd_private_epochs=0))
   built = builder.build(config, workload.input_shape, NUM_CLASSES, NUM_PUBLIC)
   if workload.algorithm in algorithms.PUBLIC_DATA:
     data = data.replace(**_public(workload, builder.public_labels(config)))

@@ -189,6 +189,22 @@ class WorkloadsTest(parameterized.TestCase):
     with self.assertRaisesRegex(Exception, 'unknown workloads'):
       benchmark.check_workloads(['algorithms', 'mlp_fedsgd'])
 
+  def test_cnn_algorithms_is_every_algorithm_at_cnn_fedavgs_shape(self):
+    names = benchmark.check_workloads(['cnn_algorithms'])
+    hand_built = {'cnn_fedavg': 'fedavg', 'cnn_kd': 'local_kd'}
+    self.assertCountEqual(
+        [benchmark.WORKLOADS[n].algorithm or hand_built[n] for n in names],
+        algorithms.ALGORITHMS)
+    for name in names:
+      workload = benchmark.WORKLOADS[name]
+      self.assertEqual((workload.input_shape, workload.examples,
+                        workload.clients), ((28, 28, 1), 80, (50,)), name)
+      private = ((workload.algorithm or hand_built[name])
+                 in algorithms.PRIVATE_TEACHERS)
+      self.assertEqual((workload.student, workload.teacher),
+                       ('mnist_2nn', 'mnist_cnn') if private
+                       else ('mnist_cnn', None), name)
+
   def test_json_only_prints_one_parsable_line(self):
     # The interface experiments/scaling.py reads; (c) with each thread count;
     # 2 clients a round of a population of 4.

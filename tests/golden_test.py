@@ -193,15 +193,20 @@ class GoldenTest(parameterized.TestCase):
                              server_tx=optax.sgd(1.0), epochs=2,
                              batch_size=4)
     params = _init()
-    state, _ = _round(alg, alg.init(params, None), data, [0])
+    state, metrics = _round(alg, alg.init(params, None), data, [0])
     x, y = _client_arrays(data, 0)
     w0, b0 = _unpack(params)
-    w, b = w0, b0
-    for _ in range(2):
+    w, b, loss_sum = w0, b0, 0.0
+    for _ in range(2):  # one batch an epoch
+      p = _softmax(x @ w + b)
+      loss_sum -= np.log(p[np.arange(len(y)), y]).sum()
       # CE's gradient plus the proximal term's mu (w - w0).
-      new_w, new_b = _sgd(w, b, x, _softmax(x @ w + b) - np.eye(C)[y], lr)
+      new_w, new_b = _sgd(w, b, x, p - np.eye(C)[y], lr)
       w, b = new_w - lr * mu * (w - w0), new_b - lr * mu * (b - b0)
     _assert_linear(state.params, w, b)
+    # The training loss reported is the cross-entropy alone (official code).
+    self.assertAlmostEqual(float(metrics['student_loss_sum']), loss_sum,
+                           places=4)
 
   def test_fedntd_round(self):
     lr, beta, temp = 0.4, 0.8, 2.0
