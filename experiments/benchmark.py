@@ -2,11 +2,11 @@
 
     python -m experiments.benchmark [--workload=mlp,cnn_fedavg,cnn_kd,resnet8,
         feddf_hetero]
-        [--clients=...] [--rounds=...] [--torch_threads=1,2]
+        [--clients=...] [--rounds=...] [--epochs=E] [--torch_threads=1,2]
         [--clients_per_chunk=N] [--shard_data=false] [--population=N]
 
-Workloads (E=1, B=10, 10 classes, SGD at 0.05, random data; local KD with
-T=2, w=0.5 and the teacher's SGD at 0.05):
+Workloads (E=1 unless `--epochs` says otherwise, B=10, 10 classes, SGD at
+0.05, random data; local KD with T=2, w=0.5 and the teacher's SGD at 0.05):
 
   mlp         local KD, seed teacher -> seed student (MLPs), 50 examples of
               8x8x1 per client, 10, 100 and 1000 clients;
@@ -134,6 +134,7 @@ class Workload(NamedTuple):
     rounds: default timed rounds per arm.
     algorithm: an algorithm of `fedkd.algorithms`, built from the default
       run config; '' for the ones above (FedAvg, local KD, FedDF).
+    epochs: local passes over each client's examples a round.
   """
   description: str
   student: str
@@ -143,6 +144,7 @@ class Workload(NamedTuple):
   examples: int
   rounds: int
   algorithm: str = ''
+  epochs: int = 1
 
 
 def _cnn_algorithm(name: str) -> Workload:
@@ -197,6 +199,8 @@ _POPULATION = flags.DEFINE_integer(
     'cohort size, every client every round).')
 _ROUNDS = flags.DEFINE_integer('rounds', None, 'Timed rounds per arm '
                                '(default: each workload its own).')
+_EPOCHS = flags.DEFINE_integer('epochs', None, 'Local epochs a round, for '
+                               'every workload (default: each its own, 1).')
 _TORCH = flags.DEFINE_bool('torch', True, 'Time baseline (c) if torch is '
                            'installed.')
 _LOOP = flags.DEFINE_bool('loop', True, 'Time baseline (b).')
@@ -213,7 +217,7 @@ _TORCH_THREADS = flags.DEFINE_list(
     'torch_threads', ['1'], 'torch.set_num_threads values to time (c) with; '
     'the fastest is reported.')
 
-NUM_CLASSES, EPOCHS, BATCH = 10, 1, 10
+NUM_CLASSES, BATCH = 10, 10
 HPARAMS = dict(client_lr=0.05, teacher_lr=0.05, temperature=2.0,
                distill_weight=0.5)
 
@@ -277,7 +281,8 @@ def _build_from_config(workload: Workload, num_clients: int, data):
   config.update(dict(
       algorithm=workload.algorithm, student=workload.student,
       teacher=workload.teacher or config.teacher, num_clients=num_clients,
-      clients_per_round=num_clients, local_epochs=EPOCHS, batch_size=BATCH,
+      clients_per_round=num_clients, local_epochs=workload.epochs,
+      batch_size=BATCH,
       public_examples=NUM_PUBLIC, **HPARAMS,
       # FedMD's transfer learning runs once, in `init`, not in the rounds
       # timed here; at CNN size it would take minutes.
@@ -302,7 +307,8 @@ def build(workload: Workload, num_clients: int):
   modules = [models.get_model(n, NUM_CLASSES)
              for n in workload.student.split(',')]
   common = dict(client_tx=optax.sgd(HPARAMS['client_lr']),
-                server_tx=optax.sgd(1.0), epochs=EPOCHS, batch_size=BATCH)
+                server_tx=optax.sgd(1.0), epochs=workload.epochs,
+                batch_size=BATCH)
   if len(modules) > 1:
     alg = feddf(model=tuple(modules), distill_tx=optax.adam(1e-3),
                 distill_epochs=1, public_batch_size=50, temperature=1.0,
@@ -386,7 +392,7 @@ def round_flops(workload: Workload, num_clients: int) -> float:
   per_client = sum(flops(names[i % len(names)]) for i in range(num_clients))
   if workload.teacher:
     per_client += num_clients * flops(workload.teacher)
-  return float(per_client * workload.examples * EPOCHS)
+  return float(per_client * workload.examples * workload.epochs)
 
 
 def sampled_cohort(alg, num_clients: int, clients_per_round: int,
@@ -556,7 +562,8 @@ def torch_arm(workload: Workload, num_clients: int, threads: int):
       HPARAMS['distill_weight']) if workload.teacher else None
   sim = torch_baseline.TorchFederated(
       list(x), list(y), builder(workload.student),
-      client_lr=HPARAMS['client_lr'], epochs=EPOCHS, batch_size=BATCH,
+      client_lr=HPARAMS['client_lr'], epochs=workload.epochs,
+      batch_size=BATCH,
       distillation=distillation, num_threads=threads)
   cohort = list(range(num_clients))
 
@@ -640,7 +647,8 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
       clients_per_chunk=chunk, shard_data=shard_data,
       examples_mib_per_device=examples_mib_per_device(
           data, jax.device_count(), shard_data),
-      backend=jax.default_backend(), rounds=rounds, vmapped_s=vmapped,
+      backend=jax.default_backend(), rounds=rounds, epochs=workload.epochs,
+      vmapped_s=vmapped,
       compile_s=compile_s, clients_per_s=num_clients / vmapped,
       loop_s=looped or None, torch_s=torch_s,
       torch_threads=min(torch_by_threads, key=torch_by_threads.get,
@@ -707,7 +715,8 @@ def main(argv):
   torch_threads = [int(t) for t in _TORCH_THREADS.value if _TORCH.value]
   results = []
   for name in names:
-    workload = WORKLOADS[name]
+    workload = WORKLOADS[name]._replace(
+        epochs=_EPOCHS.value or WORKLOADS[name].epochs)
     rows = [benchmark(name, workload, num_clients,
                       rounds=_ROUNDS.value or workload.rounds, peak=peak,
                       loop=_LOOP.value, torch_threads=torch_threads,
@@ -719,8 +728,9 @@ def main(argv):
     if not _JSON_ONLY.value:
       print(f'\n{name}: {workload.description}, {workload.examples} '
             f'examples of {"x".join(map(str, workload.input_shape))} per '
-            f'client, E={EPOCHS}, B={BATCH}; median of {rows[0]["rounds"]} '
-            'round(s); (a)\'s clients per chunk: ' + ', '.join(
+            f'client, E={workload.epochs}, B={BATCH}; median of '
+            f'{rows[0]["rounds"]} round(s); (a)\'s clients per chunk: '
+            + ', '.join(
                 f'{r["clients_per_chunk"] or "all"} of {r["clients"]}'
                 for r in rows) + '\n')
       print(markdown_table(rows), flush=True)

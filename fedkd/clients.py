@@ -334,6 +334,24 @@ def _straggle(mask: Array, work_fraction: Array | float) -> Array:
   return mask & (jnp.cumsum(real) <= budget)[:, None]
 
 
+def _rows(data: ClientData, client_id: Array, slots: Array) -> Array:
+  """The rows of `data.x` behind a client's example slots; padding slots
+  (masked wherever they are read) read some valid row."""
+  return jnp.minimum(data.offsets[client_id] + slots, data.x.shape[0] - 1)
+
+
+def client_logits(model: nn.Module, params: Params, data: ClientData,
+                  client_id: Array, *, batch_size: int) -> Array:
+  """`model`'s logits on each of a client's `max_examples` example slots
+  ([max_examples, classes], by `Batch.index`), `batch_size` rows at a time
+  as a local step reads them (a padding slot's are some valid row's)."""
+  steps = -(-data.max_examples // batch_size)
+  logits = jax.lax.map(
+      lambda slots: model.apply(params, data.x[_rows(data, client_id, slots)]),
+      jnp.arange(steps * batch_size).reshape(steps, batch_size))
+  return logits.reshape(steps * batch_size, -1)[:data.max_examples]
+
+
 def local_training(
     step: Callable[[PyTree, Batch], tuple[PyTree, dict[str, Array]]],
     carry: PyTree, data: ClientData, client_id: Array, num_examples: Array,
@@ -351,11 +369,9 @@ def local_training(
   idx, mask = local_batches(rng, num_examples, data.max_examples,
                             epochs=epochs, batch_size=batch_size)
   mask = _straggle(mask, data.work_fraction)
-  last_row = data.x.shape[0] - 1
 
   def gather(step_idx, step_mask):
-    # Padding slots read some valid row; their mask is False.
-    rows = jnp.minimum(data.offsets[client_id] + step_idx, last_row)
+    rows = _rows(data, client_id, step_idx)
     return Batch(x=data.x[rows], y=data.y[rows], example_mask=step_mask,
                  index=step_idx)
 
@@ -491,21 +507,28 @@ def train_beside(step, client_state: tuple, server_params: Params,
 
 
 def delta_client_update(
-    per_example_loss: Callable[[Params, Params, Batch], Array], *,
-    tx: optax.GradientTransformation, epochs: int, batch_size: int):
+    per_example_loss: Callable[[Params, Any, Batch], Array], *,
+    tx: optax.GradientTransformation, epochs: int, batch_size: int,
+    prepare: Callable[[Params, ClientData, Array], Any] | None = None):
   """`client_update` of the FedAvg family: train the global model, upload Δ.
 
   Args:
     per_example_loss: `(params, server_params, batch) -> [batch]` losses; the
-      server parameters are there for regularisers (FedProx, FedNTD).
+      server parameters are there for regularisers.
     tx: the local optimizer, fresh every round.
     epochs: local passes over the client's data.
     batch_size: local minibatch size.
+    prepare: `(server_params, data, client_id) -> context`, run once a round
+      before the client's local steps; `per_example_loss` then gets
+      `context` in place of the server parameters (FedNTD: the global
+      model's logits on the client's examples, `client_logits`).
   """
   def client_update(server, client_state, data, client_id, num_examples,
                     rng):
+    context = (server.params if prepare is None
+               else prepare(server.params, data, client_id))
     params, sums = train_from(
-        lambda p, batch: per_example_loss(p, server.params, batch),
+        lambda p, batch: per_example_loss(p, context, batch),
         server.params, data, client_id, num_examples, rng, tx=tx,
         epochs=epochs, batch_size=batch_size)
     return delta_output(server.params, params, num_examples, client_state,

@@ -207,20 +207,20 @@ class WorkloadsTest(parameterized.TestCase):
 
   def test_json_only_prints_one_parsable_line(self):
     # The interface experiments/scaling.py reads; (c) with each thread count;
-    # 2 clients a round of a population of 4.
+    # 2 clients a round of a population of 4, two local epochs.
     out = io.StringIO()
     with flagsaver.flagsaver(workload=['mlp'], clients=['2'], population=4,
-                             rounds=1, json_only=True,
+                             rounds=1, epochs=2, json_only=True,
                              torch_threads=['1', '2']), \
         contextlib.redirect_stdout(out):
       benchmark.main([])
     (line,) = out.getvalue().splitlines()
     (row,) = json.loads(line)
-    self.assertEqual(row['workload'], 'mlp')
-    # Seed teacher and student, 50 examples per client.
+    self.assertEqual((row['workload'], row['epochs']), ('mlp', 2))
+    # Seed teacher and student, 50 examples per client, each trained twice.
     teacher = _training([2 * 64 * 64, 2 * 64 * 32, 2 * 32 * 10])
-    self._check_row(row, 2, teacher + _training(_LAYERS['seed_student']), 50,
-                    timed_torch=torch is not None)
+    self._check_row(row, 2, teacher + _training(_LAYERS['seed_student']),
+                    2 * 50, timed_torch=torch is not None)
     # 4 x 50 examples of 64 float32 features and an int32 label, split over
     # the tests' 8 devices.
     self.assertEqual(row['population'], 4)

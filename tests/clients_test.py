@@ -8,6 +8,7 @@ import numpy as np
 import optax
 
 from fedkd import clients
+import toys
 
 
 class LocalBatchesTest(parameterized.TestCase):
@@ -96,6 +97,22 @@ class StackAndSampleTest(absltest.TestCase):
     np.testing.assert_array_equal(data.x, x[[4, 0, 2, 1, 3]])
     np.testing.assert_array_equal(data.y, [4, 0, 2, 1, 3])
     self.assertEqual(data.max_examples, 2)
+
+  def test_client_logits_are_the_models_on_each_example_slot(self):
+    # Clients of 3, 7 and 5 examples: 7 slots each, in batches of 3 (the
+    # last batch past the end of the last client's rows).
+    data = toys.toy_data((3, 7, 5))
+    model = toys.student()
+    params = model.init(jax.random.PRNGKey(0), data.x[:1])
+    for k in range(3):
+      got = clients.client_logits(model, params, data, jnp.int32(k),
+                                  batch_size=3)
+      self.assertEqual(got.shape, (7, toys.NUM_CLASSES))
+      n = int(data.num_examples[k])
+      own = data.x[int(data.offsets[k]):][:n]
+      np.testing.assert_allclose(got[:n], model.apply(params, own),
+                                 rtol=1e-6, atol=1e-6)
+      self.assertTrue(np.all(np.isfinite(got)))  # padding: some real row
 
   def test_sample_cohort(self):
     cohort = clients.sample_cohort(np.random.default_rng(0), 10, 4, 8)

@@ -20,7 +20,7 @@ from fedkd.typing import Params, PRNGKey
 
 def averaging(per_example_loss, *, client_tx: optax.GradientTransformation,
               server_tx: optax.GradientTransformation, epochs: int,
-              batch_size: int) -> algorithm.FederatedAlgorithm:
+              batch_size: int, prepare=None) -> algorithm.FederatedAlgorithm:
   """The FedAvg family: local training on `per_example_loss`, FedOpt server.
 
   Args:
@@ -30,6 +30,8 @@ def averaging(per_example_loss, *, client_tx: optax.GradientTransformation,
     server_tx: applied to the mean client delta (`optax.sgd(1.0)`: FedAvg).
     epochs: local passes over each client's data per round.
     batch_size: local minibatch size.
+    prepare: `clients.delta_client_update`'s: what `per_example_loss` gets
+      instead of the server parameters, computed once a round per client.
   """
 
   def init(params: Params, rng: PRNGKey) -> algorithm.ServerState:
@@ -38,7 +40,8 @@ def averaging(per_example_loss, *, client_tx: optax.GradientTransformation,
 
   return algorithm.build(
       init, clients.delta_client_update(per_example_loss, tx=client_tx,
-                                        epochs=epochs, batch_size=batch_size),
+                                        epochs=epochs, batch_size=batch_size,
+                                        prepare=prepare),
       algorithm.averaging_server_update(server_tx))
 
 
