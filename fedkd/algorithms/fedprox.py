@@ -45,7 +45,8 @@ def proximal(mu: float) -> optax.GradientTransformation:
 
   def update(grads, state, params=None):
     if params is None:
-      raise ValueError('proximal needs the parameters')
+      raise ValueError('proximal(mu).update needs the parameters: call '
+                       'it as update(grads, state, params)')
     return jax.tree.map(lambda g, w, a: g + mu * (w - a), grads, params,
                         state.anchor), state
 
