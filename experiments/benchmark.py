@@ -198,9 +198,11 @@ _POPULATION = flags.DEFINE_integer(
     'of them, as a run with clients_per_round < num_clients does (0: the '
     'cohort size, every client every round).')
 _ROUNDS = flags.DEFINE_integer('rounds', None, 'Timed rounds per arm '
-                               '(default: each workload its own).')
+                               '(default: each workload its own).',
+                               lower_bound=1)
 _EPOCHS = flags.DEFINE_integer('epochs', None, 'Local epochs a round, for '
-                               'every workload (default: each its own, 1).')
+                               'every workload (default: each its own, 1).',
+                               lower_bound=1)
 _TORCH = flags.DEFINE_bool('torch', True, 'Time baseline (c) if torch is '
                            'installed.')
 _LOOP = flags.DEFINE_bool('loop', True, 'Time baseline (b).')
