@@ -349,7 +349,7 @@ def client_logits(model: nn.Module, params: Params, data: ClientData,
   logits = jax.lax.map(
       lambda slots: model.apply(params, data.x[_rows(data, client_id, slots)]),
       jnp.arange(steps * batch_size).reshape(steps, batch_size))
-  return logits.reshape(steps * batch_size, -1)[:data.max_examples]
+  return logits.reshape(-1, logits.shape[-1])[:data.max_examples]
 
 
 def local_training(
