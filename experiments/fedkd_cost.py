@@ -1,13 +1,14 @@
 """Seconds per round of FedKD against FedAvg and local KD, side by side.
 
     python -m experiments.fedkd_cost [--setups=50:10:80,50:50:80,1000:1000:20]
-        [--mentor=mnist_2nn] [--rounds=3] [--clients_per_chunk=N]
+        [--mentor=mnist_2nn] [--rounds=3] [--epochs=1] [--clients_per_chunk=N]
 
 Each setup is clients:cohort:examples per client, on MNIST-sized random data
-(28x28x1, 10 classes), E=1, B=10, SGD at 0.05, every algorithm built from the
-default run config as `experiments/main.py` builds it and compiled as a run
-compiles it (`benchmark.compiled_round`: every visible device, chunks as a
-run chooses them unless `--clients_per_chunk` says otherwise). The shared
+(28x28x1, 10 classes), E=1 (or `--epochs`), B=10, SGD at 0.05, every
+algorithm built from the default run config as `experiments/main.py` builds
+it and compiled as a run compiles it (`benchmark.compiled_round`: every
+visible device, chunks as a run chooses them unless `--clients_per_chunk`
+says otherwise). The shared
 model (FedKD's mentee, local KD's student) is mnist_2nn (784-200-200-10);
 every client's private model (mentor, teacher) is `--mentor`. Timed in turn,
 round by round (`benchmark.median_seconds`):
@@ -74,17 +75,18 @@ _SETUPS = flags.DEFINE_list('setups', ['50:10:80', '50:50:80', '1000:1000:20'],
 _MENTOR = flags.DEFINE_string(
     'mentor', 'mnist_2nn', "Every client's private model (FedKD's mentor, "
     "local KD's teacher); the shared one is mnist_2nn.")
-FLAGS = flags.FLAGS  # also `experiments.benchmark`'s --rounds (default 3)
-# and --clients_per_chunk.
+FLAGS = flags.FLAGS  # also `experiments.benchmark`'s --rounds (default 3),
+# --epochs (default 1) and --clients_per_chunk.
 
 INPUT_SHAPE, MENTEE = (28, 28, 1), 'mnist_2nn'
 
 
-def workloads(mentor: str, examples: int) -> dict[str, benchmark.Workload]:
+def workloads(mentor: str, examples: int,
+              epochs: int = 1) -> dict[str, benchmark.Workload]:
   """The compared rounds, as benchmark workloads built from the run config."""
   def workload(algorithm, student, teacher=None):
     return benchmark.Workload(algorithm, student, teacher, INPUT_SHAPE, (),
-                              examples, 1, algorithm)
+                              examples, 1, algorithm, epochs)
   out = {'fedavg': workload('fedavg', MENTEE)}
   if mentor != MENTEE:
     out['fedavg_mentor'] = workload('fedavg', mentor)
@@ -94,11 +96,11 @@ def workloads(mentor: str, examples: int) -> dict[str, benchmark.Workload]:
 
 
 def time_setup(mentor: str, num_clients: int, cohort: int, examples: int,
-               rounds: int, clients_per_chunk: int | None = None
-               ) -> dict[str, float]:
+               rounds: int, clients_per_chunk: int | None = None,
+               epochs: int = 1) -> dict[str, float]:
   """Median seconds of a round of each of `workloads`, timed in turn."""
   arms = {}
-  for name, workload in workloads(mentor, examples).items():
+  for name, workload in workloads(mentor, examples, epochs).items():
     alg, state, data = benchmark.build(workload, num_clients)
     run, _, _, _ = benchmark.compiled_round(
         alg, state, data, clients_per_chunk=clients_per_chunk,
@@ -134,16 +136,16 @@ def main(argv):
   except errors.FedkdError as e:
     raise app.UsageError(str(e)) from None
   setups = [parse_setup(s) for s in _SETUPS.value]
-  rounds = FLAGS.rounds or 3
+  rounds, epochs = FLAGS.rounds or 3, FLAGS.epochs or 1
   names = list(workloads(_MENTOR.value, 1))
   columns = (['clients', 'cohort', 'examples'] + [f'{n} s' for n in names]
              + [f'fedkd/{n}' for n in names if n != 'fedkd'])
-  print(f'mentor {_MENTOR.value}, mentee {MENTEE}; median seconds of '
-        f'{rounds} rounds\n')
+  print(f'mentor {_MENTOR.value}, mentee {MENTEE}, E={epochs}; median '
+        f'seconds of {rounds} rounds\n')
   print('| ' + ' | '.join(columns) + ' |\n|' + ' ---: |' * len(columns))
   for setup in setups:
     seconds = time_setup(_MENTOR.value, *setup, rounds,
-                         FLAGS.clients_per_chunk)
+                         FLAGS.clients_per_chunk, epochs)
     cells = ([*map(str, setup)] + [f'{seconds[n]:.3f}' for n in names]
              + [f'{r:.2f}x' for r in ratios(seconds).values()])
     print('| ' + ' | '.join(cells) + ' |', flush=True)

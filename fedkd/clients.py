@@ -345,6 +345,8 @@ def client_logits(model: nn.Module, params: Params, data: ClientData,
   """`model`'s logits on each of a client's `max_examples` example slots
   ([max_examples, classes], by `Batch.index`), `batch_size` rows at a time
   as a local step reads them (a padding slot's are some valid row's)."""
+  # Not `predict_in_batches` of the client's rows: each batch gathers its
+  # own, as `local_training` does, instead of copying all of them first.
   steps = -(-data.max_examples // batch_size)
   logits = jax.lax.map(
       lambda slots: model.apply(params, data.x[_rows(data, client_id, slots)]),

@@ -328,6 +328,10 @@ class FedkdCostTest(absltest.TestCase):
     for cell in list(table)[3:]:
       self.assertGreater(float(table[cell].rstrip('x')), 0, msg=cell)
 
+  def test_epochs_reach_every_compared_round(self):
+    compared = fedkd_cost.workloads('mnist_cnn', 10, epochs=3)
+    self.assertEqual({w.epochs for w in compared.values()}, {3})
+
   def test_ratios_are_fedkds_round_over_each_other(self):
     self.assertEqual(
         fedkd_cost.ratios({'fedavg': 0.5, 'local_kd': 2.0, 'fedkd': 3.0}),
