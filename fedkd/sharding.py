@@ -206,11 +206,11 @@ def _on_mesh(fn, mesh: Mesh):
 # 1000 clients (36 KB of teacher and student and 38 KB of activations a
 # client step) took 0.061-0.066 s in chunks of 100 or 200 against
 # 0.081-0.089 s unchunked, 0.066-0.070 s in chunks of 50 and 0.071 s in
-# chunks of 500; mnist_cnn's (13 MB a client) ran fastest one client per
-# device (one device: 2.98-3.12 s against 3.33-3.52 s in chunks of 5 and
-# 3.72-3.81 s in chunks of 10), and so did ResNet-8's (0.3 MB of parameters,
-# 60 MB of activations at batch 10; two devices: 0.44 s against 0.52-0.53 s
-# in one chunk).
+# chunks of 500; mnist_cnn's (6.7 MB of parameters a client) ran fastest
+# one client per device (one device: 2.98-3.12 s against 3.33-3.52 s in
+# chunks of 5 and 3.72-3.81 s in chunks of 10), and so did ResNet-8's (0.3 MB
+# of parameters, 60 MB of activations at batch 10; two devices: 0.44 s
+# against 0.52-0.53 s in one chunk).
 _CHUNK_BYTES_PER_DEVICE = 8 * 2**20
 
 

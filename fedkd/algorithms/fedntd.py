@@ -22,9 +22,9 @@ batches of `batch_size` (`clients.client_logits`), and every epoch reads
 them; the authors' code runs the global model on every batch (under
 `no_grad`), `epochs` times the work.
 `experiments.benchmark --workload=cnn_fedntd --epochs=5` (2 devices; the old
-and new code in turn): 9.8 and 10.0 s a round against 12.7 and 12.7 s, 1.12x
-FedAvg's (`cnn_fedavg`, 9.3 s); at E = 1 unchanged (2.51 s against
-2.53-2.56 s).
+and new code in turn): 9.8 and 10.0 s a round against 12.7 and 12.7 s,
+1.05-1.08x FedAvg's (`cnn_fedavg`, 9.3 s); at E = 1 unchanged (2.51 s
+against 2.53-2.56 s).
 """
 
 import flax.linen as nn
