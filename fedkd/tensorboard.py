@@ -19,12 +19,20 @@ import time
 from google.protobuf import message
 from tensorboardX import SummaryWriter
 from tensorboardX.proto import event_pb2
+from tensorboardX.proto import summary_pb2
+from tensorboardX.proto import tensor_pb2
+from tensorboardX.proto import types_pb2
 
 CONFIG_TAG = 'config'
 _PATTERN = 'events.out.tfevents.*'
 # A TFRecord: little-endian uint64 length, its CRC, the data, the data's CRC.
 _HEADER = struct.Struct('<QI')
 _FOOTER_BYTES = 4
+# Scalars go as float64 tensors of TensorBoard's scalars plugin: the
+# `simple_value` of `add_scalar` is a float32, exact only to 2^24 (a byte
+# count of 66,534,800,000 read back as 66,534,801,408).
+_SCALARS = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
 # A NaN is a finding (the row shows it), not a warning to print on each write.
 logging.getLogger('tensorboardX.x2num').setLevel(logging.ERROR)
 
@@ -44,6 +52,12 @@ def _events(path: str):
         yield event_pb2.Event.FromString(record[:length])
       except message.DecodeError:
         return
+
+
+def _scalar(tag: str, value: float) -> summary_pb2.Summary:
+  return summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+      tag=tag, metadata=_SCALARS, tensor=tensor_pb2.TensorProto(
+          dtype=types_pb2.DT_DOUBLE, double_val=[value]))])
 
 
 def _config_text(config: dict) -> str:
@@ -70,7 +84,8 @@ class EventWriter:
         continue
       for event in _events(path):
         for value in event.summary.value:
-          if value.HasField('simple_value'):
+          if (value.HasField('simple_value')
+              or value.metadata.plugin_data.plugin_name == 'scalars'):
             self._written.add((value.tag, event.step))
           elif value.tag.startswith(CONFIG_TAG) and value.tensor.string_val:
             self._config = value.tensor.string_val[0].decode()
@@ -78,6 +93,9 @@ class EventWriter:
     # a unique suffix keeps a restart within the same second from erasing.
     self._writer = SummaryWriter(logdir, flush_secs=30,
                                  filename_suffix=f'.{time.time_ns()}')
+    # Its `add_scalar` writes float32 only; summaries of our own go here.
+    # pylint: disable-next=protected-access
+    self._events = self._writer._get_file_writer()
 
   def write_config(self, config: dict, step: int) -> None:
     """Writes the config as text at `step`, unless the files hold it already."""
@@ -98,7 +116,7 @@ class EventWriter:
         if (tag == 'round' or (tag, step) in self._written
             or not isinstance(value, (int, float))):
           continue
-        self._writer.add_scalar(tag, float(value), step)
+        self._events.add_summary(_scalar(tag, float(value)), step)
         self._written.add((tag, step))
     self._writer.flush()  # Rows are minutes apart; show each at once.
 

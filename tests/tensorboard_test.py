@@ -5,8 +5,8 @@ import math
 import os
 
 from absl.testing import absltest
-import numpy as np
-from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.backend.event_processing import plugin_event_accumulator
+from tensorboard.util import tensor_util
 
 from experiments import runner
 from experiments.configs import default
@@ -16,16 +16,18 @@ from fedkd.errors import FedkdError
 
 
 def _read(logdir: str):
-  """({tag: [(step, value)]}, [config texts in order]) as TensorBoard sees."""
-  acc = event_accumulator.EventAccumulator(
-      logdir, size_guidance={event_accumulator.SCALARS: 0,
-                             event_accumulator.TENSORS: 0})
+  """({tag: [(step, value)]}, [config texts in order]) as TensorBoard's
+  server reads them (its plugins' accumulator)."""
+  acc = plugin_event_accumulator.EventAccumulator(
+      logdir, size_guidance={plugin_event_accumulator.TENSORS: 0})
   acc.Reload()
-  scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
-             for tag in acc.Tags()['scalars']}
-  texts = [e.tensor_proto.string_val[0].decode()
-           for tag in acc.Tags()['tensors'] if tag.startswith('config')
-           for e in acc.Tensors(tag)]
+  tags = lambda plugin: (acc.PluginTagToContent(plugin)
+                         if plugin in acc.ActivePlugins() else {})
+  value = lambda e: tensor_util.make_ndarray(e.tensor_proto).item()
+  scalars = {tag: [(e.step, value(e)) for e in acc.Tensors(tag)]
+             for tag in tags('scalars')}
+  texts = [e.tensor_proto.string_val[0].decode() for tag in tags('text')
+           if tag.startswith('config') for e in acc.Tensors(tag)]
   return scalars, texts
 
 
@@ -46,16 +48,16 @@ class EventWriterTest(absltest.TestCase):
     writer.close()
 
   def test_scalars_read_back_equal_the_rows(self):
-    rows = [{'round': 5, 'accuracy': 0.25, 'upload_bytes': 123_456_789,
+    rows = [{'round': 5, 'accuracy': 0.1, 'upload_bytes': 66_534_800_001,
              'dp_epsilon': None, 'nonfinite_metrics': ['x']},
             {'round': 10, 'accuracy': 0.5, 'upload_bytes': 7,
              'dp_epsilon': 1.5, 'nonfinite_metrics': []}]
     self._write(rows, {'seed': 3, 'algorithm': 'fedkd'})
     scalars, texts = _read(self.dir)
-    # None and lists are not scalars; TensorBoard keeps float32.
+    # None and lists are not scalars; the others are exact (float64).
     self.assertEqual(scalars, {
-        'accuracy': [(5, 0.25), (10, 0.5)],
-        'upload_bytes': [(5, float(np.float32(123_456_789))), (10, 7.0)],
+        'accuracy': [(5, 0.1), (10, 0.5)],
+        'upload_bytes': [(5, 66_534_800_001), (10, 7)],
         'dp_epsilon': [(10, 1.5)]})
     self.assertLen(texts, 1)
     self.assertEqual(json.loads(texts[0]), {'seed': 3, 'algorithm': 'fedkd'})
@@ -75,9 +77,9 @@ class EventWriterTest(absltest.TestCase):
                  {'round': 3, 'acc': 0.3, 'new': 1.0}], step=1)
     self.assertLen(_event_files(self.dir), 2)
     scalars, texts = _read(self.dir)
-    self.assertEqual(scalars['acc'], [(1, np.float32(0.1)),
-                                      (2, np.float32(0.2)),
-                                      (3, np.float32(0.3))])
+    self.assertEqual(scalars['acc'], [(1, 0.1),
+                                      (2, 0.2),
+                                      (3, 0.3)])
     self.assertEqual(scalars['new'], [(3, 1.0)])
     self.assertLen(texts, 1)  # the same config is not written again
     self._write([], {'seed': 1}, step=3)
@@ -98,8 +100,8 @@ class EventWriterTest(absltest.TestCase):
       f.truncate(os.path.getsize(path) - 3)
     self._write([{'round': 1, 'acc': 0.1}, {'round': 2, 'acc': 0.2}])
     scalars, _ = _read(self.dir)
-    self.assertEqual(scalars['acc'], [(1, np.float32(0.1)),
-                                      (2, np.float32(0.2))])
+    self.assertEqual(scalars['acc'], [(1, 0.1),
+                                      (2, 0.2)])
 
 
 class WorkdirTest(absltest.TestCase):
@@ -126,7 +128,7 @@ class WorkdirTest(absltest.TestCase):
     # Resumed from round 1's checkpoint: round 2 again, then round 3.
     self._session([one], [dict(two, acc=0.9), three])
     self.assertEqual(_read(self.logdir)[0]['acc'], [
-        (1, np.float32(0.1)), (2, np.float32(0.2)), (3, np.float32(0.3))])
+        (1, 0.1), (2, 0.2), (3, 0.3)])
     # No checkpoint to resume from: the events start anew, as metrics.jsonl.
     self._session([], [dict(one, acc=0.5)])
     self.assertEqual(_read(self.logdir)[0], {'acc': [(1, 0.5)]})
@@ -156,7 +158,7 @@ class RunTest(absltest.TestCase):
       for tag, value in row.items():
         if isinstance(value, (int, float)) and tag != 'round':
           expected.setdefault(tag, []).append(
-              (row['round'], float(np.float32(value))))
+              (row['round'], value))
     scalars, texts = _read(os.path.join(workdir, workdir_lib.TENSORBOARD))
     self.assertEqual(scalars, expected)
     self.assertIn('student_accuracy', scalars)
