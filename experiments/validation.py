@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from experiments import builder
 from fedkd import algorithms
 from fedkd import clients
+from fedkd import communication
 from fedkd import models
 from fedkd import privacy
 from fedkd.algorithms import ALGORITHMS
@@ -98,6 +99,11 @@ def validate_config(config) -> None:
   privacy.validate(clip_norm=config.dp_clip_norm,
                    noise_multiplier=config.dp_noise_multiplier,
                    delta=config.dp_delta, accountant=config.dp_accountant)
+  if config.clients_per_round > communication.MAX_CLIENTS:
+    raise FedkdError(
+        f'clients_per_round must be <= {communication.MAX_CLIENTS} (2**20, '
+        'the most clients whose bytes a round counts exactly), got '
+        f'{config.clients_per_round}; split the cohort over more rounds')
   if config.clients_per_round > config.num_clients:
     raise FedkdError(
         f'clients_per_round={config.clients_per_round} exceeds num_clients='

@@ -18,6 +18,9 @@ FLOAT_BYTES = 4
 # the words over up to 2^20 clients stay below 2^31.
 _SHIFTS = (22, 11, 0)
 _WORD = (1 << 11) - 1
+# The most clients a round may sum such words over (`summed`, and the round's
+# sum of each client's `floats`) and stay exact.
+MAX_CLIENTS = 1 << 20
 _UNITS = tuple(FLOAT_BYTES << s for s in _SHIFTS)
 
 
