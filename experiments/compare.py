@@ -14,7 +14,10 @@ Then WORKDIR gets
   `config.target_accuracy` (over the seeds that reach it), the total bytes
   sent (upload plus download, all rounds) and the private teachers' (local_kd)
   or mentors' (fedkd) final accuracy. fd and fedmd have no global model:
-  their accuracy is the mean of the clients' own models, labelled so;
+  their accuracy is the mean of the clients' own models, labelled so. With
+  several client architectures (`client_models`), a second table gives each
+  architecture's final accuracy: its global model (feddf), its clients' own
+  models (fd, fedmd) or its private teachers (local_kd) or mentors (fedkd);
 * `compare.json`: the same figures, unrounded, and the per-seed values;
 * `accuracy_vs_round.png` and `accuracy_vs_bytes.png`: the mean over seeds,
   a band of +- one std, a distinct line style per algorithm.
@@ -22,6 +25,7 @@ Then WORKDIR gets
 
 import json
 import os
+import re
 
 import numpy as np
 
@@ -34,6 +38,10 @@ _LOCAL_MODELS = ('fd', 'fedmd')
 # Algorithms whose `teacher_accuracy` is a private model beside the global
 # one, and what their papers call it.
 _PRIVATE = {'local_kd': 'teacher', 'fedkd': 'mentor'}
+
+# Per-architecture metrics (`client_models`): `accuracy_<model>` of global
+# or clients' own models, `teacher_accuracy_<model>` of private teachers.
+_BY_MODEL = re.compile(r'(?:teacher_)?accuracy_(.+)')
 
 # Colour, dash and marker all change from one algorithm to the next, so lines
 # that coincide (fedavg and fedprox with a small mu) stay distinguishable.
@@ -93,6 +101,8 @@ def seed_figures(name: str, rows: list[dict], target: float) -> dict:
       'total_bytes': last['cumulative_bytes'],
       'private_accuracy': (last['teacher_accuracy'] if name in _PRIVATE
                            else None),
+      **{key: value for key, value in last.items()
+         if _BY_MODEL.fullmatch(key)},
   }
 
 
@@ -146,6 +156,26 @@ def markdown_table(summaries: dict[str, dict], target: float,
         f'{rounds} | '
         f'{_cell(stats["total_bytes"], "{:.3f}", num_seeds, 1e-6)} | '
         f'{private} |')
+  return '\n'.join(lines) + '\n' + _by_model_table(summaries, num_seeds)
+
+
+def _by_model_table(summaries: dict[str, dict], num_seeds: int) -> str:
+  """Each architecture's final accuracy per algorithm; '' for one."""
+  keys = {key: match[1] for stats in summaries.values() for key in stats
+          if (match := _BY_MODEL.fullmatch(key))}
+  names = list(dict.fromkeys(keys.values()))
+  if not names:
+    return ''
+  lines = ['', '| algorithm (accuracy of) | ' + ' | '.join(names) + ' |',
+           '| --- |' + ' ---: |' * len(names)]
+  for name, stats in summaries.items():
+    of = (f'{_PRIVATE[name]}s' if name in _PRIVATE else
+          'clients\' models' if name in _LOCAL_MODELS else 'global models')
+    found = [stats.get(f'accuracy_{model}')
+             or stats.get(f'teacher_accuracy_{model}') for model in names]
+    cells = [_cell(stat, '{:.4f}', num_seeds) if stat else '-'
+             for stat in found]
+    lines.append(f'| {name} ({of}) | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 

@@ -56,6 +56,25 @@ class TableTest(absltest.TestCase):
     self.assertEqual(row, '| fd | mean of local models | 0.3000 | 0.3000 | '
                      '- | not reached | 1.000 | - |')
 
+  def test_each_architecture_has_its_column(self):
+    # feddf reports its global models', local_kd its teachers' accuracies.
+    feddf = _rows([0.5, 0.6])
+    feddf[-1].update(accuracy_a=0.7, accuracy_b=0.5)
+    local_kd = _rows([0.8], teacher=0.3)
+    local_kd[-1].update(teacher_accuracy_a=0.2, teacher_accuracy_b=0.4)
+    table = compare.markdown_table(
+        {name: compare.summarize([compare.seed_figures(name, rows, 0.8)])
+         for name, rows in (('feddf', feddf), ('local_kd', local_kd))},
+        0.8, num_seeds=1)
+    self.assertEqual(table.splitlines()[-4:], [
+        '| algorithm (accuracy of) | a | b |', '| --- | ---: | ---: |',
+        '| feddf (global models) | 0.7000 | 0.5000 |',
+        '| local_kd (teachers) | 0.2000 | 0.4000 |'])
+    # One architecture: no second table.
+    self.assertLen(compare.markdown_table(
+        {'fd': compare.summarize([compare.seed_figures(
+            'fd', _rows([0.3]), 0.8)])}, 0.8, 1).splitlines(), 3)
+
   def test_line_styles_differ(self):
     styles = [compare.line_style(i) for i in range(8)]
     for key in ('linestyle', 'marker', 'color'):
