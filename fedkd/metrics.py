@@ -11,6 +11,7 @@ activations fit a memory budget, estimated per example by
 from collections.abc import Sequence
 import math
 import os
+import resource
 
 import flax.linen as nn
 import jax
@@ -165,6 +166,20 @@ def _cgroup_free_bytes() -> int | None:
   return None if limit == 'max' else int(limit) - used
 
 
+def _address_space_left() -> int | None:
+  """What an address-space limit (`ulimit -v`) leaves this process, if set."""
+  limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+  if limit == resource.RLIM_INFINITY:
+    return None
+  try:
+    with open('/proc/self/status') as f:
+      mapped = next(int(line.split()[1]) * 1024 for line in f
+                    if line.startswith('VmSize:'))
+  except (OSError, StopIteration, ValueError):
+    return None
+  return max(limit - mapped, 0)
+
+
 def _host_available_bytes() -> int:
   """What the OS can give this process without swapping."""
   free = None
@@ -177,8 +192,8 @@ def _host_available_bytes() -> int:
     pass
   if free is None:
     free = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_AVPHYS_PAGES')
-  cgroup = _cgroup_free_bytes()
-  return free if cgroup is None else min(free, cgroup)
+  limits = (_cgroup_free_bytes(), _address_space_left())
+  return min([free, *(n for n in limits if n is not None)])
 
 
 def available_bytes(device: jax.Device) -> int:

@@ -116,6 +116,28 @@ def out_of_memory_is(where: str, advice: str):
     raise OutOfMemory(f'out of memory {where} ({first}); {advice}') from None
 
 
+def check_fits(compiled, where: str, advice: str) -> None:
+  """Raises `OutOfMemory` if the buffers that `compiled` allocates when it
+  runs exceed the free memory: refused before anything is run or written.
+
+  XLA reports them per device at compile time: temporaries and outputs,
+  less outputs written over donated inputs (the inputs exist already). CPU
+  devices share the host's memory.
+  """
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return
+  devices = jax.local_devices()
+  needed = (analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes)
+  if devices[0].platform == 'cpu':
+    needed *= len(devices)
+  free = metrics_lib.available_bytes(devices[0])
+  if needed > free:
+    raise OutOfMemory(f'out of memory {where} (it needs {needed / 2**30:.1f}'
+                      f' GiB, {free / 2**30:.1f} GiB are free); {advice}')
+
+
 # For running out of memory outside the places that name their own settings.
 RUN_ADVICE = ('lower clients_per_chunk, clients_per_round, batch_size or '
                'eval_batch_size, or use a smaller dataset')
@@ -154,8 +176,11 @@ def _round_advice(settings: 'Settings', cohort_size: int, chunk: int) -> str:
              ' or')
   else:
     lower = 'lower'
+  batches = f'batch_size (now {settings.batch_size})'
+  if settings.public_batch_size:
+    batches += f' or public_batch_size (now {settings.public_batch_size})'
   return (f'{lower} clients_per_round (now {settings.clients_per_round}) or '
-          f'batch_size (now {settings.batch_size})')
+          f'{batches}')
 
 
 def _eval_advice(settings: 'Settings') -> str:
@@ -213,6 +238,8 @@ class Settings:
     num_rounds: rounds in the whole run.
     seed: seeds the models, cohorts and rounds.
     batch_size: the local minibatch size (named in out-of-memory advice).
+    public_batch_size: the batch size on public data (feddf, fedmd; named
+      in out-of-memory advice), or 0 without public data.
     groups: client groups (architectures); client i is in group i % groups.
     eval_every: rounds between evaluations (and after the last).
     checkpoint_every: rounds between checkpoints; 0 = after the last only.
@@ -235,6 +262,7 @@ class Settings:
   num_rounds: int
   seed: int = 0
   batch_size: int = 10
+  public_batch_size: int = 0
   groups: int = 1
   eval_every: int = 1
   checkpoint_every: int = 0
@@ -387,6 +415,7 @@ def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
         alg.apply, mesh, state_shardings,
         sharding.data_sharding(client_data, mesh), donate_argnums=0).lower(
             state, client_data, cohort_for(0), round_key).compile()
+  check_fits(apply, 'in a training round', round_advice)
   compile_seconds = time.perf_counter() - start
 
   test = jax.device_put(test, replicated)

@@ -459,7 +459,7 @@ runpy.run_path('experiments/main.py', run_name='__main__')
 
 class OutOfMemoryTest(absltest.TestCase):
 
-  def test_round_too_large_names_the_settings_to_lower(self):
+  def test_round_too_large_is_refused_naming_the_settings(self):
     workdir = self.create_tempdir().full_path
     # A million local epochs: the round's step schedule alone needs ~40 GB.
     env = toys.subprocess_env(MALLOC_ARENA_MAX='2')
@@ -470,9 +470,11 @@ class OutOfMemoryTest(absltest.TestCase):
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
     self.assertNotIn('Traceback', proc.stderr)
     last = proc.stderr.strip().splitlines()[-1]
-    self.assertStartsWith(last, 'error: out of memory in round 1 (')
+    # Refused from the compiled round's buffers, before any round or write.
+    self.assertRegex(last, r'^error: out of memory in a training round \('
+                     r'it needs \d+\.\d GiB, [0-2]\.\d GiB are free\); ')
     self.assertIn('e.g. clients_per_chunk=25', last)
-    self.assertIn('no checkpoint was saved', last)
+    self.assertEqual(os.listdir(workdir), ['.fedkd.lock'])
 
 
 class OutOfResourcesAnywhereTest(parameterized.TestCase):
