@@ -155,6 +155,37 @@ def validate_config(config) -> None:
                      f'{config.alpha}')
 
 
+def validate_steps(config, max_examples: int, num_public: int) -> None:
+  """Checks that every training stage runs fewer than 2**31 steps.
+
+  A stage's steps, epochs x batches per epoch, are a `lax.scan`'s length,
+  which JAX counts in int32.
+
+  Args:
+    config: a validated run config.
+    max_examples: the largest client's number of examples.
+    num_public: the public examples held out.
+  """
+  private = (max_examples, config.batch_size, 'the largest client\'s')
+  # feddf distills on the public data less its validation split.
+  proxy = num_public - builder.feddf_num_val(config, num_public)
+  public = (proxy, config.public_batch_size, 'the public data\'s')
+  stages = [('local_epochs', private)]
+  if config.algorithm == 'feddf':
+    stages.append(('distill_epochs', public))
+  if config.algorithm == 'fedmd':
+    stages += [('digest_epochs', public), ('fedmd_transfer_epochs', public),
+               ('fedmd_private_epochs', private)]
+  for field, (examples, batch_size, whose) in stages:
+    epochs = getattr(config, field)
+    steps = clients.num_steps(examples, epochs=epochs, batch_size=batch_size)
+    if steps >= 2**31:
+      raise FedkdError(
+          f'{field}={epochs} makes {steps:,} steps (batches of {batch_size} '
+          f'over {whose} {examples} examples); they must be < 2**31, JAX '
+          f'counts them in int32: lower {field}')
+
+
 def _validate_client_models(config) -> None:
   """Checks `client_models`: known, distinct names, for an algorithm whose
   messages do not depend on the architecture, each taking part every round.

@@ -22,6 +22,7 @@ from absl.testing import parameterized
 import numpy as np
 
 from experiments import runner
+from experiments import validation
 from experiments.configs import default
 from fedkd import train
 from fedkd.errors import FedkdError
@@ -288,6 +289,22 @@ BAD_INPUTS = (
     ('distill_val_no_proxy', ['--config.algorithm=feddf',
                               '--config.public_examples=1'],
      'leaves no proxy data to distill on'),
+    # A stage's steps are a scan's length, an int32 (143 public examples,
+    # the largest client 38).
+    ('local_epochs_int32', ['--config.local_epochs=2147483648'],
+     'local_epochs=2147483648 makes 8,589,934,592 steps'),
+    ('distill_epochs_int32', ['--config.algorithm=feddf',
+                              '--config.distill_epochs=1000000000'],
+     'distill_epochs=1000000000 makes 3,000,000,000 steps'),
+    ('digest_epochs_int32', ['--config.algorithm=fedmd',
+                             '--config.digest_epochs=1000000000'],
+     'digest_epochs=1000000000 makes 3,000,000,000 steps'),
+    ('transfer_epochs_int32', ['--config.algorithm=fedmd',
+                               '--config.fedmd_transfer_epochs=1000000000'],
+     'lower fedmd_transfer_epochs'),
+    ('private_epochs_int32', ['--config.algorithm=fedmd',
+                              '--config.fedmd_private_epochs=1000000000'],
+     'lower fedmd_private_epochs'),
 )
 
 
@@ -410,6 +427,19 @@ class BadInputTest(parameterized.TestCase):
     proc = _main(SMOKE, f'--workdir={blocker}/run')
     self.assertEqual(proc.returncode, 2, proc.stderr)
     self.assertIn('cannot create workdir', proc.stderr)
+
+
+class StepsTest(absltest.TestCase):
+  """A stage's steps, epochs x batches, must stay below 2**31."""
+
+  def test_limit_is_exact(self):
+    config = default.get_config('smoke')
+    # 3 batches of 10 over the largest client's 21 examples.
+    config.local_epochs = (2**31 - 1) // 3
+    validation.validate_steps(config, max_examples=21, num_public=0)
+    config.local_epochs += 1
+    with self.assertRaisesRegex(FedkdError, 'makes 2,147,483,649 steps'):
+      validation.validate_steps(config, max_examples=21, num_public=0)
 
 
 class SignalTest(parameterized.TestCase):
