@@ -162,6 +162,18 @@ BAD_INPUTS = (
     ('config_variant', ['--config=experiments/configs/default.py:nope'],
      'unknown config variant'),
     ('config_file', ['--config=experiments/configs/nope.py'], 'nope.py'),
+    # Broken config files (_CONFIG_FILES).
+    ('config_syntax', ['--config={tmp}/syntax.py'],
+     'syntax.py: SyntaxError: invalid syntax (line 1)'),
+    ('config_raises', ['--config={tmp}/raises.py'], 'RuntimeError: boom'),
+    ('config_import', ['--config={tmp}/imports.py'],
+     "ModuleNotFoundError: No module named 'no_such_module'"),
+    ('config_dict', ['--config={tmp}/dict.py'],
+     'get_config() returned a dict, not an ml_collections.ConfigDict'),
+    ('config_fields', ['--config={tmp}/fields.py'],
+     'its config lacks the fields algorithm, alpha, batch_size'),
+    ('config_no_get', ['--config={tmp}/no_get.py', '--config.seed=1'],
+     'it defines no get_config(); start from experiments/configs/default.py'),
     ('process_id', ['--config.num_processes=2', '--config.process_id=2'],
      'process_id must be in [0, 2)'),
     ('coordinator', ['--config.num_processes=2'], 'needs coordinator_address'),
@@ -350,6 +362,16 @@ _PREPARED = {
     'workdir_fedkd_rounds': _as_fedkd,
 }
 _NPZ_ARGS = ['--config.num_clients=4', '--config.clients_per_round=4']
+# Config files that do not load, or lack fields.
+_CONFIG_FILES = {
+    'syntax.py': 'def get_config(:\n',
+    'raises.py': 'def get_config(arg=None):\n  raise RuntimeError("boom")\n',
+    'imports.py': 'import no_such_module\n',
+    'dict.py': 'def get_config(arg=None):\n  return {"num_clients": 3}\n',
+    'fields.py': 'import ml_collections\ndef get_config():\n'
+                 '  return ml_collections.ConfigDict({"num_clients": 3})\n',
+    'no_get.py': 'x = 1\n',
+}
 
 
 class BadInputTest(parameterized.TestCase):
@@ -370,6 +392,9 @@ class BadInputTest(parameterized.TestCase):
         np.arange(40) == 7))
     _npz(f'{tmp}/labels_uint64.npz',
          y_test=np.array([0, 1, 2] * 3 + [2**32 + 1], np.uint64))
+    for name, text in _CONFIG_FILES.items():
+      with open(f'{tmp}/{name}', 'w') as f:
+        f.write(text)
     # A finished run every bad invocation points at.
     cls.workdir = f'{tmp}/existing'
     proc = _main(SMOKE, f'--workdir={cls.workdir}')
