@@ -15,7 +15,9 @@ from fedkd import algorithms
 from fedkd import clients
 from fedkd import communication
 from fedkd import models
+from fedkd import npzfile
 from fedkd import privacy
+from fedkd import synthetic
 from fedkd.algorithms import ALGORITHMS
 from fedkd.algorithms import DP_ALGORITHMS
 from fedkd.algorithms import NO_DP
@@ -37,6 +39,9 @@ _NON_NEGATIVE = ('num_devices', 'clients_per_chunk', 'eval_teachers',
                  'public_examples', 'prox_mu', 'ntd_beta', 'checkpoint_every',
                  'distill_clip_norm', 'fedmd_transfer_epochs',
                  'fedmd_private_epochs')
+# Counts that JAX holds in int32 (or C ints: num_processes).
+_INT32 = ('num_clients', 'num_rounds', 'batch_size', 'public_batch_size',
+          'distill_eval_every', 'distill_patience')
 # What 0 means, where it means something.
 _ZERO_MEANS = {'num_devices': ' (0 = all devices)',
                'clients_per_chunk': ' (0 = the whole cohort at once; unset:'
@@ -47,6 +52,12 @@ _ZERO_MEANS = {'num_devices': ' (0 = all devices)',
                'fedmd_private_epochs': ' (0 = none)'}
 # Algorithms evaluated through the clients' own models.
 _LOCAL_EVAL = ('fd', 'fedmd')
+
+
+def _below_2_31(config, field):
+  if getattr(config, field) >= 2**31:
+    raise FedkdError(f'{field} must be < 2**31 (it is counted in int32), '
+                     f'got {getattr(config, field)}')
 
 
 def _one_of(config, field, choices):
@@ -68,9 +79,8 @@ def validate_config(config) -> None:
   # PRNGKey keeps a seed's low 32 bits: 2**32 would silently rerun seed 0.
   if not 0 <= config.seed < 2**32:
     raise FedkdError(f'seed must be in [0, 2**32), got {config.seed}')
-  if config.num_rounds >= 2**31:
-    raise FedkdError('num_rounds must be < 2**31 (rounds are counted in '
-                     f'int32), got {config.num_rounds}')
+  for field in _INT32:
+    _below_2_31(config, field)
   for field in _POSITIVE_FLOATS:
     value = getattr(config, field)
     if not value > 0:
@@ -122,9 +132,18 @@ def validate_config(config) -> None:
       raise FedkdError('synthetic_alpha and synthetic_beta must be finite and '
                        f'>= 0, got {config.synthetic_alpha}, '
                        f'{config.synthetic_beta}')
-    if config.synthetic_max_examples < 50:
+    _below_2_31(config, 'synthetic_max_examples')
+    if config.synthetic_max_examples < synthetic.MIN_EXAMPLES:
       raise FedkdError('synthetic_max_examples must be >= 50 (every client '
                        f'has at least 50), got {config.synthetic_max_examples}')
+    # Refused before generating examples that could never fit.
+    if synthetic.min_bytes(config.num_clients) > npzfile.memory_bytes():
+      raise FedkdError(
+          f'num_clients={config.num_clients} of dataset=synthetic need at '
+          f'least {synthetic.min_bytes(config.num_clients) / 2**30:,.1f} GiB '
+          f'(50 examples each), more than this machine\'s '
+          f'{npzfile.memory_bytes() / 2**30:.1f} GiB of memory; lower '
+          'num_clients')
     if config.public_examples:
       raise FedkdError('public_examples must be 0 with dataset=synthetic, '
                        'whose clients hold all of its training data')
@@ -274,12 +293,14 @@ def validate_processes(config) -> None:
   """Checks the multi-process fields, before JAX starts."""
   if config.num_processes < 1:
     raise FedkdError(f'num_processes must be >= 1, got {config.num_processes}')
+  _below_2_31(config, 'num_processes')
   if not 0 <= config.process_id < config.num_processes:
     raise FedkdError(f'process_id must be in [0, {config.num_processes}), '
                      f'got {config.process_id}')
-  if not 0 < config.coordinator_timeout < math.inf:
+  # JAX takes it as whole seconds in a C int.
+  if not 0 < config.coordinator_timeout < 2**30:
     raise FedkdError('coordinator_timeout must be a finite number of seconds '
-                     f'> 0, got {config.coordinator_timeout}')
+                     f'> 0 and < 2**30, got {config.coordinator_timeout}')
   if config.num_processes > 1 and ':' not in config.coordinator_address:
     raise FedkdError('a multi-process run needs coordinator_address=HOST:PORT '
                      f'(process 0 listens there), got '

@@ -301,6 +301,28 @@ BAD_INPUTS = (
     ('distill_val_no_proxy', ['--config.algorithm=feddf',
                               '--config.public_examples=1'],
      'leaves no proxy data to distill on'),
+    # Beyond int64 or a C int.
+    ('num_clients_huge', ['--config.dataset=synthetic',
+                          '--config.num_clients=18446744073709551616'],
+     'num_clients must be < 2**31'),
+    ('synthetic_max_huge', ['--config.dataset=synthetic',
+                            '--config.synthetic_max_examples='
+                            '18446744073709551616'],
+     'synthetic_max_examples must be < 2**31'),
+    ('num_processes_huge', ['--config.num_processes=100000000000000000000',
+                            '--config.coordinator_address=localhost:45672'],
+     'num_processes must be < 2**31'),
+    ('coordinator_timeout_huge', ['--config.coordinator_timeout=1e300'],
+     'coordinator_timeout must be a finite number of seconds > 0 and < 2**30'),
+    ('batch_size_huge', ['--config.batch_size=18446744073709551616'],
+     'batch_size must be < 2**31'),
+    ('distill_patience_huge', ['--config.algorithm=feddf',
+                               '--config.distill_patience=2147483648'],
+     'distill_patience must be < 2**31'),
+    # 10**9 clients' examples need terabytes.
+    ('synthetic_memory', ['--config.dataset=synthetic',
+                          '--config.num_clients=1000000000'],
+     'num_clients=1000000000 of dataset=synthetic need at least 11,362.1 GiB'),
     # A stage's steps are a scan's length, an int32 (143 public examples,
     # the largest client 38).
     ('local_epochs_int32', ['--config.local_epochs=2147483648'],
