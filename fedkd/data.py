@@ -145,6 +145,16 @@ def _load_npz(name: str, path: str) -> Dataset:
         f' examples have shape {x_test.shape[1:]}; they must match'
     )
   num_classes = int(max(y_train.max(), y_test.max())) + 1
+  # The models get a logit, the partition a row, for each of 0..max: labels
+  # such as 0..3 and 10**6 would mean a million classes, nearly all unused.
+  used = len(np.union1d(y_train, y_test))
+  if 2 * used < num_classes:
+    raise errors.FedkdError(
+        f'{path}: the largest label is {num_classes - 1} but only {used} of'
+        f' the {num_classes:,} classes 0..{num_classes - 1} occur; relabel'
+        f' them to 0..{used - 1}, e.g. labels, y = np.unique(y,'
+        ' return_inverse=True) over y_train and y_test together'
+    )
   return Dataset(name, x_train, y_train, x_test, y_test, num_classes)
 
 

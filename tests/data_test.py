@@ -172,6 +172,13 @@ class NpzTest(parameterized.TestCase):
       ('labels_2d', dict(y_train=np.zeros((6, 1), int)), '1-D array of int'),
       ('labels_float', dict(y_train=np.zeros(6)), '1-D array of integer'),
       ('negative_label', dict(y_test=np.array([0, -1, 1, 2])), 'negative'),
+      ('sparse_labels', dict(y_test=np.array([0, 1, 2, 10**6])),
+       r'largest label is 1000000 but only 4 of the 1,000,001 classes '
+       r'0..1000000 occur; relabel them to 0..3'),
+      ('sparse_int32_labels', dict(y_test=np.array([0, 1, 2, 2**31 - 2])),
+       'largest label is 2147483646 but only 4'),
+      ('more_than_half_unused', dict(y_test=np.array([0, 1, 2, 8])),
+       'only 4 of the 9 classes'),
       ('nan', dict(x_train=np.full((6, 3), np.nan)), 'NaN or infinite'),
       ('inf', dict(x_test=np.full((4, 3), np.inf)), 'NaN or infinite'),
       ('float32_overflow', dict(x_test=np.full((4, 3), 1e300)), 'infinite'),
@@ -212,10 +219,18 @@ class NpzTest(parameterized.TestCase):
     with self.assertRaisesRegex(errors.FedkdError, 'not an .npz archive'):
       data.load_dataset(f'npz:{path}')
 
+  def test_half_the_classes_unused_is_accepted(self):
+    arrays = self._valid() | dict(y_test=np.array([0, 1, 2, 7]))
+    ds = data.load_dataset(f'npz:{self._save(**arrays)}')
+    self.assertEqual(ds.num_classes, 8)
+
   def test_pickled_object_array_raises(self):
     arrays = self._valid() | dict(y_train=np.array([0, 1, 2, 0, 1, 2], object))
     path = self._save(**arrays)
-    with self.assertRaisesRegex(errors.FedkdError, 'cannot read'):
+    # Said once: `read` does not wrap its own errors again.
+    with self.assertRaisesRegex(
+        errors.FedkdError, f'^cannot read .npz file {path}: y_train holds '
+        r'Python objects \(dtype object\); save numeric arrays$'):
       data.load_dataset(f'npz:{path}')
 
   def _claiming(self, shape) -> str:

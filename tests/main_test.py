@@ -221,6 +221,10 @@ BAD_INPUTS = (
      'y_train has labels in [0, 2147483649]'),
     ('npz_labels_uint64', ['--config.dataset=npz:{tmp}/labels_uint64.npz'],
      'y_test has labels in [0, 4294967297]'),
+    ('npz_labels_sparse', ['--config.dataset=npz:{tmp}/labels_sparse.npz'],
+     'the largest label is 1000000 but only 5 of the 1,000,001 classes'),
+    ('npz_objects', ['--config.dataset=npz:{tmp}/objects.npz'],
+     'objects.npz: y_train holds Python objects'),
     ('npz_labels_overwrite', ['--config.overwrite=True',
                               '--config.dataset=npz:{tmp}/labels_int64.npz'],
      'y_train has labels in'),
@@ -412,6 +416,9 @@ class BadInputTest(parameterized.TestCase):
     _claiming_npz(f'{tmp}/huge.npz', (10**12, 5))
     _npz(f'{tmp}/labels_int64.npz', y_train=np.arange(40) % 3 + 2**31 * (
         np.arange(40) == 7))
+    _npz(f'{tmp}/labels_sparse.npz', y_train=np.arange(40) % 4 + (
+        10**6 - 3) * (np.arange(40) == 7))
+    _npz(f'{tmp}/objects.npz', y_train=np.arange(40).astype(object))
     _npz(f'{tmp}/labels_uint64.npz',
          y_test=np.array([0, 1, 2] * 3 + [2**32 + 1], np.uint64))
     for name, text in _CONFIG_FILES.items():
