@@ -4,7 +4,6 @@ Each failed check raises `FedkdError` with one line naming the field, the bad
 value and what to do instead.
 """
 
-import math
 import os
 
 import jax
@@ -39,6 +38,7 @@ _NON_NEGATIVE = ('num_devices', 'clients_per_chunk', 'eval_teachers',
                  'public_examples', 'prox_mu', 'ntd_beta', 'checkpoint_every',
                  'distill_clip_norm', 'fedmd_transfer_epochs',
                  'fedmd_private_epochs')
+_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 # Counts that JAX holds in int32 (or C ints: num_processes).
 _INT32 = ('num_clients', 'num_rounds', 'batch_size', 'public_batch_size',
           'distill_eval_every', 'distill_patience')
@@ -69,10 +69,12 @@ def _one_of(config, field, choices):
 
 def validate_config(config) -> None:
   """Checks every field of a run config that can be checked without data."""
-  # Every float below is finite from here on.
+  # Every float below is finite from here on, in float32 too, which the
+  # run computes in (1e300 would be inf there).
   for field, value in sorted(config.items()):
-    if isinstance(value, float) and not math.isfinite(value):
-      raise FedkdError(f'{field} must be a finite number, got {value}')
+    if isinstance(value, float) and not abs(value) <= _FLOAT32_MAX:
+      raise FedkdError(f'{field} must be a finite number (float32: at most '
+                       f'{_FLOAT32_MAX:.4g} in magnitude), got {value}')
   for field in _POSITIVE_INTS:
     if getattr(config, field) < 1:
       raise FedkdError(f'{field} must be >= 1, got {getattr(config, field)}')
@@ -316,6 +318,12 @@ def validate_comparison(config) -> None:
     single = config.copy_and_resolve_references()
     single.algorithm = name
     validate_config(single)
+  # The runs take seeds seed .. seed + num_seeds - 1, each one a valid seed.
+  if config.seed + config.num_seeds - 1 >= 2**32:
+    raise FedkdError(
+        f'seed + num_seeds - 1 must be below 2**32 (the last run\'s seed), '
+        f'got {config.seed} + {config.num_seeds} - 1 = '
+        f'{config.seed + config.num_seeds - 1}; lower seed or num_seeds')
   if not 0.0 < config.target_accuracy <= 1.0:
     raise FedkdError(f'target_accuracy must be in (0, 1], got '
                      f'{config.target_accuracy}')

@@ -8,6 +8,7 @@ builder that needs TensorFlow), the error gives the command that prepares it.
 
 import dataclasses
 import hashlib
+import os
 
 import numpy as np
 from sklearn import datasets as sk_datasets
@@ -86,7 +87,22 @@ def load_dataset(name: str, data_dir: str | None = None, *,
   if name.startswith(NPZ_PREFIX):
     return _load_npz(name, name[len(NPZ_PREFIX):])
   _check_tfds_name(name)
+  if data_dir:
+    _check_data_dir(data_dir)
   return _load_tfds(name, data_dir, download)
+
+
+def _check_data_dir(data_dir: str) -> None:
+  """Refuses a `data_dir` that is, or lies under, something not a directory
+  (TFDS would report a failed download)."""
+  path = os.path.abspath(data_dir)
+  while not os.path.exists(path):  # a missing directory is made
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise errors.FedkdError(
+        f'data_dir {data_dir} is not a directory ({path} is a file); set'
+        ' data_dir to a directory, or to \'\' for the TFDS default'
+    )
 
 
 def _check_tfds_name(name: str) -> None:
