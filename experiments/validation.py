@@ -15,6 +15,7 @@ from fedkd import clients
 from fedkd import communication
 from fedkd import models
 from fedkd import npzfile
+from fedkd import optimizers
 from fedkd import privacy
 from fedkd import synthetic
 from fedkd.algorithms import ALGORITHMS
@@ -128,6 +129,11 @@ def validate_config(config) -> None:
   models.check_name(config.teacher, 'teacher')
   models.check_name(config.student, 'student')
   _one_of(config, 'client_optimizer', OPTIMIZERS)
+  if config.client_optimizer in optimizers.SERVER_ONLY:
+    raise FedkdError(
+        f'client_optimizer {config.client_optimizer!r} is a server optimizer '
+        '(Reddi et al. 2021, for server_optimizer); choose one of '
+        f'{", ".join(optimizers.CLIENT_OPTIMIZERS)}')
   _one_of(config, 'server_optimizer', OPTIMIZERS)
   if config.dataset == 'synthetic':
     if min(config.synthetic_alpha, config.synthetic_beta) < 0:
@@ -303,10 +309,17 @@ def validate_processes(config) -> None:
   if not 0 < config.coordinator_timeout < 2**30:
     raise FedkdError('coordinator_timeout must be a finite number of seconds '
                      f'> 0 and < 2**30, got {config.coordinator_timeout}')
-  if config.num_processes > 1 and ':' not in config.coordinator_address:
+  if config.num_processes == 1:
+    return  # no coordinator
+  # HOST:PORT; rpartition leaves an IPv6 host's colons ([::1]:1234).
+  host, colon, port = config.coordinator_address.rpartition(':')
+  if not (host and colon):
     raise FedkdError('a multi-process run needs coordinator_address=HOST:PORT '
                      f'(process 0 listens there), got '
                      f'{config.coordinator_address!r}')
+  if not (port.isdigit() and 1 <= int(port) <= 65535):
+    raise FedkdError(f'coordinator_address={config.coordinator_address!r}: '
+                     f'the port must be an integer in 1..65535, got {port!r}')
 
 
 def validate_comparison(config) -> None:
