@@ -9,6 +9,9 @@ builder that needs TensorFlow), the error gives the command that prepares it.
 import dataclasses
 import hashlib
 import os
+import socket
+import urllib.parse
+import urllib.request
 
 import numpy as np
 from sklearn import datasets as sk_datasets
@@ -302,6 +305,11 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str,
         f' is off (tfds_download=False); run {command}, or turn downloading'
         ' on'
     )
+  try:
+    _probe_download_hosts(builder)
+  except OSError as e:
+    raise errors.FedkdError(
+        _preparation_failure(e, builder, name, command)) from e
   print(f'downloading and preparing TFDS dataset {name!r} under {root} '
         '(tfds_download=False turns this off)', flush=True)
   try:
@@ -311,6 +319,38 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str,
     # raises is reported as one line, with the way to prepare it elsewhere.
     raise errors.FedkdError(
         _preparation_failure(e, builder, name, command)) from e
+
+
+# Seconds a download host has to take a TCP connection before preparing.
+_PROBE_TIMEOUT_S = 10
+
+
+def _probe_download_hosts(builder: tfds.core.DatasetBuilder) -> None:
+  """Connects to each host that `builder` downloads from (its checksums'
+  URLs), so that a machine without internet fails in seconds, not after
+  TFDS's retries (minutes). Skipped through a proxy, which may reach what
+  this machine cannot.
+
+  Raises:
+    ConnectionError: a host cannot be reached.
+  """
+  if urllib.request.getproxies():
+    return
+  try:
+    urls = list(builder.url_infos or ())  # None without a checksums file
+  except Exception:  # pylint: disable=broad-except
+    return  # a builder whose checksums TFDS cannot read: not probed
+  hosts = set()
+  for url in urls:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme in ('http', 'https') and parts.hostname:
+      default_port = 443 if parts.scheme == 'https' else 80
+      hosts.add((parts.hostname, parts.port or default_port))
+  for host, port in sorted(hosts):
+    try:
+      socket.create_connection((host, port), _PROBE_TIMEOUT_S).close()
+    except OSError as e:
+      raise ConnectionError(f'cannot reach {host}:{port} ({e})') from e
 
 
 def _preparation_failure(e: Exception, builder: tfds.core.DatasetBuilder,

@@ -3,6 +3,7 @@
 import errno
 import io
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -301,6 +302,9 @@ class TfdsTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
     self.dir = self.enter_context(tempfile.TemporaryDirectory())
+    # Download hosts take connections (data's probe), as on a machine with
+    # internet; the tests that probe patch this again.
+    self.enter_context(mock.patch.object(socket, 'create_connection'))
 
   def test_mocked_mnist(self):
     with (
@@ -430,6 +434,44 @@ class TfdsTest(parameterized.TestCase):
       data.load_dataset('fedkd_online_images', data_dir=self.dir)
     send.assert_called()
     self.assertFalse(FedkdOnlineImages(data_dir=self.dir).is_prepared())
+
+  def test_unreachable_download_host_fails_before_downloading(self):
+    # mnist's checksums list storage.googleapis.com; this machine is offline.
+    unknown = socket.gaierror(-2, 'Name or service not known')
+    with (
+        mock.patch.dict(os.environ, {}, clear=True),  # no proxy
+        mock.patch.object(socket, 'create_connection',
+                          side_effect=unknown) as connect,
+        mock.patch.object(
+            tfds.core.DatasetBuilder, 'download_and_prepare'
+        ) as prepare,
+        self.assertRaisesRegex(
+            errors.FedkdError,
+            "^cannot download TFDS dataset 'mnist' \\(ConnectionError: "
+            'cannot reach storage.googleapis.com:443 \\(\\[Errno -2\\] Name'
+            ' or service not known\\)\\); without internet here, run',
+        ),
+    ):
+      data.load_dataset('mnist', data_dir=self.dir)
+    connect.assert_called_once_with(('storage.googleapis.com', 443), 10)
+    prepare.assert_not_called()
+
+  @parameterized.named_parameters(
+      ('reachable', {}, 1),
+      # A proxy may reach what this machine cannot: no probe.
+      ('proxy', {'HTTPS_PROXY': 'http://proxy.invalid:3128'}, 0))
+  def test_download_goes_ahead(self, env, probes):
+    reached = RuntimeError('download started')
+    with (
+        mock.patch.dict(os.environ, env, clear=True),
+        mock.patch.object(socket, 'create_connection') as connect,
+        mock.patch.object(
+            tfds.core.DatasetBuilder, 'download_and_prepare',
+            side_effect=reached),
+        self.assertRaisesRegex(errors.FedkdError, 'download started'),
+    ):
+      data.load_dataset('mnist', data_dir=self.dir)
+    self.assertEqual(connect.call_count, probes)
 
   @parameterized.named_parameters(
       ('tensorflow', _import_tensorflow,
