@@ -57,8 +57,9 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
-# What ml_collections raises for a config file that does not load, a bad
-# variant, an unknown field or a value of the wrong type.
+# What ml_collections raises for the default config file that does not load
+# (a --config file loads through `_ConfigFileParser`), an unknown field or a
+# value of the wrong type.
 _CONFIG_ERRORS = (ValueError, TypeError, OSError, AttributeError, KeyError)
 
 
@@ -76,6 +77,7 @@ class _BadConfigFile(Exception):
 
 
 def _describe(e: Exception) -> str:
+  """`Type: message`, its first line (a syntax error's without the path)."""
   if isinstance(e, SyntaxError):
     return f'SyntaxError: {e.msg} (line {e.lineno})'
   lines = str(e).splitlines() or ['']
