@@ -10,6 +10,8 @@ prints one line starting with `error:` and exits with code 2; SIGINT/SIGTERM
 print one line and exit with 128 + the signal number (see `fedkd.stopping`).
 """
 
+import importlib.machinery
+import importlib.util
 import os
 import signal
 import sys
@@ -35,11 +37,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 from experiments import compare
 from experiments import runner
 from experiments import validation
+from experiments.configs import default
 from fedkd import train
 from fedkd.errors import FedkdError
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -53,8 +57,9 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
-# What ml_collections raises for a config file that does not load, a bad
-# variant, an unknown field or a value of the wrong type.
+# What ml_collections raises for the default config file that does not load
+# (a --config file loads through `_ConfigFileParser`), an unknown field or a
+# value of the wrong type.
 _CONFIG_ERRORS = (ValueError, TypeError, OSError, AttributeError, KeyError)
 
 
@@ -66,6 +71,57 @@ def _config_error(e: Exception) -> str:
   return f'bad --config: {lines[-1] if lines else repr(e)}'
 
 
+class _BadConfigFile(Exception):
+  """A --config file that does not load or lacks fields (absl passes any
+  other type than TypeError and ValueError through unchanged)."""
+
+
+def _describe(e: Exception) -> str:
+  """`Type: message`, its first line (a syntax error's without the path)."""
+  if isinstance(e, SyntaxError):
+    return f'SyntaxError: {e.msg} (line {e.lineno})'
+  lines = str(e).splitlines() or ['']
+  return f'{type(e).__name__}: {lines[0]}'
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """Parses `--config=FILE[:variant]` as ml_collections' parser does, but
+  any failure, whatever the file raises, becomes one `_BadConfigFile` line."""
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def parse(self, path):
+    file, *arg = path.split(':', 1)
+    fail = lambda why: _BadConfigFile(f'cannot load --config {file}: {why}')
+    start = 'start from experiments/configs/default.py'
+    try:
+      # As ml_collections loads it (a module named after the flag).
+      loader = importlib.machinery.SourceFileLoader(f'{self.name}_config',
+                                                    file)
+      module = importlib.util.module_from_spec(
+          importlib.util.spec_from_loader(loader.name, loader))
+      sys.modules[loader.name] = module
+      loader.exec_module(module)
+      if not hasattr(module, 'get_config'):
+        raise fail(f'it defines no get_config(); {start}')
+      config = module.get_config(*arg)
+    except _BadConfigFile:
+      raise
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise fail(_describe(e)) from e
+    if not isinstance(config, ml_collections.ConfigDict):
+      raise fail(f'get_config() returned a {type(config).__name__}, not an '
+                 f'ml_collections.ConfigDict; {start}')
+    missing = [f for f in default.get_config() if f not in config]
+    if missing:
+      more = f' and {len(missing) - 5} more' if len(missing) > 5 else ''
+      raise fail(f'its config lacks the fields {", ".join(missing[:5])}'
+                 f'{more}; {start} (c = default.get_config())')
+    config.lock()
+    return config
+
+
 try:
   # Without an explicit --config, the default file and any --config.FIELD
   # overrides are read here, at definition.
@@ -73,11 +129,15 @@ try:
       'config', 'experiments/configs/default.py', 'Run config file (:variant).')
 except _CONFIG_ERRORS as e:
   _fail(_config_error(e))
+# The default file was read above; a --config given parses with this one.
+flags.FLAGS['config'].parser = _ConfigFileParser('config')
 
 
 def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
+  except _BadConfigFile as e:
+    _fail(str(e))
   except flags.Error as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     _fail(' '.join(lines[:1] + lines[1:][-1:]))

@@ -125,6 +125,7 @@ def _checked_data(config):
   """
   validation.validate_config(config)
   dataset, parts, public_x, public_y = load_data(config)
+  validation.validate_steps(config, max(map(len, parts)), len(public_x))
   validation.validate_models(config, dataset.x_train.shape[1:],
                              dataset.num_classes, len(public_x))
   # Only runs that read the public labels hash them: other checkpoints keep

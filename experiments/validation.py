@@ -4,7 +4,6 @@ Each failed check raises `FedkdError` with one line naming the field, the bad
 value and what to do instead.
 """
 
-import math
 import os
 
 import jax
@@ -15,7 +14,10 @@ from fedkd import algorithms
 from fedkd import clients
 from fedkd import communication
 from fedkd import models
+from fedkd import npzfile
+from fedkd import optimizers
 from fedkd import privacy
+from fedkd import synthetic
 from fedkd.algorithms import ALGORITHMS
 from fedkd.algorithms import DP_ALGORITHMS
 from fedkd.algorithms import NO_DP
@@ -37,6 +39,10 @@ _NON_NEGATIVE = ('num_devices', 'clients_per_chunk', 'eval_teachers',
                  'public_examples', 'prox_mu', 'ntd_beta', 'checkpoint_every',
                  'distill_clip_norm', 'fedmd_transfer_epochs',
                  'fedmd_private_epochs')
+_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
+# Counts that JAX holds in int32 (or C ints: num_processes).
+_INT32 = ('num_clients', 'num_rounds', 'batch_size', 'public_batch_size',
+          'distill_eval_every', 'distill_patience')
 # What 0 means, where it means something.
 _ZERO_MEANS = {'num_devices': ' (0 = all devices)',
                'clients_per_chunk': ' (0 = the whole cohort at once; unset:'
@@ -49,6 +55,12 @@ _ZERO_MEANS = {'num_devices': ' (0 = all devices)',
 _LOCAL_EVAL = ('fd', 'fedmd')
 
 
+def _below_2_31(config, field):
+  if getattr(config, field) >= 2**31:
+    raise FedkdError(f'{field} must be < 2**31 (it is counted in int32), '
+                     f'got {getattr(config, field)}')
+
+
 def _one_of(config, field, choices):
   value = getattr(config, field)
   if value not in choices:
@@ -58,19 +70,20 @@ def _one_of(config, field, choices):
 
 def validate_config(config) -> None:
   """Checks every field of a run config that can be checked without data."""
-  # Every float below is finite from here on.
+  # Every float below is finite from here on, in float32 too, which the
+  # run computes in (1e300 would be inf there).
   for field, value in sorted(config.items()):
-    if isinstance(value, float) and not math.isfinite(value):
-      raise FedkdError(f'{field} must be a finite number, got {value}')
+    if isinstance(value, float) and not abs(value) <= _FLOAT32_MAX:
+      raise FedkdError(f'{field} must be a finite number (float32: at most '
+                       f'{_FLOAT32_MAX:.4g} in magnitude), got {value}')
   for field in _POSITIVE_INTS:
     if getattr(config, field) < 1:
       raise FedkdError(f'{field} must be >= 1, got {getattr(config, field)}')
   # PRNGKey keeps a seed's low 32 bits: 2**32 would silently rerun seed 0.
   if not 0 <= config.seed < 2**32:
     raise FedkdError(f'seed must be in [0, 2**32), got {config.seed}')
-  if config.num_rounds >= 2**31:
-    raise FedkdError('num_rounds must be < 2**31 (rounds are counted in '
-                     f'int32), got {config.num_rounds}')
+  for field in _INT32:
+    _below_2_31(config, field)
   for field in _POSITIVE_FLOATS:
     value = getattr(config, field)
     if not value > 0:
@@ -116,15 +129,29 @@ def validate_config(config) -> None:
   models.check_name(config.teacher, 'teacher')
   models.check_name(config.student, 'student')
   _one_of(config, 'client_optimizer', OPTIMIZERS)
+  if config.client_optimizer in optimizers.SERVER_ONLY:
+    raise FedkdError(
+        f'client_optimizer {config.client_optimizer!r} is a server optimizer '
+        '(Reddi et al. 2021, for server_optimizer); choose one of '
+        f'{", ".join(optimizers.CLIENT_OPTIMIZERS)}')
   _one_of(config, 'server_optimizer', OPTIMIZERS)
   if config.dataset == 'synthetic':
     if min(config.synthetic_alpha, config.synthetic_beta) < 0:
       raise FedkdError('synthetic_alpha and synthetic_beta must be finite and '
                        f'>= 0, got {config.synthetic_alpha}, '
                        f'{config.synthetic_beta}')
-    if config.synthetic_max_examples < 50:
+    _below_2_31(config, 'synthetic_max_examples')
+    if config.synthetic_max_examples < synthetic.MIN_EXAMPLES:
       raise FedkdError('synthetic_max_examples must be >= 50 (every client '
                        f'has at least 50), got {config.synthetic_max_examples}')
+    # Refused before generating examples that could never fit.
+    if synthetic.min_bytes(config.num_clients) > npzfile.memory_bytes():
+      raise FedkdError(
+          f'num_clients={config.num_clients} of dataset=synthetic need at '
+          f'least {synthetic.min_bytes(config.num_clients) / 2**30:,.1f} GiB '
+          f'(50 examples each), more than this machine\'s '
+          f'{npzfile.memory_bytes() / 2**30:.1f} GiB of memory; lower '
+          'num_clients')
     if config.public_examples:
       raise FedkdError('public_examples must be 0 with dataset=synthetic, '
                        'whose clients hold all of its training data')
@@ -153,6 +180,37 @@ def validate_config(config) -> None:
   if config.partition == 'dirichlet' and not config.alpha > 0:
     raise FedkdError(f'alpha must be > 0 for the dirichlet partition, got '
                      f'{config.alpha}')
+
+
+def validate_steps(config, max_examples: int, num_public: int) -> None:
+  """Checks that every training stage runs fewer than 2**31 steps.
+
+  A stage's steps, epochs x batches per epoch, are a `lax.scan`'s length,
+  which JAX counts in int32.
+
+  Args:
+    config: a validated run config.
+    max_examples: the largest client's number of examples.
+    num_public: the public examples held out.
+  """
+  private = (max_examples, config.batch_size, 'the largest client\'s')
+  # feddf distills on the public data less its validation split.
+  proxy = num_public - builder.feddf_num_val(config, num_public)
+  public = (proxy, config.public_batch_size, 'the public data\'s')
+  stages = [('local_epochs', private)]
+  if config.algorithm == 'feddf':
+    stages.append(('distill_epochs', public))
+  if config.algorithm == 'fedmd':
+    stages += [('digest_epochs', public), ('fedmd_transfer_epochs', public),
+               ('fedmd_private_epochs', private)]
+  for field, (examples, batch_size, whose) in stages:
+    epochs = getattr(config, field)
+    steps = clients.num_steps(examples, epochs=epochs, batch_size=batch_size)
+    if steps >= 2**31:
+      raise FedkdError(
+          f'{field}={epochs} makes {steps:,} steps (batches of {batch_size} '
+          f'over {whose} {examples} examples); they must be < 2**31, JAX '
+          f'counts them in int32: lower {field}')
 
 
 def _validate_client_models(config) -> None:
@@ -243,16 +301,25 @@ def validate_processes(config) -> None:
   """Checks the multi-process fields, before JAX starts."""
   if config.num_processes < 1:
     raise FedkdError(f'num_processes must be >= 1, got {config.num_processes}')
+  _below_2_31(config, 'num_processes')
   if not 0 <= config.process_id < config.num_processes:
     raise FedkdError(f'process_id must be in [0, {config.num_processes}), '
                      f'got {config.process_id}')
-  if not 0 < config.coordinator_timeout < math.inf:
+  # JAX takes it as whole seconds in a C int.
+  if not 0 < config.coordinator_timeout < 2**30:
     raise FedkdError('coordinator_timeout must be a finite number of seconds '
-                     f'> 0, got {config.coordinator_timeout}')
-  if config.num_processes > 1 and ':' not in config.coordinator_address:
+                     f'> 0 and < 2**30, got {config.coordinator_timeout}')
+  if config.num_processes == 1:
+    return  # no coordinator
+  # HOST:PORT; rpartition leaves an IPv6 host's colons ([::1]:1234).
+  host, colon, port = config.coordinator_address.rpartition(':')
+  if not (host and colon):
     raise FedkdError('a multi-process run needs coordinator_address=HOST:PORT '
                      f'(process 0 listens there), got '
                      f'{config.coordinator_address!r}')
+  if not (port.isdigit() and 1 <= int(port) <= 65535):
+    raise FedkdError(f'coordinator_address={config.coordinator_address!r}: '
+                     f'the port must be an integer in 1..65535, got {port!r}')
 
 
 def validate_comparison(config) -> None:
@@ -264,6 +331,12 @@ def validate_comparison(config) -> None:
     single = config.copy_and_resolve_references()
     single.algorithm = name
     validate_config(single)
+  # The runs take seeds seed .. seed + num_seeds - 1, each one a valid seed.
+  if config.seed + config.num_seeds - 1 >= 2**32:
+    raise FedkdError(
+        f'seed + num_seeds - 1 must be below 2**32 (the last run\'s seed), '
+        f'got {config.seed} + {config.num_seeds} - 1 = '
+        f'{config.seed + config.num_seeds - 1}; lower seed or num_seeds')
   if not 0.0 < config.target_accuracy <= 1.0:
     raise FedkdError(f'target_accuracy must be in (0, 1], got '
                      f'{config.target_accuracy}')

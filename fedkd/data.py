@@ -8,6 +8,10 @@ builder that needs TensorFlow), the error gives the command that prepares it.
 
 import dataclasses
 import hashlib
+import os
+import socket
+import urllib.parse
+import urllib.request
 
 import numpy as np
 from sklearn import datasets as sk_datasets
@@ -86,7 +90,22 @@ def load_dataset(name: str, data_dir: str | None = None, *,
   if name.startswith(NPZ_PREFIX):
     return _load_npz(name, name[len(NPZ_PREFIX):])
   _check_tfds_name(name)
+  if data_dir:
+    _check_data_dir(data_dir)
   return _load_tfds(name, data_dir, download)
+
+
+def _check_data_dir(data_dir: str) -> None:
+  """Refuses a `data_dir` that is, or lies under, something not a directory
+  (TFDS would report a failed download)."""
+  path = os.path.abspath(data_dir)
+  while not os.path.exists(path):  # a missing directory is made
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise errors.FedkdError(
+        f'data_dir {data_dir} is not a directory ({path} is a file); set'
+        ' data_dir to a directory, or to \'\' for the TFDS default'
+    )
 
 
 def _check_tfds_name(name: str) -> None:
@@ -145,6 +164,16 @@ def _load_npz(name: str, path: str) -> Dataset:
         f' examples have shape {x_test.shape[1:]}; they must match'
     )
   num_classes = int(max(y_train.max(), y_test.max())) + 1
+  # The models get a logit, the partition a row, for each of 0..max: labels
+  # such as 0..3 and 10**6 would mean a million classes, nearly all unused.
+  used = len(np.union1d(y_train, y_test))
+  if 2 * used < num_classes:
+    raise errors.FedkdError(
+        f'{path}: the largest label is {num_classes - 1} but only {used} of'
+        f' the {num_classes:,} classes 0..{num_classes - 1} occur; relabel'
+        f' them to 0..{used - 1}, e.g. labels, y = np.unique(y,'
+        ' return_inverse=True) over y_train and y_test together'
+    )
   return Dataset(name, x_train, y_train, x_test, y_test, num_classes)
 
 
@@ -276,6 +305,11 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str,
         f' is off (tfds_download=False); run {command}, or turn downloading'
         ' on'
     )
+  try:
+    _probe_download_hosts(builder)
+  except OSError as e:
+    raise errors.FedkdError(
+        _preparation_failure(e, builder, name, command)) from e
   print(f'downloading and preparing TFDS dataset {name!r} under {root} '
         '(tfds_download=False turns this off)', flush=True)
   try:
@@ -285,6 +319,38 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str,
     # raises is reported as one line, with the way to prepare it elsewhere.
     raise errors.FedkdError(
         _preparation_failure(e, builder, name, command)) from e
+
+
+# Seconds a download host has to take a TCP connection before preparing.
+_PROBE_TIMEOUT_S = 10
+
+
+def _probe_download_hosts(builder: tfds.core.DatasetBuilder) -> None:
+  """Connects to each host that `builder` downloads from (its checksums'
+  URLs), so that a machine without internet fails in seconds, not after
+  TFDS's retries (minutes). Skipped through a proxy, which may reach what
+  this machine cannot.
+
+  Raises:
+    ConnectionError: a host cannot be reached.
+  """
+  if urllib.request.getproxies():
+    return
+  try:
+    urls = list(builder.url_infos or ())  # None without a checksums file
+  except Exception:  # pylint: disable=broad-except
+    return  # a builder whose checksums TFDS cannot read: not probed
+  hosts = set()
+  for url in urls:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme in ('http', 'https') and parts.hostname:
+      default_port = 443 if parts.scheme == 'https' else 80
+      hosts.add((parts.hostname, parts.port or default_port))
+  for host, port in sorted(hosts):
+    try:
+      socket.create_connection((host, port), _PROBE_TIMEOUT_S).close()
+    except OSError as e:
+      raise ConnectionError(f'cannot reach {host}:{port} ({e})') from e
 
 
 def _preparation_failure(e: Exception, builder: tfds.core.DatasetBuilder,

@@ -65,6 +65,8 @@ def read(path: str, keys) -> dict[str, np.ndarray]:
             'dataset')
     with np.load(path, allow_pickle=False) as npz:
       return {k: npz[k] for k in wanted}
+  except FedkdError:
+    raise  # a ValueError, said already (not wrapped again below)
   except zipfile.BadZipFile as e:
     raise FedkdError(f'cannot read .npz file {path}: not an .npz archive '
                      f'({e}); save one with np.savez') from e

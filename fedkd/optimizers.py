@@ -17,6 +17,9 @@ OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
     'fedadam': lambda lr: optax.adam(lr, b1=0.9, b2=0.99, eps=1e-3),
     'fedyogi': lambda lr: optax.yogi(lr, b1=0.9, b2=0.99, eps=1e-3),
 }
+# Reddi et al.'s optimizers apply to the server's mean client delta only.
+SERVER_ONLY = ('fedadam', 'fedyogi')
+CLIENT_OPTIMIZERS = tuple(n for n in OPTIMIZERS if n not in SERVER_ONLY)
 
 
 def get_optimizer(name: str, learning_rate: float

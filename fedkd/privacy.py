@@ -159,20 +159,21 @@ def _check_nonnegative(name: str, value: float) -> None:
     raise FedkdError(f'{name} must be a finite number >= 0, got {value}')
 
 
-def _check_delta(delta: float) -> None:
+def _check_delta(delta: float, name: str = 'delta') -> None:
   if not 0 < delta < 1:
-    raise FedkdError(f'delta must be in (0, 1), e.g. 1e-5, got {delta}')
+    raise FedkdError(f'{name} must be in (0, 1), e.g. 1e-5, got {delta}')
 
 
-def _check_accountant(accountant: str) -> None:
+def _check_accountant(accountant: str, name: str = 'accountant') -> None:
   if accountant not in ACCOUNTANTS:
-    raise FedkdError(f'unknown accountant {accountant!r}; choose one of '
+    raise FedkdError(f'unknown {name} {accountant!r}; choose one of '
                      f'{", ".join(ACCOUNTANTS)}')
 
 
 def validate(*, clip_norm: float, noise_multiplier: float, delta: float,
              accountant: str) -> None:
-  """Checks DP settings before any work; raises FedkdError on the first bad one.
+  """Checks DP settings before any work; raises FedkdError on the first bad one,
+  naming the settings as `train.Settings` does (`dp_clip_norm`, ...).
 
   clip_norm 0 and noise_multiplier 0 together mean DP is off; noise without
   clipping is rejected because the noise only buys privacy relative to a
@@ -184,13 +185,14 @@ def validate(*, clip_norm: float, noise_multiplier: float, delta: float,
     delta: target delta, in (0, 1).
     accountant: one of `ACCOUNTANTS`.
   """
-  _check_nonnegative('clip_norm', clip_norm)
-  _check_nonnegative('noise_multiplier', noise_multiplier)
+  _check_nonnegative('dp_clip_norm', clip_norm)
+  _check_nonnegative('dp_noise_multiplier', noise_multiplier)
   if noise_multiplier > 0 and clip_norm <= 0:
-    raise FedkdError(f'noise_multiplier {noise_multiplier} needs clip_norm > 0 '
-                     '(noise without clipping gives no privacy); set clip_norm')
-  _check_delta(delta)
-  _check_accountant(accountant)
+    raise FedkdError(
+        f'dp_noise_multiplier={noise_multiplier} needs dp_clip_norm > 0 '
+        '(noise without clipping gives no privacy); set dp_clip_norm')
+  _check_delta(delta, 'dp_delta')
+  _check_accountant(accountant, 'dp_accountant')
 
 
 def dp_event(*, noise_multiplier: float, sampling_probability: float,

@@ -23,6 +23,14 @@ from fedkd.data import Dataset
 DIMENSION = 60
 NUM_CLASSES = 10
 _TRAIN_FRACTION = 0.9
+# Every client has at least this many examples (lognormal + 50).
+MIN_EXAMPLES = 50
+
+
+def min_bytes(num_clients: int) -> int:
+  """A lower bound on the bytes of `num_clients` clients' examples: each
+  has at least MIN_EXAMPLES float32 inputs and int32 labels."""
+  return num_clients * MIN_EXAMPLES * (DIMENSION + 1) * 4
 
 
 def synthetic(num_clients: int, *, alpha: float, beta: float,
@@ -34,8 +42,9 @@ def synthetic(num_clients: int, *, alpha: float, beta: float,
     example indices (the natural partition: one client, one generator).
   """
   rng = np.random.default_rng(seed)
-  sizes = np.minimum(rng.lognormal(4, 2, num_clients).astype(np.int64) + 50,
-                     max_examples)
+  sizes = np.minimum(
+      rng.lognormal(4, 2, num_clients).astype(np.int64) + MIN_EXAMPLES,
+      max_examples)
   model_means = rng.normal(0, alpha, num_clients)
   input_means = rng.normal(0, beta, num_clients)
   std = np.power(np.arange(1, DIMENSION + 1), -1.2 / 2)  # sqrt of diag cov

@@ -3,6 +3,7 @@
 import errno
 import io
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -172,6 +173,13 @@ class NpzTest(parameterized.TestCase):
       ('labels_2d', dict(y_train=np.zeros((6, 1), int)), '1-D array of int'),
       ('labels_float', dict(y_train=np.zeros(6)), '1-D array of integer'),
       ('negative_label', dict(y_test=np.array([0, -1, 1, 2])), 'negative'),
+      ('sparse_labels', dict(y_test=np.array([0, 1, 2, 10**6])),
+       r'largest label is 1000000 but only 4 of the 1,000,001 classes '
+       r'0..1000000 occur; relabel them to 0..3'),
+      ('sparse_int32_labels', dict(y_test=np.array([0, 1, 2, 2**31 - 2])),
+       'largest label is 2147483646 but only 4'),
+      ('more_than_half_unused', dict(y_test=np.array([0, 1, 2, 8])),
+       'only 4 of the 9 classes'),
       ('nan', dict(x_train=np.full((6, 3), np.nan)), 'NaN or infinite'),
       ('inf', dict(x_test=np.full((4, 3), np.inf)), 'NaN or infinite'),
       ('float32_overflow', dict(x_test=np.full((4, 3), 1e300)), 'infinite'),
@@ -212,10 +220,18 @@ class NpzTest(parameterized.TestCase):
     with self.assertRaisesRegex(errors.FedkdError, 'not an .npz archive'):
       data.load_dataset(f'npz:{path}')
 
+  def test_half_the_classes_unused_is_accepted(self):
+    arrays = self._valid() | dict(y_test=np.array([0, 1, 2, 7]))
+    ds = data.load_dataset(f'npz:{self._save(**arrays)}')
+    self.assertEqual(ds.num_classes, 8)
+
   def test_pickled_object_array_raises(self):
     arrays = self._valid() | dict(y_train=np.array([0, 1, 2, 0, 1, 2], object))
     path = self._save(**arrays)
-    with self.assertRaisesRegex(errors.FedkdError, 'cannot read'):
+    # Said once: `read` does not wrap its own errors again.
+    with self.assertRaisesRegex(
+        errors.FedkdError, f'^cannot read .npz file {path}: y_train holds '
+        r'Python objects \(dtype object\); save numeric arrays$'):
       data.load_dataset(f'npz:{path}')
 
   def _claiming(self, shape) -> str:
@@ -286,6 +302,9 @@ class TfdsTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
     self.dir = self.enter_context(tempfile.TemporaryDirectory())
+    # Download hosts take connections (data's probe), as on a machine with
+    # internet; the tests that probe patch this again.
+    self.enter_context(mock.patch.object(socket, 'create_connection'))
 
   def test_mocked_mnist(self):
     with (
@@ -415,6 +434,44 @@ class TfdsTest(parameterized.TestCase):
       data.load_dataset('fedkd_online_images', data_dir=self.dir)
     send.assert_called()
     self.assertFalse(FedkdOnlineImages(data_dir=self.dir).is_prepared())
+
+  def test_unreachable_download_host_fails_before_downloading(self):
+    # mnist's checksums list storage.googleapis.com; this machine is offline.
+    unknown = socket.gaierror(-2, 'Name or service not known')
+    with (
+        mock.patch.dict(os.environ, {}, clear=True),  # no proxy
+        mock.patch.object(socket, 'create_connection',
+                          side_effect=unknown) as connect,
+        mock.patch.object(
+            tfds.core.DatasetBuilder, 'download_and_prepare'
+        ) as prepare,
+        self.assertRaisesRegex(
+            errors.FedkdError,
+            "^cannot download TFDS dataset 'mnist' \\(ConnectionError: "
+            'cannot reach storage.googleapis.com:443 \\(\\[Errno -2\\] Name'
+            ' or service not known\\)\\); without internet here, run',
+        ),
+    ):
+      data.load_dataset('mnist', data_dir=self.dir)
+    connect.assert_called_once_with(('storage.googleapis.com', 443), 10)
+    prepare.assert_not_called()
+
+  @parameterized.named_parameters(
+      ('reachable', {}, 1),
+      # A proxy may reach what this machine cannot: no probe.
+      ('proxy', {'HTTPS_PROXY': 'http://proxy.invalid:3128'}, 0))
+  def test_download_goes_ahead(self, env, probes):
+    reached = RuntimeError('download started')
+    with (
+        mock.patch.dict(os.environ, env, clear=True),
+        mock.patch.object(socket, 'create_connection') as connect,
+        mock.patch.object(
+            tfds.core.DatasetBuilder, 'download_and_prepare',
+            side_effect=reached),
+        self.assertRaisesRegex(errors.FedkdError, 'download started'),
+    ):
+      data.load_dataset('mnist', data_dir=self.dir)
+    self.assertEqual(connect.call_count, probes)
 
   @parameterized.named_parameters(
       ('tensorflow', _import_tensorflow,

@@ -22,6 +22,7 @@ from absl.testing import parameterized
 import numpy as np
 
 from experiments import runner
+from experiments import validation
 from experiments.configs import default
 from fedkd import train
 from fedkd.errors import FedkdError
@@ -144,14 +145,22 @@ BAD_INPUTS = (
      'distill_weight must be in [0, 1]'),
     ('client_optimizer', ['--config.client_optimizer=nope'],
      'unknown client_optimizer'),
+    ('client_fedadam', ['--config.client_optimizer=fedadam'],
+     "client_optimizer 'fedadam' is a server optimizer"),
     ('server_optimizer', ['--config.server_optimizer=nope'],
      'unknown server_optimizer'),
     ('dropout', ['--config.dropout_rate=1.0'], 'dropout_rate must be in'),
     ('straggler', ['--config.straggler_rate=-0.1'], 'straggler_rate must be'),
     ('noise_without_clip', ['--config.dp_noise_multiplier=1.0'],
-     'needs clip_norm > 0'),
-    ('dp_delta', ['--config.dp_delta=0'], 'delta must be in (0, 1)'),
-    ('accountant', ['--config.dp_accountant=nope'], 'unknown accountant'),
+     'dp_noise_multiplier=1.0 needs dp_clip_norm > 0 (noise without clipping'
+     ' gives no privacy); set dp_clip_norm'),
+    ('dp_clip_negative', ['--config.dp_clip_norm=-1'],
+     'dp_clip_norm must be a finite number >= 0, got -1'),
+    ('dp_noise_negative', ['--config.dp_noise_multiplier=-1'],
+     'dp_noise_multiplier must be a finite number >= 0'),
+    ('dp_delta', ['--config.dp_delta=0'], 'dp_delta must be in (0, 1)'),
+    ('accountant', ['--config.dp_accountant=nope'],
+     "unknown dp_accountant 'nope'"),
     ('devices', ['--config.num_devices=99'], 'num_devices must be in'),
     ('chunk', ['--config.clients_per_chunk=-1'], 'clients_per_chunk must be'),
     ('checkpoint_every', ['--config.checkpoint_every=-1'],
@@ -161,9 +170,30 @@ BAD_INPUTS = (
     ('config_variant', ['--config=experiments/configs/default.py:nope'],
      'unknown config variant'),
     ('config_file', ['--config=experiments/configs/nope.py'], 'nope.py'),
+    # Broken config files (_CONFIG_FILES).
+    ('config_syntax', ['--config={tmp}/syntax.py'],
+     'syntax.py: SyntaxError: invalid syntax (line 1)'),
+    ('config_raises', ['--config={tmp}/raises.py'], 'RuntimeError: boom'),
+    ('config_import', ['--config={tmp}/imports.py'],
+     "ModuleNotFoundError: No module named 'no_such_module'"),
+    ('config_dict', ['--config={tmp}/dict.py'],
+     'get_config() returned a dict, not an ml_collections.ConfigDict'),
+    ('config_fields', ['--config={tmp}/fields.py'],
+     'its config lacks the fields algorithm, alpha, batch_size'),
+    ('config_no_get', ['--config={tmp}/no_get.py', '--config.seed=1'],
+     'it defines no get_config(); start from experiments/configs/default.py'),
     ('process_id', ['--config.num_processes=2', '--config.process_id=2'],
      'process_id must be in [0, 2)'),
     ('coordinator', ['--config.num_processes=2'], 'needs coordinator_address'),
+    ('coordinator_no_host', ['--config.num_processes=2',
+                             '--config.coordinator_address=:1234'],
+     'needs coordinator_address=HOST:PORT'),
+    ('coordinator_port', ['--config.num_processes=2',
+                          '--config.coordinator_address=localhost:abc'],
+     "the port must be an integer in 1..65535, got 'abc'"),
+    ('coordinator_port_range', ['--config.num_processes=2',
+                                '--config.coordinator_address=[::1]:65536'],
+     "the port must be an integer in 1..65535, got '65536'"),
     ('synthetic', ['--config.dataset=synthetic',
                    '--config.synthetic_max_examples=10'],
      'synthetic_max_examples must be >= 50'),
@@ -201,6 +231,12 @@ BAD_INPUTS = (
                            '--config.data_dir={tmp}/tfds',
                            '--config.tfds_download=False'],
      'not prepared under '),
+    ('data_dir_file', ['--config.dataset=mnist',
+                       '--config.data_dir={tmp}/keys.npz'],
+     'keys.npz is not a directory'),
+    ('data_dir_under_file', ['--config.dataset=mnist',
+                             '--config.data_dir={tmp}/keys.npz/tfds'],
+     'keys.npz/tfds is not a directory'),
     ('other_run', ['--config.seed=5'], 'holds a run with a different config'),
     # The run directory: `workdir_*` cases run against a copy of the existing
     # run changed by _PREPARED[name] (locked while they run: _LOCKED).
@@ -208,6 +244,10 @@ BAD_INPUTS = (
      'y_train has labels in [0, 2147483649]'),
     ('npz_labels_uint64', ['--config.dataset=npz:{tmp}/labels_uint64.npz'],
      'y_test has labels in [0, 4294967297]'),
+    ('npz_labels_sparse', ['--config.dataset=npz:{tmp}/labels_sparse.npz'],
+     'the largest label is 1000000 but only 5 of the 1,000,001 classes'),
+    ('npz_objects', ['--config.dataset=npz:{tmp}/objects.npz'],
+     'objects.npz: y_train holds Python objects'),
     ('npz_labels_overwrite', ['--config.overwrite=True',
                               '--config.dataset=npz:{tmp}/labels_int64.npz'],
      'y_train has labels in'),
@@ -239,6 +279,11 @@ BAD_INPUTS = (
     ('prox_mu_nan', ['--config.prox_mu=nan'], 'prox_mu must be a finite'),
     ('ntd_beta_inf', ['--config.ntd_beta=inf'], 'ntd_beta must be a finite'),
     ('client_lr_inf', ['--config.client_lr=-inf'], 'client_lr must be a'),
+    # Finite in float64, not in the run's float32.
+    ('client_lr_float32', ['--config.client_lr=1e300'],
+     'client_lr must be a finite number (float32: at most 3.403e+38'),
+    ('server_lr_float32', ['--config.server_lr=-3.5e38'],
+     'server_lr must be a finite number'),
     ('dp_feddf', ['--config.algorithm=feddf', '--config.public_examples=50',
                   '--config.dp_clip_norm=0.5'],
      'DP is not supported by feddf'),
@@ -251,6 +296,10 @@ BAD_INPUTS = (
      'max_nonfinite_rounds must be >= 1'),
     # Clear errors instead of tracebacks or hangs.
     ('seed_negative', ['--config.seed=-1'], 'seed must be in [0, 2**32)'),
+    ('compare_seeds', ['--config.compare=fedavg,fedprox',
+                       '--config.seed=4294967295', '--config.num_seeds=2'],
+     'seed + num_seeds - 1 must be below 2**32 (the last run\'s seed), got '
+     '4294967295 + 2 - 1 = 4294967296'),
     ('seed_too_big', ['--config.seed=4294967296'], 'seed must be in [0, 2**32)'),
     ('alpha_inf', ['--config.alpha=inf'], 'alpha must be a finite'),
     ('alpha_nan', ['--config.alpha=nan'], 'alpha must be a finite'),
@@ -288,6 +337,44 @@ BAD_INPUTS = (
     ('distill_val_no_proxy', ['--config.algorithm=feddf',
                               '--config.public_examples=1'],
      'leaves no proxy data to distill on'),
+    # Beyond int64 or a C int.
+    ('num_clients_huge', ['--config.dataset=synthetic',
+                          '--config.num_clients=18446744073709551616'],
+     'num_clients must be < 2**31'),
+    ('synthetic_max_huge', ['--config.dataset=synthetic',
+                            '--config.synthetic_max_examples='
+                            '18446744073709551616'],
+     'synthetic_max_examples must be < 2**31'),
+    ('num_processes_huge', ['--config.num_processes=100000000000000000000',
+                            '--config.coordinator_address=localhost:45672'],
+     'num_processes must be < 2**31'),
+    ('coordinator_timeout_huge', ['--config.coordinator_timeout=1e300'],
+     'coordinator_timeout must be a finite number of seconds > 0 and < 2**30'),
+    ('batch_size_huge', ['--config.batch_size=18446744073709551616'],
+     'batch_size must be < 2**31'),
+    ('distill_patience_huge', ['--config.algorithm=feddf',
+                               '--config.distill_patience=2147483648'],
+     'distill_patience must be < 2**31'),
+    # 10**9 clients' examples need terabytes.
+    ('synthetic_memory', ['--config.dataset=synthetic',
+                          '--config.num_clients=1000000000'],
+     'num_clients=1000000000 of dataset=synthetic need at least 11,362.1 GiB'),
+    # A stage's steps are a scan's length, an int32 (143 public examples,
+    # the largest client 38).
+    ('local_epochs_int32', ['--config.local_epochs=2147483648'],
+     'local_epochs=2147483648 makes 8,589,934,592 steps'),
+    ('distill_epochs_int32', ['--config.algorithm=feddf',
+                              '--config.distill_epochs=1000000000'],
+     'distill_epochs=1000000000 makes 3,000,000,000 steps'),
+    ('digest_epochs_int32', ['--config.algorithm=fedmd',
+                             '--config.digest_epochs=1000000000'],
+     'digest_epochs=1000000000 makes 3,000,000,000 steps'),
+    ('transfer_epochs_int32', ['--config.algorithm=fedmd',
+                               '--config.fedmd_transfer_epochs=1000000000'],
+     'lower fedmd_transfer_epochs'),
+    ('private_epochs_int32', ['--config.algorithm=fedmd',
+                              '--config.fedmd_private_epochs=1000000000'],
+     'lower fedmd_private_epochs'),
 )
 
 
@@ -333,6 +420,16 @@ _PREPARED = {
     'workdir_fedkd_rounds': _as_fedkd,
 }
 _NPZ_ARGS = ['--config.num_clients=4', '--config.clients_per_round=4']
+# Config files that do not load, or lack fields.
+_CONFIG_FILES = {
+    'syntax.py': 'def get_config(:\n',
+    'raises.py': 'def get_config(arg=None):\n  raise RuntimeError("boom")\n',
+    'imports.py': 'import no_such_module\n',
+    'dict.py': 'def get_config(arg=None):\n  return {"num_clients": 3}\n',
+    'fields.py': 'import ml_collections\ndef get_config():\n'
+                 '  return ml_collections.ConfigDict({"num_clients": 3})\n',
+    'no_get.py': 'x = 1\n',
+}
 
 
 class BadInputTest(parameterized.TestCase):
@@ -351,8 +448,14 @@ class BadInputTest(parameterized.TestCase):
     _claiming_npz(f'{tmp}/huge.npz', (10**12, 5))
     _npz(f'{tmp}/labels_int64.npz', y_train=np.arange(40) % 3 + 2**31 * (
         np.arange(40) == 7))
+    _npz(f'{tmp}/labels_sparse.npz', y_train=np.arange(40) % 4 + (
+        10**6 - 3) * (np.arange(40) == 7))
+    _npz(f'{tmp}/objects.npz', y_train=np.arange(40).astype(object))
     _npz(f'{tmp}/labels_uint64.npz',
          y_test=np.array([0, 1, 2] * 3 + [2**32 + 1], np.uint64))
+    for name, text in _CONFIG_FILES.items():
+      with open(f'{tmp}/{name}', 'w') as f:
+        f.write(text)
     # A finished run every bad invocation points at.
     cls.workdir = f'{tmp}/existing'
     proc = _main(SMOKE, f'--workdir={cls.workdir}')
@@ -410,6 +513,19 @@ class BadInputTest(parameterized.TestCase):
     proc = _main(SMOKE, f'--workdir={blocker}/run')
     self.assertEqual(proc.returncode, 2, proc.stderr)
     self.assertIn('cannot create workdir', proc.stderr)
+
+
+class StepsTest(absltest.TestCase):
+  """A stage's steps, epochs x batches, must stay below 2**31."""
+
+  def test_limit_is_exact(self):
+    config = default.get_config('smoke')
+    # 3 batches of 10 over the largest client's 21 examples.
+    config.local_epochs = (2**31 - 1) // 3
+    validation.validate_steps(config, max_examples=21, num_public=0)
+    config.local_epochs += 1
+    with self.assertRaisesRegex(FedkdError, 'makes 2,147,483,649 steps'):
+      validation.validate_steps(config, max_examples=21, num_public=0)
 
 
 class SignalTest(parameterized.TestCase):

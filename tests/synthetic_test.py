@@ -50,6 +50,12 @@ class SyntheticTest(absltest.TestCase):
     self.assertLess(spread(0.0), 0.05)
     self.assertBetween(spread(2.0), 2.5, 6.0)
 
+  def test_min_bytes_is_the_smallest_clients_size(self):
+    # Clients truncated at 50 examples are the smallest there can be.
+    data, _ = _generate(num_clients=7, max_examples=50)
+    arrays = (data.x_train, data.y_train, data.x_test, data.y_test)
+    self.assertEqual(sum(a.nbytes for a in arrays), synthetic.min_bytes(7))
+
 
 if __name__ == '__main__':
   absltest.main()
