@@ -15,10 +15,16 @@ step final.
 
 `restore` still treats every step as untrusted: it checks the stored tree's
 leaf paths, shapes and dtypes against the target before reading arrays, and
-falls back to older steps when the newest cannot be loaded.
+falls back to older steps when the newest cannot be loaded. Orbax keeps no
+checksum of the array data, so a few flipped bytes would load silently:
+`save` stores a sha256 of the state's arrays in the `meta` item, and a step
+whose restored arrays do not match it counts as corrupt. Checkpoints
+without one (saved before fedkd kept it, or by a multi-process run, whose
+processes each hold only part of the arrays) are restored unverified.
 """
 
 from collections.abc import Callable
+import hashlib
 import json
 import os
 import re
@@ -34,6 +40,8 @@ from fedkd.typing import PyTree
 
 _STATE = 'state'
 _META = 'meta'
+# The key of the state's digest in the stored `meta` item.
+_DIGEST = 'fedkd_state_sha256'
 
 
 class Checkpointer:
@@ -84,13 +92,18 @@ class Checkpointer:
     Args:
       step: non-negative step number, usually the round.
       state: pytree of arrays (jax or numpy).
-      meta: JSON-serialisable data; JSON turns tuples into lists and dict
+      meta: a JSON-serialisable dict; JSON turns tuples into lists and dict
         keys into strings, so use lists and string keys to round-trip.
     """
     if step < 0:
       raise ValueError(f'step={step} must be non-negative')
     # Fail before any directory is created, not halfway through the save.
     json.dumps(meta)
+    if not isinstance(meta, dict) or _DIGEST in meta:
+      raise ValueError(f'meta must be a dict without the key {_DIGEST!r}')
+    digest = _digest(state)
+    if digest is not None:
+      meta = {**meta, _DIGEST: digest}
     for stale in [s for s in self._manager.all_steps() if s >= step]:
       logging.warning('Deleting checkpoint %s: saving step %d replaces it.',
                       self._step_dir(stale), step)
@@ -121,8 +134,9 @@ class Checkpointer:
     metas = {}
     for step in self._manager.all_steps():
       try:
-        metas[step] = self._manager.restore(step, args=ocp.args.Composite(**{
-            _META: ocp.args.JsonRestore()}))[_META]
+        metas[step] = _without_digest(self._manager.restore(
+            step, args=ocp.args.Composite(**{
+                _META: ocp.args.JsonRestore()}))[_META])
       except Exception as e:  # pylint: disable=broad-exception-caught
         logging.warning('Cannot read the metadata of checkpoint %s (%s).',
                         self._step_dir(step), _one_line(e))
@@ -163,8 +177,11 @@ class Checkpointer:
                 _STATE: ocp.args.StandardRestore(target),
                 _META: ocp.args.JsonRestore(),
             }))
+        meta = restored[_META]
+        _check_digest(restored[_STATE], meta)
+        meta = _without_digest(meta)
         if check_meta is not None:
-          check_meta(restored[_META], step)
+          check_meta(meta, step)
       except Exception as e:  # pylint: disable=broad-exception-caught
         # Any failure means this step cannot be trusted; try older ones.
         first_error = first_error or e
@@ -177,7 +194,7 @@ class Checkpointer:
       if step != steps[0]:
         logging.warning('Restored checkpoint %s, not the newest (step %d).',
                         self._step_dir(step), steps[0])
-      return step, restored[_STATE], restored[_META]
+      return step, restored[_STATE], meta
     raise FedkdError(
         f'no checkpoint in {self.directory} loads (newest, step {steps[0]}: '
         f'{_one_line(first_error)}); use a new workdir or delete '
@@ -216,6 +233,42 @@ def _drop_closed_loop_callbacks() -> None:
 
   hook.drops_closed_loop = True
   sys.unraisablehook = hook
+
+
+def _digest(state: PyTree) -> str | None:
+  """sha256 of the leaves' dtypes, shapes and bytes, in tree order.
+
+  Leaves are fetched to the host one at a time. None where this process
+  holds only part of the arrays (multi-process runs).
+  """
+  leaves = jax.tree.leaves(state)
+  if jax.process_count() > 1 or not all(
+      getattr(x, 'is_fully_addressable', True) for x in leaves):
+    return None
+  sha = hashlib.sha256()
+  for leaf in leaves:
+    x = np.ascontiguousarray(jax.device_get(leaf))
+    sha.update(f'{x.dtype.str}{list(x.shape)};'.encode())
+    sha.update(x.reshape(-1).view(np.uint8))
+  return sha.hexdigest()
+
+
+def _check_digest(state: PyTree, meta) -> None:
+  """Raises ValueError if `state` does not match the digest in `meta`."""
+  want = meta.get(_DIGEST) if isinstance(meta, dict) else None
+  if want is None:
+    return  # an old checkpoint, or a multi-process run's
+  got = _digest(state)
+  if got is not None and got != want:
+    raise ValueError('its arrays do not match the sha256 saved with them '
+                     '(corrupt data)')
+
+
+def _without_digest(meta):
+  """The caller's `meta`, as saved: without the digest."""
+  if isinstance(meta, dict):
+    meta = {k: v for k, v in meta.items() if k != _DIGEST}
+  return meta
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:
