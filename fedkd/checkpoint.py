@@ -51,13 +51,16 @@ class Checkpointer:
   run owns its checkpoint directory.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 2):
+  def __init__(self, directory: str, *, max_to_keep: int = 2,
+               writable: bool = True):
     """Opens (creating if needed) a checkpoint directory.
 
     Args:
       directory: where step directories live; local or any path orbax
         accepts (e.g. `gs://`).
       max_to_keep: how many of the newest checkpoints survive each save.
+      writable: False reads only: nothing is created or cleaned up (a run
+        checks its workdir so before it is sure to start), `save` raises.
     """
     if max_to_keep < 1:
       raise FedkdError(f'max_to_keep={max_to_keep} must be at least 1')
@@ -69,9 +72,10 @@ class Checkpointer:
         enable_async_checkpointing=False,
         preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
         # Leftovers of saves killed mid-write; this process owns the dir.
-        cleanup_tmp_directories=True,
-        create=True,
+        cleanup_tmp_directories=writable,
+        create=writable,
     )
+    self._writable = writable
     self._manager = ocp.CheckpointManager(
         directory,
         options=options,
@@ -95,6 +99,8 @@ class Checkpointer:
       meta: a JSON-serialisable dict; JSON turns tuples into lists and dict
         keys into strings, so use lists and string keys to round-trip.
     """
+    if not self._writable:
+      raise RuntimeError(f'{self.directory} was opened read-only')
     if step < 0:
       raise ValueError(f'step={step} must be non-negative')
     # Fail before any directory is created, not halfway through the save.

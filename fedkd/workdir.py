@@ -12,8 +12,9 @@
 Rerunning the same command on the same workdir resumes from the newest
 checkpoint. A workdir in use by another run, holding a run of a different
 config or dataset (by config.json or by any checkpoint), or holding files of
-the wrong type is refused before anything in it changes; `overwrite` replaces
-the old run only once the new one has started (`Workdir.start`).
+the wrong type is refused before anything in it changes. With `overwrite`, a
+run that would be refused so is replaced instead, only once the new one has
+started (`Workdir.start`); a run of the same config resumes as without it.
 """
 
 from collections.abc import Collection, Mapping
@@ -126,8 +127,8 @@ class Workdir:
       config: the run's settings (JSON values), as written to config.json
         and every checkpoint, and compared with the run there.
       data: the dataset's fingerprint (`fedkd.data.fingerprint`).
-      overwrite: replace a run of another config or dataset instead of
-        refusing.
+      overwrite: replace a run that would be refused (of another config
+        or dataset, or that cannot be resumed) instead of refusing.
       num_rounds: the rounds of the run (a checkpoint past them is refused).
       may_change: the fields a resumed run may change (the rounds compute
         the same); any other difference from the run there is refused.
@@ -144,6 +145,8 @@ class Workdir:
     self._why_fixed = dict(why_fixed or {})
     self._data = data
     self._overwrite = overwrite
+    self._replace = False  # `start` deletes the old run
+    self._started = False
     self._checkpoints = None
     self._tensorboard = None
     # In a multi-process run all processes share the workdir; process 0
@@ -152,11 +155,25 @@ class Workdir:
     self._lock = self._take_lock() if self._writer else None
     try:
       self._check_file_types()
-      if not overwrite:
+      try:
         self._check_same_run()
+      except FedkdError as e:
+        if not overwrite:
+          raise
+        self._will_replace(e)
     except BaseException:
       self.close()
       raise
+
+  def _will_replace(self, why: FedkdError) -> None:
+    """Marks the old run, which cannot be resumed, for `start` to delete."""
+    self._replace = True
+    if self._checkpoints is not None:
+      self._checkpoints.close()
+      self._checkpoints = None
+    # The refusal up to its advice (which `overwrite` follows).
+    logging.warning('overwrite=True: the run in %s is replaced once this one '
+                    'starts: %s', self.path, str(why).split('; ')[0])
 
   def _file(self, name: str) -> str:
     return os.path.join(self.path, name)
@@ -270,18 +287,21 @@ class Workdir:
     return self._checkpointer().metas()
 
   def _checkpointer(self) -> checkpoint.Checkpointer:
+    """The checkpoints; read-only until `start`, so checks change nothing."""
     if self._checkpoints is None:
-      self._checkpoints = checkpoint.Checkpointer(self._file(CHECKPOINTS))
+      self._checkpoints = checkpoint.Checkpointer(
+          self._file(CHECKPOINTS), writable=self._started)
     return self._checkpoints
 
   def restore(self, state_like: PyTree,
               totals_like: dict) -> tuple[int, PyTree, dict] | None:
     """(rounds done, state, meta) of the newest loadable checkpoint.
 
-    None when there is none, or when `overwrite` replaces the old run.
-    Checkpoints whose metadata lacks this run's totals are skipped.
+    None when there is none, or when `overwrite` replaces the old run
+    (also where no checkpoint loads). Checkpoints whose metadata lacks this
+    run's totals are skipped.
     """
-    if self._overwrite or not os.path.isdir(self._file(CHECKPOINTS)):
+    if self._replace or not os.path.isdir(self._file(CHECKPOINTS)):
       return None
 
     def check_meta(meta, step):
@@ -291,20 +311,27 @@ class Workdir:
       if problem:
         raise ValueError(problem)
 
-    return self._checkpointer().restore(state_like, check_meta=check_meta)
+    try:
+      return self._checkpointer().restore(state_like, check_meta=check_meta)
+    except FedkdError as e:
+      if not self._overwrite:
+        raise
+      self._will_replace(e)
+      return None
 
   def start(self, rows: list[dict]) -> None:
     """Writes config.json and metrics.jsonl holding `rows` (from a resume).
 
-    An `overwrite` run first deletes the old run's files.
+    An `overwrite` run replacing another first deletes the old run's files.
     """
-    if self._overwrite and self._writer:
+    if self._checkpoints is not None:
+      self._checkpoints.close()  # read-only; a writable one follows
+      self._checkpoints = None
+    self._started = True
+    if self._replace and self._writer:
       for name in _FILES:
         if os.path.lexists(self._file(name)):
           os.remove(self._file(name))
-      if self._checkpoints is not None:
-        self._checkpoints.close()
-        self._checkpoints = None
       shutil.rmtree(self._file(CHECKPOINTS), ignore_errors=True)
       shutil.rmtree(self._file(TENSORBOARD), ignore_errors=True)
     if jax.process_count() > 1:

@@ -98,6 +98,41 @@ class WorkdirTest(parameterized.TestCase):
     with open(os.path.join(self.path, 'config.json')) as f:
       self.assertEqual(json.load(f)['seed'], 5)
 
+  def test_overwrite_resumes_a_run_of_the_same_config(self):
+    before = rundirs.snapshot(self.path)
+    work = _open(self.path, overwrite=True, eval_every=2)
+    step, _, meta = work.restore(STATE, TOTALS)
+    work.start(meta['rows'])
+    work.close()
+    self.assertEqual(step, 2)
+    after = rundirs.snapshot(self.path)
+    for name in ('final_params.msgpack', 'metrics.jsonl', 'checkpoints/2',
+                 'checkpoints/2/state'):
+      self.assertEqual(after[name], before[name])
+
+  def test_overwrite_replaces_a_run_whose_checkpoints_do_not_load(self):
+    for step in ('1', '2'):
+      shutil.rmtree(os.path.join(self.path, 'checkpoints', step, 'state'))
+    work = _open(self.path, overwrite=True)
+    self.assertIsNone(work.restore(STATE, TOTALS))
+    work.start([])
+    work.close()
+    self.assertEmpty(os.listdir(os.path.join(self.path, 'checkpoints')))
+
+  def test_leftover_save_is_cleaned_up_only_once_a_run_starts(self):
+    checkpoints = os.path.join(self.path, 'checkpoints')
+    tmp = os.path.join(checkpoints, '8.orbax-checkpoint-tmp')
+    shutil.copytree(os.path.join(checkpoints, '2'), tmp)
+    os.remove(os.path.join(self.path, 'config.json'))
+    self.assertRefused('config in checkpoint 1', seed=5)
+    before = rundirs.snapshot(self.path)
+    work = _open(self.path)
+    step, _, meta = work.restore(STATE, TOTALS)
+    self.assertEqual((step, rundirs.snapshot(self.path)), (2, before))
+    work.start(meta['rows'])
+    work.close()
+    self.assertEqual(sorted(os.listdir(checkpoints)), ['1', '2'])
+
   # The lock.
 
   def test_second_run_is_refused_while_the_first_holds_the_lock(self):
