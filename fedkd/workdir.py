@@ -1,6 +1,7 @@
 """What a run keeps in its work directory, and resuming from it.
 
-    WORKDIR/.fedkd.lock           locked (flock) while a run uses the workdir
+    WORKDIR/.fedkd.lock           locked (flock), as WORKDIR itself, while a
+                                  run uses the workdir
     WORKDIR/config.json           the run's config
     WORKDIR/metrics.jsonl         one JSON row per evaluated round
     WORKDIR/checkpoints/<round>/  orbax checkpoints (state; rows so far, the
@@ -178,26 +179,43 @@ class Workdir:
   def _file(self, name: str) -> str:
     return os.path.join(self.path, name)
 
-  def _take_lock(self) -> int:
-    """Locks the workdir for this process's lifetime; returns the fd.
+  def _take_lock(self) -> list[int]:
+    """Locks the workdir for this process's lifetime; returns the fds.
 
-    The kernel drops a flock when its holder dies, so a lock file left by a
-    killed run blocks nothing.
+    Both the directory itself (its lock goes with it, which deleting the
+    lock file cannot undo) and the lock file (which older fedkd versions
+    lock) are locked. The kernel drops a flock when its holder dies, so a
+    lock file left by a killed run blocks nothing.
     """
-    name = self._file(LOCK)
+    fds = []
     try:
-      fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                   0o644)
+      # The workdir may be a symlink; a planted one at the lock file not.
+      for name, flags in ((self.path, os.O_RDONLY | os.O_DIRECTORY),
+                          (self._file(LOCK),
+                           os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)):
+        fds.append(self._lock_one(name, flags))
+    except BaseException:
+      for fd in fds:
+        os.close(fd)
+      raise
+    return fds
+
+  def _lock_one(self, name: str, flags: int) -> int:
+    """Opens `name` with `flags` and locks it; returns the fd."""
+    try:
+      fd = os.open(name, flags | os.O_CLOEXEC, 0o644)
     except OSError as e:
-      raise FedkdError(f'cannot open the lock file {name} ({e.strerror}); '
-                       'remove it or use another workdir') from e
+      what = 'the workdir' if name == self.path else 'the lock file'
+      remove = '' if name == self.path else 'remove it or '
+      raise FedkdError(f'cannot open {what} {name} ({e.strerror}); '
+                       f'{remove}use another workdir') from e
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       os.close(fd)
       if e.errno in (errno.EAGAIN, errno.EACCES):
         raise FedkdError(f'workdir {self.path} is in use by another run '
-                         f'(it holds {name}); wait for that run to end or '
+                         f'(it locks {name}); wait for that run to end or '
                          'use another workdir') from e
       raise FedkdError(f'cannot lock {name} ({e.strerror}); use a workdir '
                        'on a local filesystem') from e
@@ -377,9 +395,9 @@ class Workdir:
     if self._checkpoints is not None:
       self._checkpoints.close()
       self._checkpoints = None
-    if self._lock is not None:
-      os.close(self._lock)  # drops the flock
-      self._lock = None
+    for fd in self._lock or ():
+      os.close(fd)  # drops the flock
+    self._lock = None
 
 
 def _row_bytes(row: dict) -> bytes:

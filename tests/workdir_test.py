@@ -144,6 +144,14 @@ class WorkdirTest(parameterized.TestCase):
       first.close()
     _open(self.path).close()  # released
 
+  def test_deleting_the_lock_file_does_not_unlock(self):
+    first = _open(self.path)
+    try:
+      os.remove(os.path.join(self.path, '.fedkd.lock'))
+      self.assertRefused('is in use by another run')
+    finally:
+      first.close()
+
   def test_lock_file_without_a_holder_does_not_block(self):
     # The reference run left its lock file behind.
     self.assertTrue(os.path.exists(os.path.join(self.path, '.fedkd.lock')))
