@@ -290,13 +290,20 @@ class Workdir:
     except FileNotFoundError:
       return None
     except (OSError, ValueError) as e:
-      raise FedkdError(f'cannot read {self._file(CONFIG)} ({e}); use another '
-                       'workdir or set overwrite=True') from e
+      self._bad_config(f'cannot be read ({e})')
     if not isinstance(config, dict):
-      raise FedkdError(f'{self._file(CONFIG)} holds {json.dumps(config)[:20]},'
-                       ' not a config object; use another workdir or set '
-                       'overwrite=True')
+      self._bad_config(f'holds {json.dumps(config)[:20]}, not a config object')
     return config
+
+  def _bad_config(self, problem: str) -> None:
+    """Refuses a damaged config.json, with the advice that keeps the most."""
+    # Checkpoints carry the config; `overwrite` would delete them.
+    steps = os.path.isdir(self._file(CHECKPOINTS)) and any(
+        n.isdigit() for n in os.listdir(self._file(CHECKPOINTS)))
+    advice = ('remove it to resume from the checkpoints (they hold the '
+              'config), or use another workdir' if steps else
+              'use another workdir or set overwrite=True')
+    raise FedkdError(f'{self._file(CONFIG)} {problem}; {advice}')
 
   def _checkpoint_metas(self) -> dict[int, object]:
     """Step -> metadata of every checkpoint whose metadata reads."""

@@ -190,6 +190,21 @@ class WorkdirTest(parameterized.TestCase):
       expected = 'config.json'
     self.assertRefused(expected, algorithm='fedkd', seed=5)
 
+  def test_corrupt_config_json_advice_keeps_the_checkpoints(self):
+    config = os.path.join(self.path, 'config.json')
+    with open(config, 'w') as f:
+      f.write('{"seed": ')
+    self.assertRefused('remove it to resume from the checkpoints')
+    os.remove(config)  # as advised
+    work = _open(self.path)
+    self.assertEqual(work.restore(STATE, TOTALS)[0], 2)
+    work.close()
+    # Without checkpoints there is nothing to keep.
+    shutil.rmtree(os.path.join(self.path, 'checkpoints'))
+    with open(config, 'w') as f:
+      f.write('{"seed": ')
+    self.assertRefused('use another workdir or set overwrite=True')
+
   def test_missing_config_json_resumes_by_the_checkpoint(self):
     os.remove(os.path.join(self.path, 'config.json'))
     work = _open(self.path)
