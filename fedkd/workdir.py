@@ -21,6 +21,7 @@ started (`Workdir.start`); a run of the same config resumes as without it.
 from collections.abc import Collection, Mapping
 import errno
 import fcntl
+import functools
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from jax.experimental import multihost_utils
 
 from fedkd import checkpoint
 from fedkd.errors import FedkdError
+from fedkd.errors import NO_SPACE_ERRNOS
 from fedkd.typing import Params, PyTree
 
 LOCK = '.fedkd.lock'
@@ -79,6 +81,27 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 def _json_bytes(value) -> bytes:
   return json.dumps(value, indent=2, sort_keys=True).encode()
+
+
+def _writes(method):
+  """Makes a `Workdir` method's failed write one `FedkdError` line.
+
+  A full disk passes through, for `fedkd.train.out_of_space_is` to name.
+  """
+
+  @functools.wraps(method)
+  def wrapped(self, *args, **kwargs):
+    try:
+      return method(self, *args, **kwargs)
+    except OSError as e:
+      if e.errno in NO_SPACE_ERRNOS:
+        raise
+      raise FedkdError(
+          f'cannot write {e.filename or self.path} ({e.strerror or e}); make '
+          'it writable and rerun the same command to resume from the newest '
+          'checkpoint') from e
+
+  return wrapped
 
 
 def _changed_field(old: dict, new: dict,
@@ -156,6 +179,7 @@ class Workdir:
     self._lock = self._take_lock() if self._writer else None
     try:
       self._check_file_types()
+      self._check_writable()
       try:
         self._check_same_run()
       except FedkdError as e:
@@ -229,6 +253,16 @@ class Workdir:
         kind = 'directory' if want_dir else 'regular file'
         raise FedkdError(f'{path} is not a {kind}; move it out of the workdir'
                          ' or use another workdir')
+
+  def _check_writable(self) -> None:
+    """Refuses directories the run would write in that are read-only (by
+    permissions or a read-only mount), rather than failing at a save."""
+    dirs = [self.path, self._file(TENSORBOARD)]
+    dirs += [root for root, _, _ in os.walk(self._file(CHECKPOINTS))]
+    for path in dirs:
+      if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+        raise FedkdError(f'{path} is not writable; make it writable or use '
+                         'another workdir')
 
   def _refuse(self, where: str, field: str, old, now) -> None:
     hint = f'; {self._why_fixed[field]}' if field in self._why_fixed else ''
@@ -344,6 +378,7 @@ class Workdir:
       self._will_replace(e)
       return None
 
+  @_writes
   def start(self, rows: list[dict]) -> None:
     """Writes config.json and metrics.jsonl holding `rows` (from a resume).
 
@@ -365,6 +400,7 @@ class Workdir:
     if not self._writer:
       return
     _atomic_write(self._file(CONFIG), _json_bytes(self._config))
+    self._rows = list(rows)  # what metrics.jsonl holds
     _atomic_write(self._file(METRICS), b''.join(map(_row_bytes, rows)))
     # Imported here: tensorboardX imports torch where it is installed
     # (seconds), which runs that stop before writing should not pay.
@@ -376,20 +412,32 @@ class Workdir:
                                    rows[-1]['round'] if rows else 0)
     self._tensorboard.write_rows(rows)
 
+  @_writes
   def append_row(self, row: dict) -> None:
     if not self._writer:
       return
-    fd = os.open(self._file(METRICS), os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
-    with os.fdopen(fd, 'wb') as f:
-      f.write(_row_bytes(row))
+    self._rows.append(row)
+    try:
+      fd = os.open(self._file(METRICS),
+                   os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    except FileNotFoundError:
+      logging.warning('%s was deleted during the run; writing it anew',
+                      self._file(METRICS))
+      _atomic_write(self._file(METRICS),
+                    b''.join(map(_row_bytes, self._rows)))
+    else:
+      with os.fdopen(fd, 'wb') as f:
+        f.write(_row_bytes(row))
     self._tensorboard.write_rows([row])
 
+  @_writes
   def save(self, rounds_done: int, state: PyTree, meta: dict) -> None:
     """Checkpoints `state` with `meta`, this run's config and dataset."""
     self._checkpointer().save(
         rounds_done, state, {**meta, 'config': self._config,
                              'data': self._data})
 
+  @_writes
   def write_final(self, params: Params) -> None:
     if self._writer:
       _atomic_write(self._file(FINAL_PARAMS), serialization.to_bytes(params))

@@ -1,11 +1,13 @@
 """The run directory: lock, config and data checks, overwrite, file safety."""
 
+import errno
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import runner
+from fedkd import checkpoint
 from fedkd import data
 from fedkd import workdir as workdir_lib
 from fedkd.errors import FedkdError
@@ -132,6 +135,50 @@ class WorkdirTest(parameterized.TestCase):
     work.start(meta['rows'])
     work.close()
     self.assertEqual(sorted(os.listdir(checkpoints)), ['1', '2'])
+
+  # Writing.
+
+  def test_read_only_subdirectory_is_refused(self):
+    for name in ('checkpoints', 'tensorboard', 'checkpoints/2/state'):
+      path = os.path.join(self.path, name)
+      os.chmod(path, 0o555)
+      try:
+        if os.access(path, os.W_OK):
+          self.skipTest('permissions do not bind this user (root)')
+        self.assertRefused(f'{path} is not writable')
+      finally:
+        os.chmod(path, 0o755)
+
+  def test_failed_save_is_one_error_line(self):
+    work = _open(self.path)
+    self.addCleanup(work.close)
+    step, _, meta = work.restore(STATE, TOTALS)
+    work.start(meta['rows'])
+    read_only = OSError(errno.EROFS, 'Read-only file system', '/x/3.tmp')
+    with mock.patch.object(checkpoint.Checkpointer, 'save',
+                           side_effect=read_only):
+      with self.assertRaises(FedkdError) as cm:
+        work.save(step + 1, STATE, meta)
+    self.assertStartsWith(str(cm.exception),
+                          'cannot write /x/3.tmp (Read-only file system); ')
+    self.assertNotIn('\n', str(cm.exception))
+    # A full disk is left for `train.out_of_space_is` to name.
+    full = OSError(errno.ENOSPC, 'No space left on device')
+    with mock.patch.object(checkpoint.Checkpointer, 'save', side_effect=full):
+      with self.assertRaises(OSError) as cm:
+        work.save(step + 1, STATE, meta)
+    self.assertIs(cm.exception, full)
+
+  def test_metrics_deleted_during_a_run_are_written_anew(self):
+    work = _open(self.path)
+    self.addCleanup(work.close)
+    _, _, meta = work.restore(STATE, TOTALS)
+    work.start(meta['rows'])
+    metrics = os.path.join(self.path, 'metrics.jsonl')
+    os.remove(metrics)
+    work.append_row({'round': 3, 'loss': 0.5})
+    with open(metrics) as f:
+      self.assertEqual([json.loads(l)['round'] for l in f], [1, 2, 3])
 
   # The lock.
 
