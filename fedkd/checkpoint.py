@@ -26,6 +26,7 @@ processes each hold only part of the arrays) are restored unverified.
 from collections.abc import Callable
 import hashlib
 import json
+import logging as std_logging
 import os
 import re
 import sys
@@ -76,6 +77,12 @@ class Checkpointer:
         create=writable,
     )
     self._writable = writable
+    if writable:
+      # Orbax deletes those leftovers in a thread that it awaits only at
+      # the first save; a run stopped before one would leave it running.
+      # pylint: disable-next=protected-access
+      self._manager._maybe_await_cleanup_tmp_directory()
+    _quiet_orbax_errors()
     self._manager = ocp.CheckpointManager(
         directory,
         options=options,
@@ -218,6 +225,29 @@ class Checkpointer:
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
+
+
+class _QuietOrbaxErrors(std_logging.Filter):
+  """Drops orbax's ERROR records, and asyncio's about futures it abandons.
+
+  Orbax's worker threads log (with tracebacks) each error that a save or
+  restore then raises, for fedkd to report in one line or to fall back on;
+  after a failed save (a full disk) some log again at the interpreter's
+  exit, and asyncio reports the futures of its other writes.
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.levelno >= std_logging.ERROR and (
+        f'{os.sep}orbax{os.sep}' in record.pathname or
+        'exception was never retrieved' in str(record.msg)))
+
+
+def _quiet_orbax_errors() -> None:
+  """Installs `_QuietOrbaxErrors` on absl's and asyncio's loggers, once."""
+  for name in ('absl', 'asyncio'):
+    logger = std_logging.getLogger(name)
+    if not any(isinstance(f, _QuietOrbaxErrors) for f in logger.filters):
+      logger.addFilter(_QuietOrbaxErrors())
 
 
 def _drop_closed_loop_callbacks() -> None:

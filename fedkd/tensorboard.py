@@ -152,4 +152,19 @@ class EventWriter:
     self._writer.flush()  # Rows are minutes apart; show each at once.
 
   def close(self) -> None:
-    self._writer.close()
+    """Flushes and closes the event file.
+
+    Where the flush fails (a full disk), tensorboardX leaves its writer open
+    and fails again at exit, with tracebacks from its atexit hook and its
+    thread: that writer is then stopped and marked closed before the error
+    goes on.
+    """
+    try:
+      self._writer.close()
+    except OSError:
+      # pylint: disable=protected-access
+      events = self._events.event_writer
+      if not events._closed:
+        events._closed = True
+        events._worker.stop()
+      raise

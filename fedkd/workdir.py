@@ -443,16 +443,21 @@ class Workdir:
       _atomic_write(self._file(FINAL_PARAMS), serialization.to_bytes(params))
 
   def close(self) -> None:
-    """Releases the checkpointer, the event files and the lock."""
-    if self._tensorboard is not None:
-      self._tensorboard.close()
-      self._tensorboard = None
-    if self._checkpoints is not None:
-      self._checkpoints.close()
-      self._checkpoints = None
-    for fd in self._lock or ():
-      os.close(fd)  # drops the flock
-    self._lock = None
+    """Releases the event files, the checkpointer and the lock, each even
+    where closing another fails (a full disk)."""
+    tensorboard, self._tensorboard = self._tensorboard, None
+    checkpoints, self._checkpoints = self._checkpoints, None
+    try:
+      if tensorboard is not None:
+        tensorboard.close()
+    finally:
+      try:
+        if checkpoints is not None:
+          checkpoints.close()
+      finally:
+        for fd in self._lock or ():
+          os.close(fd)  # drops the flock
+        self._lock = None
 
 
 def _row_bytes(row: dict) -> bytes:

@@ -1,6 +1,7 @@
 """Checkpoint round trips, pruning, and recovery from bad or partial saves."""
 
 import glob
+import logging
 import os
 import shutil
 import sys
@@ -231,6 +232,16 @@ class CheckpointTest(parameterized.TestCase):
     step, restored, meta = self._open().restore(states[1])
     self.assertEqual((step, meta), (2, _meta(2)))
     self.assertTreesBitEqual(restored, states[2])
+
+  def test_orbax_errors_are_not_logged(self):
+    # Its threads log each error that `save` or `restore` raises anyway.
+    self._open()
+    absl_logger = logging.getLogger('absl')
+    for path, shown in (('/venv/orbax/checkpoint/future.py', False),
+                        ('/work/fedkd/train.py', True)):
+      record = logging.LogRecord('absl', logging.ERROR, path, 1, 'failed',
+                                 None, None)
+      self.assertEqual(absl_logger.filter(record), shown, path)
 
   def test_all_corrupt_raises(self):
     states = self._save_steps(1, 2)
