@@ -77,11 +77,6 @@ class Checkpointer:
         create=writable,
     )
     self._writable = writable
-    if writable:
-      # Orbax deletes those leftovers in a thread that it awaits only at
-      # the first save; a run stopped before one would leave it running.
-      # pylint: disable-next=protected-access
-      self._manager._maybe_await_cleanup_tmp_directory()
     _quiet_orbax_errors()
     self._manager = ocp.CheckpointManager(
         directory,
@@ -91,6 +86,11 @@ class Checkpointer:
             _META: ocp.JsonCheckpointHandler(),
         },
     )
+    if writable:
+      # Orbax deletes those leftovers in a thread that it awaits only at
+      # the first save; a run stopped before one would leave it running.
+      # pylint: disable-next=protected-access
+      self._manager._maybe_await_cleanup_tmp_directory()
 
   def save(self, step: int, state: PyTree, meta: dict) -> None:
     """Writes checkpoint `step`; it is committed on disk when this returns.
