@@ -17,8 +17,9 @@ step final.
 leaf paths, shapes and dtypes against the target before reading arrays, and
 falls back to older steps when the newest cannot be loaded. Orbax keeps no
 checksum of the array data, so a few flipped bytes would load silently:
-`save` stores a sha256 of the state's arrays in the `meta` item, and a step
-whose restored arrays do not match it counts as corrupt. Checkpoints
+`save` stores a sha256 of the state's arrays and the metadata in the `meta`
+item, and a step whose restored arrays or metadata (hand-edited, say) do
+not match it counts as corrupt. Checkpoints
 without one (saved before fedkd kept it, or by a multi-process run, whose
 processes each hold only part of the arrays) are restored unverified.
 """
@@ -42,7 +43,7 @@ from fedkd.typing import PyTree
 _STATE = 'state'
 _META = 'meta'
 # The key of the state's digest in the stored `meta` item.
-_DIGEST = 'fedkd_state_sha256'
+_DIGEST = 'fedkd_sha256'
 
 
 class Checkpointer:
@@ -114,7 +115,7 @@ class Checkpointer:
     json.dumps(meta)
     if not isinstance(meta, dict) or _DIGEST in meta:
       raise ValueError(f'meta must be a dict without the key {_DIGEST!r}')
-    digest = _digest(state)
+    digest = _digest(state, meta)
     if digest is not None:
       meta = {**meta, _DIGEST: digest}
     for stale in [s for s in self._manager.all_steps() if s >= step]:
@@ -271,8 +272,9 @@ def _drop_closed_loop_callbacks() -> None:
   sys.unraisablehook = hook
 
 
-def _digest(state: PyTree) -> str | None:
-  """sha256 of the leaves' dtypes, shapes and bytes, in tree order.
+def _digest(state: PyTree, meta: dict) -> str | None:
+  """sha256 of the leaves' dtypes, shapes and bytes, in tree order, and of
+  `meta` (as JSON, which it round-trips through).
 
   Leaves are fetched to the host one at a time. None where this process
   holds only part of the arrays (multi-process runs).
@@ -286,18 +288,20 @@ def _digest(state: PyTree) -> str | None:
     x = np.ascontiguousarray(jax.device_get(leaf))
     sha.update(f'{x.dtype.str}{list(x.shape)};'.encode())
     sha.update(x.reshape(-1).view(np.uint8))
+  sha.update(json.dumps(meta, sort_keys=True).encode())
   return sha.hexdigest()
 
 
 def _check_digest(state: PyTree, meta) -> None:
-  """Raises ValueError if `state` does not match the digest in `meta`."""
+  """Raises ValueError if `state` and `meta` do not match the digest saved
+  in `meta`."""
   want = meta.get(_DIGEST) if isinstance(meta, dict) else None
   if want is None:
     return  # an old checkpoint, or a multi-process run's
-  got = _digest(state)
+  got = _digest(state, _without_digest(meta))
   if got is not None and got != want:
-    raise ValueError('its arrays do not match the sha256 saved with them '
-                     '(corrupt data)')
+    raise ValueError('its arrays or metadata do not match the sha256 saved '
+                     'with them (corrupt or edited)')
 
 
 def _without_digest(meta):

@@ -223,6 +223,15 @@ class CheckpointTest(parameterized.TestCase):
     self.assertTreesBitEqual(restored, states[1])
     self.assertIn('sha256', '\n'.join(logs.output))
 
+  def test_edited_meta_falls_back(self):
+    states = self._save_steps(1, 2)
+    path = os.path.join(self.dir, '2', 'meta', 'metadata')
+    rundirs.edit_json(path, lambda m: {**m, 'rows': m['rows'][1:]})
+    with self.assertLogs(level='WARNING') as logs:
+      step, _, meta = self._open().restore(states[1])
+    self.assertEqual((step, meta), (1, _meta(1)))
+    self.assertIn('sha256', '\n'.join(logs.output))
+
   def test_checkpoint_without_a_digest_restores_unverified(self):
     # As saved before fedkd kept a digest.
     states = self._save_steps(1, 2)
