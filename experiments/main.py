@@ -10,6 +10,7 @@ prints one line starting with `error:` and exits with code 2; SIGINT/SIGTERM
 print one line and exit with 128 + the signal number (see `fedkd.stopping`).
 """
 
+import functools
 import importlib.machinery
 import importlib.util
 import os
@@ -22,6 +23,18 @@ def _stop_outside_runs(signum, frame):
   print(f'stopped by {signal.Signals(signum).name} before training started '
         'or between runs; nothing was lost', file=sys.stderr, flush=True)
   os._exit(128 + signum)  # pylint: disable=protected-access
+
+
+def _exit_now(code, signum, frame):
+  del signum, frame
+  os._exit(code)  # pylint: disable=protected-access
+
+
+def _ending(code: int) -> None:
+  """From here a signal ends the process with `code` and no line: the run's
+  outcome is printed (or about to be), and it stands."""
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, functools.partial(_exit_now, code))
 
 
 # Importing JAX takes seconds: a signal meanwhile ends the process with one
@@ -169,13 +182,17 @@ def main(argv):
     else:
       runner.run(config, _WORKDIR.value)
   except FedkdError as e:
+    _ending(2)
     _fail(str(e))
   except train.Diverged as e:
+    _ending(1)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   except train.Interrupted as e:
+    _ending(128 + e.signum)
     print(e, file=sys.stderr)
     sys.exit(128 + e.signum)
+  _ending(0)
 
 
 if __name__ == '__main__':

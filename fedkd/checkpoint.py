@@ -15,11 +15,19 @@ step final.
 
 `restore` still treats every step as untrusted: it checks the stored tree's
 leaf paths, shapes and dtypes against the target before reading arrays, and
-falls back to older steps when the newest cannot be loaded.
+falls back to older steps when the newest cannot be loaded. Orbax keeps no
+checksum of the array data, so a few flipped bytes would load silently:
+`save` stores a sha256 of the state's arrays and the metadata in the `meta`
+item, and a step whose restored arrays or metadata (hand-edited, say) do
+not match it counts as corrupt. Checkpoints
+without one (saved before fedkd kept it, or by a multi-process run, whose
+processes each hold only part of the arrays) are restored unverified.
 """
 
 from collections.abc import Callable
+import hashlib
 import json
+import logging as std_logging
 import os
 import re
 import sys
@@ -34,6 +42,8 @@ from fedkd.typing import PyTree
 
 _STATE = 'state'
 _META = 'meta'
+# The key of the state's digest in the stored `meta` item.
+_DIGEST = 'fedkd_sha256'
 
 
 class Checkpointer:
@@ -43,13 +53,16 @@ class Checkpointer:
   run owns its checkpoint directory.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 2):
+  def __init__(self, directory: str, *, max_to_keep: int = 2,
+               writable: bool = True):
     """Opens (creating if needed) a checkpoint directory.
 
     Args:
       directory: where step directories live; local or any path orbax
         accepts (e.g. `gs://`).
       max_to_keep: how many of the newest checkpoints survive each save.
+      writable: False reads only: nothing is created or cleaned up (a run
+        checks its workdir so before it is sure to start), `save` raises.
     """
     if max_to_keep < 1:
       raise FedkdError(f'max_to_keep={max_to_keep} must be at least 1')
@@ -61,9 +74,11 @@ class Checkpointer:
         enable_async_checkpointing=False,
         preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
         # Leftovers of saves killed mid-write; this process owns the dir.
-        cleanup_tmp_directories=True,
-        create=True,
+        cleanup_tmp_directories=writable,
+        create=writable,
     )
+    self._writable = writable
+    _quiet_orbax_errors()
     self._manager = ocp.CheckpointManager(
         directory,
         options=options,
@@ -72,6 +87,11 @@ class Checkpointer:
             _META: ocp.JsonCheckpointHandler(),
         },
     )
+    if writable:
+      # Orbax deletes those leftovers in a thread that it awaits only at
+      # the first save; a run stopped before one would leave it running.
+      # pylint: disable-next=protected-access
+      self._manager._maybe_await_cleanup_tmp_directory()
 
   def save(self, step: int, state: PyTree, meta: dict) -> None:
     """Writes checkpoint `step`; it is committed on disk when this returns.
@@ -84,13 +104,20 @@ class Checkpointer:
     Args:
       step: non-negative step number, usually the round.
       state: pytree of arrays (jax or numpy).
-      meta: JSON-serialisable data; JSON turns tuples into lists and dict
+      meta: a JSON-serialisable dict; JSON turns tuples into lists and dict
         keys into strings, so use lists and string keys to round-trip.
     """
+    if not self._writable:
+      raise RuntimeError(f'{self.directory} was opened read-only')
     if step < 0:
       raise ValueError(f'step={step} must be non-negative')
     # Fail before any directory is created, not halfway through the save.
     json.dumps(meta)
+    if not isinstance(meta, dict) or _DIGEST in meta:
+      raise ValueError(f'meta must be a dict without the key {_DIGEST!r}')
+    digest = _digest(state, meta)
+    if digest is not None:
+      meta = {**meta, _DIGEST: digest}
     for stale in [s for s in self._manager.all_steps() if s >= step]:
       logging.warning('Deleting checkpoint %s: saving step %d replaces it.',
                       self._step_dir(stale), step)
@@ -121,8 +148,9 @@ class Checkpointer:
     metas = {}
     for step in self._manager.all_steps():
       try:
-        metas[step] = self._manager.restore(step, args=ocp.args.Composite(**{
-            _META: ocp.args.JsonRestore()}))[_META]
+        metas[step] = _without_digest(self._manager.restore(
+            step, args=ocp.args.Composite(**{
+                _META: ocp.args.JsonRestore()}))[_META])
       except Exception as e:  # pylint: disable=broad-exception-caught
         logging.warning('Cannot read the metadata of checkpoint %s (%s).',
                         self._step_dir(step), _one_line(e))
@@ -163,8 +191,11 @@ class Checkpointer:
                 _STATE: ocp.args.StandardRestore(target),
                 _META: ocp.args.JsonRestore(),
             }))
+        meta = restored[_META]
+        _check_digest(restored[_STATE], meta)
+        meta = _without_digest(meta)
         if check_meta is not None:
-          check_meta(restored[_META], step)
+          check_meta(meta, step)
       except Exception as e:  # pylint: disable=broad-exception-caught
         # Any failure means this step cannot be trusted; try older ones.
         first_error = first_error or e
@@ -177,7 +208,7 @@ class Checkpointer:
       if step != steps[0]:
         logging.warning('Restored checkpoint %s, not the newest (step %d).',
                         self._step_dir(step), steps[0])
-      return step, restored[_STATE], restored[_META]
+      return step, restored[_STATE], meta
     raise FedkdError(
         f'no checkpoint in {self.directory} loads (newest, step {steps[0]}: '
         f'{_one_line(first_error)}); use a new workdir or delete '
@@ -195,6 +226,29 @@ class Checkpointer:
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
+
+
+class _QuietOrbaxErrors(std_logging.Filter):
+  """Drops orbax's ERROR records, and asyncio's about futures it abandons.
+
+  Orbax's worker threads log (with tracebacks) each error that a save or
+  restore then raises, for fedkd to report in one line or to fall back on;
+  after a failed save (a full disk) some log again at the interpreter's
+  exit, and asyncio reports the futures of its other writes.
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.levelno >= std_logging.ERROR and (
+        f'{os.sep}orbax{os.sep}' in record.pathname or
+        'exception was never retrieved' in str(record.msg)))
+
+
+def _quiet_orbax_errors() -> None:
+  """Installs `_QuietOrbaxErrors` on absl's and asyncio's loggers, once."""
+  for name in ('absl', 'asyncio'):
+    logger = std_logging.getLogger(name)
+    if not any(isinstance(f, _QuietOrbaxErrors) for f in logger.filters):
+      logger.addFilter(_QuietOrbaxErrors())
 
 
 def _drop_closed_loop_callbacks() -> None:
@@ -216,6 +270,45 @@ def _drop_closed_loop_callbacks() -> None:
 
   hook.drops_closed_loop = True
   sys.unraisablehook = hook
+
+
+def _digest(state: PyTree, meta: dict) -> str | None:
+  """sha256 of the leaves' dtypes, shapes and bytes, in tree order, and of
+  `meta` (as JSON, which it round-trips through).
+
+  Leaves are fetched to the host one at a time. None where this process
+  holds only part of the arrays (multi-process runs).
+  """
+  leaves = jax.tree.leaves(state)
+  if jax.process_count() > 1 or not all(
+      getattr(x, 'is_fully_addressable', True) for x in leaves):
+    return None
+  sha = hashlib.sha256()
+  for leaf in leaves:
+    x = np.ascontiguousarray(jax.device_get(leaf))
+    sha.update(f'{x.dtype.str}{list(x.shape)};'.encode())
+    sha.update(x.reshape(-1).view(np.uint8))
+  sha.update(json.dumps(meta, sort_keys=True).encode())
+  return sha.hexdigest()
+
+
+def _check_digest(state: PyTree, meta) -> None:
+  """Raises ValueError if `state` and `meta` do not match the digest saved
+  in `meta`."""
+  want = meta.get(_DIGEST) if isinstance(meta, dict) else None
+  if want is None:
+    return  # an old checkpoint, or a multi-process run's
+  got = _digest(state, _without_digest(meta))
+  if got is not None and got != want:
+    raise ValueError('its arrays or metadata do not match the sha256 saved '
+                     'with them (corrupt or edited)')
+
+
+def _without_digest(meta):
+  """The caller's `meta`, as saved: without the digest."""
+  if isinstance(meta, dict):
+    meta = {k: v for k, v in meta.items() if k != _DIGEST}
+  return meta
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:

@@ -12,6 +12,12 @@ thread waits in short slices and handles signals:
 * afterwards (`Stopper.defer`), a signal only sets `Stopper.signum`; the host
   loop checks it after each round, checkpoints and stops. A second signal
   ends the process at once, like a SIGKILL, which the checkpoints survive.
+
+A first signal during or after the last round (its checkpoint, the final
+parameters, the table) lets the run finish; it still exits with 128 + the
+signal number, saying that the run is complete (`experiments/runner.py`),
+so that a `compare` stops there too. Once `experiments/main.py` has the
+outcome, a further signal only ends the process at once with its code.
 """
 
 from collections.abc import Callable, Iterator

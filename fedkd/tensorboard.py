@@ -17,6 +17,7 @@ import struct
 import time
 
 from google.protobuf import message
+from tensorboardX import record_writer
 from tensorboardX import SummaryWriter
 from tensorboardX.proto import event_pb2
 from tensorboardX.proto import summary_pb2
@@ -33,25 +34,50 @@ _FOOTER_BYTES = 4
 # count of 66,534,800,000 read back as 66,534,801,408).
 _SCALARS = summary_pb2.SummaryMetadata(
     plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
+_log = logging.getLogger(__name__)
 # A NaN is a finding (the row shows it), not a warning to print on each write.
 logging.getLogger('tensorboardX.x2num').setLevel(logging.ERROR)
 
 
 def _events(path: str):
-  """Yields the events of one file; stops at a torn or corrupt record."""
+  """Yields the events of one file, up to a torn or corrupt record.
+
+  A record cut short (a writer killed mid-record) ends the file quietly; a
+  length that fails its CRC or data that does not parse end it with a
+  warning. No length is trusted beyond the bytes the file holds.
+  """
   with open(path, 'rb') as f:
+    size = os.fstat(f.fileno()).st_size
     while True:
       header = f.read(_HEADER.size)
       if len(header) < _HEADER.size:
         return
-      length, _ = _HEADER.unpack(header)
-      record = f.read(length + _FOOTER_BYTES)
-      if len(record) < length + _FOOTER_BYTES:
+      length, crc = _HEADER.unpack(header)
+      if record_writer.masked_crc32c(header[:8]) != crc:
+        _log.warning('%s is corrupt from byte %d (a record length fails its '
+                     'CRC); reading no further', path, f.tell() - len(header))
+        return
+      if f.tell() + length + _FOOTER_BYTES > size:
         return  # A writer killed mid-record.
+      record = f.read(length + _FOOTER_BYTES)
       try:
         yield event_pb2.Event.FromString(record[:length])
       except message.DecodeError:
+        _log.warning('%s is corrupt (a record does not parse); reading no '
+                     'further', path)
         return
+
+
+def _event_files(logdir: str) -> list[str]:
+  """The event files in `logdir`, skipping (with a warning) non-files."""
+  paths = []
+  for path in sorted(glob.glob(os.path.join(logdir, _PATTERN))):
+    if os.path.isfile(path) and not os.path.islink(path):
+      paths.append(path)
+    else:
+      _log.warning('%s is not an event file (not a regular file); ignoring it',
+                   path)
+  return paths
 
 
 def _scalar(tag: str, value: float) -> summary_pb2.Summary:
@@ -78,11 +104,16 @@ class EventWriter:
   def __init__(self, logdir: str, *, fresh: bool):
     self._written = set()  # (tag, step) of every scalar in the files
     self._config = None  # the newest config text in the files
-    for path in sorted(glob.glob(os.path.join(logdir, _PATTERN))):
+    for path in _event_files(logdir):
       if fresh:
         os.remove(path)
         continue
-      for event in _events(path):
+      try:
+        events = list(_events(path))
+      except OSError as e:
+        _log.warning('cannot read %s (%s); ignoring it', path, e.strerror)
+        continue
+      for event in events:
         for value in event.summary.value:
           if (value.HasField('simple_value')
               or value.metadata.plugin_data.plugin_name == 'scalars'):
@@ -121,4 +152,19 @@ class EventWriter:
     self._writer.flush()  # Rows are minutes apart; show each at once.
 
   def close(self) -> None:
-    self._writer.close()
+    """Flushes and closes the event file.
+
+    Where the flush fails (a full disk), tensorboardX leaves its writer open
+    and fails again at exit, with tracebacks from its atexit hook and its
+    thread: that writer is then stopped and marked closed before the error
+    goes on.
+    """
+    try:
+      self._writer.close()
+    except OSError:
+      # pylint: disable=protected-access
+      events = self._events.event_writer
+      if not events._closed:
+        events._closed = True
+        events._worker.stop()
+      raise

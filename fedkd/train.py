@@ -74,13 +74,17 @@ class OutOfMemory(FedkdError):
 
 
 class Interrupted(Exception):
-  """SIGINT/SIGTERM arrived; a checkpoint of the last finished round exists."""
+  """SIGINT/SIGTERM arrived; a checkpoint of the last finished round exists
+  (unless no round was run)."""
 
   def __init__(self, signum: int, rounds_done: int, num_rounds: int):
     name = signal.Signals(signum).name
     if rounds_done == num_rounds:
       message = (f'stopped by {name} after the last round ({rounds_done}); '
                  'the run is complete and saved')
+    elif not rounds_done:
+      message = (f'stopped by {name} before round 1; no round was run, '
+                 'rerun the same command to start')
     else:
       message = (f'stopped by {name} after round {rounds_done}; checkpoint '
                  'saved, rerun the same command to resume')

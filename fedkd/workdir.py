@@ -1,6 +1,7 @@
 """What a run keeps in its work directory, and resuming from it.
 
-    WORKDIR/.fedkd.lock           locked (flock) while a run uses the workdir
+    WORKDIR/.fedkd.lock           locked (flock), as WORKDIR itself, while a
+                                  run uses the workdir
     WORKDIR/config.json           the run's config
     WORKDIR/metrics.jsonl         one JSON row per evaluated round
     WORKDIR/checkpoints/<round>/  orbax checkpoints (state; rows so far, the
@@ -12,13 +13,15 @@
 Rerunning the same command on the same workdir resumes from the newest
 checkpoint. A workdir in use by another run, holding a run of a different
 config or dataset (by config.json or by any checkpoint), or holding files of
-the wrong type is refused before anything in it changes; `overwrite` replaces
-the old run only once the new one has started (`Workdir.start`).
+the wrong type is refused before anything in it changes. With `overwrite`, a
+run that would be refused so is replaced instead, only once the new one has
+started (`Workdir.start`); a run of the same config resumes as without it.
 """
 
 from collections.abc import Collection, Mapping
 import errno
 import fcntl
+import functools
 import json
 import math
 import os
@@ -32,6 +35,7 @@ from jax.experimental import multihost_utils
 
 from fedkd import checkpoint
 from fedkd.errors import FedkdError
+from fedkd.errors import NO_SPACE_ERRNOS
 from fedkd.typing import Params, PyTree
 
 LOCK = '.fedkd.lock'
@@ -77,6 +81,27 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 def _json_bytes(value) -> bytes:
   return json.dumps(value, indent=2, sort_keys=True).encode()
+
+
+def _writes(method):
+  """Makes a `Workdir` method's failed write one `FedkdError` line.
+
+  A full disk passes through, for `fedkd.train.out_of_space_is` to name.
+  """
+
+  @functools.wraps(method)
+  def wrapped(self, *args, **kwargs):
+    try:
+      return method(self, *args, **kwargs)
+    except OSError as e:
+      if e.errno in NO_SPACE_ERRNOS:
+        raise
+      raise FedkdError(
+          f'cannot write {e.filename or self.path} ({e.strerror or e}); make '
+          'it writable and rerun the same command to resume from the newest '
+          'checkpoint') from e
+
+  return wrapped
 
 
 def _changed_field(old: dict, new: dict,
@@ -126,8 +151,8 @@ class Workdir:
       config: the run's settings (JSON values), as written to config.json
         and every checkpoint, and compared with the run there.
       data: the dataset's fingerprint (`fedkd.data.fingerprint`).
-      overwrite: replace a run of another config or dataset instead of
-        refusing.
+      overwrite: replace a run that would be refused (of another config
+        or dataset, or that cannot be resumed) instead of refusing.
       num_rounds: the rounds of the run (a checkpoint past them is refused).
       may_change: the fields a resumed run may change (the rounds compute
         the same); any other difference from the run there is refused.
@@ -144,6 +169,8 @@ class Workdir:
     self._why_fixed = dict(why_fixed or {})
     self._data = data
     self._overwrite = overwrite
+    self._replace = False  # `start` deletes the old run
+    self._started = False
     self._checkpoints = None
     self._tensorboard = None
     # In a multi-process run all processes share the workdir; process 0
@@ -152,35 +179,67 @@ class Workdir:
     self._lock = self._take_lock() if self._writer else None
     try:
       self._check_file_types()
-      if not overwrite:
+      self._check_writable()
+      try:
         self._check_same_run()
+      except FedkdError as e:
+        if not overwrite:
+          raise
+        self._will_replace(e)
     except BaseException:
       self.close()
       raise
 
+  def _will_replace(self, why: FedkdError) -> None:
+    """Marks the old run, which cannot be resumed, for `start` to delete."""
+    self._replace = True
+    if self._checkpoints is not None:
+      self._checkpoints.close()
+      self._checkpoints = None
+    # The refusal up to its advice (which `overwrite` follows).
+    logging.warning('overwrite=True: the run in %s is replaced once this one '
+                    'starts: %s', self.path, str(why).split('; ')[0])
+
   def _file(self, name: str) -> str:
     return os.path.join(self.path, name)
 
-  def _take_lock(self) -> int:
-    """Locks the workdir for this process's lifetime; returns the fd.
+  def _take_lock(self) -> list[int]:
+    """Locks the workdir for this process's lifetime; returns the fds.
 
-    The kernel drops a flock when its holder dies, so a lock file left by a
-    killed run blocks nothing.
+    Both the directory itself (its lock goes with it, which deleting the
+    lock file cannot undo) and the lock file (which older fedkd versions
+    lock) are locked. The kernel drops a flock when its holder dies, so a
+    lock file left by a killed run blocks nothing.
     """
-    name = self._file(LOCK)
+    fds = []
     try:
-      fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                   0o644)
+      # The workdir may be a symlink; a planted one at the lock file not.
+      for name, flags in ((self.path, os.O_RDONLY | os.O_DIRECTORY),
+                          (self._file(LOCK),
+                           os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)):
+        fds.append(self._lock_one(name, flags))
+    except BaseException:
+      for fd in fds:
+        os.close(fd)
+      raise
+    return fds
+
+  def _lock_one(self, name: str, flags: int) -> int:
+    """Opens `name` with `flags` and locks it; returns the fd."""
+    try:
+      fd = os.open(name, flags | os.O_CLOEXEC, 0o644)
     except OSError as e:
-      raise FedkdError(f'cannot open the lock file {name} ({e.strerror}); '
-                       'remove it or use another workdir') from e
+      what = 'the workdir' if name == self.path else 'the lock file'
+      remove = '' if name == self.path else 'remove it or '
+      raise FedkdError(f'cannot open {what} {name} ({e.strerror}); '
+                       f'{remove}use another workdir') from e
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       os.close(fd)
       if e.errno in (errno.EAGAIN, errno.EACCES):
         raise FedkdError(f'workdir {self.path} is in use by another run '
-                         f'(it holds {name}); wait for that run to end or '
+                         f'(it locks {name}); wait for that run to end or '
                          'use another workdir') from e
       raise FedkdError(f'cannot lock {name} ({e.strerror}); use a workdir '
                        'on a local filesystem') from e
@@ -194,6 +253,16 @@ class Workdir:
         kind = 'directory' if want_dir else 'regular file'
         raise FedkdError(f'{path} is not a {kind}; move it out of the workdir'
                          ' or use another workdir')
+
+  def _check_writable(self) -> None:
+    """Refuses directories the run would write in that are read-only (by
+    permissions or a read-only mount), rather than failing at a save."""
+    dirs = [self.path, self._file(TENSORBOARD)]
+    dirs += [root for root, _, _ in os.walk(self._file(CHECKPOINTS))]
+    for path in dirs:
+      if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+        raise FedkdError(f'{path} is not writable; make it writable or use '
+                         'another workdir')
 
   def _refuse(self, where: str, field: str, old, now) -> None:
     hint = f'; {self._why_fixed[field]}' if field in self._why_fixed else ''
@@ -255,13 +324,20 @@ class Workdir:
     except FileNotFoundError:
       return None
     except (OSError, ValueError) as e:
-      raise FedkdError(f'cannot read {self._file(CONFIG)} ({e}); use another '
-                       'workdir or set overwrite=True') from e
+      self._bad_config(f'cannot be read ({e})')
     if not isinstance(config, dict):
-      raise FedkdError(f'{self._file(CONFIG)} holds {json.dumps(config)[:20]},'
-                       ' not a config object; use another workdir or set '
-                       'overwrite=True')
+      self._bad_config(f'holds {json.dumps(config)[:20]}, not a config object')
     return config
+
+  def _bad_config(self, problem: str) -> None:
+    """Refuses a damaged config.json, with the advice that keeps the most."""
+    # Checkpoints carry the config; `overwrite` would delete them.
+    steps = os.path.isdir(self._file(CHECKPOINTS)) and any(
+        n.isdigit() for n in os.listdir(self._file(CHECKPOINTS)))
+    advice = ('remove it to resume from the checkpoints (they hold the '
+              'config), or use another workdir' if steps else
+              'use another workdir or set overwrite=True')
+    raise FedkdError(f'{self._file(CONFIG)} {problem}; {advice}')
 
   def _checkpoint_metas(self) -> dict[int, object]:
     """Step -> metadata of every checkpoint whose metadata reads."""
@@ -270,18 +346,21 @@ class Workdir:
     return self._checkpointer().metas()
 
   def _checkpointer(self) -> checkpoint.Checkpointer:
+    """The checkpoints; read-only until `start`, so checks change nothing."""
     if self._checkpoints is None:
-      self._checkpoints = checkpoint.Checkpointer(self._file(CHECKPOINTS))
+      self._checkpoints = checkpoint.Checkpointer(
+          self._file(CHECKPOINTS), writable=self._started)
     return self._checkpoints
 
   def restore(self, state_like: PyTree,
               totals_like: dict) -> tuple[int, PyTree, dict] | None:
     """(rounds done, state, meta) of the newest loadable checkpoint.
 
-    None when there is none, or when `overwrite` replaces the old run.
-    Checkpoints whose metadata lacks this run's totals are skipped.
+    None when there is none, or when `overwrite` replaces the old run
+    (also where no checkpoint loads). Checkpoints whose metadata lacks this
+    run's totals are skipped.
     """
-    if self._overwrite or not os.path.isdir(self._file(CHECKPOINTS)):
+    if self._replace or not os.path.isdir(self._file(CHECKPOINTS)):
       return None
 
     def check_meta(meta, step):
@@ -291,20 +370,28 @@ class Workdir:
       if problem:
         raise ValueError(problem)
 
-    return self._checkpointer().restore(state_like, check_meta=check_meta)
+    try:
+      return self._checkpointer().restore(state_like, check_meta=check_meta)
+    except FedkdError as e:
+      if not self._overwrite:
+        raise
+      self._will_replace(e)
+      return None
 
+  @_writes
   def start(self, rows: list[dict]) -> None:
     """Writes config.json and metrics.jsonl holding `rows` (from a resume).
 
-    An `overwrite` run first deletes the old run's files.
+    An `overwrite` run replacing another first deletes the old run's files.
     """
-    if self._overwrite and self._writer:
+    if self._checkpoints is not None:
+      self._checkpoints.close()  # read-only; a writable one follows
+      self._checkpoints = None
+    self._started = True
+    if self._replace and self._writer:
       for name in _FILES:
         if os.path.lexists(self._file(name)):
           os.remove(self._file(name))
-      if self._checkpoints is not None:
-        self._checkpoints.close()
-        self._checkpoints = None
       shutil.rmtree(self._file(CHECKPOINTS), ignore_errors=True)
       shutil.rmtree(self._file(TENSORBOARD), ignore_errors=True)
     if jax.process_count() > 1:
@@ -313,6 +400,7 @@ class Workdir:
     if not self._writer:
       return
     _atomic_write(self._file(CONFIG), _json_bytes(self._config))
+    self._rows = list(rows)  # what metrics.jsonl holds
     _atomic_write(self._file(METRICS), b''.join(map(_row_bytes, rows)))
     # Imported here: tensorboardX imports torch where it is installed
     # (seconds), which runs that stop before writing should not pay.
@@ -324,35 +412,52 @@ class Workdir:
                                    rows[-1]['round'] if rows else 0)
     self._tensorboard.write_rows(rows)
 
+  @_writes
   def append_row(self, row: dict) -> None:
     if not self._writer:
       return
-    fd = os.open(self._file(METRICS), os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
-    with os.fdopen(fd, 'wb') as f:
-      f.write(_row_bytes(row))
+    self._rows.append(row)
+    try:
+      fd = os.open(self._file(METRICS),
+                   os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    except FileNotFoundError:
+      logging.warning('%s was deleted during the run; writing it anew',
+                      self._file(METRICS))
+      _atomic_write(self._file(METRICS),
+                    b''.join(map(_row_bytes, self._rows)))
+    else:
+      with os.fdopen(fd, 'wb') as f:
+        f.write(_row_bytes(row))
     self._tensorboard.write_rows([row])
 
+  @_writes
   def save(self, rounds_done: int, state: PyTree, meta: dict) -> None:
     """Checkpoints `state` with `meta`, this run's config and dataset."""
     self._checkpointer().save(
         rounds_done, state, {**meta, 'config': self._config,
                              'data': self._data})
 
+  @_writes
   def write_final(self, params: Params) -> None:
     if self._writer:
       _atomic_write(self._file(FINAL_PARAMS), serialization.to_bytes(params))
 
   def close(self) -> None:
-    """Releases the checkpointer, the event files and the lock."""
-    if self._tensorboard is not None:
-      self._tensorboard.close()
-      self._tensorboard = None
-    if self._checkpoints is not None:
-      self._checkpoints.close()
-      self._checkpoints = None
-    if self._lock is not None:
-      os.close(self._lock)  # drops the flock
-      self._lock = None
+    """Releases the event files, the checkpointer and the lock, each even
+    where closing another fails (a full disk)."""
+    tensorboard, self._tensorboard = self._tensorboard, None
+    checkpoints, self._checkpoints = self._checkpoints, None
+    try:
+      if tensorboard is not None:
+        tensorboard.close()
+    finally:
+      try:
+        if checkpoints is not None:
+          checkpoints.close()
+      finally:
+        for fd in self._lock or ():
+          os.close(fd)  # drops the flock
+        self._lock = None
 
 
 def _row_bytes(row: dict) -> bytes:

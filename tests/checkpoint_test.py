@@ -1,6 +1,7 @@
 """Checkpoint round trips, pruning, and recovery from bad or partial saves."""
 
 import glob
+import logging
 import os
 import shutil
 import sys
@@ -18,6 +19,7 @@ from orbax.checkpoint._src.path import async_path
 from fedkd import checkpoint
 from fedkd.errors import FedkdError
 from fedkd.typing import Array, PyTree
+import rundirs
 
 NUM_CLIENTS = 8
 
@@ -167,6 +169,13 @@ class CheckpointTest(parameterized.TestCase):
       for f in data:
         with open(f, 'wb') as fh:
           fh.write(os.urandom(os.path.getsize(f)))
+    elif how == 'flip_bytes':
+      # 8 bytes at 1/3, 1/2 and 2/3 of the largest data file.
+      big = max(data, key=os.path.getsize)
+      with open(big, 'r+b') as fh:
+        for at in (1 / 3, 1 / 2, 2 / 3):
+          fh.seek(int(os.path.getsize(big) * at))
+          fh.write(b'\xa5' * 8)
     elif how == 'delete_arrays':
       for f in data:
         os.remove(f)
@@ -178,8 +187,8 @@ class CheckpointTest(parameterized.TestCase):
     else:
       raise ValueError(how)
 
-  @parameterized.parameters('truncate', 'overwrite', 'delete_arrays',
-                            'bad_json', 'no_state')
+  @parameterized.parameters('truncate', 'overwrite', 'flip_bytes',
+                            'delete_arrays', 'bad_json', 'no_state')
   def test_corrupt_newest_falls_back(self, how):
     states = self._save_steps(1, 2)
     self._corrupt(2, how)
@@ -189,6 +198,59 @@ class CheckpointTest(parameterized.TestCase):
     self.assertTreesBitEqual(restored, states[1])
     self.assertEqual(meta, _meta(1))
     self.assertIn(os.path.join(self.dir, '2'), '\n'.join(logs.output))
+
+  def _change_stored_value(self, step: int, array) -> None:
+    """Changes one value of `array` where its raw bytes lie in step's data.
+
+    Orbax stores these uncompressed and checks no sum of them.
+    """
+    raw = np.asarray(array).tobytes()
+    for f in glob.glob(f'{self.dir}/{step}/state/**/d/*', recursive=True):
+      with open(f, 'r+b') as fh:
+        at = fh.read().find(raw)
+        if at >= 0:
+          fh.seek(at)
+          fh.write(bytes([raw[0] ^ 1]))
+          return
+    self.fail('the array\'s bytes are not in the checkpoint')
+
+  def test_silently_changed_array_falls_back(self):
+    states = self._save_steps(1, 2)
+    self._change_stored_value(2, states[2].clients['seen'])
+    with self.assertLogs(level='WARNING') as logs:
+      step, restored, _ = self._open().restore(states[1])
+    self.assertEqual(step, 1)
+    self.assertTreesBitEqual(restored, states[1])
+    self.assertIn('sha256', '\n'.join(logs.output))
+
+  def test_edited_meta_falls_back(self):
+    states = self._save_steps(1, 2)
+    path = os.path.join(self.dir, '2', 'meta', 'metadata')
+    rundirs.edit_json(path, lambda m: {**m, 'rows': m['rows'][1:]})
+    with self.assertLogs(level='WARNING') as logs:
+      step, _, meta = self._open().restore(states[1])
+    self.assertEqual((step, meta), (1, _meta(1)))
+    self.assertIn('sha256', '\n'.join(logs.output))
+
+  def test_checkpoint_without_a_digest_restores_unverified(self):
+    # As saved before fedkd kept a digest.
+    states = self._save_steps(1, 2)
+    path = os.path.join(self.dir, '2', 'meta', 'metadata')
+    rundirs.edit_json(path, lambda m: {k: v for k, v in m.items()
+                                       if 'sha256' not in k})
+    step, restored, meta = self._open().restore(states[1])
+    self.assertEqual((step, meta), (2, _meta(2)))
+    self.assertTreesBitEqual(restored, states[2])
+
+  def test_orbax_errors_are_not_logged(self):
+    # Its threads log each error that `save` or `restore` raises anyway.
+    self._open()
+    absl_logger = logging.getLogger('absl')
+    for path, shown in (('/venv/orbax/checkpoint/future.py', False),
+                        ('/work/fedkd/train.py', True)):
+      record = logging.LogRecord('absl', logging.ERROR, path, 1, 'failed',
+                                 None, None)
+      self.assertEqual(absl_logger.filter(record), shown, path)
 
   def test_all_corrupt_raises(self):
     states = self._save_steps(1, 2)

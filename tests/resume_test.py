@@ -8,12 +8,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 from absl.testing import absltest
 import jax
 
 from experiments import runner
 from experiments.configs import default
+from fedkd import stopping
+from fedkd import train
 from fedkd import workdir as workdir_lib
 import toys
 
@@ -105,6 +108,42 @@ class KillAndResumeTest(absltest.TestCase):
       resumed = _start(workdir)
       resumed.communicate(timeout=300)
       self.assertEqual(_results(workdir), self.reference)
+
+
+class StopMessageTest(absltest.TestCase):
+  """The line a stop prints says what the workdir holds."""
+
+  def _run(self):
+    workdir = self.create_tempdir().full_path
+    with self.assertRaises(train.Interrupted) as cm:
+      runner.run(default.get_config('smoke'), workdir, progress=False)
+    return str(cm.exception), workdir
+
+  def test_signal_before_round_1_claims_no_checkpoint(self):
+    defer = stopping.Stopper.defer
+
+    def signalled(stop):  # as if SIGINT came right after compiling
+      defer(stop)
+      stop.signum = signal.SIGINT
+
+    with mock.patch.object(stopping.Stopper, 'defer', signalled):
+      message, workdir = self._run()
+    self.assertEqual(message, 'stopped by SIGINT before round 1; no round '
+                     'was run, rerun the same command to start')
+    self.assertEqual(_rounds_checkpointed(workdir), 0)
+
+  def test_signal_after_the_last_write_stops_too(self):
+    table = train.format_table
+
+    def signalled(rows):  # runs after final_params.msgpack is written
+      os.kill(os.getpid(), signal.SIGTERM)
+      return table(rows)
+
+    with mock.patch.object(train, 'format_table', signalled):
+      message, workdir = self._run()
+    self.assertIn('the run is complete and saved', message)
+    self.assertTrue(os.path.exists(os.path.join(workdir,
+                                                workdir_lib.FINAL_PARAMS)))
 
 
 class DeterminismTest(absltest.TestCase):

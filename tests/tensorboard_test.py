@@ -1,12 +1,18 @@
 """Tests for fedkd.tensorboard, read back with TensorBoard's own reader."""
 
+import errno
 import json
 import math
 import os
+import struct
+import threading
+from unittest import mock
 
 from absl.testing import absltest
+from absl.testing import parameterized
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.util import tensor_util
+from tensorboardX import record_writer
 
 from experiments import runner
 from experiments.configs import default
@@ -35,7 +41,7 @@ def _event_files(logdir: str):
   return sorted(f for f in os.listdir(logdir) if 'tfevents' in f)
 
 
-class EventWriterTest(absltest.TestCase):
+class EventWriterTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
@@ -102,6 +108,56 @@ class EventWriterTest(absltest.TestCase):
     scalars, _ = _read(self.dir)
     self.assertEqual(scalars['acc'], [(1, 0.1),
                                       (2, 0.2)])
+
+
+  def _damage(self, how) -> str:
+    """Damages the event file of rounds 1 and 2 after its first record (the
+    file's version, before any scalar); returns its path."""
+    self._write([{'round': 1, 'acc': 0.1}, {'round': 2, 'acc': 0.2}])
+    path = os.path.join(self.dir, _event_files(self.dir)[0])
+    with open(path, 'r+b') as f:
+      first = int.from_bytes(f.read(8), 'little') + 16
+      f.seek(first)
+      f.write(how)
+    return path
+
+  @parameterized.named_parameters(
+      ('random_bytes', os.urandom(4096)),
+      # A length of 2^62 with its CRC as a writer would make it.
+      ('huge_length', struct.pack('<Q', 2**62) + struct.pack(
+          '<I', record_writer.masked_crc32c(struct.pack('<Q', 2**62)))),
+      ('huge_length_bad_crc', struct.pack('<QI', 2**62, 0)))
+  def test_damaged_records_are_skipped(self, how):
+    damaged = self._damage(how)
+    self._write([{'round': 1, 'acc': 0.5}, {'round': 2, 'acc': 0.6}])
+    # No scalar of the damaged file reads, so the new one holds them all
+    # (TensorBoard's own reader fails on the damaged file).
+    os.remove(damaged)
+    self.assertEqual(_read(self.dir)[0], {'acc': [(1, 0.5), (2, 0.6)]})
+
+  def test_directory_with_an_event_file_name_is_ignored(self):
+    self._write([{'round': 1, 'acc': 0.1}])
+    os.mkdir(os.path.join(self.dir, 'events.out.tfevents.999.x'))
+    with self.assertLogs(level='WARNING') as logs:
+      self._write([{'round': 2, 'acc': 0.2}])
+      self._write([{'round': 1, 'acc': 0.5}], fresh=True)
+    self.assertIn('not a regular file', '\n'.join(logs.output))
+    os.rmdir(os.path.join(self.dir, 'events.out.tfevents.999.x'))
+    self.assertEqual(_read(self.dir)[0], {'acc': [(1, 0.5)]})
+
+
+  def test_failed_close_leaves_nothing_to_fail_at_exit(self):
+    writer = tensorboard.EventWriter(self.dir, fresh=False)
+    writer.write_rows([{'round': 1, 'acc': 0.1}])
+    full = OSError(errno.ENOSPC, 'No space left on device')
+    with mock.patch.object(record_writer.RecordWriter, 'flush',
+                           side_effect=full):
+      with self.assertRaises(OSError):
+        writer.close()
+      # What tensorboardX's atexit hook calls: nothing is left to flush.
+      writer._events.close()  # pylint: disable=protected-access
+    self.assertNotIn('_EventLoggerThread', [
+        type(t).__name__ for t in threading.enumerate()])
 
 
 class WorkdirTest(absltest.TestCase):

@@ -1,11 +1,13 @@
 """The run directory: lock, config and data checks, overwrite, file safety."""
 
+import errno
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import runner
+from fedkd import checkpoint
 from fedkd import data
 from fedkd import workdir as workdir_lib
 from fedkd.errors import FedkdError
@@ -98,6 +101,85 @@ class WorkdirTest(parameterized.TestCase):
     with open(os.path.join(self.path, 'config.json')) as f:
       self.assertEqual(json.load(f)['seed'], 5)
 
+  def test_overwrite_resumes_a_run_of_the_same_config(self):
+    before = rundirs.snapshot(self.path)
+    work = _open(self.path, overwrite=True, eval_every=2)
+    step, _, meta = work.restore(STATE, TOTALS)
+    work.start(meta['rows'])
+    work.close()
+    self.assertEqual(step, 2)
+    after = rundirs.snapshot(self.path)
+    for name in ('final_params.msgpack', 'metrics.jsonl', 'checkpoints/2',
+                 'checkpoints/2/state'):
+      self.assertEqual(after[name], before[name])
+
+  def test_overwrite_replaces_a_run_whose_checkpoints_do_not_load(self):
+    for step in ('1', '2'):
+      shutil.rmtree(os.path.join(self.path, 'checkpoints', step, 'state'))
+    work = _open(self.path, overwrite=True)
+    self.assertIsNone(work.restore(STATE, TOTALS))
+    work.start([])
+    work.close()
+    self.assertEmpty(os.listdir(os.path.join(self.path, 'checkpoints')))
+
+  def test_leftover_save_is_cleaned_up_only_once_a_run_starts(self):
+    checkpoints = os.path.join(self.path, 'checkpoints')
+    tmp = os.path.join(checkpoints, '8.orbax-checkpoint-tmp')
+    shutil.copytree(os.path.join(checkpoints, '2'), tmp)
+    os.remove(os.path.join(self.path, 'config.json'))
+    self.assertRefused('config in checkpoint 1', seed=5)
+    before = rundirs.snapshot(self.path)
+    work = _open(self.path)
+    step, _, meta = work.restore(STATE, TOTALS)
+    self.assertEqual((step, rundirs.snapshot(self.path)), (2, before))
+    work.start(meta['rows'])
+    work.close()
+    self.assertEqual(sorted(os.listdir(checkpoints)), ['1', '2'])
+
+  # Writing.
+
+  def test_read_only_subdirectory_is_refused(self):
+    for name in ('checkpoints', 'tensorboard', 'checkpoints/2/state'):
+      path = os.path.join(self.path, name)
+      os.chmod(path, 0o555)
+      try:
+        if os.access(path, os.W_OK):
+          self.skipTest('permissions do not bind this user (root)')
+        self.assertRefused(f'{path} is not writable')
+      finally:
+        os.chmod(path, 0o755)
+
+  def test_failed_save_is_one_error_line(self):
+    work = _open(self.path)
+    self.addCleanup(work.close)
+    step, _, meta = work.restore(STATE, TOTALS)
+    work.start(meta['rows'])
+    read_only = OSError(errno.EROFS, 'Read-only file system', '/x/3.tmp')
+    with mock.patch.object(checkpoint.Checkpointer, 'save',
+                           side_effect=read_only):
+      with self.assertRaises(FedkdError) as cm:
+        work.save(step + 1, STATE, meta)
+    self.assertStartsWith(str(cm.exception),
+                          'cannot write /x/3.tmp (Read-only file system); ')
+    self.assertNotIn('\n', str(cm.exception))
+    # A full disk is left for `train.out_of_space_is` to name.
+    full = OSError(errno.ENOSPC, 'No space left on device')
+    with mock.patch.object(checkpoint.Checkpointer, 'save', side_effect=full):
+      with self.assertRaises(OSError) as cm:
+        work.save(step + 1, STATE, meta)
+    self.assertIs(cm.exception, full)
+
+  def test_metrics_deleted_during_a_run_are_written_anew(self):
+    work = _open(self.path)
+    self.addCleanup(work.close)
+    _, _, meta = work.restore(STATE, TOTALS)
+    work.start(meta['rows'])
+    metrics = os.path.join(self.path, 'metrics.jsonl')
+    os.remove(metrics)
+    work.append_row({'round': 3, 'loss': 0.5})
+    with open(metrics) as f:
+      self.assertEqual([json.loads(l)['round'] for l in f], [1, 2, 3])
+
   # The lock.
 
   def test_second_run_is_refused_while_the_first_holds_the_lock(self):
@@ -108,6 +190,14 @@ class WorkdirTest(parameterized.TestCase):
     finally:
       first.close()
     _open(self.path).close()  # released
+
+  def test_deleting_the_lock_file_does_not_unlock(self):
+    first = _open(self.path)
+    try:
+      os.remove(os.path.join(self.path, '.fedkd.lock'))
+      self.assertRefused('is in use by another run')
+    finally:
+      first.close()
 
   def test_lock_file_without_a_holder_does_not_block(self):
     # The reference run left its lock file behind.
@@ -146,6 +236,21 @@ class WorkdirTest(parameterized.TestCase):
         f.write(text)
       expected = 'config.json'
     self.assertRefused(expected, algorithm='fedkd', seed=5)
+
+  def test_corrupt_config_json_advice_keeps_the_checkpoints(self):
+    config = os.path.join(self.path, 'config.json')
+    with open(config, 'w') as f:
+      f.write('{"seed": ')
+    self.assertRefused('remove it to resume from the checkpoints')
+    os.remove(config)  # as advised
+    work = _open(self.path)
+    self.assertEqual(work.restore(STATE, TOTALS)[0], 2)
+    work.close()
+    # Without checkpoints there is nothing to keep.
+    shutil.rmtree(os.path.join(self.path, 'checkpoints'))
+    with open(config, 'w') as f:
+      f.write('{"seed": ')
+    self.assertRefused('use another workdir or set overwrite=True')
 
   def test_missing_config_json_resumes_by_the_checkpoint(self):
     os.remove(os.path.join(self.path, 'config.json'))
