@@ -7,7 +7,8 @@ into the shared `seed_student` MLP; the server averages the students.
         --config=experiments/configs/default.py \
         --workdir=/tmp/fedkd_default
 
-Hardware: a laptop CPU (about a minute with 2 cores, compile included).
+Hardware: a laptop CPU (about 20 seconds with 2 cores, compile included;
+14 s on the 2-core CPU of development, 2026-11-29).
 Expected: global student test accuracy >= 0.90 after 30 rounds.
 `--config=experiments/configs/default.py:smoke` runs 2 rounds.
 """
