@@ -167,6 +167,11 @@ def _load_npz(name: str, path: str) -> Dataset:
   # The models get a logit, the partition a row, for each of 0..max: labels
   # such as 0..3 and 10**6 would mean a million classes, nearly all unused.
   used = len(np.union1d(y_train, y_test))
+  if used < 2:
+    raise errors.FedkdError(
+        f'{path}: every label is {num_classes - 1}; classification needs at'
+        ' least two classes, labelled 0..K-1'
+    )
   if 2 * used < num_classes:
     raise errors.FedkdError(
         f'{path}: the largest label is {num_classes - 1} but only {used} of'

@@ -178,6 +178,8 @@ class NpzTest(parameterized.TestCase):
        r'0..1000000 occur; relabel them to 0..3'),
       ('sparse_int32_labels', dict(y_test=np.array([0, 1, 2, 2**31 - 2])),
        'largest label is 2147483646 but only 4'),
+      ('one_class', dict(y_train=np.ones(6, int), y_test=np.ones(4, int)),
+       'every label is 1; classification needs at least two classes'),
       ('more_than_half_unused', dict(y_test=np.array([0, 1, 2, 8])),
        'only 4 of the 9 classes'),
       ('nan', dict(x_train=np.full((6, 3), np.nan)), 'NaN or infinite'),
