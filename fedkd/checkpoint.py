@@ -197,7 +197,9 @@ class Checkpointer:
         if check_meta is not None:
           check_meta(meta, step)
       except Exception as e:  # pylint: disable=broad-exception-caught
-        # Any failure means this step cannot be trusted; try older ones.
+        if _short_of_resources(e):
+          raise  # says nothing about the step, which a retry may load
+        # Any other failure means this step cannot be trusted; try older ones.
         first_error = first_error or e
         skipped.append((self._step_dir(step), _one_line(e)))
         continue
@@ -226,6 +228,13 @@ class Checkpointer:
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
+
+
+def _short_of_resources(e: Exception) -> bool:
+  """Whether a restore failed for want of memory or access, not data."""
+  text = str(e).lower()
+  return isinstance(e, (MemoryError, PermissionError)) or any(
+      marker in text for marker in ('resource_exhausted', 'out of memory'))
 
 
 class _QuietOrbaxErrors(std_logging.Filter):
@@ -288,6 +297,8 @@ def _digest(state: PyTree, meta: dict) -> str | None:
     x = np.ascontiguousarray(jax.device_get(leaf))
     sha.update(f'{x.dtype.str}{list(x.shape)};'.encode())
     sha.update(x.reshape(-1).view(np.uint8))
+  # As restored: JSON turns int keys into strings, which sort differently.
+  meta = json.loads(json.dumps(meta))
   sha.update(json.dumps(meta, sort_keys=True).encode())
   return sha.hexdigest()
 

@@ -120,26 +120,31 @@ def out_of_memory_is(where: str, advice: str):
     raise OutOfMemory(f'out of memory {where} ({first}); {advice}') from None
 
 
-def check_fits(compiled, where: str, advice: str) -> None:
+def check_fits(compiled, mesh, where: str, advice: str) -> None:
   """Raises `OutOfMemory` if the buffers that `compiled` allocates when it
   runs exceed the free memory: refused before anything is run or written.
 
   XLA reports them per device at compile time: temporaries and outputs,
   less outputs written over donated inputs (the inputs exist already). CPU
-  devices share the host's memory.
+  devices share the host's memory; an accelerator that reports no memory
+  limit is not checked.
   """
   analysis = compiled.memory_analysis()
-  if analysis is None:
+  here = [d for d in mesh.devices.flat
+          if d.process_index == jax.process_index()]
+  stats = here[0].memory_stats() or {}
+  if analysis is None or (here[0].platform != 'cpu'
+                          and 'bytes_limit' not in stats):
     return
-  devices = jax.local_devices()
   needed = (analysis.temp_size_in_bytes + analysis.output_size_in_bytes
             - analysis.alias_size_in_bytes)
-  if devices[0].platform == 'cpu':
-    needed *= len(devices)
-  free = metrics_lib.available_bytes(devices[0])
+  if here[0].platform == 'cpu':
+    needed *= len(here)
+  free = metrics_lib.available_bytes(here[0])
   if needed > free:
-    raise OutOfMemory(f'out of memory {where} (it needs {needed / 2**30:.1f}'
-                      f' GiB, {free / 2**30:.1f} GiB are free); {advice}')
+    mib = lambda n: f'{n / 2**20:,.0f} MiB'
+    raise OutOfMemory(f'out of memory {where} (it needs {mib(needed)}, '
+                      f'{mib(free)} are free); {advice}')
 
 
 # For running out of memory outside the places that name their own settings.
@@ -419,7 +424,7 @@ def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
         alg.apply, mesh, state_shardings,
         sharding.data_sharding(client_data, mesh), donate_argnums=0).lower(
             state, client_data, cohort_for(0), round_key).compile()
-  check_fits(apply, 'in a training round', round_advice)
+  check_fits(apply, mesh, 'in a training round', round_advice)
   compile_seconds = time.perf_counter() - start
 
   test = jax.device_put(test, replicated)

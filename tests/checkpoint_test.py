@@ -223,6 +223,14 @@ class CheckpointTest(parameterized.TestCase):
     self.assertTreesBitEqual(restored, states[1])
     self.assertIn('sha256', '\n'.join(logs.output))
 
+  def test_meta_with_int_keys_verifies(self):
+    # JSON restores its keys as strings, which sort differently.
+    states = self._save_steps(1)
+    with checkpoint.Checkpointer(self.dir) as checkpointer:
+      checkpointer.save(2, states[1], {1: 'a', 2: 'b', 10: 'c'})
+    step, _, meta = self._open().restore(states[1])
+    self.assertEqual((step, meta), (2, {'1': 'a', '2': 'b', '10': 'c'}))
+
   def test_edited_meta_falls_back(self):
     states = self._save_steps(1, 2)
     path = os.path.join(self.dir, '2', 'meta', 'metadata')
@@ -231,6 +239,19 @@ class CheckpointTest(parameterized.TestCase):
       step, _, meta = self._open().restore(states[1])
     self.assertEqual((step, meta), (1, _meta(1)))
     self.assertIn('sha256', '\n'.join(logs.output))
+
+  @parameterized.parameters(
+      MemoryError(), PermissionError(13, 'Permission denied'),
+      RuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 8 bytes'))
+  def test_want_of_memory_or_access_is_raised_not_skipped(self, error):
+    # It says nothing about the step: no fallback, nothing to replace.
+    states = self._save_steps(1, 2)
+    with self.assertRaises(type(error)):
+      checkpointer = self._open()
+      # pylint: disable-next=protected-access
+      with mock.patch.object(checkpointer._manager, 'restore',
+                             side_effect=error):
+        checkpointer.restore(states[1])
 
   def test_checkpoint_without_a_digest_restores_unverified(self):
     # As saved before fedkd kept a digest.

@@ -180,8 +180,8 @@ class NpzTest(parameterized.TestCase):
        'largest label is 2147483646 but only 4'),
       ('one_class', dict(y_train=np.ones(6, int), y_test=np.ones(4, int)),
        'every label is 1; classification needs at least two classes'),
-      ('more_than_half_unused', dict(y_test=np.array([0, 1, 2, 8])),
-       'only 4 of the 9 classes'),
+      ('more_than_half_unused', dict(y_test=np.array([0, 1, 2, 2**16])),
+       'only 4 of the 65,537 classes'),
       ('nan', dict(x_train=np.full((6, 3), np.nan)), 'NaN or infinite'),
       ('inf', dict(x_test=np.full((4, 3), np.inf)), 'NaN or infinite'),
       ('float32_overflow', dict(x_test=np.full((4, 3), 1e300)), 'infinite'),
@@ -222,10 +222,13 @@ class NpzTest(parameterized.TestCase):
     with self.assertRaisesRegex(errors.FedkdError, 'not an .npz archive'):
       data.load_dataset(f'npz:{path}')
 
-  def test_half_the_classes_unused_is_accepted(self):
-    arrays = self._valid() | dict(y_test=np.array([0, 1, 2, 7]))
+  @parameterized.parameters((7, 8), (8, 9), (2**16 - 1, 2**16))
+  def test_sparse_labels_up_to_2_16_classes_are_accepted(self, label,
+                                                          classes):
+    # Half of 0..7 used; or a subset keeping its labels (0, 1, 2, 8 of 9).
+    arrays = self._valid() | dict(y_test=np.array([0, 1, 2, label]))
     ds = data.load_dataset(f'npz:{self._save(**arrays)}')
-    self.assertEqual(ds.num_classes, 8)
+    self.assertEqual(ds.num_classes, classes)
 
   def test_pickled_object_array_raises(self):
     arrays = self._valid() | dict(y_train=np.array([0, 1, 2, 0, 1, 2], object))
@@ -457,6 +460,21 @@ class TfdsTest(parameterized.TestCase):
       data.load_dataset('mnist', data_dir=self.dir)
     connect.assert_called_once_with(('storage.googleapis.com', 443), 10)
     prepare.assert_not_called()
+
+  def test_no_probe_where_files_were_downloaded(self):
+    # TFDS prepares from DATA_DIR/downloads (or its manual/) without network.
+    os.makedirs(os.path.join(self.dir, 'downloads', 'manual'))
+    with (
+        mock.patch.dict(os.environ, {}, clear=True),
+        mock.patch.object(socket, 'create_connection',
+                          side_effect=OSError('offline')) as connect,
+        mock.patch.object(
+            tfds.core.DatasetBuilder, 'download_and_prepare',
+            side_effect=RuntimeError('prepared from the downloads')),
+        self.assertRaisesRegex(errors.FedkdError, 'from the downloads'),
+    ):
+      data.load_dataset('mnist', data_dir=self.dir)
+    connect.assert_not_called()
 
   @parameterized.named_parameters(
       ('reachable', {}, 1),

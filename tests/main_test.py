@@ -588,7 +588,7 @@ class OutOfMemoryTest(absltest.TestCase):
     last = proc.stderr.strip().splitlines()[-1]
     # Refused from the compiled round's buffers, before any round or write.
     self.assertRegex(last, r'^error: out of memory in a training round \('
-                     r'it needs \d+\.\d GiB, [0-2]\.\d GiB are free\); ')
+                     r'it needs [\d,]+ MiB, [\d,]+ MiB are free\); ')
     self.assertIn('e.g. clients_per_chunk=25', last)
     self.assertEqual(os.listdir(workdir), ['.fedkd.lock'])
 
