@@ -30,6 +30,7 @@ import re
 import numpy as np
 
 from experiments import runner
+from fedkd import workdir as workdir_lib
 from fedkd.errors import FedkdError
 
 # Algorithms without a global model: their headline accuracy is the mean
@@ -226,6 +227,14 @@ def run(config, workdir: str) -> dict[str, dict]:
   Returns:
     Per algorithm, `summarize`'s mean/std/count of each figure.
   """
+  single = [name for name in (workdir_lib.CONFIG, workdir_lib.METRICS,
+                               workdir_lib.CHECKPOINTS)
+            if os.path.lexists(os.path.join(workdir, name))]
+  if single:
+    raise FedkdError(
+        f'workdir {workdir} holds a single run ({", ".join(single)}); a '
+        'comparison writes a directory per algorithm beside compare.md: use '
+        'another workdir')
   planned = sub_runs(config, workdir)
   # A bad sub-run (its data, models or workdir) is refused before any runs.
   for _, _, single, path in planned:

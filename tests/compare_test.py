@@ -114,6 +114,18 @@ class CheckFirstTest(absltest.TestCase):
         compare.run(config, workdir)
     self.assertEqual(os.listdir(workdir), ['fedprox'])
 
+  def test_workdir_of_a_single_run(self):
+    config = default.get_config('smoke')
+    config.compare = 'fedavg,fedprox'
+    workdir = self.create_tempdir().full_path
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write('{}')
+    with mock.patch.object(runner, 'run', side_effect=AssertionError('ran')):
+      with self.assertRaisesRegex(FedkdError, r'holds a single run \('
+                                  r'config.json\); a comparison'):
+        compare.run(config, workdir)
+    self.assertEqual(os.listdir(workdir), ['config.json'])
+
   def test_bad_sub_workdir(self):
     config = default.get_config('smoke')
     config.compare = 'fedavg,fedprox'
