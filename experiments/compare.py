@@ -227,12 +227,12 @@ def run(config, workdir: str) -> dict[str, dict]:
   Returns:
     Per algorithm, `summarize`'s mean/std/count of each figure.
   """
-  single = [name for name in (workdir_lib.CONFIG, workdir_lib.METRICS,
-                               workdir_lib.CHECKPOINTS)
-            if os.path.lexists(os.path.join(workdir, name))]
-  if single:
+  held = [name for name in (workdir_lib.CONFIG, workdir_lib.METRICS,
+                             workdir_lib.CHECKPOINTS)
+          if os.path.lexists(os.path.join(workdir, name))]
+  if held:
     raise FedkdError(
-        f'workdir {workdir} holds a single run ({", ".join(single)}); a '
+        f'workdir {workdir} holds a single run ({", ".join(held)}); a '
         'comparison writes a directory per algorithm beside compare.md: use '
         'another workdir')
   planned = sub_runs(config, workdir)

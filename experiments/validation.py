@@ -141,16 +141,19 @@ def validate_config(config) -> None:
                        f'>= 0, got {config.synthetic_alpha}, '
                        f'{config.synthetic_beta}')
     _below_2_31(config, 'synthetic_max_examples')
-    if config.synthetic_max_examples < synthetic.MIN_EXAMPLES:
-      raise FedkdError('synthetic_max_examples must be >= 50 (every client '
-                       f'has at least 50), got {config.synthetic_max_examples}')
+    least = synthetic.MIN_EXAMPLES
+    if config.synthetic_max_examples < least:
+      raise FedkdError(f'synthetic_max_examples must be >= {least} (every '
+                       f'client has at least {least}), got '
+                       f'{config.synthetic_max_examples}')
     # Refused before generating examples that could never fit.
-    if synthetic.min_bytes(config.num_clients) > npzfile.memory_bytes():
+    needed, memory = (synthetic.min_bytes(config.num_clients),
+                      npzfile.memory_bytes())
+    if needed > memory:
       raise FedkdError(
           f'num_clients={config.num_clients} of dataset=synthetic need at '
-          f'least {synthetic.min_bytes(config.num_clients) / 2**30:,.1f} GiB '
-          f'(50 examples each), more than this machine\'s '
-          f'{npzfile.memory_bytes() / 2**30:.1f} GiB of memory; lower '
+          f'least {needed / 2**30:,.1f} GiB ({least} examples each), more '
+          f'than this machine\'s {memory / 2**30:.1f} GiB of memory; lower '
           'num_clients')
     if config.public_examples:
       raise FedkdError('public_examples must be 0 with dataset=synthetic, '

@@ -191,9 +191,7 @@ class Checkpointer:
                 _STATE: ocp.args.StandardRestore(target),
                 _META: ocp.args.JsonRestore(),
             }))
-        meta = restored[_META]
-        _check_digest(restored[_STATE], meta)
-        meta = _without_digest(meta)
+        meta = _verified(restored[_STATE], restored[_META])
         if check_meta is not None:
           check_meta(meta, step)
       except Exception as e:  # pylint: disable=broad-exception-caught
@@ -303,16 +301,18 @@ def _digest(state: PyTree, meta: dict) -> str | None:
   return sha.hexdigest()
 
 
-def _check_digest(state: PyTree, meta) -> None:
-  """Raises ValueError if `state` and `meta` do not match the digest saved
-  in `meta`."""
+def _verified(state: PyTree, meta):
+  """`meta` as the caller saved it (without the digest); raises ValueError
+  if `state` and it do not match the digest stored in `meta`."""
   want = meta.get(_DIGEST) if isinstance(meta, dict) else None
+  meta = _without_digest(meta)
   if want is None:
-    return  # an old checkpoint, or a multi-process run's
-  got = _digest(state, _without_digest(meta))
+    return meta  # an old checkpoint, or a multi-process run's
+  got = _digest(state, meta)
   if got is not None and got != want:
     raise ValueError('its arrays or metadata do not match the sha256 saved '
                      'with them (corrupt or edited)')
+  return meta
 
 
 def _without_digest(meta):
