@@ -252,6 +252,15 @@ def _check_npz_split(
   return x, y.astype(np.int32)
 
 
+def _configs_of(dataset: str, shown: int = 10) -> str:
+  """'; its configs are ...', for an error about a config it lacks."""
+  names = [c.name for c in tfds.builder_cls(dataset).BUILDER_CONFIGS]
+  if not names:
+    return f'; {dataset} has no configs, name it alone'
+  more = f' and {len(names) - shown} more' if len(names) > shown else ''
+  return f'; its configs are {", ".join(names[:shown])}{more}'
+
+
 def _load_tfds(name: str, data_dir: str | None, download: bool) -> Dataset:
   """Reads a TFDS image classification dataset into memory.
 
@@ -268,6 +277,8 @@ def _load_tfds(name: str, data_dir: str | None, download: bool) -> Dataset:
   except (AssertionError, ValueError) as e:  # a version or config it lacks
     # 'Failed to construct dataset "mnist", builder_kwargs "{...}": WHY\n...'
     why = str(e).partition('}": ')[2].split('\n')[0] or str(e)
+    if 'BuilderConfig' in why:  # TFDS's list of near names can be empty
+      why = why.partition('. Here')[0] + _configs_of(name.split('/')[0])
     raise errors.FedkdError(
         f'dataset {name!r}: {why} (NAME[/CONFIG][:VERSION])') from e
   features = builder.info.features

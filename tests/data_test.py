@@ -295,7 +295,10 @@ class DatasetNameTest(parameterized.TestCase):
 
   @parameterized.parameters(
       ('mnist:1.2.3', 'Dataset mnist cannot be loaded at version 1.2.3, only: 3.0.1'),
-      ('mnist/foo', 'BuilderConfig foo not found'))
+      ('mnist/foo', 'BuilderConfig foo not found with version 3.0.1; mnist '
+       'has no configs, name it alone'),
+      ('emnist/foo', 'BuilderConfig foo not found with version 3.1.0; its '
+       'configs are byclass, bymerge, balanced, letters, digits, mnist '))
   def test_versions_and_configs_tfds_lacks_raise(self, name, why):
     with self.assertRaisesRegex(errors.FedkdError,
                                 f'^dataset {name!r}: {why}'):
