@@ -54,6 +54,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from experiments import compare
+from experiments import overrides
 from experiments import runner
 from experiments import validation
 from experiments.configs import default
@@ -136,6 +137,13 @@ class _ConfigFileParser(flags.ArgumentParser):
 
 
 try:
+  overrides.check_paths(sys.argv, default.get_config())
+except FedkdError as e:
+  _fail(str(e))
+# Read before any parser sees them (a --config.FIELD=none it cannot type).
+sys.argv, _UNSET = overrides.split_unsets(sys.argv, default.get_config())
+
+try:
   # Without an explicit --config, the default file and any --config.FIELD
   # overrides are read here, at definition.
   _CONFIG = config_flags.DEFINE_config_file(
@@ -163,6 +171,8 @@ def _load_config():
   try:
     config = _CONFIG.value
     config.keys()
+    for field in _UNSET:
+      config[field] = None
     return config
   except _CONFIG_ERRORS as e:
     _fail(_config_error(e))

@@ -94,12 +94,15 @@ class SmokeTest(absltest.TestCase):
     path = _npz(os.path.join(workdir, 'd.npz'))
     args = (SMOKE, f'--workdir={workdir}/run', f'--config.dataset=npz:{path}',
             '--config.num_clients=4', '--config.clients_per_round=3',
-            '--config.algorithm=fedavg')
+            '--config.algorithm=fedavg', '--config.clients_per_chunk=2',
+            '--config.clients_per_chunk=none')
     proc = _main(*args)
     self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
     with open(os.path.join(workdir, 'run', 'metrics.jsonl')) as f:
       rows = [json.loads(line) for line in f]
     self.assertEqual(rows[-1]['clients'], 3)
+    with open(os.path.join(workdir, 'run', 'config.json')) as f:
+      self.assertIsNone(json.load(f)['clients_per_chunk'])  # the last one
     self.assertIsNone(rows[-1]['teacher_accuracy'])  # fedavg has no teacher
     # The same command on a changed .npz is refused, not resumed.
     before = rundirs.snapshot(f'{workdir}/run')
@@ -167,6 +170,9 @@ BAD_INPUTS = (
      'checkpoint_every must be'),
     ('wrong_type', ['--config.num_clients=abc'], 'num_clients'),
     ('unknown_field', ['--config.nope=1'], 'nope'),
+    ('field_of_a_setting', ['--config.student.width=1'],
+     '--config.student.width: student is one setting, not a group of fields;'
+     ' set it with --config.student=VALUE'),
     ('config_variant', ['--config=experiments/configs/default.py:nope'],
      'unknown config variant'),
     ('config_file', ['--config=experiments/configs/nope.py'], 'nope.py'),
