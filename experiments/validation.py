@@ -51,6 +51,8 @@ _ZERO_MEANS = {'num_devices': ' (0 = all devices)',
                'distill_clip_norm': ' (0 = no clipping)',
                'fedmd_transfer_epochs': ' (0 = none)',
                'fedmd_private_epochs': ' (0 = none)'}
+# What a float too large for float32 was probably meant to say.
+_TOO_LARGE = {'alpha': '; for an IID split use partition=iid'}
 # Algorithms evaluated through the clients' own models.
 _LOCAL_EVAL = ('fd', 'fedmd')
 
@@ -75,7 +77,8 @@ def validate_config(config) -> None:
   for field, value in sorted(config.items()):
     if isinstance(value, float) and not abs(value) <= _FLOAT32_MAX:
       raise FedkdError(f'{field} must be a finite number (float32: at most '
-                       f'{_FLOAT32_MAX:.4g} in magnitude), got {value}')
+                       f'{_FLOAT32_MAX:.4g} in magnitude), got {value}'
+                       f'{_TOO_LARGE.get(field, "")}')
   for field in _POSITIVE_INTS:
     if getattr(config, field) < 1:
       raise FedkdError(f'{field} must be >= 1, got {getattr(config, field)}')

@@ -126,6 +126,8 @@ BAD_INPUTS = (
     ('student', ['--config.student=nope'], 'unknown student'),
     ('teacher', ['--config.teacher=nope'], 'unknown teacher'),
     ('partition', ['--config.partition=nope'], 'unknown partition'),
+    ('alpha_huge', ['--config.partition=dirichlet', '--config.alpha=1e308'],
+     'got 1e+308; for an IID split use partition=iid'),
     ('alpha', ['--config.alpha=0'], 'alpha must be > 0'),
     ('shards', ['--config.partition=shards', '--config.shards_per_client=0'],
      'shards_per_client must be >= 1'),
