@@ -23,6 +23,7 @@ Then WORKDIR gets
   a band of +- one std, a distinct line style per algorithm.
 """
 
+import glob
 import json
 import os
 import re
@@ -43,6 +44,9 @@ _PRIVATE = {'local_kd': 'teacher', 'fedkd': 'mentor'}
 # Per-architecture metrics (`client_models`): `accuracy_<model>` of global
 # or clients' own models, `teacher_accuracy_<model>` of private teachers.
 _BY_MODEL = re.compile(r'(?:teacher_)?accuracy_(.+)')
+
+# What a comparison writes in its workdir besides the sub-runs.
+TABLE, SUMMARY = 'compare.md', 'compare.json'
 
 # Colour, dash and marker all change from one algorithm to the next, so lines
 # that coincide (fedavg and fedprox with a small mu) stay distinguishable.
@@ -81,6 +85,25 @@ def sub_runs(config, workdir: str) -> list[tuple[str, int, object, str]]:
         path = os.path.join(path, f'seed_{single.seed}')
       runs.append((name, single.seed, single, path))
   return runs
+
+
+def check_single_run_workdir(workdir: str) -> None:
+  """Refuses a single run into a comparison's workdir (finished or not),
+  among whose files and sub-runs it would write its own."""
+  if not workdir:  # the run refuses it
+    return
+  found = [name for name in (TABLE, SUMMARY)
+           if os.path.lexists(os.path.join(workdir, name))]
+  root = glob.escape(workdir)
+  for pattern in ('*', os.path.join('*', 'seed_*')):
+    found += sorted(
+        os.path.relpath(os.path.dirname(path), workdir) for path in
+        glob.glob(os.path.join(root, pattern, workdir_lib.CONFIG)))
+  if found:
+    more = f' and {len(found) - 3} more' if len(found) > 3 else ''
+    raise FedkdError(
+        f'workdir {workdir} holds a comparison ({", ".join(found[:3])}{more});'
+        ' a single run would write among its files: use another workdir')
 
 
 def _rounds_to_target(rows, target: float) -> int | None:
@@ -248,9 +271,9 @@ def run(config, workdir: str) -> dict[str, dict]:
                      for rows in seeds] for name, seeds in runs.items()}
   summaries = {name: summarize(figures) for name, figures in per_seed.items()}
   table = markdown_table(summaries, config.target_accuracy, config.num_seeds)
-  with open(os.path.join(workdir, 'compare.md'), 'w') as f:
+  with open(os.path.join(workdir, TABLE), 'w') as f:
     f.write(table)
-  with open(os.path.join(workdir, 'compare.json'), 'w') as f:
+  with open(os.path.join(workdir, SUMMARY), 'w') as f:
     json.dump({name: {'accuracy_of': accuracy_label(name),
                       'summary': summaries[name], 'per_seed': per_seed[name]}
                for name in runs}, f, indent=1)

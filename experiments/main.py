@@ -190,6 +190,7 @@ def main(argv):
       validation.validate_comparison(config)
       compare.run(config, _WORKDIR.value)
     else:
+      compare.check_single_run_workdir(_WORKDIR.value)
       runner.run(config, _WORKDIR.value)
   except FedkdError as e:
     _ending(2)

@@ -349,7 +349,8 @@ def validate_comparison(config) -> None:
 
 
 def validate_workdir(workdir: str, *, create: bool = True) -> None:
-  """Checks that `workdir` exists or can be made, and can be written.
+  """Checks that `workdir` exists or can be made (`fedkd.workdir.Workdir`
+  checks that it can be written).
 
   Args:
     workdir: the path.
@@ -372,6 +373,3 @@ def validate_workdir(workdir: str, *, create: bool = True) -> None:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise FedkdError(f'cannot create workdir {workdir}: {e.strerror}') from e
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise FedkdError(f'workdir {workdir} is not writable; choose another '
-                     '--workdir or fix its permissions')

@@ -104,6 +104,15 @@ def _writes(method):
   return wrapped
 
 
+def _check_writable(dirs: list[str]) -> None:
+  """Refuses directories the run would write in that are read-only (by
+  permissions or a read-only mount), rather than failing at a save."""
+  for path in dirs:
+    if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+      raise FedkdError(f'{path} is not writable; make it writable or use '
+                       'another workdir')
+
+
 def _changed_field(old: dict, new: dict,
                    may_change: Collection[str]) -> str | None:
   """The first field whose change would make a resumed run differ."""
@@ -176,10 +185,13 @@ class Workdir:
     # In a multi-process run all processes share the workdir; process 0
     # locks and writes the files, orbax coordinates the checkpoints.
     self._writer = jax.process_index() == 0
+    if self._writer:  # before its lock file, which it could not make
+      _check_writable([path])
     self._lock = self._take_lock() if self._writer else None
     try:
       self._check_file_types()
-      self._check_writable()
+      _check_writable([self._file(TENSORBOARD), *(
+          root for root, _, _ in os.walk(self._file(CHECKPOINTS)))])
       try:
         self._check_same_run()
       except FedkdError as e:
@@ -253,16 +265,6 @@ class Workdir:
         kind = 'directory' if want_dir else 'regular file'
         raise FedkdError(f'{path} is not a {kind}; move it out of the workdir'
                          ' or use another workdir')
-
-  def _check_writable(self) -> None:
-    """Refuses directories the run would write in that are read-only (by
-    permissions or a read-only mount), rather than failing at a save."""
-    dirs = [self.path, self._file(TENSORBOARD)]
-    dirs += [root for root, _, _ in os.walk(self._file(CHECKPOINTS))]
-    for path in dirs:
-      if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
-        raise FedkdError(f'{path} is not writable; make it writable or use '
-                         'another workdir')
 
   def _refuse(self, where: str, field: str, old, now) -> None:
     hint = f'; {self._why_fixed[field]}' if field in self._why_fixed else ''

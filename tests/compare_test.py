@@ -126,6 +126,28 @@ class CheckFirstTest(absltest.TestCase):
         compare.run(config, workdir)
     self.assertEqual(os.listdir(workdir), ['config.json'])
 
+  def test_single_run_into_a_comparison_is_refused(self):
+    layouts = {  # what a comparison leaves, finished or not
+        'compare.md': 'compare.md', 'fedavg/config.json': 'fedavg',
+        'fd/seed_3/config.json': 'fd/seed_3'}
+    for made, named in layouts.items():
+      with self.subTest(made):
+        workdir = self.create_tempdir().full_path
+        os.makedirs(os.path.dirname(os.path.join(workdir, made)),
+                    exist_ok=True)
+        with open(os.path.join(workdir, made), 'w') as f:
+          f.write('{}')
+        with self.assertRaisesRegex(
+            FedkdError, rf'holds a comparison \({named}\); a single run'):
+          compare.check_single_run_workdir(workdir)
+    workdir = self.create_tempdir().full_path
+    for name in ('config.json', 'metrics.jsonl', 'checkpoints/1/x'):
+      os.makedirs(os.path.dirname(os.path.join(workdir, name)), exist_ok=True)
+      with open(os.path.join(workdir, name), 'w') as f:
+        f.write('{}')
+    compare.check_single_run_workdir(workdir)  # a single run's: resumed
+    compare.check_single_run_workdir(os.path.join(workdir, 'missing'))
+
   def test_bad_sub_workdir(self):
     config = default.get_config('smoke')
     config.compare = 'fedavg,fedprox'

@@ -280,6 +280,8 @@ BAD_INPUTS = (
     ('workdir_meta_empty', [], 'its metadata has no config'),
     ('workdir_meta_rows', [], 'its metric rows are not objects'),
     ('workdir_other_data', [], 'the dataset differs from the one checkpoint'),
+    ('workdir_comparison', [], 'holds a comparison (fedavg); a single run '
+     'would write among its files: use another workdir'),
     ('workdir_fedkd_rounds', ['--config.algorithm=fedkd',
                               '--config.num_rounds=3'],
      "(num_rounds: 2 there, 3 now; fedkd's SVD energy schedule"),
@@ -410,6 +412,14 @@ def _as_fedkd(workdir):
       workdir, lambda meta: {**meta, 'config': fedkd(meta['config'])})
 
 
+def _as_comparison(workdir):
+  """The existing run moved to WORKDIR/fedavg, a comparison's sub-run."""
+  names = os.listdir(workdir)
+  os.makedirs(os.path.join(workdir, 'fedavg'))
+  for name in names:
+    shutil.move(os.path.join(workdir, name), os.path.join(workdir, 'fedavg'))
+
+
 _LOCKED = ('workdir_locked', 'workdir_locked_overwrite')
 _PREPARED = {
     'workdir_locked': lambda workdir: None,
@@ -426,6 +436,7 @@ _PREPARED = {
     'workdir_other_data': lambda w: rundirs.edit_checkpoint_metas(
         w, lambda meta: {**meta, 'data': 'f' * 64}),
     'workdir_fedkd_rounds': _as_fedkd,
+    'workdir_comparison': _as_comparison,
 }
 _NPZ_ARGS = ['--config.num_clients=4', '--config.clients_per_round=4']
 # Config files that do not load, or lack fields.

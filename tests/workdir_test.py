@@ -138,9 +138,10 @@ class WorkdirTest(parameterized.TestCase):
 
   # Writing.
 
-  def test_read_only_subdirectory_is_refused(self):
-    for name in ('checkpoints', 'tensorboard', 'checkpoints/2/state'):
-      path = os.path.join(self.path, name)
+  def test_read_only_directory_is_refused(self):
+    # The workdir itself before its lock file (which exists here) is opened.
+    for path in [self.path] + [os.path.join(self.path, name) for name in (
+        'checkpoints', 'tensorboard', 'checkpoints/2/state')]:
       os.chmod(path, 0o555)
       try:
         if os.access(path, os.W_OK):
