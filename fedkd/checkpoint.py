@@ -50,7 +50,10 @@ class Checkpointer:
   """Saves and restores `(step, state, meta)` under one directory.
 
   Not safe for several processes writing one directory at the same time; a
-  run owns its checkpoint directory.
+  run owns its checkpoint directory. Opening one drops orbax's ERROR log
+  records for the rest of the process (`_QuietOrbaxErrors`): the failures
+  they describe are raised by `save` and `restore`, and a program that uses
+  orbax itself as well loses those records of its own.
   """
 
   def __init__(self, directory: str, *, max_to_keep: int = 2,
