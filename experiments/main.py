@@ -53,6 +53,7 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from experiments import cli
 from experiments import compare
 from experiments import overrides
 from experiments import runner
@@ -64,11 +65,6 @@ from fedkd.errors import FedkdError
 
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Directory for metrics.jsonl and config.json.')
-
-
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
 
 
 # What ml_collections raises for the default config file that does not load
@@ -139,7 +135,7 @@ class _ConfigFileParser(flags.ArgumentParser):
 try:
   overrides.check_paths(sys.argv, default.get_config())
 except FedkdError as e:
-  _fail(str(e))
+  cli.fail(str(e))
 # Read before any parser sees them (a --config.FIELD=none it cannot type).
 sys.argv, _UNSET = overrides.split_unsets(sys.argv, default.get_config())
 
@@ -149,7 +145,7 @@ try:
   _CONFIG = config_flags.DEFINE_config_file(
       'config', 'experiments/configs/default.py', 'Run config file (:variant).')
 except _CONFIG_ERRORS as e:
-  _fail(_config_error(e))
+  cli.fail(_config_error(e))
 # The default file was read above; a --config given parses with this one.
 flags.FLAGS['config'].parser = _ConfigFileParser('config')
 
@@ -158,12 +154,11 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except _BadConfigFile as e:
-    _fail(str(e))
+    cli.fail(str(e))
   except flags.Error as e:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    _fail(' '.join(lines[:1] + lines[1:][-1:]))
+    cli.fail(cli.flag_error(e))
   except _CONFIG_ERRORS as e:
-    _fail(_config_error(e))
+    cli.fail(_config_error(e))
 
 
 def _load_config():
@@ -175,12 +170,13 @@ def _load_config():
       config[field] = None
     return config
   except _CONFIG_ERRORS as e:
-    _fail(_config_error(e))
+    cli.fail(_config_error(e))
 
 
 def main(argv):
   if len(argv) > 1:
-    _fail(f'unexpected arguments {argv[1:]}; pass settings as --config.FIELD')
+    cli.fail(f'unexpected arguments {argv[1:]}; pass settings as '
+             '--config.FIELD')
   if not flags.FLAGS['verbosity'].present:
     # Library INFO lines (tfds lookups) would bury the one-line errors.
     logging.set_verbosity(logging.WARNING)
@@ -194,7 +190,7 @@ def main(argv):
       runner.run(config, _WORKDIR.value)
   except FedkdError as e:
     _ending(2)
-    _fail(str(e))
+    cli.fail(str(e))
   except train.Diverged as e:
     _ending(1)
     print(f'error: {e}', file=sys.stderr)

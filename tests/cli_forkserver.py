@@ -1,11 +1,13 @@
-"""Runs experiments/main.py once per argument list, each in a forked child.
+"""Runs a script once per argument list, each in a forked child.
+
+    python tests/cli_forkserver.py [PARALLEL [SCRIPT]] < CASES
 
 Reads a JSON list of argument lists on stdin and prints a JSON list of
-[exit code, stderr]; an optional argument sets how many run at once. The
-heavy imports happen once, before any fork and before JAX starts a backend;
-each child then runs main.py exactly as `python experiments/main.py ARGS`
-would, so the bad-input tests see the real exit codes and error lines
-without paying the imports once per case.
+[exit code, stderr]; PARALLEL sets how many run at once (default 4), SCRIPT
+the script (default experiments/main.py). The heavy imports happen once,
+before any fork and before JAX starts a backend; each child then runs the
+script exactly as `python SCRIPT ARGS` would, so the bad-input tests see the
+real exit codes and error lines without paying the imports once per case.
 """
 
 import json
@@ -24,8 +26,9 @@ import ml_collections.config_flags
 # pylint: enable=g-import-not-at-top,wrong-import-position,unused-import
 
 
-def _start(args):
-  """Forks a child running main.py with `args`; returns (pid, stderr pipe)."""
+def _start(script, args):
+  """Forks a child running `script` with `args`; returns (pid, stderr
+  pipe)."""
   read, write = os.pipe()
   pid = os.fork()
   if pid == 0:
@@ -34,12 +37,12 @@ def _start(args):
     # The parent's stdout carries the JSON answer; the run's output goes.
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     sys.stderr = os.fdopen(2, 'w')
-    sys.argv = ['experiments/main.py', *args]
-    # As for `python experiments/main.py`: the script's folder comes first.
-    sys.path[0] = os.path.abspath('experiments')
+    sys.argv = [script, *args]
+    # As for `python SCRIPT`: the script's folder comes first.
+    sys.path[0] = os.path.abspath(os.path.dirname(script))
     code = 0
     try:
-      runpy.run_path('experiments/main.py', run_name='__main__')
+      runpy.run_path(script, run_name='__main__')
     except SystemExit as e:
       # As the interpreter maps it: None is 0, any other non-int is 1.
       code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
@@ -60,15 +63,15 @@ def _finish(pid, read):
   return [os.waitstatus_to_exitcode(status), err]
 
 
-def run_all(cases, parallel=4):
+def run_all(cases, parallel=4, script='experiments/main.py'):
   results, running = [], []
   for args in cases:
-    running.append(_start(args))
+    running.append(_start(script, args))
     if len(running) == parallel:
       results.append(_finish(*running.pop(0)))
   return results + [_finish(*r) for r in running]
 
 
 if __name__ == '__main__':
-  # Optional argument: how many children run at once (default 4).
-  print(json.dumps(run_all(json.load(sys.stdin), *map(int, sys.argv[1:]))))
+  print(json.dumps(run_all(json.load(sys.stdin), *map(int, sys.argv[1:2]),
+                           *sys.argv[2:3])))

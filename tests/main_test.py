@@ -518,12 +518,7 @@ class BadInputTest(parameterized.TestCase):
   def test_bad_input(self, args, expected):
     del args
     name = self._testMethodName.removeprefix('test_bad_input').lstrip('_')
-    code, stderr = self.results[name]
-    self.assertEqual(code, 2, stderr[-2000:])
-    lines = [l for l in stderr.splitlines() if l.strip()]
-    self.assertLen(lines, 1, stderr)
-    self.assertStartsWith(lines[0], 'error: ')
-    self.assertIn(expected, lines[0])
+    toys.assert_error_line(self, *self.results[name], expected)
     workdir, before = self.prepared.get(name, (self.workdir, self.before))
     self.assertEqual(rundirs.snapshot(workdir), before)
 

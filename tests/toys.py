@@ -131,5 +131,16 @@ def full_or(test: unittest.TestCase, runs_by_default: bool) -> None:
     test.skipTest('a repeat for another case: FEDKD_FULL_TESTS=1 runs it')
 
 
+def assert_error_line(test: unittest.TestCase, code: int, stderr: str,
+                      expected: str) -> None:
+  """A script's bad-input ending: exit code 2 and one `error:` line on
+  stderr that holds `expected`."""
+  test.assertEqual(code, 2, stderr[-2000:])
+  lines = [l for l in stderr.splitlines() if l.strip()]
+  test.assertLen(lines, 1, stderr)
+  test.assertStartsWith(lines[0], 'error: ')
+  test.assertIn(expected, lines[0])
+
+
 def assert_trees_close(a, b, atol=1e-6):
   chex.assert_trees_all_close(a, b, atol=atol, rtol=1e-5)
