@@ -49,8 +49,9 @@ Each is run three ways in one process:
              still on the CPU (labelled so); `--torch=false` skips it.
 
 It prints, per workload, a table of the median seconds per round over
-`--rounds` rounds (default: 5 for mlp, 1 for the others, so that everything
-runs in about 10 minutes on 2 CPU cores), the arms taking turns round by
+`--rounds` rounds (default: 5 for mlp, 3 for feddf_hetero and mlp_ALG, 1
+for the conv workloads, so that everything runs in about 10 minutes on 2
+CPU cores), the arms taking turns round by
 round (so a slow spell of a shared machine slows them alike), the ratios
 (b)/(a) and (c)/(a), and
 achieved GFLOP/s of (a) against the matmul peak of device 0; then one JSON
@@ -97,7 +98,6 @@ import statistics
 import time
 from typing import Any, NamedTuple
 
-from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
@@ -106,6 +106,7 @@ import numpy as np
 import optax
 
 from experiments import builder
+from experiments import cli
 from experiments.configs import default as default_config
 from fedkd import algorithm
 from fedkd import algorithms
@@ -114,10 +115,13 @@ from fedkd import communication
 from fedkd import layers
 from fedkd import metrics
 from fedkd import models
+from fedkd import npzfile
 from fedkd import sharding
+from fedkd import train
 from fedkd.algorithms import fedavg
 from fedkd.algorithms import feddf
 from fedkd.algorithms import local_kd
+from fedkd.errors import FedkdError
 
 
 class Workload(NamedTuple):
@@ -196,7 +200,7 @@ _POPULATION = flags.DEFINE_integer(
     'population', 0, 'Clients in the federation, each with its examples '
     '(and private teacher); every round trains a random cohort of --clients '
     'of them, as a run with clients_per_round < num_clients does (0: the '
-    'cohort size, every client every round).')
+    'cohort size, every client every round).', lower_bound=0)
 _ROUNDS = flags.DEFINE_integer('rounds', None, 'Timed rounds per arm '
                                '(default: each workload its own).',
                                lower_bound=1)
@@ -211,7 +215,8 @@ _JSON_ONLY = flags.DEFINE_bool('json_only', False, 'Print only the JSON line '
 _CHUNK = flags.DEFINE_integer(
     'clients_per_chunk', None, "(a)'s clients per chunk (the run config's "
     'clients_per_chunk, rounded up as a run rounds it; 0 = the whole cohort '
-    'at once; unset: as a run chooses it, `sharding.auto_chunk`).')
+    'at once; unset: as a run chooses it, `sharding.auto_chunk`).',
+    lower_bound=0)
 _SHARD_DATA = flags.DEFINE_bool(
     'shard_data', True, "(a)'s client examples split by rows over the devices "
     "(the run config's shard_data; False copies them to every device).")
@@ -258,11 +263,31 @@ def median_seconds(arms: dict[Any, tuple[Callable[[], Any], Any]],
 
 def random_clients(workload: Workload, num_clients: int):
   """Every client's random examples: x [C, n, *input_shape], y [C, n]."""
+  check_size(workload, num_clients)
   rng = np.random.default_rng(0)
   shape = (num_clients, workload.examples)
   x = rng.random((*shape, *workload.input_shape), np.float32)
   y = rng.integers(0, NUM_CLASSES, shape).astype(np.int32)
   return x, y
+
+
+def check_size(workload: Workload, num_clients: int) -> None:
+  """Fails unless `random_clients` fits in this machine's memory and a
+  client's local steps in int32, as JAX counts a `lax.scan`'s length."""
+  steps = clients.num_steps(workload.examples, epochs=workload.epochs,
+                            batch_size=BATCH)
+  if steps >= 2**31:
+    raise FedkdError(f'--epochs={workload.epochs} makes {steps:,} local steps '
+                     'a round; they must be < 2**31: lower --epochs')
+  needed = (num_clients * workload.examples
+            * (math.prod(workload.input_shape) + 1) * 4)  # float32, int32
+  memory = npzfile.memory_bytes()
+  if needed > memory:
+    raise FedkdError(
+        f'{num_clients:,} clients x {workload.examples} random examples of '
+        f'{"x".join(map(str, workload.input_shape))} need '
+        f'{needed / 2**30:,.1f} GiB, more than this machine\'s '
+        f'{memory / 2**30:.1f} GiB of memory; time fewer clients')
 
 
 def _public(workload: Workload, labels: bool) -> dict:
@@ -462,6 +487,8 @@ def compiled_round(alg, state, data, shard_data: bool = True,
       alg.apply, mesh, state_shardings, sharding.data_sharding(data, mesh),
       donate_argnums=0).lower(state, data, cohort, rng).compile()
   compile_seconds = time.perf_counter() - start
+  train.check_fits(compiled, mesh, 'in the round',
+                   'time fewer clients or epochs, or fewer clients per chunk')
   carry = [jax.tree.map(jnp.copy, state)]  # the round donates its input
 
   def run():
@@ -690,9 +717,10 @@ def check_workloads(names: Sequence[str]) -> list[str]:
   timing anything if a workload or one of its models is unknown."""
   names = [w for name in names for w in GROUPS.get(name, [name])]
   unknown = set(names) - set(WORKLOADS)
-  if unknown:
-    raise app.UsageError(f'unknown workloads {sorted(unknown)}; choose from '
-                         f'{", ".join(WORKLOADS)}')
+  if unknown or not names:
+    problem = (f'unknown workloads {sorted(unknown)}' if unknown
+               else '--workload names none')
+    raise FedkdError(f'{problem}; choose from {", ".join(WORKLOADS)}')
   for name in names:
     workload = WORKLOADS[name]
     for model in filter(None, [*workload.student.split(','),
@@ -701,31 +729,42 @@ def check_workloads(names: Sequence[str]) -> list[str]:
   return names
 
 
-def cohort_sizes(name: str) -> list[int]:
-  """The cohort sizes to run workload `name` with: `--clients`, or its own."""
-  return [int(c) for c in _CLIENTS.value or WORKLOADS[name].clients]
+def planned_runs(names: Sequence[str]) -> list[tuple[str, Workload,
+                                                     list[int]]]:
+  """(name, workload, cohort sizes) of each workload `names` stand for, with
+  `--epochs` and `--clients` applied; fails before timing anything on an
+  unknown workload or a setting that cannot run (`check_size`)."""
+  runs = []
+  for name in check_workloads(names):
+    workload = WORKLOADS[name]._replace(
+        epochs=_EPOCHS.value or WORKLOADS[name].epochs)
+    sizes = (workload.clients if _CLIENTS.value is None
+             else cli.positive_ints('clients', _CLIENTS.value))
+    for size in sizes:
+      check_size(workload, max(size, _POPULATION.value))
+    runs.append((name, workload, sizes))
+  return runs
 
 
 def main(argv):
   del argv
-  names = check_workloads(_WORKLOAD.value)
+  runs = planned_runs(_WORKLOAD.value)
+  torch_threads = cli.positive_ints('torch_threads', _TORCH_THREADS.value)
   peak = matmul_peak_gflop_s()
   if not _JSON_ONLY.value:
     print(f'backend: {jax.default_backend()}, devices: {jax.device_count()} '
           f'x {jax.devices()[0].device_kind}; (c) torch on the CPU; matmul '
           f'peak (2048^3 float32 on one device): {peak:.1f} GFLOP/s')
-  torch_threads = [int(t) for t in _TORCH_THREADS.value if _TORCH.value]
   results = []
-  for name in names:
-    workload = WORKLOADS[name]._replace(
-        epochs=_EPOCHS.value or WORKLOADS[name].epochs)
+  for name, workload, sizes in runs:
     rows = [benchmark(name, workload, num_clients,
                       rounds=_ROUNDS.value or workload.rounds, peak=peak,
-                      loop=_LOOP.value, torch_threads=torch_threads,
+                      loop=_LOOP.value,
+                      torch_threads=torch_threads if _TORCH.value else [],
                       clients_per_chunk=_CHUNK.value,
                       shard_data=_SHARD_DATA.value,
                       population=_POPULATION.value)
-            for num_clients in cohort_sizes(name)]
+            for num_clients in sizes]
     results += rows
     if not _JSON_ONLY.value:
       print(f'\n{name}: {workload.description}, {workload.examples} '
@@ -740,4 +779,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -2,8 +2,11 @@
 
     python -m experiments.profile_round --workload=cnn_fedavg
         [--clients=N] [--clients_per_chunk=N] [--rounds=N] [--top=20]
+        [--epochs=E] [--population=N] [--shard_data=false]
 
-Takes `experiments.benchmark`'s flags. For each workload and cohort size it
+Takes `experiments.benchmark`'s flags that shape arm (a)'s round (those of
+the other arms, `--loop`, `--torch`, `--torch_threads`, do not apply). For
+each workload and cohort size it
 compiles the round as the benchmark times it (arm (a)), runs it once, then
 `--rounds` rounds (default 2) under `jax.profiler.trace`, reads the trace back
 (`jax.profiler.ProfileData`) and prints the ops that took longest on XLA's
@@ -30,14 +33,16 @@ import glob
 import re
 import tempfile
 
-from absl import app
 from absl import flags
 import jax
 
 from experiments import benchmark  # defines the flags used here too
+from experiments import cli
+from fedkd.errors import FedkdError
 
 FLAGS = flags.FLAGS
-_TOP = flags.DEFINE_integer('top', 20, 'Ops to print per round.')
+_TOP = flags.DEFINE_integer('top', 20, 'Ops to print per round.',
+                            lower_bound=1)
 
 # Wrappers around the ops on XLA's threads, and control flow, whose events
 # can span the ops of their bodies: not ops themselves.
@@ -114,12 +119,13 @@ def op_lines(hlo_text: str) -> dict[str, str]:
       r'%([\w.-]+) = .*?stack_frame_id=(\d+)', hlo_text)}
 
 
-def profile(name: str, num_clients: int, rounds: int) -> None:
-  """Prints the `--top` ops of `rounds` rounds of workload `name`."""
-  workload = benchmark.WORKLOADS[name]
-  alg, state, data = benchmark.build(workload, num_clients)
+def profile(name: str, workload: benchmark.Workload, num_clients: int,
+            rounds: int) -> None:
+  """Prints the `--top` ops of `rounds` rounds of `workload`, named `name`."""
+  alg, state, data = benchmark.build(workload,
+                                     max(FLAGS.population, num_clients))
   run, compiled, _, chunk = benchmark.compiled_round(
-      alg, state, data, clients_per_chunk=FLAGS.clients_per_chunk,
+      alg, state, data, FLAGS.shard_data, FLAGS.clients_per_chunk, num_clients,
       step_bytes=benchmark.client_step_bytes(workload))
   run()  # the first execution's one-off costs stay out of the trace
   with tempfile.TemporaryDirectory() as trace_dir:
@@ -128,8 +134,8 @@ def profile(name: str, num_clients: int, rounds: int) -> None:
         run()
     nanoseconds, executions = op_times(trace_dir)
   if not nanoseconds:
-    raise app.UsageError('the trace holds no XLA CPU ops; this jaxlib names '
-                         'its threads differently')
+    raise FedkdError('the trace holds no XLA CPU ops; this jaxlib names its '
+                     'threads differently')
   hlo_text = compiled.as_text()
   sources, lines = op_sources(hlo_text), op_lines(hlo_text)
   named = principal_ops(hlo_text)
@@ -147,13 +153,13 @@ def profile(name: str, num_clients: int, rounds: int) -> None:
 def main(argv):
   del argv
   if jax.default_backend() != 'cpu':
-    raise app.UsageError('profile_round reads CPU traces only; on '
-                         f'{jax.default_backend()}, open a jax.profiler trace '
-                         "in TensorBoard's profile plugin")
-  for name in benchmark.check_workloads(FLAGS.workload):
-    for num_clients in benchmark.cohort_sizes(name):
-      profile(name, num_clients, FLAGS.rounds or 2)
+    raise FedkdError('profile_round reads CPU traces only; on '
+                     f'{jax.default_backend()}, open a jax.profiler trace in '
+                     "TensorBoard's profile plugin")
+  for name, workload, sizes in benchmark.planned_runs(FLAGS.workload):
+    for num_clients in sizes:
+      profile(name, workload, num_clients, FLAGS.rounds or 2)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
