@@ -24,8 +24,15 @@ import os
 import subprocess
 import sys
 
-from absl import app
 from absl import flags
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+# The repository root, however the script is started.
+sys.path.insert(0, _ROOT)
+from experiments import cli
+from fedkd.errors import FedkdError
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CLIENTS = flags.DEFINE_list('clients', ['10', '100', '1000', '10000'],
                              'Clients per round.')
@@ -35,12 +42,11 @@ _SHARD_DATA = flags.DEFINE_list(
     'copied to each (false), or both (true,false).')
 _POPULATION = flags.DEFINE_integer(
     'population', 0, 'Clients in the federation, of which each round trains '
-    '--clients (0: every client every round).')
+    '--clients (0: every client every round).', lower_bound=0)
 _CPU = flags.DEFINE_bool('cpu', True, 'Split the CPU into fake devices.')
-_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Timed rounds per cell.')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Timed rounds per cell.',
+                               lower_bound=1)
 _OUT = flags.DEFINE_string('out', 'docs/scaling', 'Output path prefix.')
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cell(clients: int, devices: int, shard_data: bool) -> dict:
@@ -54,7 +60,12 @@ def _cell(clients: int, devices: int, shard_data: bool) -> dict:
        f'--clients={clients}', '--torch=false', '--json_only',
        f'--shard_data={shard_data}', f'--population={_POPULATION.value}',
        f'--rounds={_ROUNDS.value}'],
-      cwd=_ROOT, env=env, capture_output=True, text=True, check=True)
+      cwd=_ROOT, env=env, capture_output=True, text=True)
+  if proc.returncode:
+    why = (proc.stderr.strip().splitlines() or
+           [f'exit code {proc.returncode}'])[-1].removeprefix('error: ')
+    raise FedkdError(f'the benchmark of {clients} clients on {devices} '
+                     f'device(s) failed: {why}')
   return json.loads(proc.stdout.strip().splitlines()[-1])[0]
 
 
@@ -110,16 +121,25 @@ def _plot(cells, path):
 def main(argv):
   del argv
   cells = []
-  if not set(m.lower() for m in _SHARD_DATA.value) <= {'true', 'false'}:
-    raise app.UsageError('--shard_data takes true, false or true,false, got '
-                         f'{",".join(_SHARD_DATA.value)}')
+  clients_list = cli.positive_ints('clients', _CLIENTS.value)
+  devices_list = cli.positive_ints('devices', _DEVICES.value)
+  if not (_SHARD_DATA.value and set(m.lower() for m in _SHARD_DATA.value)
+          <= {'true', 'false'}):
+    raise FedkdError('--shard_data takes true, false or true,false, got '
+                     f'{",".join(_SHARD_DATA.value)!r}')
   modes = [m.lower() == 'true' for m in _SHARD_DATA.value]
-  for devices in map(int, _DEVICES.value):
+  directory, prefix = os.path.split(_OUT.value)
+  if not prefix:
+    raise FedkdError(f'--out={_OUT.value!r} names no file prefix; give one, '
+                     'e.g. --out=docs/scaling for docs/scaling.{json,md,png}')
+  # Before the cells, which take long: a path that cannot be written fails
+  # now, not after them.
+  cli.output_dir(directory or '.', 'out')
+  for devices in devices_list:
     for split in modes[:1] if devices == 1 else modes:
-      for clients in map(int, _CLIENTS.value):
+      for clients in clients_list:
         cells.append(_cell(clients, devices, split))
         print(json.dumps(cells[-1]), flush=True)
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   with open(_OUT.value + '.json', 'w') as f:
     json.dump(cells, f, indent=1)
   with open(_OUT.value + '.md', 'w') as f:
@@ -129,4 +149,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
