@@ -15,7 +15,6 @@ import os
 import re
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from matplotlib.figure import Figure
@@ -23,8 +22,10 @@ from matplotlib.figure import Figure
 # pylint: disable=g-import-not-at-top,wrong-import-position
 # The repository root, however the script is started.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import cli
 from experiments import compare
 from experiments import runner
+from experiments import validation
 from experiments.configs import fedprox_synthetic_fig1 as fig1
 from fedkd.errors import FedkdError
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -39,7 +40,8 @@ _PERCENTS = flags.DEFINE_list(
     'percents', [str(p) for p in fig1.STRAGGLER_PERCENTS],
     'Straggler percentages.')
 _ROUNDS = flags.DEFINE_integer('num_rounds', 0,
-                               'Rounds per run; 0 = the config\'s.')
+                               'Rounds per run; 0 = the config\'s.',
+                               lower_bound=0)
 
 
 def _read_rows(workdir: str) -> list[dict]:
@@ -50,13 +52,29 @@ def _read_rows(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _panel(alpha: str, percent: str) -> dict[str, list[dict]]:
-  """Runs (or reads) the three arms of one panel: label -> metrics rows."""
-  config = fig1.get_config(f'{alpha},{percent}')
+def _arms(alpha: str, percent: str) -> dict:
+  """The three arms of one panel, each checked: label -> run config."""
+  where = f'--alphas={alpha} with --percents={percent}'
+  try:
+    config = fig1.get_config(f'{alpha},{percent}')
+  except ValueError:
+    raise FedkdError(f'{where}: both take numbers, e.g. --alphas=0,0.5 '
+                     '--percents=0,50') from None
   if _ROUNDS.value:
     config.num_rounds = _ROUNDS.value
+  arms = fig1.arms(config)
+  try:
+    for arm in arms.values():
+      validation.validate_config(arm)
+  except FedkdError as e:
+    raise FedkdError(f'{where}: {e}') from None
+  return arms
+
+
+def _panel(alpha: str, percent: str, arms: dict) -> dict[str, list[dict]]:
+  """Runs (or reads) the three `arms` of one panel: label -> metrics rows."""
   results = {}
-  for label, arm in fig1.arms(config).items():
+  for label, arm in arms.items():
     workdir = os.path.join(_WORKDIR.value, f'{alpha}_{percent}',
                            re.sub(r'\W+', '_', label).strip('_'))
     rows = _read_rows(workdir)
@@ -105,13 +123,15 @@ def _table(panels: dict) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # no checkpointing INFO lines
-  try:
-    panels = {(a, p): _panel(a, p) for p in _PERCENTS.value
-              for a in _ALPHAS.value}
-  except (FedkdError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  os.makedirs(_OUT.value, exist_ok=True)
+  for flag, values in (('alphas', _ALPHAS.value),
+                       ('percents', _PERCENTS.value)):
+    if not values:
+      raise FedkdError(f'--{flag} is empty; give at least one panel')
+  # Every panel checked and --out made before the runs, which take long.
+  arms = {(a, p): _arms(a, p) for p in _PERCENTS.value for a in _ALPHAS.value}
+  cli.output_dir(_OUT.value, 'out')
+  panels = {panel: _panel(*panel, panel_arms)
+            for panel, panel_arms in arms.items()}
   for key, ylabel, name in (('student_loss', 'test loss', 'loss'),
                             ('accuracy', 'test accuracy', 'accuracy')):
     _figure(panels, key, ylabel,
@@ -123,4 +143,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
