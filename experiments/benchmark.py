@@ -93,6 +93,7 @@ from collections.abc import Callable, Sequence
 import functools
 import json
 import math
+import os
 import resource
 import statistics
 import time
@@ -750,6 +751,10 @@ def main(argv):
   del argv
   runs = planned_runs(_WORKLOAD.value)
   torch_threads = cli.positive_ints('torch_threads', _TORCH_THREADS.value)
+  # More threads only oversubscribe the cores; 10**5 fail to start.
+  if max(torch_threads) > os.cpu_count():
+    raise FedkdError(f'--torch_threads={",".join(_TORCH_THREADS.value)}: at '
+                     f'most the {os.cpu_count()} CPU cores')
   peak = matmul_peak_gflop_s()
   if not _JSON_ONLY.value:
     print(f'backend: {jax.default_backend()}, devices: {jax.device_count()} '

@@ -2,7 +2,8 @@
 
 A bad flag value, an argument no flag takes, or a `FedkdError` from the
 script's `main` prints one line starting with `error:` (no traceback, no
-usage text) and exits with code 2, before any output is written.
+usage text) and exits with code 2. The scripts check their settings before
+they time, run or write anything.
 """
 
 import os

@@ -16,7 +16,6 @@ import re
 import sys
 
 from absl import flags
-from absl import logging
 from matplotlib.figure import Figure
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -122,7 +121,6 @@ def _table(panels: dict) -> str:
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # no checkpointing INFO lines
   for flag, values in (('alphas', _ALPHAS.value),
                        ('percents', _PERCENTS.value)):
     if not values:

@@ -66,7 +66,11 @@ def _cell(clients: int, devices: int, shard_data: bool) -> dict:
            [f'exit code {proc.returncode}'])[-1].removeprefix('error: ')
     raise FedkdError(f'the benchmark of {clients} clients on {devices} '
                      f'device(s) failed: {why}')
-  return json.loads(proc.stdout.strip().splitlines()[-1])[0]
+  cell = json.loads(proc.stdout.strip().splitlines()[-1])[0]
+  if cell['devices'] != devices:
+    raise FedkdError(f'--devices={devices}: the benchmark saw '
+                     f'{cell["devices"]} device(s); lower --devices')
+  return cell
 
 
 def _placement(cell) -> str:

@@ -72,6 +72,8 @@ BAD_INPUTS = (
      'must be < 2**31'),
     ('zero_torch_threads', 'benchmark', ['--torch_threads=1,0'],
      f"--torch_threads {_NOT_POSITIVE}, got '1,0'"),
+    ('too_many_torch_threads', 'benchmark', ['--torch_threads=1,100000'],
+     f'--torch_threads=1,100000: at most the {os.cpu_count()} CPU cores'),
     ('negative_population', 'benchmark', ['--population=-3'],
      'flag --population=-3: -3 is not a non-negative integer'),
     ('negative_chunk', 'benchmark', ['--clients_per_chunk=-1'],
@@ -110,6 +112,11 @@ BAD_INPUTS = (
      f"--out='{TMP}/out/' names no file prefix"),
     ('scaling_out_under_a_file', 'scaling', [f'--out={TMP}/file/scaling'],
      f'--out: cannot create directory {TMP}/file (File exists)'),
+    # One device here, CPU or not: --cpu=false does not split it.
+    ('scaling_fewer_devices', 'scaling',
+     ['--cpu=false', '--devices=2', '--clients=2', '--rounds=1',
+      f'--out={TMP}/out/scaling'],
+     '--devices=2: the benchmark saw 1 device(s); lower --devices'),
     # The benchmark's own line, from the process that runs the cell.
     ('scaling_cell_fails', 'scaling',
      ['--clients=10000000000', '--devices=1', f'--out={TMP}/out/scaling'],
