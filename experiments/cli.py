@@ -50,6 +50,8 @@ def positive_ints(flag: str, values) -> list[int]:
 def output_dir(path: str, flag: str) -> None:
   """Makes directory `path`, given by `--flag`, for a script's outputs; fails
   if it cannot be made or written, before any work."""
+  if not path:
+    raise FedkdError(f'--{flag} is empty; name a directory')
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:

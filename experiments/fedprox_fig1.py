@@ -125,8 +125,10 @@ def main(argv):
                        ('percents', _PERCENTS.value)):
     if not values:
       raise FedkdError(f'--{flag} is empty; give at least one panel')
-  # Every panel checked and --out made before the runs, which take long.
+  # Every panel and --workdir checked, --out made, before the runs, which
+  # take long.
   arms = {(a, p): _arms(a, p) for p in _PERCENTS.value for a in _ALPHAS.value}
+  validation.validate_workdir(_WORKDIR.value, create=False)
   cli.output_dir(_OUT.value, 'out')
   panels = {panel: _panel(*panel, panel_arms)
             for panel, panel_arms in arms.items()}

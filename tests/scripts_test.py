@@ -133,6 +133,12 @@ BAD_INPUTS = (
      'flag --num_rounds=-1: -1 is not a non-negative integer'),
     ('fig1_out_is_a_file', 'fedprox_fig1', [f'--out={TMP}/file'],
      f'--out: cannot create directory {TMP}/file (File exists)'),
+    ('fig1_no_out', 'fedprox_fig1', ['--out='], '--out is empty'),
+    # Not the runs in the working directory.
+    ('fig1_no_workdir', 'fedprox_fig1', ['--workdir='],
+     '--workdir is required'),
+    ('fig1_workdir_is_a_file', 'fedprox_fig1', [f'--workdir={TMP}/file'],
+     f'workdir {TMP}/file exists and is not a directory'),
 )
 
 
@@ -148,7 +154,8 @@ class BadInputTest(parameterized.TestCase):
     cls.before = rundirs.snapshot(TMP)
     servers = {}
     for script in sorted({case[1] for case in BAD_INPUTS}):
-      cases = [args + [f'--workdir={TMP}/workdir']
+      # A case's own --workdir comes later, and wins.
+      cases = [[f'--workdir={TMP}/workdir'] + args
                if script == 'fedprox_fig1' else args
                for _, s, args, _ in BAD_INPUTS if s == script]
       servers[script] = (subprocess.Popen(
