@@ -756,9 +756,16 @@ def main(argv):
     raise FedkdError(f'--torch_threads={",".join(_TORCH_THREADS.value)}: at '
                      f'most the {os.cpu_count()} CPU cores')
   peak = matmul_peak_gflop_s()
+  if not _TORCH.value:
+    torch_note = '(c) not timed (--torch=false)'
+  elif not _torch_installed():
+    torch_note = ("(c) not timed: torch is not installed (pip install -e "
+                  "'.[bench]')")
+  else:
+    torch_note = '(c) torch on the CPU'
   if not _JSON_ONLY.value:
     print(f'backend: {jax.default_backend()}, devices: {jax.device_count()} '
-          f'x {jax.devices()[0].device_kind}; (c) torch on the CPU; matmul '
+          f'x {jax.devices()[0].device_kind}; {torch_note}; matmul '
           f'peak (2048^3 float32 on one device): {peak:.1f} GFLOP/s')
   results = []
   for name, workload, sizes in runs:

@@ -7,6 +7,8 @@ script, each case in a forked child.
 """
 
 import atexit
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -189,6 +191,22 @@ class BadInputTest(parameterized.TestCase):
     self.assertEqual(len(header.split('|')), len(row.split('|')))
     self.assertStartsWith(row, '| 2 | 1 | - | ')
     self.assertGreater(os.path.getsize(TABLE + '.png'), 0)
+
+
+class BenchmarkTest(absltest.TestCase):
+
+  def test_says_why_torch_is_not_timed(self):
+    # torch hidden, as where the `bench` extra is not installed.
+    out = io.StringIO()
+    with flagsaver.flagsaver(workload=['mlp'], clients=['2'], rounds=1,
+                             loop=False), \
+        mock.patch.dict(sys.modules, {'torch': None}), \
+        contextlib.redirect_stdout(out):
+      benchmark.main([])
+    lines = out.getvalue().splitlines()
+    self.assertIn('(c) not timed: torch is not installed', lines[0])
+    (row,) = json.loads(lines[-1])
+    self.assertEqual((row['torch_s'], row['torch_s_by_threads']), (None, {}))
 
 
 class CheckSizeTest(absltest.TestCase):
