@@ -31,6 +31,8 @@ import re
 import numpy as np
 
 from experiments import runner
+from fedkd import stopping
+from fedkd import train
 from fedkd import workdir as workdir_lib
 from fedkd.errors import FedkdError
 
@@ -249,6 +251,10 @@ def run(config, workdir: str) -> dict[str, dict]:
 
   Returns:
     Per algorithm, `summarize`'s mean/std/count of each figure.
+
+  Raises:
+    Interrupted: SIGINT/SIGTERM during a run (`runner.run`), or while the
+      results were written (they are complete).
   """
   held = [name for name in (workdir_lib.CONFIG, workdir_lib.METRICS,
                              workdir_lib.CHECKPOINTS)
@@ -267,6 +273,24 @@ def run(config, workdir: str) -> dict[str, dict]:
     print(f'== {name}, seed {seed}')
     runs.setdefault(name, []).append(
         runner.run(single, path, progress=False))
+  # Writing the results takes a second (plots): a signal meanwhile lets them
+  # finish, then stops as one after a run's last round does.
+  with stopping.handling_signals() as stop:
+    stop.defer()
+    summaries = _write_results(config, workdir, runs)
+  if stop.signum:
+    raise train.Interrupted(stop.signum, config.num_rounds,
+                            config.num_rounds)
+  return summaries
+
+
+def _write_results(config, workdir: str,
+                   runs: dict[str, list[list[dict]]]) -> dict[str, dict]:
+  """Writes and prints the table, writes the summary and the plots.
+
+  Returns:
+    Per algorithm, `summarize`'s mean/std/count of each figure.
+  """
   per_seed = {name: [seed_figures(name, rows, config.target_accuracy)
                      for rows in seeds] for name, seeds in runs.items()}
   summaries = {name: summarize(figures) for name, figures in per_seed.items()}

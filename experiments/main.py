@@ -10,6 +10,7 @@ prints one line starting with `error:` and exits with code 2; SIGINT/SIGTERM
 print one line and exit with 128 + the signal number (see `fedkd.stopping`).
 """
 
+import atexit
 import functools
 import importlib.machinery
 import importlib.util
@@ -27,6 +28,7 @@ def _stop_outside_runs(signum, frame):
 
 def _exit_now(code, signum, frame):
   del signum, frame
+  sys.stdout.flush()  # the table, where stdout is a file or a pipe
   os._exit(code)  # pylint: disable=protected-access
 
 
@@ -37,10 +39,22 @@ def _ending(code: int) -> None:
     signal.signal(signum, functools.partial(_exit_now, code))
 
 
+def _skip_teardown() -> None:
+  """Once `_ending` has the code, ends the process with it after the exit
+  handlers: the interpreter's teardown would first restore the default
+  signal handlers, then take a second (XLA's objects), and a signal then
+  would kill the process instead."""
+  handler = signal.getsignal(signal.SIGINT)
+  if isinstance(handler, functools.partial) and handler.func is _exit_now:
+    handler(signal.SIGINT, None)
+
+
 # Importing JAX takes seconds: a signal meanwhile ends the process with one
 # line, not a traceback. `runner.run` handles signals itself while it runs.
 for _signum in (signal.SIGINT, signal.SIGTERM):
   signal.signal(_signum, _stop_outside_runs)
+# Registered before the imports' exit handlers (JAX's), so it runs after them.
+atexit.register(_skip_teardown)
 
 # `python experiments/main.py` puts experiments/ first on the path, `python -m
 # experiments.main` the working directory: either way the repository root.

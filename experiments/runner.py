@@ -115,12 +115,13 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
   with stopping.handling_signals() as stop, train.out_of_space_is(workdir), \
       train.out_of_memory_is('during the run', train.RUN_ADVICE):
     rows = stopping.run_in_worker(_run, config, workdir, stop, progress)
-    if stop.signum:
-      # It came after the run's last check (final_params.msgpack written):
-      # stop as at any other point, so that `compare` runs no further.
-      raise train.Interrupted(stop.signum, config.num_rounds,
-                              config.num_rounds)
-    return rows
+  # Checked once the handlers are restored, so no signal falls in between.
+  if stop.signum:
+    # It came after the run's last check (final_params.msgpack written):
+    # stop as at any other point, so that `compare` runs no further.
+    raise train.Interrupted(stop.signum, config.num_rounds,
+                            config.num_rounds)
+  return rows
 
 
 def _checked_data(config):

@@ -306,9 +306,12 @@ class Accountant:
       self._state, self._rounds = self._fresh(), 0
     step = _PLD_ROUNDS_PER_STEP if self._kind == 'pld' else math.inf
     while self._rounds < rounds:
-      if should_stop():
-        return None
       self._compose(int(min(rounds - self._rounds, step)))
+      # Not before the first step: a stop requested during the round would
+      # then cancel even a quick accounting, and leave its row's epsilon
+      # null where an uninterrupted (or resumed) run has one.
+      if self._rounds < rounds and should_stop():
+        return None
     if not rounds or not self._q:
       return 0.0
     if not self._z:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 from unittest import mock
 
 from absl.testing import absltest
@@ -12,6 +13,7 @@ import numpy as np
 from experiments import compare
 from experiments import runner
 from experiments.configs import default
+from fedkd import train
 from fedkd.errors import FedkdError
 
 
@@ -211,6 +213,34 @@ class RunTest(absltest.TestCase):
     self.assertEqual(summary['fedprox']['accuracy_of'], 'global model')
     for plot in ('accuracy_vs_round.png', 'accuracy_vs_bytes.png'):
       self.assertGreater(os.path.getsize(os.path.join(workdir, plot)), 1000)
+
+
+
+class StopTest(absltest.TestCase):
+
+  def test_signal_while_the_results_are_written_lets_them_finish(self):
+    config = default.get_config('smoke')
+    config.compare = 'fedavg,fedprox'
+    workdir = self.create_tempdir().full_path
+    title = compare.title
+
+    def signalled(config):  # as the plots start
+      os.kill(os.getpid(), signal.SIGINT)
+      return title(config)
+
+    # Where the comparison does not handle it, the signal does nothing here.
+    self.addCleanup(signal.signal, signal.SIGINT,
+                    signal.signal(signal.SIGINT, signal.SIG_IGN))
+    with mock.patch.object(runner, 'check'), mock.patch.object(
+        runner, 'run', return_value=_rows([0.5, 0.7])), mock.patch.object(
+            compare, 'title', signalled):
+      with self.assertRaises(train.Interrupted) as raised:
+        compare.run(config, workdir)
+    self.assertEqual(str(raised.exception), 'stopped by SIGINT after the '
+                     'last round (2); the run is complete and saved')
+    self.assertCountEqual(os.listdir(workdir), [
+        'compare.md', 'compare.json', 'accuracy_vs_round.png',
+        'accuracy_vs_bytes.png'])
 
 
 if __name__ == '__main__':

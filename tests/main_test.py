@@ -570,6 +570,25 @@ class SignalTest(parameterized.TestCase):
     # Only the workdir's lock file, taken before compiling, is left.
     self.assertEqual(os.listdir(workdir), ['.fedkd.lock'])
 
+  def test_signal_once_the_outcome_stands_keeps_its_exit_code(self):
+    # Python's teardown restores the default handlers: a signal during it
+    # would kill the process (-SIGTERM) instead of exiting with the code.
+    workdir = self.create_tempdir().full_path
+    proc = subprocess.run(
+        [sys.executable, '-c', _SIGNAL_AT_TEARDOWN_MAIN, SMOKE,
+         '--config.num_rounds=0', f'--workdir={workdir}'],
+        cwd=ROOT, env=toys.subprocess_env(), capture_output=True, text=True,
+        timeout=300, check=False)
+    self.assertEqual(proc.returncode, 2, proc.stderr)
+    self.assertEqual(proc.stderr, 'error: num_rounds must be >= 1, got 0\n')
+
+
+# `python -c` code that runs main.py with the arguments given.
+_RUN_MAIN = """
+sys.argv = ['experiments/main.py', *sys.argv[1:]]
+sys.path[0] = os.path.abspath('experiments')
+runpy.run_path('experiments/main.py', run_name='__main__')
+"""
 
 # Runs main.py with the address space limited to what JAX occupies once
 # started plus 2 GiB, so an allocation beyond that fails whatever the
@@ -581,10 +600,17 @@ jax.jit(lambda x: x + 1)(1.0)
 with open('/proc/self/status') as f:
   vm = next(int(l.split()[1]) * 1024 for l in f if l.startswith('VmSize'))
 resource.setrlimit(resource.RLIMIT_AS, (vm + (2 << 30), resource.RLIM_INFINITY))
-sys.argv = ['experiments/main.py', *sys.argv[1:]]
-sys.path[0] = os.path.abspath('experiments')
-runpy.run_path('experiments/main.py', run_name='__main__')
-"""
+""" + _RUN_MAIN
+
+# Runs main.py with an object that sends SIGTERM when the interpreter's
+# teardown deletes it, once main.py is done.
+_SIGNAL_AT_TEARDOWN_MAIN = """
+import os, runpy, signal, sys
+class SignalAtTeardown:
+  def __del__(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+at_teardown = SignalAtTeardown()
+""" + _RUN_MAIN
 
 
 class OutOfMemoryTest(absltest.TestCase):

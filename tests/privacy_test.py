@@ -186,15 +186,23 @@ class AccountantTest(parameterized.TestCase):
     acc = self._accountant('pld')
     asked = []
 
-    def stop_on_second_question():
+    def stop():
       asked.append(True)
-      return len(asked) == 2
+      return True
 
     # 3 rounds are two steps; the stop comes after the first (2 rounds).
-    self.assertIsNone(acc.epsilon(3, stop_on_second_question))
-    self.assertLen(asked, 2)
+    self.assertIsNone(acc.epsilon(3, stop))
+    self.assertLen(asked, 1)
     want = _direct_epsilon('pld', 3.0, 0.05, 3, 1e-5)
     self.assertAlmostEqual(acc.epsilon(3), want, delta=1e-6 * want)
+
+  @parameterized.parameters('rdp', 'pld')
+  def test_stop_requested_before_a_one_step_accounting_keeps_it(self,
+                                                               accountant):
+    # A signal during the round: the row still gets its epsilon.
+    want = _direct_epsilon(accountant, 3.0, 0.05, 2, 1e-5)
+    got = self._accountant(accountant).epsilon(2, lambda: True)
+    self.assertAlmostEqual(got, want, delta=1e-6 * want)
 
   @parameterized.parameters('rdp', 'pld')
   def test_fewer_rounds_start_over(self, accountant):

@@ -1,5 +1,6 @@
 """Kill-and-resume, signals, and determinism of whole runs."""
 
+import contextlib
 import json
 import os
 import random
@@ -144,6 +145,25 @@ class StopMessageTest(absltest.TestCase):
     self.assertIn('the run is complete and saved', message)
     self.assertTrue(os.path.exists(os.path.join(workdir,
                                                 workdir_lib.FINAL_PARAMS)))
+
+  def test_signal_as_the_run_hands_back_its_rows_stops_too(self):
+    handled = train.out_of_space_is
+
+    @contextlib.contextmanager
+    def signalled(workdir):  # left after the worker's rows came back
+      with handled(workdir):
+        yield
+      os.kill(os.getpid(), signal.SIGINT)
+
+    def finished(fn, config, workdir, stop, progress):  # at once, no rows
+      del fn, config, workdir, progress
+      stop.defer()  # as the run does before its first round
+      return []
+
+    with mock.patch.object(train, 'out_of_space_is', signalled), \
+        mock.patch.object(stopping, 'run_in_worker', finished):
+      message, _ = self._run()
+    self.assertIn('stopped by SIGINT after the last round', message)
 
 
 class DeterminismTest(absltest.TestCase):
