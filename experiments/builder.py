@@ -203,7 +203,8 @@ def settings(config) -> train.Settings:
       num_clients=config.num_clients,
       clients_per_round=config.clients_per_round,
       num_rounds=config.num_rounds, seed=config.seed,
-      batch_size=config.batch_size, groups=len(architectures(config)),
+      batch_size=config.batch_size, local_epochs=config.local_epochs,
+      groups=len(architectures(config)),
       public_batch_size=(config.public_batch_size
                          if config.algorithm in algorithms.PUBLIC_DATA else 0),
       eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,

@@ -176,7 +176,12 @@ def out_of_space_is(workdir: str):
                      'room') from None
 
 
-def _round_advice(settings: 'Settings', cohort_size: int, chunk: int) -> str:
+# Clients' local-step schedules from this size on are named in the advice.
+_SCHEDULE_NAMED_BYTES = 2**30
+
+
+def _round_advice(settings: 'Settings', cohort_size: int, chunk: int,
+                  max_examples: int) -> str:
   """Which settings bound the memory of a training round."""
   at_once = chunk or cohort_size
   if at_once > 1:
@@ -188,8 +193,16 @@ def _round_advice(settings: 'Settings', cohort_size: int, chunk: int) -> str:
   batches = f'batch_size (now {settings.batch_size})'
   if settings.public_batch_size:
     batches += f' or public_batch_size (now {settings.public_batch_size})'
-  return (f'{lower} clients_per_round (now {settings.clients_per_round}) or '
-          f'{batches}')
+  advice = (f'{lower} clients_per_round (now {settings.clients_per_round}) '
+            f'or {batches}')
+  # Each client's shuffled order of every epoch: int32 indices, bool mask.
+  steps = clients.num_steps(max_examples, epochs=settings.local_epochs,
+                            batch_size=settings.batch_size)
+  schedule = at_once * steps * settings.batch_size * 5
+  if schedule >= _SCHEDULE_NAMED_BYTES:
+    advice += (f', or local_epochs (now {settings.local_epochs:,}; the '
+               f'clients\' shuffled orders take {schedule / 2**20:,.0f} MiB)')
+  return advice
 
 
 def _eval_advice(settings: 'Settings') -> str:
@@ -249,6 +262,8 @@ class Settings:
     batch_size: the local minibatch size (named in out-of-memory advice).
     public_batch_size: the batch size on public data (feddf, fedmd; named
       in out-of-memory advice), or 0 without public data.
+    local_epochs: the clients' passes over their data a round (named in
+      out-of-memory advice: their shuffled orders are held for the round).
     groups: client groups (architectures); client i is in group i % groups.
     eval_every: rounds between evaluations (and after the last).
     checkpoint_every: rounds between checkpoints; 0 = after the last only.
@@ -272,6 +287,7 @@ class Settings:
   seed: int = 0
   batch_size: int = 10
   public_batch_size: int = 0
+  local_epochs: int = 1
   groups: int = 1
   eval_every: int = 1
   checkpoint_every: int = 0
@@ -377,7 +393,8 @@ def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
       if groups > 1 else ())
   # Unset, the chunk follows from the state's sizes, known after init.
   with out_of_memory_is('placing the data and models', _round_advice(
-      settings, *layout(settings.clients_per_chunk or 0))):
+      settings, *layout(settings.clients_per_chunk or 0),
+      client_data.max_examples)):
     client_data = sharding.place_data(client_data, mesh,
                                       settings.shard_data)
     # fd and fedmd have no global model to initialise.
@@ -392,7 +409,8 @@ def _setup(settings: Settings, built: Built, client_data: clients.ClientData,
         state, settings.num_clients, settings.clients_per_round, mesh,
         _step_bytes(built, state, client_data, settings.batch_size))
   cohort_size, chunk = layout(per_chunk)
-  round_advice = _round_advice(settings, cohort_size, chunk)
+  round_advice = _round_advice(settings, cohort_size, chunk,
+                               client_data.max_examples)
 
   def cohort_for(round_index):
     # Cohorts depend on (seed, round) only, so a resumed run samples the same.

@@ -630,6 +630,8 @@ class OutOfMemoryTest(absltest.TestCase):
     self.assertRegex(last, r'^error: out of memory in a training round \('
                      r'it needs [\d,]+ MiB, [\d,]+ MiB are free\); ')
     self.assertIn('e.g. clients_per_chunk=25', last)
+    self.assertIn("or local_epochs (now 1,000,000; the clients' shuffled "
+                  'orders take', last)
     self.assertEqual(os.listdir(workdir), ['.fedkd.lock'])
 
 
