@@ -186,6 +186,21 @@ class DeterminismTest(absltest.TestCase):
     runner.run(config, workdir, progress=False)
     self.assertEqual(_results(workdir), self._run())
 
+  def test_pld_epsilon_resumed_is_bit_identical(self):
+    # The uninterrupted run composes round by round; the resumed one must
+    # not compose the first rounds at once, which pld rounds differently.
+    dp = dict(algorithm='fedavg', dp_clip_norm=1.0, dp_noise_multiplier=1.0,
+              dp_accountant='pld')
+    config = default.get_config('smoke')
+    config.update(num_rounds=2, **dp)
+    workdir = self.create_tempdir().full_path
+    runner.run(config, workdir, progress=False)
+    config.num_rounds = 4
+    runner.run(config, workdir, progress=False)
+    resumed = _results(workdir)
+    self.assertEqual(resumed, self._run(num_rounds=4, **dp))
+    self.assertLen({row['dp_epsilon'] for row in resumed[1]}, 4)
+
   def test_heterogeneous_run_resumed_is_bit_identical(self):
     hetero = dict(algorithm='feddf', client_models='seed_student,mnist_2nn',
                   clients_per_round=5)
