@@ -714,9 +714,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def check_workloads(names: Sequence[str]) -> list[str]:
-  """The workloads `names` stand for (`GROUPS` expanded); fails before
-  timing anything if a workload or one of its models is unknown."""
-  names = [w for name in names for w in GROUPS.get(name, [name])]
+  """The workloads `names` stand for (`GROUPS` expanded, each once, in
+  order); fails before timing anything if a workload or one of its models
+  is unknown."""
+  names = list(dict.fromkeys(w for name in names
+                             for w in GROUPS.get(name, [name])))
   unknown = set(names) - set(WORKLOADS)
   if unknown or not names:
     problem = (f'unknown workloads {sorted(unknown)}' if unknown

@@ -188,6 +188,11 @@ class WorkloadsTest(parameterized.TestCase):
         ['mlp'] + [f'mlp_{name}' for name in algorithms.ALGORITHMS])
     with self.assertRaisesRegex(Exception, 'unknown workloads'):
       benchmark.check_workloads(['algorithms', 'mlp_fedsgd'])
+    # A workload named twice, or in a group too, is timed once.
+    self.assertEqual(
+        benchmark.check_workloads(['mlp_fd', 'algorithms', 'mlp', 'mlp']),
+        ['mlp_fd'] + [f'mlp_{name}' for name in algorithms.ALGORITHMS
+                      if name != 'fd'] + ['mlp'])
 
   def test_cnn_algorithms_is_every_algorithm_at_cnn_fedavgs_shape(self):
     names = benchmark.check_workloads(['cnn_algorithms'])
