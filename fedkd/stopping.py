@@ -63,8 +63,10 @@ class Stopper:
     del frame  # where the main thread waits says nothing
     name = signal.Signals(signum).name
     if not self._deferred:
-      exit_now(f'stopped by {name} during {self._phase}; no round was run, '
-               'nothing saved', 128 + signum)
+      # "This run": in a comparison, the sub-runs before it are kept.
+      exit_now(f'stopped by {name} during {self._phase}; this run saved '
+               'nothing yet, rerun the same command to start it',
+               128 + signum)
     elif self.signum is None:
       self.signum = signum
     else:

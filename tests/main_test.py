@@ -565,8 +565,9 @@ class SignalTest(parameterized.TestCase):
     _, err = proc.communicate(timeout=300)
     self.assertEqual(proc.returncode, 128 + signum, err)
     name = signal.Signals(signum).name
-    self.assertEqual(err, f'stopped by {name} during compilation; no round '
-                     'was run, nothing saved\n')
+    self.assertEqual(err, f'stopped by {name} during compilation; this run '
+                     'saved nothing yet, rerun the same command to start '
+                     'it\n')
     # Only the workdir's lock file, taken before compiling, is left.
     self.assertEqual(os.listdir(workdir), ['.fedkd.lock'])
 
