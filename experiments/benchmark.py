@@ -96,6 +96,7 @@ import math
 import os
 import resource
 import statistics
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -106,6 +107,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
+# The repository root, however the script is started.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import builder
 from experiments import cli
 from experiments.configs import default as default_config
@@ -123,6 +127,7 @@ from fedkd.algorithms import fedavg
 from fedkd.algorithms import feddf
 from fedkd.algorithms import local_kd
 from fedkd.errors import FedkdError
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 class Workload(NamedTuple):

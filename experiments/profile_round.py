@@ -30,15 +30,21 @@ This is how fedkd's CPU kernels (`fedkd/layers.py`) were chosen.
 
 import collections
 import glob
+import os
 import re
+import sys
 import tempfile
 
 from absl import flags
 import jax
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
+# The repository root, however the script is started.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import benchmark  # defines the flags used here too
 from experiments import cli
 from fedkd.errors import FedkdError
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 _TOP = flags.DEFINE_integer('top', 20, 'Ops to print per round.',
