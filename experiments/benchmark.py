@@ -287,13 +287,10 @@ def check_size(workload: Workload, num_clients: int) -> None:
                      'a round; they must be < 2**31: lower --epochs')
   needed = (num_clients * workload.examples
             * (math.prod(workload.input_shape) + 1) * 4)  # float32, int32
-  memory = npzfile.memory_bytes()
-  if needed > memory:
-    raise FedkdError(
-        f'{num_clients:,} clients x {workload.examples} random examples of '
-        f'{"x".join(map(str, workload.input_shape))} need '
-        f'{needed / 2**30:,.1f} GiB, more than this machine\'s '
-        f'{memory / 2**30:.1f} GiB of memory; time fewer clients')
+  npzfile.check_memory(
+      needed, f'{num_clients:,} clients x {workload.examples} random examples'
+      f' of {"x".join(map(str, workload.input_shape))} need',
+      'time fewer clients')
 
 
 def _public(workload: Workload, labels: bool) -> dict:

@@ -150,14 +150,10 @@ def validate_config(config) -> None:
                        f'client has at least {least}), got '
                        f'{config.synthetic_max_examples}')
     # Refused before generating examples that could never fit.
-    needed, memory = (synthetic.min_bytes(config.num_clients),
-                      npzfile.memory_bytes())
-    if needed > memory:
-      raise FedkdError(
-          f'num_clients={config.num_clients} of dataset=synthetic need at '
-          f'least {needed / 2**30:,.1f} GiB ({least} examples each), more '
-          f'than this machine\'s {memory / 2**30:.1f} GiB of memory; lower '
-          'num_clients')
+    npzfile.check_memory(
+        synthetic.min_bytes(config.num_clients),
+        f'num_clients={config.num_clients} of dataset=synthetic need at least',
+        'lower num_clients', detail=f' ({least} examples each)')
     if config.public_examples:
       raise FedkdError('public_examples must be 0 with dataset=synthetic, '
                        'whose clients hold all of its training data')

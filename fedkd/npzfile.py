@@ -26,6 +26,16 @@ def memory_bytes() -> int:
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
+def check_memory(needed: int, what: str, fix: str, detail: str = '') -> None:
+  """Refuses arrays of `needed` bytes beyond this machine's memory, in one
+  line: '`what` <GiB>`detail`, more than ...; `fix`'."""
+  memory = memory_bytes()
+  if needed > memory:
+    raise FedkdError(f'{what} {needed / 2**30:,.1f} GiB{detail}, more than '
+                     f'this machine\'s {memory / 2**30:.1f} GiB of memory; '
+                     f'{fix}')
+
+
 def read(path: str, keys) -> dict[str, np.ndarray]:
   """Those of the arrays named `keys` that the .npz file at `path` holds.
 
@@ -57,12 +67,8 @@ def read(path: str, keys) -> dict[str, np.ndarray]:
       for key in wanted:
         with archive.open(members[f'{key}.npy']) as f:
           total += _check_header(path, key, f, members[f'{key}.npy'].file_size)
-      if total > memory_bytes():
-        raise FedkdError(
-            f'cannot read .npz file {path}: its arrays need '
-            f'{total / 2**30:.1f} GiB, more than this machine\'s '
-            f'{memory_bytes() / 2**30:.1f} GiB of memory; use a smaller '
-            'dataset')
+      check_memory(total, f'cannot read .npz file {path}: its arrays need',
+                   'use a smaller dataset')
     with np.load(path, allow_pickle=False) as npz:
       return {k: npz[k] for k in wanted}
   except FedkdError:
