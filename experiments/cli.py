@@ -62,16 +62,22 @@ def output_dir(path: str, flag: str) -> None:
                      f'writable or choose another --{flag}')
 
 
+def begin(argv, settings: str = 'settings are flags (--helpshort lists '
+          'them)') -> None:
+  """Fails on arguments that no flag takes (`settings` says where they
+  go); keeps library INFO lines out unless --verbosity asks for them."""
+  if len(argv) > 1:
+    fail(f'unexpected arguments {argv[1:]}; {settings}')
+  if not flags.FLAGS['verbosity'].present:
+    # Library INFO lines (backend, tfds lookups) would bury the error line.
+    logging.set_verbosity(logging.WARNING)
+
+
 def run(main) -> None:
   """`app.run(main)`, failing as above."""
 
   def checked(argv):
-    if len(argv) > 1:
-      fail(f'unexpected arguments {argv[1:]}; settings are flags '
-           '(--helpshort lists them)')
-    if not flags.FLAGS['verbosity'].present:
-      # Library INFO lines (backend lookups) would bury the error line.
-      logging.set_verbosity(logging.WARNING)
+    begin(argv)
     try:
       main(argv)
     except FedkdError as e:

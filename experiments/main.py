@@ -63,7 +63,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
-from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -137,7 +136,7 @@ class _ConfigFileParser(flags.ArgumentParser):
     if not isinstance(config, ml_collections.ConfigDict):
       raise fail(f'get_config() returned a {type(config).__name__}, not an '
                  f'ml_collections.ConfigDict; {start}')
-    missing = [f for f in default.get_config() if f not in config]
+    missing = [f for f in _DEFAULTS if f not in config]
     if missing:
       more = f' and {len(missing) - 5} more' if len(missing) > 5 else ''
       raise fail(f'its config lacks the fields {", ".join(missing[:5])}'
@@ -146,12 +145,13 @@ class _ConfigFileParser(flags.ArgumentParser):
     return config
 
 
+_DEFAULTS = default.get_config()
 try:
-  overrides.check_paths(sys.argv, default.get_config())
+  overrides.check_paths(sys.argv, _DEFAULTS)
 except FedkdError as e:
   cli.fail(str(e))
 # Read before any parser sees them (a --config.FIELD=none it cannot type).
-sys.argv, _UNSET = overrides.split_unsets(sys.argv, default.get_config())
+sys.argv, _UNSET = overrides.split_unsets(sys.argv, _DEFAULTS)
 
 try:
   # Without an explicit --config, the default file and any --config.FIELD
@@ -188,12 +188,7 @@ def _load_config():
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments {argv[1:]}; pass settings as '
-             '--config.FIELD')
-  if not flags.FLAGS['verbosity'].present:
-    # Library INFO lines (tfds lookups) would bury the one-line errors.
-    logging.set_verbosity(logging.WARNING)
+  cli.begin(argv, 'pass settings as --config.FIELD')
   config = _load_config()
   try:
     if config.compare:
