@@ -403,7 +403,7 @@ class Workdir:
       return
     _atomic_write(self._file(CONFIG), _json_bytes(self._config))
     self._rows = list(rows)  # what metrics.jsonl holds
-    _atomic_write(self._file(METRICS), b''.join(map(_row_bytes, rows)))
+    self._write_metrics()
     # Imported here: tensorboardX imports torch where it is installed
     # (seconds), which runs that stop before writing should not pay.
     from fedkd import tensorboard  # pylint: disable=g-import-not-at-top
@@ -425,12 +425,15 @@ class Workdir:
     except FileNotFoundError:
       logging.warning('%s was deleted during the run; writing it anew',
                       self._file(METRICS))
-      _atomic_write(self._file(METRICS),
-                    b''.join(map(_row_bytes, self._rows)))
+      self._write_metrics()
     else:
       with os.fdopen(fd, 'wb') as f:
         f.write(_row_bytes(row))
     self._tensorboard.write_rows([row])
+
+  def _write_metrics(self) -> None:
+    """Writes metrics.jsonl anew, holding the rows so far."""
+    _atomic_write(self._file(METRICS), b''.join(map(_row_bytes, self._rows)))
 
   @_writes
   def save(self, rounds_done: int, state: PyTree, meta: dict) -> None:
