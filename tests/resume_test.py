@@ -175,42 +175,34 @@ class DeterminismTest(absltest.TestCase):
     runner.run(config, workdir, progress=False)
     return _results(workdir)
 
+  def _resumed(self, first: int, then: int, **overrides):
+    """The results of `first` rounds, then resumed to `then` rounds."""
+    config = default.get_config('smoke')
+    config.update(num_rounds=first, **overrides)
+    workdir = self.create_tempdir().full_path
+    runner.run(config, workdir, progress=False)
+    config.num_rounds = then
+    runner.run(config, workdir, progress=False)
+    return _results(workdir)
+
   def test_same_seed_gives_bit_identical_results_resumed_or_not(self):
     # Resumed with more rounds: local_kd's rounds do not depend on
     # num_rounds (fedkd's energy schedule does; workdir_test: refused).
-    config = default.get_config('smoke')
-    config.num_rounds = 1
-    workdir = self.create_tempdir().full_path
-    runner.run(config, workdir, progress=False)
-    config.num_rounds = 2
-    runner.run(config, workdir, progress=False)
-    self.assertEqual(_results(workdir), self._run())
+    self.assertEqual(self._resumed(1, 2), self._run())
 
   def test_pld_epsilon_resumed_is_bit_identical(self):
     # The uninterrupted run composes round by round; the resumed one must
     # not compose the first rounds at once, which pld rounds differently.
     dp = dict(algorithm='fedavg', dp_clip_norm=1.0, dp_noise_multiplier=1.0,
               dp_accountant='pld')
-    config = default.get_config('smoke')
-    config.update(num_rounds=2, **dp)
-    workdir = self.create_tempdir().full_path
-    runner.run(config, workdir, progress=False)
-    config.num_rounds = 4
-    runner.run(config, workdir, progress=False)
-    resumed = _results(workdir)
+    resumed = self._resumed(2, 4, **dp)
     self.assertEqual(resumed, self._run(num_rounds=4, **dp))
     self.assertLen({row['dp_epsilon'] for row in resumed[1]}, 4)
 
   def test_heterogeneous_run_resumed_is_bit_identical(self):
     hetero = dict(algorithm='feddf', client_models='seed_student,mnist_2nn',
                   clients_per_round=5)
-    config = default.get_config('smoke')
-    config.update(num_rounds=1, **hetero)
-    workdir = self.create_tempdir().full_path
-    runner.run(config, workdir, progress=False)
-    config.num_rounds = 2
-    runner.run(config, workdir, progress=False)
-    resumed = _results(workdir)
+    resumed = self._resumed(1, 2, **hetero)
     self.assertEqual(resumed, self._run(**hetero))
     for name in ('seed_student', 'mnist_2nn'):
       self.assertBetween(resumed[1][-1][f'accuracy_{name}'], 0.0, 1.0)
