@@ -524,7 +524,7 @@ def _row(run: _Run, m, rounds_done, round_seconds, totals, evaluated,
          **evaluated}
   if 'server_distill_loss' in m:
     row['server_distill_loss'] = float(m['server_distill_loss'])
-  examples = max(float(m['train_examples']), 1.0)
+  examples = max(int(m['train_examples']), 1)
   for name in ('student', 'teacher'):
     if f'{name}_loss_sum' in m:
       row[f'{name}_train_loss'] = float(m[f'{name}_loss_sum']) / examples

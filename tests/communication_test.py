@@ -1,5 +1,7 @@
 """Exact upload and download bytes per round, against hand computation."""
 
+import types
+
 from absl.testing import absltest
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ from fedkd import clients
 from fedkd import communication
 from fedkd import compression
 from fedkd import models
+from fedkd import train
 from fedkd.algorithm import tree_bytes
 import toys
 
@@ -149,6 +152,22 @@ def _echo(server, client_state, data, client_id, num_examples, rng):
       state=client_state, metrics={'train_examples': num_examples})
 
 
+# Examples each client trains on in `_trained`: 10,000 such clients train
+# on 2,621,440,000, past int32's 2,147,483,647.
+_TRAINED = 2**18
+
+
+def _trained(server, client_state, data, client_id, num_examples, rng):
+  """A client that reports `_TRAINED` examples trained on, as
+  `clients.local_training` counts them, at a loss of 0.5 each."""
+  del server, data, client_id, rng
+  return clients.ClientOutput(
+      upload=jnp.zeros(2), weight=num_examples.astype(jnp.float32),
+      state=client_state, metrics={
+          'train_examples': communication.counted(jnp.int32(_TRAINED)),
+          'student_loss_sum': jnp.float32(_TRAINED / 2)})
+
+
 class LargeScaleBytesTest(absltest.TestCase):
   """Byte figures beyond int32: exact Python ints from static shapes."""
 
@@ -185,10 +204,34 @@ class LargeScaleBytesTest(absltest.TestCase):
                  cohort, jax.random.PRNGKey(0))
     self.assertEqual(int(m['download_bytes']), 66_534_800_000)
 
+  def test_examples_trained_past_2_31_are_exact(self):
+    num = 10_000
+    data = jax.tree.map(jnp.asarray, clients.stack_clients(
+        np.zeros((num, 1), np.float32), np.zeros(num, np.int32),
+        np.arange(num).reshape(num, 1)))
+    apply = jax.jit(algorithm.make_round(
+        _trained, lambda state, mean, data, rng: (state, {}),
+        clients_per_chunk=1000))
+    _, m = apply(algorithm.server_init(optax.identity(), jnp.zeros(2)),
+                 data, toys.cohort(list(range(num))), jax.random.PRNGKey(0))
+    m = jax.device_get(m)
+    self.assertEqual(int(m['train_examples']), num * _TRAINED)
+    # The reported mean: 1,310,720,000 / 2,621,440,000 (an int32 sum of the
+    # examples wrapped to -1,673,527,296, and the mean became 1.3e9).
+    row = train._row(types.SimpleNamespace(compile_seconds=0.0), m, 1, 0.0,
+                     {}, {}, None)
+    self.assertEqual(row['student_train_loss'], 0.5)
+
   def test_traced_float_counts_are_exact(self):
     values = jnp.array([2**31 - 1, 1_663_370, 0, 2047, 2048], jnp.int32)
     self.assertEqual(int(jax.jit(communication.summed)(values)),
                      4 * (2**31 - 1 + 1_663_370 + 2047 + 2048))
+
+  def test_counts_summed_over_the_most_clients_are_exact(self):
+    values = jnp.full(communication.MAX_CLIENTS, 2**31 - 1, jnp.int32)
+    total = jax.jit(lambda v: jax.tree.map(
+        lambda c: jnp.sum(c, axis=0), communication.counted(v)))(values)
+    self.assertEqual(int(total), communication.MAX_CLIENTS * (2**31 - 1))
 
 
 if __name__ == '__main__':
