@@ -41,7 +41,9 @@ def guard(step, score: Callable[[Params], Array], *, total_steps: int,
   """`step` over the carry `(inner, Tracker)`; see the module docstring.
 
   The wrapped step also reports `steps` (1 while running) and `examples`
-  (the batch's real examples while running), so means cover the steps run.
+  (the batch's real examples while running), so means cover the steps run;
+  both float32, denominators of means whose sums over 2^31 steps or
+  examples would wrap in int32.
   """
 
   def guarded(carry, batch):
@@ -61,9 +63,10 @@ def guard(step, score: Callable[[Params], Array], *, total_steps: int,
         best_step=best_step, step=t,
         stopped=tracker.stopped | (evaluate & (t - best_step >= patience)))
     metrics = jax.tree.map(lambda m: m * running, metrics)
+    # float32: the steps' sum of int32 counts would wrap past 2^31.
     return (inner, tracker), dict(
         metrics, steps=running.astype(jnp.float32),
-        examples=jnp.sum(batch.example_mask) * running)
+        examples=jnp.sum(batch.example_mask, dtype=jnp.float32) * running)
 
   return guarded
 
@@ -78,13 +81,15 @@ def public_training(step, params: Params, tx, public_x: Array,
 
   Returns:
     The kept parameters and the step metrics' sums, with `examples`: the
-    real examples of the steps run.
+    real examples of the steps run (float32: distill_epochs x the public
+    examples may pass 2^31, which int32 cannot hold).
   """
   carry = (params, tx.init(params))
   if score is None:
     (params, _), sums = clients.public_training(
         step, carry, public_x, rng, epochs=epochs, batch_size=batch_size)
-    return params, dict(sums, examples=epochs * public_x.shape[0])
+    return params, dict(sums, examples=jnp.float32(
+        epochs * public_x.shape[0]))
   total = clients.num_steps(public_x.shape[0], epochs=epochs,
                             batch_size=batch_size)
   (_, tracker), sums = clients.public_training(
