@@ -98,6 +98,14 @@ class StackAndSampleTest(absltest.TestCase):
     np.testing.assert_array_equal(data.y, [4, 0, 2, 1, 3])
     self.assertEqual(data.max_examples, 2)
 
+  def test_stack_clients_refuses_offsets_past_int32(self):
+    # Two parts of 2^30 indices each (zero-stride views: no memory): 2^31
+    # examples, whose rows and padded slots int32 cannot all number.
+    parts = [np.broadcast_to(np.int64(0), (2**30,))] * 2
+    with self.assertRaisesRegex(ValueError, '2,147,483,648 client examples'):
+      clients.stack_clients(np.zeros((1, 1), np.float32),
+                            np.zeros(1, np.int32), parts)
+
   def test_client_logits_are_the_models_on_each_example_slot(self):
     # Clients of 3, 7 and 5 examples: 7 slots each, in batches of 3 (the
     # last batch past the end of the last client's rows).
