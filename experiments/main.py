@@ -6,9 +6,10 @@
 Writes WORKDIR/config.json, WORKDIR/metrics.jsonl, checkpoints, TensorBoard
 event files and, after the last round, WORKDIR/final_params.msgpack (see
 `fedkd.workdir`), and prints a table. A config whose `compare` field lists
-algorithms runs each of them instead (see `experiments/compare.py`). Bad input, or a setting too large for the memory,
-prints one line starting with `error:` and exits with code 2; SIGINT/SIGTERM
-print one line and exit with 128 + the signal number (see `fedkd.stopping`).
+algorithms runs each of them instead (see `experiments/compare.py`). Bad
+input, or a setting too large for the memory, prints one line starting with
+`error:` and exits with code 2; SIGINT/SIGTERM print one line and exit with
+128 + the signal number (see `fedkd.stopping`).
 """
 
 import atexit
