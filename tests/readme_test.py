@@ -1,7 +1,9 @@
-"""The README's Python example runs as written, and what it says a run
-writes is what a run writes."""
+"""The README's Python example runs as written, and what it says of the
+files, modules and test counts is what there is."""
 
+import ast
 import contextlib
+import glob
 import io
 import os
 import re
@@ -39,6 +41,31 @@ class ReadmeTest(absltest.TestCase):
                                out.getvalue()).group(1))
     # Ten balanced classes: chance is 0.1; 5 rounds of FedAvg reach ~0.4.
     self.assertGreater(accuracy, 0.25)
+
+
+class CountsTest(absltest.TestCase):
+
+  def test_bad_settings_count_is_main_tests(self):
+    with open(os.path.join(ROOT, 'tests', 'main_test.py')) as f:
+      tree = ast.parse(f.read())
+    cases = next(node.value for node in tree.body
+                 if isinstance(node, ast.Assign)
+                 and getattr(node.targets[0], 'id', '') == 'BAD_INPUTS')
+    written = int(re.search(r'`tests/main_test.py` tries (\d+) bad',
+                            ' '.join(README.split())).group(1))
+    self.assertEqual(written, len(cases.elts))
+
+  def test_layout_names_every_module(self):
+    layout = README[README.index('## Layout'):]
+    for directory in ('fedkd', 'experiments'):
+      for path in glob.glob(os.path.join(ROOT, directory, '*.py')):
+        name = os.path.basename(path)
+        if name != '__init__.py':
+          self.assertRegex(layout, rf'\b{re.escape(name)}\b')
+    # And names no module that is not there.
+    for name in re.findall(r'(\w+)\.py\b', layout):
+      self.assertTrue(
+          glob.glob(os.path.join(ROOT, '*', f'{name}.py')), name)
 
 
 class RunOutputTest(absltest.TestCase):
