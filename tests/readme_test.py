@@ -2,6 +2,7 @@
 the commands, flags, config fields, files and names is what the code has."""
 
 import ast
+import configparser
 import contextlib
 import glob
 import io
@@ -15,6 +16,7 @@ from absl.testing import absltest
 from flax import serialization
 
 from experiments import benchmark
+from experiments import compare
 from experiments import runner
 from experiments.configs import default
 from fedkd import algorithms
@@ -269,6 +271,32 @@ class CountsTest(absltest.TestCase):
     for name in re.findall(r'(\w+)\.py\b', layout):
       self.assertTrue(
           glob.glob(os.path.join(ROOT, '*', f'{name}.py')), name)
+
+
+class CompareLayoutTest(absltest.TestCase):
+
+  def test_sub_run_directories_are_the_readmes(self):
+    text = ' '.join(_section('## Comparing algorithms', '## Speed').split())
+    several, one = re.search(
+        r'in `WORKDIR/(\S+)` \(`WORKDIR/(\S+)` with one seed\)',
+        text).groups()
+    for num_seeds, pattern in ((3, several), (1, one)):
+      config = default.get_config()
+      config.compare, config.num_seeds = 'fedavg,fd', num_seeds
+      for name, seed, _, path in compare.sub_runs(config, 'W'):
+        self.assertEqual(path, 'W/' + pattern.replace(
+            'NAME', name).replace('S', str(seed)))
+
+
+class RequirementsTest(absltest.TestCase):
+
+  def test_requirements_txt_mirrors_setup_cfg(self):
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(ROOT, 'setup.cfg'))
+    declared = parser['options']['install_requires'].split()
+    with open(os.path.join(ROOT, 'requirements.txt')) as f:
+      listed = [l.strip() for l in f if l.strip() and not l.startswith('#')]
+    self.assertEqual(listed, declared)
 
 
 class RunOutputTest(absltest.TestCase):
