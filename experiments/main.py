@@ -3,11 +3,13 @@
     python experiments/main.py --config=experiments/configs/default.py \
         --workdir=/tmp/fedkd_run [--config.num_clients=1000 ...]
 
-Writes WORKDIR/metrics.jsonl and WORKDIR/config.json and prints a table. A
-config whose `compare` field lists algorithms runs each of them instead (see
-`experiments/compare.py`). Bad input, or a setting too large for the memory,
-prints one line starting with `error:` and exits with code 2; SIGINT/SIGTERM
-print one line and exit with 128 + the signal number (see `fedkd.stopping`).
+Writes WORKDIR/config.json, WORKDIR/metrics.jsonl, checkpoints, TensorBoard
+event files and, after the last round, WORKDIR/final_params.msgpack (see
+`fedkd.workdir`), and prints a table. A config whose `compare` field lists
+algorithms runs each of them instead (see `experiments/compare.py`). Bad
+input, or a setting too large for the memory, prints one line starting with
+`error:` and exits with code 2; SIGINT/SIGTERM print one line and exit with
+128 + the signal number (see `fedkd.stopping`).
 """
 
 import atexit
@@ -57,8 +59,14 @@ for _signum in (signal.SIGINT, signal.SIGTERM):
 atexit.register(_skip_teardown)
 
 # `python experiments/main.py` puts experiments/ first on the path, `python -m
-# experiments.main` the working directory: either way the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# experiments.main` the working directory: either way the repository root,
+# and experiments/ too, whose `configs` the paper configs import.
+_EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_EXPERIMENTS))
+if _EXPERIMENTS not in sys.path:
+  sys.path.append(_EXPERIMENTS)
+# The default --config, found from any working directory.
+_DEFAULT_FILE = os.path.join(_EXPERIMENTS, 'configs', 'default.py')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -76,8 +84,9 @@ from fedkd import train
 from fedkd.errors import FedkdError
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_WORKDIR = flags.DEFINE_string('workdir', None,
-                               'Directory for metrics.jsonl and config.json.')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'The run\'s directory: config.json, metrics.jsonl, '
+    'checkpoints/, tensorboard/, final_params.msgpack.')
 
 
 # What ml_collections raises for the default config file that does not load
@@ -157,7 +166,7 @@ try:
   # Without an explicit --config, the default file and any --config.FIELD
   # overrides are read here, at definition.
   _CONFIG = config_flags.DEFINE_config_file(
-      'config', 'experiments/configs/default.py', 'Run config file (:variant).')
+      'config', _DEFAULT_FILE, 'Run config file (:variant).')
 except _CONFIG_ERRORS as e:
   cli.fail(_config_error(e))
 # The default file was read above; a --config given parses with this one.

@@ -89,6 +89,26 @@ class SmokeTest(absltest.TestCase):
     self.assertEqual(proc.stderr, '')
     self.assertIn('--workdir', proc.stdout)
 
+  def _loads_config(self, *command, cwd=ROOT):
+    """The config loads: only the validation refuses num_rounds=0."""
+    proc = subprocess.run(
+        [sys.executable, *command, '--config.num_rounds=0',
+         f'--workdir={self.create_tempdir().full_path}/run'], cwd=cwd,
+        env=toys.subprocess_env(), capture_output=True, text=True,
+        timeout=300, check=False)
+    toys.assert_error_line(self, proc.returncode, proc.stderr,
+                           'num_rounds must be >= 1, got 0')
+
+  def test_paper_config_loads_under_python_m(self):
+    # Its `from configs import default` needs experiments/ on the path.
+    self._loads_config(
+        '-m', 'experiments.main',
+        '--config=experiments/configs/compare_digits.py:smoke')
+
+  def test_default_config_loads_from_any_working_directory(self):
+    self._loads_config(os.path.join(ROOT, 'experiments', 'main.py'),
+                       cwd=self.create_tempdir().full_path)
+
   def test_npz_dataset_and_overrides(self):
     workdir = self.create_tempdir().full_path
     path = _npz(os.path.join(workdir, 'd.npz'))

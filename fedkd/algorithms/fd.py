@@ -24,8 +24,8 @@ that upload's round: its upload is in the entry exactly when the rounds match.
 
 Local loss per example: `(1 - w) * CE + w * T^2 * KL(softmax(g_y / T) ||
 softmax(student / T))`, with `g_y` the target of the example's label (a
-constant); examples whose label has no target get CE only. Evaluation uses
-the clients' own models.
+constant); examples whose label has no target get the CE term alone, `(1 - w)
+* CE` (not rescaled to CE). Evaluation uses the clients' own models.
 
 Where this differs from the paper, whose devices all report every round:
 cohorts, dropouts and labels only one client holds are handled as above, and
