@@ -164,14 +164,20 @@ class GoldenTest(parameterized.TestCase):
     params = _linear().init(jax.random.PRNGKey(0), jnp.zeros((1, D)))
     state = alg.init(params, jax.random.PRNGKey(1))
     tw, tb = _unpack(jax.tree.map(lambda a: a[0], state.clients[0]))
-    new_state, _ = jax.jit(alg.apply)(state, data, toys.cohort([0]),
-                                      jax.random.PRNGKey(2))
+    new_state, metrics = jax.jit(alg.apply)(state, data, toys.cohort([0]),
+                                            jax.random.PRNGKey(2))
     x, y = _client_arrays(data, 0)
     onehot = np.eye(C)[y]
     sw, sb = _unpack(params)
+    teacher_sum = student_sum = 0.0
     for _ in range(2):
       t_logits = x @ tw + tb
       s_logits = x @ sw + sb
+      teacher_sum += _ce(t_logits, y).sum()
+      p = _softmax(t_logits / temp)
+      student_sum += np.sum((1 - weight) * _ce(s_logits, y) + weight *
+                            temp**2 * np.sum(p * np.log(
+                                p / _softmax(s_logits / temp)), -1))
       tw, tb = _sgd(tw, tb, x, _softmax(t_logits) - onehot, teacher_lr)
       # d/ds of T^2 KL(p_t || softmax(s/T)) is T (softmax(s/T) - p_t).
       ds = ((1 - weight) * (_softmax(s_logits) - onehot) + weight * temp *
@@ -184,6 +190,11 @@ class GoldenTest(parameterized.TestCase):
                                           new_state.clients[0]))
     np.testing.assert_allclose(got_tw, tw, atol=1e-5)
     np.testing.assert_allclose(got_tb, tb, atol=1e-5)
+    # The loss sums cover the 3 real examples of each 4-example batch.
+    self.assertAlmostEqual(float(metrics['teacher_loss_sum']), teacher_sum,
+                           places=4)
+    self.assertAlmostEqual(float(metrics['student_loss_sum']), student_sum,
+                           places=4)
 
 
   def test_fedprox_round_two_epochs(self):
@@ -331,9 +342,9 @@ class GoldenTest(parameterized.TestCase):
     # Only the parameters count as sent: 2 clients x 51 float32.
     self.assertEqual(int(metrics['upload_bytes']), 2 * 4 * (D * C + C))
 
-  @parameterized.parameters((1000, 4), (2, 1))
+  @parameterized.parameters((1000, 4, 5), (2, 1, 3))
   def test_feddf_keeps_the_most_accurate_model_on_its_validation(
-      self, patience, kept):
+      self, patience, kept, steps_run):
     lr, server_lr, distill_lr, num_val, steps = 0.5, 0.1, 3.0, 2, 5
     sizes = (4, 2)
     data = toys.toy_data(sizes)
@@ -345,7 +356,7 @@ class GoldenTest(parameterized.TestCase):
         server_tx=optax.sgd(server_lr), distill_tx=optax.sgd(distill_lr),
         epochs=1, batch_size=4, distill_epochs=steps, public_batch_size=8,
         temperature=1.0, num_val=num_val, eval_every=1, patience=patience)
-    state, _ = _round(alg, alg.init(_init(), None), data, [0, 1])
+    state, metrics = _round(alg, alg.init(_init(), None), data, [0, 1])
     w0, b0 = _unpack(_init())
     xp = np.asarray(data.public_x, np.float64).reshape(toys.NUM_PUBLIC, -1)
     proxy = xp[num_val:]
@@ -369,6 +380,13 @@ class GoldenTest(parameterized.TestCase):
     # at step 3, two steps after step 1's 0.5.
     self.assertEqual(accuracy, [0.0, 0.5, 0.0, 0.0, 1.0, 0.0])
     _assert_linear(state.params, *candidates[kept])
+    # The distillation loss: the mean KL over the proxy examples of the
+    # steps run (the stopped ones report nothing), each before its update.
+    p = _softmax(ensemble)
+    kl = [np.sum(p * np.log(p / _softmax(proxy @ cw + cb)), -1)
+          for cw, cb in candidates[:steps_run]]
+    self.assertAlmostEqual(float(metrics['server_distill_loss']),
+                           np.mean(kl), places=5)
 
   def test_feddf_distill_optimizer_clips_then_decays(self):
     # SGD at lr 1 shows the official transform: the gradient clipped to norm
@@ -508,12 +526,16 @@ class GoldenTest(parameterized.TestCase):
     np.testing.assert_allclose(state.params[0], consensus, atol=1e-5)
     self.assertEqual(int(metrics['upload_bytes']),
                      2 * 4 * toys.NUM_PUBLIC * C)
+    self.assertEqual(float(metrics['digest_loss_sum']), 0.0)  # none yet
 
     # Round 2 digests: the mean absolute error's gradient is sign / K.
     w, b = models[0]
+    digest_sum = np.abs(xp @ w + b - consensus).mean(-1).sum()
     w, b = _sgd(w, b, xp, np.sign(xp @ w + b - consensus) / C, lr)
     w, b = revisit(0, w, b)
-    state, _ = _round(alg, state, data, [0], seed=3)
+    state, metrics = _round(alg, state, data, [0], seed=3)
+    self.assertAlmostEqual(float(metrics['digest_loss_sum']), digest_sum,
+                           places=4)
     np.testing.assert_allclose(_client(state, 0)[0], w, atol=1e-5)
     np.testing.assert_allclose(state.params[0], xp @ w + b, atol=1e-5)
 
