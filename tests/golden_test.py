@@ -317,13 +317,16 @@ class GoldenTest(parameterized.TestCase):
                                [0.6, 0.7, 0.8, 0.9, 0.9, 0.9], rtol=1e-6)
 
   def test_feddf_round_ensemble_distillation(self):
-    lr, distill_lr, temp = 0.5, 0.2, 2.0
+    lr, server_lr, distill_lr, temp = 0.5, 0.5, 0.2, 2.0
     sizes = (4, 2)
     data = toys.toy_data(sizes)
+    # Server lr 0.5: at 1, a linear model's average would equal the
+    # ensemble, and distillation at any temperature would change nothing.
     alg = algorithms.feddf(
-        model=_linear(), client_tx=optax.sgd(lr), server_tx=optax.sgd(1.0),
-        distill_tx=optax.sgd(distill_lr), epochs=1, batch_size=4,
-        distill_epochs=1, public_batch_size=8, temperature=temp)
+        model=_linear(), client_tx=optax.sgd(lr),
+        server_tx=optax.sgd(server_lr), distill_tx=optax.sgd(distill_lr),
+        epochs=1, batch_size=4, distill_epochs=1, public_batch_size=8,
+        temperature=temp)
     params = _init()
     state, metrics = _round(alg, alg.init(params, None), data, [0, 1])
     w0, b0 = _unpack(params)
@@ -333,7 +336,8 @@ class GoldenTest(parameterized.TestCase):
       x, y = _client_arrays(data, k)
       models.append(_sgd(w0, b0, x, _softmax(x @ w0 + b0) - np.eye(C)[y], lr))
     mean = lambda vals: sum(n * v for n, v in zip(sizes, vals)) / sum(sizes)
-    w, b = mean([m[0] for m in models]), mean([m[1] for m in models])
+    w = w0 + server_lr * (mean([m[0] for m in models]) - w0)
+    b = b0 + server_lr * (mean([m[1] for m in models]) - b0)
     ensemble = mean([xp @ mw + mb for mw, mb in models])
     # The official KL has no T^2 factor: T^-2 times the Hinton gradient.
     w, b = _sgd(w, b, xp, _kd_grad(xp @ w + b, ensemble, temp) / temp**2,
