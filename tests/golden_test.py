@@ -16,6 +16,7 @@ import optax
 
 from experiments import builder
 from experiments.configs import default as default_config
+from fedkd import aggregation
 from fedkd import algorithms
 from fedkd import compression
 from fedkd import optimizers
@@ -315,6 +316,34 @@ class GoldenTest(parameterized.TestCase):
     energy = compression.energy_schedule(0.5, 0.9, 4)
     np.testing.assert_allclose([float(energy(r)) for r in range(6)],
                                [0.6, 0.7, 0.8, 0.9, 0.9, 0.9], rtol=1e-6)
+
+  def test_fedkd_server_compresses_its_update_at_the_rounds_energy(self):
+    # A mean kernel update of singular values 3, 2, 1.5: the top two hold
+    # 13 / 15.25 = 0.85 of the energy. Energy 0.5 -> 0.9 over 2 rounds:
+    # round 0 keeps 0.7, rank 2, as 2 (D + C + 1) floats; round 1 keeps
+    # 0.9, rank 3, whose factors would exceed the [D, C] kernel itself.
+    alg = algorithms.fedkd(
+        mentor=_linear(), mentee=_linear(), input_shape=toys.INPUT_SHAPE,
+        num_clients=1, client_tx=optax.sgd(0.1), mentor_tx=optax.sgd(0.1),
+        server_tx=optax.sgd(1.0), epochs=1, batch_size=4, energy_start=0.5,
+        energy_end=0.9, num_rounds=2)
+    params = _init()
+    state = alg.init(params, jax.random.PRNGKey(1))
+    rng = np.random.default_rng(0)
+    u = np.linalg.qr(rng.normal(size=(D, C)))[0]
+    v = np.linalg.qr(rng.normal(size=(C, C)))[0]
+    sv = np.array([3.0, 2.0, 1.5])
+    mean = aggregation.Pooled(_params((u * sv) @ v.T, np.ones(C)))
+    server_update = jax.jit(alg.server_update)
+    for r, rank, floats in ((0, 2, 2 * (D + C + 1)), (1, 3, D * C)):
+      new, metrics = server_update(state.replace(round=jnp.int32(r)), mean,
+                                   None, None)
+      got_w, got_b = _unpack(new.params)
+      w0, b0 = _unpack(params)
+      np.testing.assert_allclose(
+          got_w - w0, (u[:, :rank] * sv[:rank]) @ v[:, :rank].T, atol=1e-5)
+      np.testing.assert_allclose(got_b - b0, np.ones(C), atol=1e-6)
+      self.assertEqual(int(metrics['update_floats']), floats + C)
 
   def test_feddf_round_ensemble_distillation(self):
     lr, server_lr, distill_lr, temp = 0.5, 0.5, 0.2, 2.0
