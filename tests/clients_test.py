@@ -137,6 +137,19 @@ class StackAndSampleTest(absltest.TestCase):
     np.testing.assert_array_equal(ids[4:], [10] * 4)  # padding: past the end
     np.testing.assert_array_equal(mask, [True] * 4 + [False] * 4)
 
+  def test_sampled_cohorts_are_sorted(self):
+    # Sorted, a whole population's slots hold the clients in order, each
+    # device's own rows where states are split over devices
+    # (`rows_held_here`).
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(
+        clients.sample_cohort(rng, 16, 16, 16).client_ids, np.arange(16))
+    for _ in range(5):
+      ids = clients.sample_cohort(rng, 10, 4, 8).client_ids[:4]
+      np.testing.assert_array_equal(ids, np.sort(ids))
+    ids = clients.sample_cohort(rng, 12, 12, 12, groups=3).client_ids
+    np.testing.assert_array_equal(ids, np.arange(12))
+
 
 if __name__ == '__main__':
   absltest.main()
