@@ -542,6 +542,31 @@ class GoldenTest(parameterized.TestCase):
     self.assertEqual(used[3, 1, 1], [])
     self.assertEqual(used[2, 2, 2], [])
 
+  def test_fd_labels_a_straggler_missed_keep_its_last_upload(self):
+    # One step of batch 1 (a quarter of 4): the client sees one label; the
+    # others keep the mean logits and round of its last upload (here 7s
+    # from round 5), which tell its targets where an entry holds them.
+    data = toys.toy_data((4,)).replace(
+        y=jnp.asarray([0, 0, 1, 2], jnp.int32),
+        work_fraction=jnp.float32(0.25))
+    alg = algorithms.fd(model=_linear(), input_shape=toys.INPUT_SHAPE,
+                        num_clients=1, num_classes=C,
+                        client_tx=optax.sgd(0.5), epochs=1, batch_size=1,
+                        temperature=2.0, distill_weight=0.5)
+    state = alg.init(None, jax.random.PRNGKey(1))
+    params, opt_state, _ = jax.tree.map(lambda a: a[0], state.clients)
+    last = (jnp.full((C, C), 7.0), jnp.full((C,), 5, jnp.int32))
+    out = jax.jit(alg.client_update)(
+        state.replace(clients=(), round=jnp.int32(9)),
+        (params, opt_state, last), data, 0, jnp.int32(4),
+        jax.random.PRNGKey(0))
+    seen = np.asarray(out.upload.value[1]) > 0
+    self.assertEqual(seen.sum(), 1)
+    own, rounds = map(np.asarray, out.state[2])
+    np.testing.assert_array_equal(own[~seen], 7.0)
+    np.testing.assert_array_equal(rounds, np.where(seen, 9, 5))
+    np.testing.assert_allclose(own[seen], out.upload.value[0][seen])
+
   def test_fedmd_two_rounds(self):
     lr = 0.5
     data = toys.toy_data((4, 3))
