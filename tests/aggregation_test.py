@@ -100,6 +100,22 @@ class ChainTest(absltest.TestCase):
       np.testing.assert_allclose(got, np.mean(each, axis=0), atol=1e-6)
 
 
+class GroupMeansTest(absltest.TestCase):
+
+  def test_pooled_parts_average_over_all_groups_summed_parts_add_up(self):
+    # Two groups' weighted sums and weights: 3 and 2 (the third weighs 0).
+    part = lambda own, pooled, summed: dict(
+        own=jnp.array([own]), pooled=aggregation.Pooled(jnp.array([pooled])),
+        summed=aggregation.Summed(jnp.array([summed])))
+    means = aggregation.group_means(
+        (part(6.0, 3.0, 2.0), part(10.0, 9.0, 1.0), part(0.0, 0.0, 0.0)),
+        (jnp.float32(3.0), jnp.float32(2.0), jnp.float32(0.0)))
+    for mean, own in zip(means, [6 / 3, 10 / 2, 0.0]):
+      np.testing.assert_allclose(mean['own'], [own])
+      np.testing.assert_allclose(mean['pooled'].value, [(3 + 9) / (3 + 2)])
+      np.testing.assert_allclose(mean['summed'].value, [2 + 1])
+
+
 class PrivateFedKDTest(absltest.TestCase):
 
   def test_dp_clips_the_svd_factors_upload_by_hand(self):

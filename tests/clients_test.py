@@ -75,6 +75,21 @@ class StragglerTest(parameterized.TestCase):
         int(sums['train_examples']), 1)
     self.assertAlmostEqual(reported, expected)
 
+  def test_padded_steps_keep_the_optimizer_state(self):
+    # Client 0's 2 examples, padded to client 1's 8: each epoch is one real
+    # step, then 3 padded ones. SGD(1) with momentum 0.9 on `w x`: the
+    # trace is 1 after the first real step, 1 + 0.9 after the second, so w
+    # is 1 - 1 - 1.9. A padded step that ran would decay and apply it.
+    data = clients.stack_clients(np.ones((10, 1), np.float32),
+                                 np.zeros(10, np.int32),
+                                 [np.arange(2), np.arange(2, 10)])
+    w, sums = clients.train_from(
+        _slope_loss, jnp.float32(1.0), jax.tree.map(jnp.asarray, data), 0,
+        jnp.int32(2), jax.random.PRNGKey(0),
+        tx=optax.sgd(1.0, momentum=0.9), epochs=2, batch_size=2)
+    self.assertAlmostEqual(float(w), -1.9, places=6)
+    self.assertEqual(int(sums['train_examples']), 4)
+
   def test_public_training_stops_at_the_work_fraction(self):
     step = clients.loss_step(_slope_loss, optax.sgd(1.0), 'loss')
     carry = (jnp.float32(1.0), optax.sgd(1.0).init(0.0))
@@ -129,6 +144,19 @@ class StackAndSampleTest(absltest.TestCase):
     self.assertTrue(np.all(ids[:4] < 10))
     np.testing.assert_array_equal(ids[4:], [10] * 4)  # padding: past the end
     np.testing.assert_array_equal(mask, [True] * 4 + [False] * 4)
+
+  def test_sampled_cohorts_are_sorted(self):
+    # Sorted, a whole population's slots hold the clients in order, each
+    # device's own rows where states are split over devices
+    # (`rows_held_here`).
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(
+        clients.sample_cohort(rng, 16, 16, 16).client_ids, np.arange(16))
+    for _ in range(5):
+      ids = clients.sample_cohort(rng, 10, 4, 8).client_ids[:4]
+      np.testing.assert_array_equal(ids, np.sort(ids))
+    ids = clients.sample_cohort(rng, 12, 12, 12, groups=3).client_ids
+    np.testing.assert_array_equal(ids, np.arange(12))
 
 
 if __name__ == '__main__':

@@ -233,6 +233,14 @@ class LargeScaleBytesTest(absltest.TestCase):
         lambda c: jnp.sum(c, axis=0), communication.counted(v)))(values)
     self.assertEqual(int(total), communication.MAX_CLIENTS * (2**31 - 1))
 
+  def test_sums_of_different_units_keep_each_count_with_its_unit(self):
+    # 3 transfers of 100 bytes, then 5 float32 values, then 2 of 7 bytes.
+    total = (communication.fixed(3, 100) + communication.floats(5)
+             + communication.fixed(1, 7).times(2))
+    self.assertEqual(int(total), 3 * 100 + 4 * 5 + 2 * 7)
+    self.assertEqual(int(communication.floats(5) + communication.fixed(3, 100)),
+                     4 * 5 + 3 * 100)
+
 
 if __name__ == '__main__':
   absltest.main()

@@ -147,6 +147,14 @@ class SvdCompressTest(parameterized.TestCase):
     self.assertEqual(sent, 4 * 20)
     np.testing.assert_array_equal(got, a)
 
+  def test_the_rank_whose_energy_equals_the_target_is_enough(self):
+    # Singular values 2, 2 and six 0s: rank 1 holds 4 of the energy 8,
+    # exactly the 0.5 asked (every figure exact in float32).
+    a = np.diag([2.0, 2.0] + [0.0] * 6).astype(np.float32)
+    got, sent = _compress(a, 0.5)
+    self.assertEqual(sent, 4 * 1 * (8 + 8 + 1))
+    self.assertAlmostEqual(np.sum(got**2), 4.0, places=5)
+
   def test_bytes_of_a_tree(self):
     # A conv kernel [3, 3, 2, 4] is the matrix [18, 4]; biases go whole.
     kernel = _matrix('rank1', (18, 4)).reshape(3, 3, 2, 4)

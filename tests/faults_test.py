@@ -57,10 +57,16 @@ class FaultsTest(parameterized.TestCase):
     # Same result as if client 3 had not been sampled at all.
     apply = jax.jit(alg.apply)
     others = [i for i in IDS if i != 3]
-    expected, _ = apply(state, _poisoned(3), toys.cohort(others),
-                        jax.random.PRNGKey(7))
+    expected, expected_m = apply(state, _poisoned(3), toys.cohort(others),
+                                 jax.random.PRNGKey(7))
     # Client keys depend on ids only, so the other clients train identically.
     toys.assert_trees_close(new.params, expected.params)
+    # Nor do its examples, losses or upload count.
+    self.assertEqual(int(m['upload_bytes']), int(expected_m['upload_bytes']))
+    self.assertEqual(int(m['train_examples']),
+                     int(expected_m['train_examples']))
+    for key in ('student_loss_sum', 'teacher_loss_sum'):
+      self.assertAlmostEqual(float(m[key]), float(expected_m[key]), places=4)
 
   def test_dropout_with_a_poisoned_client_still_trains(self):
     alg = toys.algorithms(len(SIZES))['fedavg']

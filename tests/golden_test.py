@@ -16,6 +16,7 @@ import optax
 
 from experiments import builder
 from experiments.configs import default as default_config
+from fedkd import aggregation
 from fedkd import algorithms
 from fedkd import compression
 from fedkd import optimizers
@@ -164,14 +165,20 @@ class GoldenTest(parameterized.TestCase):
     params = _linear().init(jax.random.PRNGKey(0), jnp.zeros((1, D)))
     state = alg.init(params, jax.random.PRNGKey(1))
     tw, tb = _unpack(jax.tree.map(lambda a: a[0], state.clients[0]))
-    new_state, _ = jax.jit(alg.apply)(state, data, toys.cohort([0]),
-                                      jax.random.PRNGKey(2))
+    new_state, metrics = jax.jit(alg.apply)(state, data, toys.cohort([0]),
+                                            jax.random.PRNGKey(2))
     x, y = _client_arrays(data, 0)
     onehot = np.eye(C)[y]
     sw, sb = _unpack(params)
+    teacher_sum = student_sum = 0.0
     for _ in range(2):
       t_logits = x @ tw + tb
       s_logits = x @ sw + sb
+      teacher_sum += _ce(t_logits, y).sum()
+      p = _softmax(t_logits / temp)
+      student_sum += np.sum((1 - weight) * _ce(s_logits, y) + weight *
+                            temp**2 * np.sum(p * np.log(
+                                p / _softmax(s_logits / temp)), -1))
       tw, tb = _sgd(tw, tb, x, _softmax(t_logits) - onehot, teacher_lr)
       # d/ds of T^2 KL(p_t || softmax(s/T)) is T (softmax(s/T) - p_t).
       ds = ((1 - weight) * (_softmax(s_logits) - onehot) + weight * temp *
@@ -184,6 +191,11 @@ class GoldenTest(parameterized.TestCase):
                                           new_state.clients[0]))
     np.testing.assert_allclose(got_tw, tw, atol=1e-5)
     np.testing.assert_allclose(got_tb, tb, atol=1e-5)
+    # The loss sums cover the 3 real examples of each 4-example batch.
+    self.assertAlmostEqual(float(metrics['teacher_loss_sum']), teacher_sum,
+                           places=4)
+    self.assertAlmostEqual(float(metrics['student_loss_sum']), student_sum,
+                           places=4)
 
 
   def test_fedprox_round_two_epochs(self):
@@ -305,14 +317,45 @@ class GoldenTest(parameterized.TestCase):
     np.testing.assert_allclose([float(energy(r)) for r in range(6)],
                                [0.6, 0.7, 0.8, 0.9, 0.9, 0.9], rtol=1e-6)
 
+  def test_fedkd_server_compresses_its_update_at_the_rounds_energy(self):
+    # A mean kernel update of singular values 3, 2, 1.5: the top two hold
+    # 13 / 15.25 = 0.85 of the energy. Energy 0.5 -> 0.9 over 2 rounds:
+    # round 0 keeps 0.7, rank 2, as 2 (D + C + 1) floats; round 1 keeps
+    # 0.9, rank 3, whose factors would exceed the [D, C] kernel itself.
+    alg = algorithms.fedkd(
+        mentor=_linear(), mentee=_linear(), input_shape=toys.INPUT_SHAPE,
+        num_clients=1, client_tx=optax.sgd(0.1), mentor_tx=optax.sgd(0.1),
+        server_tx=optax.sgd(1.0), epochs=1, batch_size=4, energy_start=0.5,
+        energy_end=0.9, num_rounds=2)
+    params = _init()
+    state = alg.init(params, jax.random.PRNGKey(1))
+    rng = np.random.default_rng(0)
+    u = np.linalg.qr(rng.normal(size=(D, C)))[0]
+    v = np.linalg.qr(rng.normal(size=(C, C)))[0]
+    sv = np.array([3.0, 2.0, 1.5])
+    mean = aggregation.Pooled(_params((u * sv) @ v.T, np.ones(C)))
+    server_update = jax.jit(alg.server_update)
+    for r, rank, floats in ((0, 2, 2 * (D + C + 1)), (1, 3, D * C)):
+      new, metrics = server_update(state.replace(round=jnp.int32(r)), mean,
+                                   None, None)
+      got_w, got_b = _unpack(new.params)
+      w0, b0 = _unpack(params)
+      np.testing.assert_allclose(
+          got_w - w0, (u[:, :rank] * sv[:rank]) @ v[:, :rank].T, atol=1e-5)
+      np.testing.assert_allclose(got_b - b0, np.ones(C), atol=1e-6)
+      self.assertEqual(int(metrics['update_floats']), floats + C)
+
   def test_feddf_round_ensemble_distillation(self):
-    lr, distill_lr, temp = 0.5, 0.2, 2.0
+    lr, server_lr, distill_lr, temp = 0.5, 0.5, 0.2, 2.0
     sizes = (4, 2)
     data = toys.toy_data(sizes)
+    # Server lr 0.5: at 1, a linear model's average would equal the
+    # ensemble, and distillation at any temperature would change nothing.
     alg = algorithms.feddf(
-        model=_linear(), client_tx=optax.sgd(lr), server_tx=optax.sgd(1.0),
-        distill_tx=optax.sgd(distill_lr), epochs=1, batch_size=4,
-        distill_epochs=1, public_batch_size=8, temperature=temp)
+        model=_linear(), client_tx=optax.sgd(lr),
+        server_tx=optax.sgd(server_lr), distill_tx=optax.sgd(distill_lr),
+        epochs=1, batch_size=4, distill_epochs=1, public_batch_size=8,
+        temperature=temp)
     params = _init()
     state, metrics = _round(alg, alg.init(params, None), data, [0, 1])
     w0, b0 = _unpack(params)
@@ -322,7 +365,8 @@ class GoldenTest(parameterized.TestCase):
       x, y = _client_arrays(data, k)
       models.append(_sgd(w0, b0, x, _softmax(x @ w0 + b0) - np.eye(C)[y], lr))
     mean = lambda vals: sum(n * v for n, v in zip(sizes, vals)) / sum(sizes)
-    w, b = mean([m[0] for m in models]), mean([m[1] for m in models])
+    w = w0 + server_lr * (mean([m[0] for m in models]) - w0)
+    b = b0 + server_lr * (mean([m[1] for m in models]) - b0)
     ensemble = mean([xp @ mw + mb for mw, mb in models])
     # The official KL has no T^2 factor: T^-2 times the Hinton gradient.
     w, b = _sgd(w, b, xp, _kd_grad(xp @ w + b, ensemble, temp) / temp**2,
@@ -331,9 +375,9 @@ class GoldenTest(parameterized.TestCase):
     # Only the parameters count as sent: 2 clients x 51 float32.
     self.assertEqual(int(metrics['upload_bytes']), 2 * 4 * (D * C + C))
 
-  @parameterized.parameters((1000, 4), (2, 1))
+  @parameterized.parameters((1000, 4, 5), (2, 1, 3))
   def test_feddf_keeps_the_most_accurate_model_on_its_validation(
-      self, patience, kept):
+      self, patience, kept, steps_run):
     lr, server_lr, distill_lr, num_val, steps = 0.5, 0.1, 3.0, 2, 5
     sizes = (4, 2)
     data = toys.toy_data(sizes)
@@ -345,7 +389,7 @@ class GoldenTest(parameterized.TestCase):
         server_tx=optax.sgd(server_lr), distill_tx=optax.sgd(distill_lr),
         epochs=1, batch_size=4, distill_epochs=steps, public_batch_size=8,
         temperature=1.0, num_val=num_val, eval_every=1, patience=patience)
-    state, _ = _round(alg, alg.init(_init(), None), data, [0, 1])
+    state, metrics = _round(alg, alg.init(_init(), None), data, [0, 1])
     w0, b0 = _unpack(_init())
     xp = np.asarray(data.public_x, np.float64).reshape(toys.NUM_PUBLIC, -1)
     proxy = xp[num_val:]
@@ -369,6 +413,13 @@ class GoldenTest(parameterized.TestCase):
     # at step 3, two steps after step 1's 0.5.
     self.assertEqual(accuracy, [0.0, 0.5, 0.0, 0.0, 1.0, 0.0])
     _assert_linear(state.params, *candidates[kept])
+    # The distillation loss: the mean KL over the proxy examples of the
+    # steps run (the stopped ones report nothing), each before its update.
+    p = _softmax(ensemble)
+    kl = [np.sum(p * np.log(p / _softmax(proxy @ cw + cb)), -1)
+          for cw, cb in candidates[:steps_run]]
+    self.assertAlmostEqual(float(metrics['server_distill_loss']),
+                           np.mean(kl), places=5)
 
   def test_feddf_distill_optimizer_clips_then_decays(self):
     # SGD at lr 1 shows the official transform: the gradient clipped to norm
@@ -491,6 +542,31 @@ class GoldenTest(parameterized.TestCase):
     self.assertEqual(used[3, 1, 1], [])
     self.assertEqual(used[2, 2, 2], [])
 
+  def test_fd_labels_a_straggler_missed_keep_its_last_upload(self):
+    # One step of batch 1 (a quarter of 4): the client sees one label; the
+    # others keep the mean logits and round of its last upload (here 7s
+    # from round 5), which tell its targets where an entry holds them.
+    data = toys.toy_data((4,)).replace(
+        y=jnp.asarray([0, 0, 1, 2], jnp.int32),
+        work_fraction=jnp.float32(0.25))
+    alg = algorithms.fd(model=_linear(), input_shape=toys.INPUT_SHAPE,
+                        num_clients=1, num_classes=C,
+                        client_tx=optax.sgd(0.5), epochs=1, batch_size=1,
+                        temperature=2.0, distill_weight=0.5)
+    state = alg.init(None, jax.random.PRNGKey(1))
+    params, opt_state, _ = jax.tree.map(lambda a: a[0], state.clients)
+    last = (jnp.full((C, C), 7.0), jnp.full((C,), 5, jnp.int32))
+    out = jax.jit(alg.client_update)(
+        state.replace(clients=(), round=jnp.int32(9)),
+        (params, opt_state, last), data, 0, jnp.int32(4),
+        jax.random.PRNGKey(0))
+    seen = np.asarray(out.upload.value[1]) > 0
+    self.assertEqual(seen.sum(), 1)
+    own, rounds = map(np.asarray, out.state[2])
+    np.testing.assert_array_equal(own[~seen], 7.0)
+    np.testing.assert_array_equal(rounds, np.where(seen, 9, 5))
+    np.testing.assert_allclose(own[seen], out.upload.value[0][seen])
+
   def test_fedmd_two_rounds(self):
     lr = 0.5
     data = toys.toy_data((4, 3))
@@ -508,12 +584,16 @@ class GoldenTest(parameterized.TestCase):
     np.testing.assert_allclose(state.params[0], consensus, atol=1e-5)
     self.assertEqual(int(metrics['upload_bytes']),
                      2 * 4 * toys.NUM_PUBLIC * C)
+    self.assertEqual(float(metrics['digest_loss_sum']), 0.0)  # none yet
 
     # Round 2 digests: the mean absolute error's gradient is sign / K.
     w, b = models[0]
+    digest_sum = np.abs(xp @ w + b - consensus).mean(-1).sum()
     w, b = _sgd(w, b, xp, np.sign(xp @ w + b - consensus) / C, lr)
     w, b = revisit(0, w, b)
-    state, _ = _round(alg, state, data, [0], seed=3)
+    state, metrics = _round(alg, state, data, [0], seed=3)
+    self.assertAlmostEqual(float(metrics['digest_loss_sum']), digest_sum,
+                           places=4)
     np.testing.assert_allclose(_client(state, 0)[0], w, atol=1e-5)
     np.testing.assert_allclose(state.params[0], xp @ w + b, atol=1e-5)
 

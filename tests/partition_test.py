@@ -77,6 +77,22 @@ class PartitionTest(parameterized.TestCase):
     )
     self.assertGreaterEqual(min(len(p) for p in parts), 10)
 
+  def test_dirichlet_accepts_exactly_min_examples(self):
+    # 4 examples for 4 clients: min_examples=1 leaves one each, no fewer.
+    parts = partition_lib.partition(
+        np.zeros(4, np.int64), 4, 'dirichlet', alpha=1e6, min_examples=1
+    )
+    self.assertEqual(sorted(int(i) for p in parts for i in p), [0, 1, 2, 3])
+    self.assertEqual([len(p) for p in parts], [1, 1, 1, 1])
+
+  def test_shards_of_one_example_each(self):
+    # As many shards as examples: 2 clients x 2 shards of 4 examples.
+    parts = partition_lib.partition(
+        np.array([1, 0, 1, 0]), 2, 'shards', shards_per_client=2
+    )
+    self.assertEqual([len(p) for p in parts], [2, 2])
+    self.assertEqual(sorted(np.concatenate(parts).tolist()), [0, 1, 2, 3])
+
   def test_shards_give_whole_single_label_shards(self):
     # 20 shards of 50 examples; each class of 100 fills exactly two shards,
     # so every shard holds one label and a client at most two.

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedkd import aggregation
+from fedkd import communication
 from fedkd import privacy
 from fedkd.errors import FedkdError
 
@@ -56,6 +58,24 @@ class ClipTest(parameterized.TestCase):
       self.assertAlmostEqual(_norm(one), min(norms[c], clip_norm), delta=1e-5)
     # Clients within the bound pass through untouched.
     np.testing.assert_array_equal(clipped['w'][:2], updates['w'][:2])
+
+
+class PrivateStageTest(parameterized.TestCase):
+
+  @parameterized.parameters((0.6, 0), (2.0, 1))
+  def test_encode_clips_weighs_one_and_counts_the_clipped(self, norm,
+                                                         clipped):
+    stage = privacy.private(aggregation.mean(),
+                            privacy.DpSettings(1.0, 0.0, 4.0))
+    update = {'w': jnp.array([0.6 * norm, 0.8 * norm])}  # of norm `norm`
+    sent = communication.fixed(1, 8)
+    got, weight, got_sent, metrics = stage.encode(
+        update, jnp.float32(7.0), sent, jnp.int32(0))
+    np.testing.assert_allclose(got['w'], [0.6 * min(norm, 1.0),
+                                          0.8 * min(norm, 1.0)], rtol=1e-6)
+    self.assertEqual(float(weight), 1.0)  # not its 7 examples
+    self.assertEqual(int(got_sent), 8)
+    self.assertEqual(int(metrics['clipped_clients']), clipped)
 
 
 def _zeros():

@@ -160,15 +160,19 @@ class ShardingTest(parameterized.TestCase):
       ('own_rows', [0, 2, 4, 6, 8, 10, 12, 14], True),
       ('other_own_rows', [1, 3, 5, 7, 9, 11, 13, 15], True),
       ('one_elsewhere', [2, 0, 4, 6, 8, 10, 12, 14], False),
-      ('reversed', [15, 13, 11, 9, 7, 5, 3, 1], False))
+      ('reversed', [15, 13, 11, 9, 7, 5, 3, 1], False),
+      # 16 slots, two a device: each device holds its first slot's row only.
+      ('half_held', [0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14, 1],
+       False))
   def test_rows_held_by_their_slots_devices_move_without_exchange(
       self, index, held):
     mesh = sharding.make_mesh(8)
     split = jax.sharding.NamedSharding(mesh, P('clients'))
     table = jax.device_put(np.arange(48, dtype=np.float32).reshape(16, 3),
                            split)
+    values = -1.0 - jnp.arange(3 * len(index), dtype=jnp.float32).reshape(
+        len(index), 3)
     index = jax.device_put(np.array(index, np.int32), split)
-    values = -1.0 - jnp.arange(24, dtype=jnp.float32).reshape(8, 3)
 
     def rows(table, index, values):
       here = clients.rows_held_here(index, 16)
@@ -193,6 +197,27 @@ class ShardingTest(parameterized.TestCase):
                                       mesh)).lower(
           table, index, values).compile().as_text()
       self.assertCountEqual(set(_collectives(hlo)), collectives)
+
+  def test_writes_past_the_table_are_dropped_in_place(self):
+    # As a round writes back a dropped or padded slot (past the table)
+    # while every slot reads a row its device holds: only the others write.
+    mesh = sharding.make_mesh(8)
+    split = jax.sharding.NamedSharding(mesh, P('clients'))
+    table = np.arange(48, dtype=np.float32).reshape(16, 3)
+    read = np.arange(0, 16, 2, dtype=np.int32)
+    write = np.where(np.arange(8) % 3 == 1, 16, read).astype(np.int32)
+    values = -1.0 - np.arange(24, dtype=np.float32).reshape(8, 3)
+
+    def put(table, read, write, values):
+      here = clients.rows_held_here(read, 16)
+      return here, clients.put_rows(table, write, values, here)
+
+    here, got = jax.jit(sharding._on_mesh(put, mesh))(
+        *(jax.device_put(a, split) for a in (table, read, write)), values)
+    self.assertTrue(bool(here))
+    kept = write < 16
+    table[write[kept]] = values[kept]
+    np.testing.assert_array_equal(got, table)
 
   def test_whole_population_rounds_read_and_write_states_in_place(self):
     # All 16 clients every round, sorted as `sample_cohort` sorts them: each
