@@ -237,14 +237,8 @@ class ChunkSumsTest(absltest.TestCase):
           state=client_state,
           metrics={'student_loss_sum': table[client_id]})
 
-    data = jax.tree.map(jnp.asarray, clients.stack_clients(
-        np.zeros((num, 1), np.float32), np.zeros(num, np.int32),
-        np.arange(num).reshape(num, 1)))
-    apply = jax.jit(algorithm.make_round(
-        client_update, lambda state, mean, data, rng: (state, {}),
-        clients_per_chunk=2))
-    _, m = apply(algorithm.server_init(optax.identity(), jnp.zeros(1)),
-                 data, toys.cohort(list(range(num))), jax.random.PRNGKey(0))
+    m = toys.round_of_one_example_clients(client_update, num, jnp.zeros(1),
+                                          clients_per_chunk=2)
     exact = math.fsum(losses.tolist())
     self.assertLess(abs(float(m['student_loss_sum']) - exact) / exact,
                     1.5e-7)

@@ -206,15 +206,8 @@ class LargeScaleBytesTest(absltest.TestCase):
 
   def test_examples_trained_past_2_31_are_exact(self):
     num = 10_000
-    data = jax.tree.map(jnp.asarray, clients.stack_clients(
-        np.zeros((num, 1), np.float32), np.zeros(num, np.int32),
-        np.arange(num).reshape(num, 1)))
-    apply = jax.jit(algorithm.make_round(
-        _trained, lambda state, mean, data, rng: (state, {}),
-        clients_per_chunk=1000))
-    _, m = apply(algorithm.server_init(optax.identity(), jnp.zeros(2)),
-                 data, toys.cohort(list(range(num))), jax.random.PRNGKey(0))
-    m = jax.device_get(m)
+    m = toys.round_of_one_example_clients(_trained, num, jnp.zeros(2),
+                                          clients_per_chunk=1000)
     self.assertEqual(int(m['train_examples']), num * _TRAINED)
     # The reported mean: 1,310,720,000 / 2,621,440,000 (an int32 sum of the
     # examples wrapped to -1,673,527,296, and the mean became 1.3e9).

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedkd import algorithm
 from fedkd import algorithms as algorithms_lib
 from fedkd import clients
 
@@ -35,6 +36,22 @@ def toy_data(sizes, seed=0, pad_to=None) -> clients.ClientData:
       x, y, [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
   return jax.tree.map(jnp.asarray, data.replace(
       max_examples=pad_to or data.max_examples, public_x=public_x))
+
+
+def round_of_one_example_clients(client_update, num: int, params, *,
+                                 clients_per_chunk: int):
+  """The metrics of one round of `client_update` over `num` clients of one
+  zero example each, which make up their own figures, with a server that
+  keeps `params`."""
+  data = jax.tree.map(jnp.asarray, clients.stack_clients(
+      np.zeros((num, 1), np.float32), np.zeros(num, np.int32),
+      np.arange(num).reshape(num, 1)))
+  apply = jax.jit(algorithm.make_round(
+      client_update, lambda state, mean, data, rng: (state, {}),
+      clients_per_chunk=clients_per_chunk))
+  _, metrics = apply(algorithm.server_init(optax.identity(), params), data,
+                     cohort(list(range(num))), jax.random.PRNGKey(0))
+  return jax.device_get(metrics)
 
 
 def cohort(ids, size=None, num_clients=None) -> clients.Cohort:
