@@ -199,14 +199,15 @@ def _compensated_add(total: PyTree, lost: PyTree,
 
   The round's metric sums (loss sums) add one chunk at a time. Plain
   float32 additions of 125,000 chunks of 8 clients (10^6 clients of 100
-  examples) put a mean loss of 2.30021 at 2.30019.
+  examples) put a mean loss of 2.30021 at 2.30019. A sum that is no longer
+  finite gathers nothing, so it ends inf as an unchunked sum does, not NaN.
   """
   def add(t, c, v):
     if not jnp.issubdtype(t.dtype, jnp.floating):
       return t + v, c
     s = t + v
-    return s, c + jnp.where(jnp.abs(t) >= jnp.abs(v), (t - s) + v,
-                            (v - s) + t)
+    lost = jnp.where(jnp.abs(t) >= jnp.abs(v), (t - s) + v, (v - s) + t)
+    return s, c + jnp.where(jnp.isfinite(s), lost, 0)
   leaves, treedef = jax.tree.flatten(total)
   sums, losts = zip(*map(add, leaves, treedef.flatten_up_to(lost),
                          treedef.flatten_up_to(value))) if leaves else ((), ())

@@ -218,30 +218,37 @@ class RoundTest(parameterized.TestCase):
     toys.assert_trees_close(plain, sharded)
 
 
-class ChunkSumsTest(absltest.TestCase):
+def _loss_sum(losses, clients_per_chunk: int) -> float:
+  """The round's `student_loss_sum` of clients reporting `losses`."""
+  table = jnp.asarray(losses, jnp.float32)
+
+  def client_update(server, client_state, data, client_id, num_examples,
+                    rng):
+    del server, data, rng
+    return clients.ClientOutput(
+        upload=jnp.zeros(1), weight=num_examples.astype(jnp.float32),
+        state=client_state, metrics={'student_loss_sum': table[client_id]})
+
+  return float(toys.round_of_one_example_clients(
+      client_update, len(losses), jnp.zeros(1),
+      clients_per_chunk=clients_per_chunk)['student_loss_sum'])
+
+
+class ChunkSumsTest(parameterized.TestCase):
 
   def test_loss_sums_over_many_chunks_keep_float32_accuracy(self):
     # 20,000 clients in 10,000 chunks of 2, each client's loss sum about
     # 230 (100 examples): added chunk by chunk in plain float32, the total
     # of 4.6e6 was off by about 1e-6 of itself.
-    num = 20_000
-    losses = np.random.default_rng(0).uniform(200, 260, num).astype(
+    losses = np.random.default_rng(0).uniform(200, 260, 20_000).astype(
         np.float32)
-    table = jnp.asarray(losses)
-
-    def client_update(server, client_state, data, client_id, num_examples,
-                      rng):
-      del server, data, rng
-      return clients.ClientOutput(
-          upload=jnp.zeros(1), weight=num_examples.astype(jnp.float32),
-          state=client_state,
-          metrics={'student_loss_sum': table[client_id]})
-
-    m = toys.round_of_one_example_clients(client_update, num, jnp.zeros(1),
-                                          clients_per_chunk=2)
     exact = math.fsum(losses.tolist())
-    self.assertLess(abs(float(m['student_loss_sum']) - exact) / exact,
-                    1.5e-7)
+    self.assertLess(abs(_loss_sum(losses, 2) - exact) / exact, 1.5e-7)
+
+  @parameterized.parameters(([1, np.inf, 1, 1],), ([3e38, 3e38, 1, 1],))
+  def test_a_sum_past_float32_is_inf_in_chunks_too(self, losses):
+    self.assertEqual(_loss_sum(losses, 2), np.inf)
+    self.assertEqual(_loss_sum(losses, 0), np.inf)
 
 
 class RegisteredModelsTest(parameterized.TestCase):
