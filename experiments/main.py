@@ -60,11 +60,9 @@ atexit.register(_skip_teardown)
 
 # `python experiments/main.py` puts experiments/ first on the path, `python -m
 # experiments.main` the working directory: either way the repository root,
-# and experiments/ too, whose `configs` the paper configs import.
+# from which the configs import `experiments.configs.default`.
 _EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_EXPERIMENTS))
-if _EXPERIMENTS not in sys.path:
-  sys.path.append(_EXPERIMENTS)
 # The default --config, found from any working directory.
 _DEFAULT_FILE = os.path.join(_EXPERIMENTS, 'configs', 'default.py')
 

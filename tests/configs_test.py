@@ -52,11 +52,8 @@ class FullSizeConfigTest(absltest.TestCase):
 
   def test_feddf_cifar10_table2_runs_a_round_on_mocked_cifar10(self):
     toys.full_or(self, False)  # a full-size ResNet-8 round: minutes
-    experiments = os.path.join(ROOT, 'experiments')
-    sys.path.insert(0, experiments)  # as under main.py
-    self.addCleanup(sys.path.remove, experiments)
     config = importlib.import_module(
-        'configs.feddf_cifar10_table2').get_config()
+        'experiments.configs.feddf_cifar10_table2').get_config()
     self.assertEqual((config.dataset, config.student),
                      ('cifar10', 'resnet8_gn'))
     # The config's model, data set, algorithm and optimizers; only the scale
@@ -89,10 +86,8 @@ class FedproxFigure1Test(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    experiments = os.path.join(ROOT, 'experiments')
-    sys.path.insert(0, experiments)  # as under main.py
-    self.addCleanup(sys.path.remove, experiments)
-    self.fig1 = importlib.import_module('configs.fedprox_synthetic_fig1')
+    self.fig1 = importlib.import_module(
+        'experiments.configs.fedprox_synthetic_fig1')
 
   def test_paper_setting_and_arms(self):
     config = self.fig1.get_config('0.5,90')

@@ -100,7 +100,7 @@ class SmokeTest(absltest.TestCase):
                            'num_rounds must be >= 1, got 0')
 
   def test_paper_config_loads_under_python_m(self):
-    # Its `from configs import default` needs experiments/ on the path.
+    # It imports experiments.configs.default.
     self._loads_config(
         '-m', 'experiments.main',
         '--config=experiments/configs/compare_digits.py:smoke')

@@ -9,7 +9,6 @@ import io
 import os
 import re
 import shutil
-import sys
 import tempfile
 
 from absl.testing import absltest
@@ -240,10 +239,7 @@ class CommandsTest(absltest.TestCase):
             self.assertContainsSubset(value.split(','), workloads)
 
   def _loads(self, path, variant):
-    experiments = os.path.join(ROOT, 'experiments')
-    sys.path.insert(0, experiments)  # as under main.py
-    self.addCleanup(sys.path.remove, experiments)
-    module = os.path.splitext(os.path.relpath(path, 'experiments'))[0]
+    module = os.path.splitext(path)[0]  # relative to the root
     config = __import__(module.replace('/', '.'), fromlist=['get_config'])
     config.get_config(variant or None)
 

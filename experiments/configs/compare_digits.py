@@ -17,7 +17,7 @@ Hardware: a laptop CPU (about a minute a seed with 2 cores).
 `:smoke` runs 2 rounds of two algorithms, one seed.
 """
 
-from configs import default  # experiments/ is on sys.path under main.py
+from experiments.configs import default
 
 
 def get_config(arg: str | None = None):

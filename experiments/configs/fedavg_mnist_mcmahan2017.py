@@ -22,7 +22,7 @@ Hardware: MNIST prepared for TFDS (array_record) under `data_dir`; one GPU
 `:smoke` runs 2 rounds on digits with the seed models.
 """
 
-from configs import default  # experiments/ is on sys.path under main.py
+from experiments.configs import default
 
 
 def get_config(arg: str | None = None):

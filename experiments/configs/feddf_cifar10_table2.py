@@ -31,7 +31,7 @@ slow for it.
 `:smoke` runs 2 rounds on digits with the seed models.
 """
 
-from configs import default  # experiments/ is on sys.path under main.py
+from experiments.configs import default
 
 
 def get_config(arg: str | None = None):

@@ -62,7 +62,7 @@ starts from LeCun-normal weights, the paper's code from zeros.
 `:smoke` runs 2 rounds on digits.
 """
 
-from configs import default  # experiments/ is on sys.path under main.py
+from experiments.configs import default
 
 ALPHAS = (0.0, 0.5, 1.0)
 STRAGGLER_PERCENTS = (0, 50, 90)
