@@ -19,6 +19,7 @@ import optax
 
 from fedkd import communication
 from fedkd import losses
+from fedkd.errors import FedkdError
 from fedkd.typing import Array, Params, PRNGKey, PyTree
 
 CLIENTS_AXIS = 'clients'
@@ -555,14 +556,14 @@ def stack_clients(x, y, parts) -> ClientData:
     `ClientData` with numpy leaves.
 
   Raises:
-    ValueError: the parts hold 2^31 examples or more: the rows are
+    FedkdError: the parts hold 2^31 examples or more: the rows are
       numbered in int32 (offsets, and each local step's row indices),
       which would wrap.
   """
   total = sum(len(p) for p in parts)
   if total >= 2**31:
-    raise ValueError(f'{total:,} client examples: rows are numbered in '
-                     'int32, so at most 2**31 - 1 fit')
+    raise FedkdError(f'{total:,} client examples: rows are numbered in '
+                     'int32, so at most 2**31 - 1 fit; train on a subset')
   counts = np.array([len(p) for p in parts], np.int32)
   order = np.concatenate(parts).astype(np.int64)
   offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)

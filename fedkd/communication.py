@@ -33,7 +33,8 @@ class Bytes(struct.PyTreeNode):
 
   Attributes:
     counts: int32 [k] (or [clients, k] before the round sums over clients).
-    units: k static Python ints, the bytes each count stands for.
+    units: k static Python ints, the bytes (the things, from `counted`)
+      each count stands for.
   """
   counts: Array
   units: tuple[int, ...] = struct.field(pytree_node=False)

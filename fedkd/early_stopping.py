@@ -42,8 +42,8 @@ def guard(step, score: Callable[[Params], Array], *, total_steps: int,
 
   The wrapped step also reports `steps` (1 while running) and `examples`
   (the batch's real examples while running), so means cover the steps run;
-  both float32, denominators of means whose sums over 2^31 steps or
-  examples would wrap in int32.
+  both float32: the examples of fewer than 2^31 steps (validated) can pass
+  2^31, where an int32 sum would wrap.
   """
 
   def guarded(carry, batch):
@@ -63,7 +63,7 @@ def guard(step, score: Callable[[Params], Array], *, total_steps: int,
         best_step=best_step, step=t,
         stopped=tracker.stopped | (evaluate & (t - best_step >= patience)))
     metrics = jax.tree.map(lambda m: m * running, metrics)
-    # float32: the steps' sum of int32 counts would wrap past 2^31.
+    # float32: the steps' sum of examples may pass 2^31, past int32.
     return (inner, tracker), dict(
         metrics, steps=running.astype(jnp.float32),
         examples=jnp.sum(batch.example_mask, dtype=jnp.float32) * running)

@@ -8,6 +8,8 @@ import numpy as np
 import optax
 
 from fedkd import clients
+from fedkd import communication
+from fedkd.errors import FedkdError
 import toys
 
 
@@ -75,6 +77,21 @@ class StragglerTest(parameterized.TestCase):
         int(sums['train_examples']), 1)
     self.assertAlmostEqual(reported, expected)
 
+  def test_examples_trained_sum_exactly_over_the_most_clients(self):
+    # One step over a client's 4,096 examples; summed as a round sums it
+    # over 2^20 such clients, 2^32 examples, which int32 wraps to 0.
+    n = 4096
+    data = jax.tree.map(jnp.asarray, clients.stack_clients(
+        np.ones((n, 1), np.float32), np.zeros(n, np.int32), [np.arange(n)]))
+    _, sums = clients.train_from(
+        _slope_loss, jnp.float32(1.0), data, 0, jnp.int32(n),
+        jax.random.PRNGKey(0), tx=optax.sgd(1.0), epochs=1, batch_size=n)
+    many = communication.MAX_CLIENTS
+    total = jax.jit(lambda count: jax.tree.map(
+        lambda c: jnp.sum(jnp.broadcast_to(c, (many, *c.shape)), axis=0),
+        count))(sums['train_examples'])
+    self.assertEqual(int(total), many * n)
+
   def test_padded_steps_keep_the_optimizer_state(self):
     # Client 0's 2 examples, padded to client 1's 8: each epoch is one real
     # step, then 3 padded ones. SGD(1) with momentum 0.9 on `w x`: the
@@ -117,7 +134,7 @@ class StackAndSampleTest(absltest.TestCase):
     # Two parts of 2^30 indices each (zero-stride views: no memory): 2^31
     # examples, whose rows and padded slots int32 cannot all number.
     parts = [np.broadcast_to(np.int64(0), (2**30,))] * 2
-    with self.assertRaisesRegex(ValueError, '2,147,483,648 client examples'):
+    with self.assertRaisesRegex(FedkdError, '2,147,483,648 client examples'):
       clients.stack_clients(np.zeros((1, 1), np.float32),
                             np.zeros(1, np.int32), parts)
 
