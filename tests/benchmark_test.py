@@ -155,6 +155,17 @@ class WorkloadsTest(parameterized.TestCase):
     self.assertLen(table, 3)
     self.assertEqual(table[0].count('|'), table[2].count('|'))
 
+  def test_table_ratios_keep_two_decimals(self):
+    # 2.93 s against 2.0 s is 1.465x: short of 1.5x, whatever one decimal
+    # would print.
+    row = dict(clients=50, vmapped_s=2.0, compile_s=3.0, loop_s=2.93,
+               torch_s=2.93, torch_threads=2, loop_over_vmapped=2.93 / 2.0,
+               torch_over_vmapped=2.93 / 2.0, gflops_per_round=249.0,
+               vmapped_gflop_s=124.5, matmul_peak_gflop_s=249.0)
+    cells = benchmark.markdown_table([row]).splitlines()[2].split(' | ')
+    self.assertEqual(cells[5:7], ['1.47x', '1.47x'])
+    self.assertEqual(cells[-1], '50.0% |')
+
   def test_heterogeneous_feddf_arms_run(self):
     toys.full_or(self, False)  # a minute of compiling; the round is tested
     # Three clients, one of each architecture; PyTorch has no FedDF arm.
