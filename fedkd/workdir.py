@@ -293,6 +293,14 @@ class Workdir:
     for step, meta in sorted(metas.items()):
       if not problems[step]:
         self._check_checkpoint(step, meta)
+    # The newest usable checkpoint is the one resumed, so its step is the
+    # least num_rounds that works (an older one's would be refused again).
+    done = max((s for s in metas if not problems[s]), default=0)
+    if done > self._num_rounds:
+      raise FedkdError(
+          f'num_rounds={self._num_rounds} is below the {done} '
+          f'rounds the checkpoint in {self.path} has done; set num_rounds '
+          f'>= {done}, or set overwrite=True to start over')
     if metas and all(problems.values()):
       newest = max(metas)
       raise FedkdError(
@@ -313,11 +321,6 @@ class Workdir:
           f' was trained on (sha256 {meta["data"][:12]}... there, '
           f'{self._data[:12]}... now); restore that data, use another '
           'workdir, or set overwrite=True to replace that run')
-    if step > self._num_rounds:
-      raise FedkdError(
-          f'num_rounds={self._num_rounds} is below the {step} '
-          f'rounds the checkpoint in {self.path} has done; set num_rounds '
-          f'>= {step}, or set overwrite=True to start over')
 
   def _read_config(self) -> dict | None:
     try:

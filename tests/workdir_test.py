@@ -288,6 +288,14 @@ class WorkdirTest(parameterized.TestCase):
   def test_num_rounds_below_the_rounds_done_is_refused(self):
     self.assertRefused('num_rounds=1 is below the 2 rounds', num_rounds=1)
 
+  def test_num_rounds_refusal_names_the_newest_checkpoint(self):
+    # Checkpoints 1, 2 and 3: resuming needs num_rounds >= 3, not 2.
+    self.path = self.create_tempdir().full_path + '/run3'
+    os.makedirs(self.path)
+    _write_run(self.path, rounds=(1, 2, 3))
+    self.assertRefused('num_rounds=1 is below the 3 rounds', num_rounds=1)
+    self.assertRefused('set num_rounds >= 3', num_rounds=2)
+
   def test_fedkd_num_rounds_is_fixed_by_its_energy_schedule(self):
     os.remove(os.path.join(self.path, 'config.json'))
     rundirs.edit_checkpoint_metas(self.path, lambda m: {
