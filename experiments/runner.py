@@ -20,6 +20,7 @@ from fedkd import stopping
 from fedkd import synthetic
 from fedkd import train
 from fedkd import workdir as workdir_lib
+from fedkd.errors import FedkdError
 
 # feddf and fedmd with public_examples 0 hold out this share of the training
 # examples as public data.
@@ -80,12 +81,23 @@ def load_data(config):
     return dataset, parts, dataset.x_train[:0], dataset.y_train[:0]
   dataset = data.load_dataset(config.dataset, config.data_dir or None,
                               download=config.tfds_download)
+  held_out = num_public(config, len(dataset.y_train))
   dataset, public_x, public_y = data.hold_out_public(
-      dataset, num_public(config, len(dataset.y_train)), config.seed)
-  parts = partition.partition(
-      dataset.y_train, config.num_clients, config.partition,
-      alpha=config.alpha, shards_per_client=config.shards_per_client,
-      seed=config.seed)
+      dataset, held_out, config.seed)
+  try:
+    parts = partition.partition(
+        dataset.y_train, config.num_clients, config.partition,
+        alpha=config.alpha, shards_per_client=config.shards_per_client,
+        seed=config.seed)
+  except FedkdError as e:
+    if not held_out:
+      raise
+    # The partition counts only what the hold-out left; say where the rest
+    # went, or the advice (fewer clients) misses the setting that took it.
+    raise FedkdError(
+        f'{e} ({held_out} of the {held_out + len(dataset.y_train)} '
+        'training examples are held out as public data; set '
+        'public_examples lower)') from e
   if not builder.public_labels(config):
     public_y = public_y[:0]  # e.g. fd's and fedkd's runs have none
   return dataset, parts, public_x, public_y

@@ -691,6 +691,18 @@ class DefaultPublicDataTest(parameterized.TestCase):
     config.update(algorithm=algorithm, public_examples=public_examples)
     self.assertEqual(runner.num_public(config, num_train), expected)
 
+  def test_a_partition_left_too_little_names_the_hold_out(self):
+    # 1,437 digits training examples less 1,430 public: 7 for 10 clients.
+    config = default.get_config('smoke')
+    config.update(algorithm='feddf', public_examples=1430, num_clients=10,
+                  clients_per_round=10)
+    with self.assertRaises(FedkdError) as raised:
+      runner.load_data(config)
+    self.assertIn('10 clients for 7 examples', str(raised.exception))
+    self.assertIn('1430 of the 1437 training examples are held out as '
+                  'public data; set public_examples lower',
+                  str(raised.exception))
+
   def test_digits_split(self):
     config = default.get_config('smoke')
     config.algorithm = 'feddf'
