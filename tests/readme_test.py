@@ -13,8 +13,10 @@ import tempfile
 
 from absl.testing import absltest
 from flax import serialization
+import jax
 
 from experiments import benchmark
+from experiments import builder
 from experiments import compare
 from experiments import runner
 from experiments.configs import default
@@ -124,6 +126,31 @@ class ReadmeTest(absltest.TestCase):
                                out.getvalue()).group(1))
     # Ten balanced classes: chance is 0.1; 5 rounds of FedAvg reach ~0.4.
     self.assertGreater(accuracy, 0.25)
+
+
+class FinalModelTest(absltest.TestCase):
+  """The Final model paragraph's keys are those a run's params have."""
+
+  def _restored_keys(self, **changes):
+    config = default.get_config('smoke')
+    config.update(algorithm='feddf', **changes)
+    built = builder.build(config, (8, 8, 1), 10, 20)
+    state = built.algorithm.init(
+        built.init_params(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    restored = serialization.msgpack_restore(
+        serialization.to_bytes(state.params))
+    return set(restored)
+
+  def test_feddf_keys(self):
+    text = _section('**Final model.**', '**TensorBoard.**')
+    self.assertEqual(self._restored_keys(server_model='mnist_2nn'),
+                     {'client', 'server'})
+    self.assertIn("`params['client']`", text)
+    self.assertIn("`params['server']`", text)
+    self.assertEqual(
+        self._restored_keys(client_models='seed_student,mnist_2nn'),
+        {'0', '1'})
+    self.assertIn("`params['i']`", text)
 
 
 class ConfigTableTest(absltest.TestCase):
