@@ -609,9 +609,25 @@ def sample_cohort(rng: np.random.Generator, num_clients: int,
   clients (stratified, so every round has the same mix of architectures)
   into slots g, g + k, ... (`algorithm.make_round`); `cohort_size` must be
   a multiple of `groups`.
+
+  Raises:
+    FedkdError: a cohort that does not fit: more clients a round than the
+      federation has, or than `cohort_size` (each group's) slots hold.
   """
-  ids = np.full((cohort_size // groups, groups), num_clients, np.int32)
+  if not 0 < clients_per_round <= num_clients:
+    raise FedkdError(f'clients_per_round={clients_per_round} must be in [1, '
+                     f'num_clients={num_clients}]')
+  if cohort_size % groups:
+    raise FedkdError(f'cohort_size={cohort_size} must be a multiple of the '
+                     f'{groups} groups')
   quota = group_quota(num_clients, clients_per_round, groups)
+  if max(quota) > cohort_size // groups:
+    raise FedkdError(
+        f'cohort_size={cohort_size} cannot hold clients_per_round='
+        f'{clients_per_round} ({max(quota)} in a group of '
+        f'{cohort_size // groups} slots); pass cohort_size >= '
+        f'{max(quota) * groups}')
+  ids = np.full((cohort_size // groups, groups), num_clients, np.int32)
   for g, count in enumerate(quota):
     members = np.arange(g, num_clients, groups)
     ids[:count, g] = np.sort(rng.choice(members, count, replace=False))

@@ -117,7 +117,7 @@ class StragglerTest(parameterized.TestCase):
     self.assertEqual(float(sums['loss']), 2 * (1 + 0))
 
 
-class StackAndSampleTest(absltest.TestCase):
+class StackAndSampleTest(parameterized.TestCase):
 
   def test_stack_clients_lays_clients_back_to_back(self):
     x = np.arange(10, dtype=np.float32).reshape(5, 2)
@@ -161,6 +161,18 @@ class StackAndSampleTest(absltest.TestCase):
     self.assertTrue(np.all(ids[:4] < 10))
     np.testing.assert_array_equal(ids[4:], [10] * 4)  # padding: past the end
     np.testing.assert_array_equal(mask, [True] * 4 + [False] * 4)
+
+  @parameterized.parameters(
+      ((10, 10, 5), 'cannot hold clients_per_round=10'),
+      ((10, 11, 12), 'clients_per_round=11 must be in [1, num_clients=10]'),
+      ((10, 0, 4), 'clients_per_round=0 must be'),
+      ((9, 3, 4, 3), 'cohort_size=4 must be a multiple of the 3 groups'),
+      ((9, 4, 3, 3), 'pass cohort_size >= 6'))
+  def test_sample_cohort_refuses_a_cohort_that_does_not_fit(self, args,
+                                                            message):
+    with self.assertRaises(FedkdError) as raised:
+      clients.sample_cohort(np.random.default_rng(0), *args)
+    self.assertIn(message, str(raised.exception))
 
   def test_sampled_cohorts_are_sorted(self):
     # Sorted, a whole population's slots hold the clients in order, each
