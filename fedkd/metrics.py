@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from fedkd import clients
 from fedkd import losses
+from fedkd.errors import FedkdError
 from fedkd.typing import Array, Params, PyTree
 
 
@@ -30,8 +31,15 @@ def evaluate(model: nn.Module, params: Params, x: Array, y: Array, *,
   Each batch is `batch_size` consecutive rows; the last one ends at the last
   row and masks out the rows its predecessor counted, so no padded copy of
   the test set is made.
+
+  Raises:
+    FedkdError: `batch_size` below 1 or no examples (the means would divide
+      by zero).
   """
   n = x.shape[0]
+  if batch_size < 1 or not n:
+    raise FedkdError(f'evaluate needs batch_size >= 1 and at least one '
+                     f'example, got batch_size={batch_size} and {n} examples')
   batch_size = min(batch_size, n)
 
   def batch_sums(i):

@@ -9,6 +9,7 @@ import numpy as np
 
 from fedkd import metrics
 from fedkd import models
+from fedkd.errors import FedkdError
 
 _MODEL = models.MLP(hidden=(8,), num_classes=3)
 _NUM_MODELS, _NUM_EXAMPLES = 7, 23
@@ -49,6 +50,12 @@ class EvaluateTest(parameterized.TestCase):
     self.assertAlmostEqual(float(loss), self.expected[0][0], delta=1e-5)
     self.assertEqual(round(float(accuracy) * _NUM_EXAMPLES),
                      round(self.expected[0][1] * _NUM_EXAMPLES))
+
+  @parameterized.parameters((0, 23), (-1, 23), (5, 0))
+  def test_refuses_empty_batches_or_data(self, batch_size, num_examples):
+    with self.assertRaisesRegex(FedkdError, 'evaluate needs batch_size >= 1'):
+      metrics.evaluate(_MODEL, self.params[0], self.x[:num_examples],
+                       self.y[:num_examples], batch_size=batch_size)
 
   # Chunks of 3 and 5 leave a last chunk clamped onto earlier models.
   @parameterized.parameters((1, 23), (3, 5), (5, 10), (7, 100), (10, 4))
