@@ -24,7 +24,6 @@ import numpy as np
 from experiments import runner
 from experiments import validation
 from experiments.configs import default
-from fedkd import train
 from fedkd.errors import FedkdError
 import rundirs
 import toys
