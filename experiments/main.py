@@ -189,6 +189,7 @@ def _load_config():
     config.keys()
     for field in _UNSET:
       config[field] = None
+    overrides.tidy_lists(config)
     return config
   except _CONFIG_ERRORS as e:
     cli.fail(_config_error(e))

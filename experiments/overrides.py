@@ -6,6 +6,8 @@
 * `--config.FIELD.SUB=VALUE` into a field that holds one value fails inside
   ml_collections with a message about indexing; here it is one line that
   names the field.
+* Lists of names (`compare`, `client_models`) may have spaces after their
+  commas, as a shell-quoted "fedavg, fedkd" has.
 """
 
 from collections.abc import Sequence
@@ -57,3 +59,14 @@ def split_unsets(
           if path in unset or (path in unsettable and to_none(value))
           for j in range(i, i + n)}
   return [a for j, a in enumerate(argv) if j not in drop], unset
+
+
+# Config fields that hold comma-separated names.
+LIST_FIELDS = ('client_models', 'compare')
+
+
+def tidy_lists(config: ml_collections.ConfigDict) -> None:
+  """Strips the spaces around each name of `LIST_FIELDS`, in place."""
+  for field in LIST_FIELDS:
+    if config.get(field):
+      config[field] = ','.join(n.strip() for n in config[field].split(','))

@@ -108,6 +108,16 @@ class SmokeTest(absltest.TestCase):
     self._loads_config(os.path.join(ROOT, 'experiments', 'main.py'),
                        cwd=self.create_tempdir().full_path)
 
+  def test_lists_of_names_may_have_spaces_after_commas(self):
+    workdir = self.create_tempdir().full_path
+    proc = _main(SMOKE, f'--workdir={workdir}/run',
+                 '--config.algorithm=local_kd',
+                 '--config.client_models=seed_student, seed_teacher')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    with open(os.path.join(workdir, 'run', 'config.json')) as f:
+      self.assertEqual(json.load(f)['client_models'],
+                       'seed_student,seed_teacher')
+
   def test_npz_dataset_and_overrides(self):
     workdir = self.create_tempdir().full_path
     path = _npz(os.path.join(workdir, 'd.npz'))

@@ -54,5 +54,14 @@ class CheckPathsTest(absltest.TestCase):
                           _config())
 
 
+class TidyListsTest(absltest.TestCase):
+
+  def test_spaces_around_names_go(self):
+    c = ml_collections.ConfigDict(
+        {'compare': 'fedavg, fedkd ,fd', 'client_models': '', 'seed': 0})
+    overrides.tidy_lists(c)
+    self.assertEqual(c.compare, 'fedavg,fedkd,fd')
+    self.assertEqual((c.client_models, c.seed), ('', 0))
+
 if __name__ == '__main__':
   absltest.main()
