@@ -177,9 +177,7 @@ class LargeScaleBytesTest(absltest.TestCase):
                             jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
     self.assertEqual(tree_bytes(shapes), 6_653_480)  # 1,663,370 floats
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    data = jax.tree.map(jnp.asarray, clients.stack_clients(
-        np.zeros((num, 1), np.float32), np.zeros(num, np.int32),
-        np.arange(num).reshape(num, 1)))
+    data = toys.one_example_clients(num)
     cohort = toys.cohort(list(range(num)))
     update_floats = 1_000_000
     # A FedKD-like server: each client first downloads the whole model.

@@ -38,14 +38,19 @@ def toy_data(sizes, seed=0, pad_to=None) -> clients.ClientData:
       max_examples=pad_to or data.max_examples, public_x=public_x))
 
 
-def round_of_one_example_clients(client_update, num: int, params, *,
-                                 clients_per_chunk: int):
-  """The metrics of one round of `client_update` over `num` clients of one
-  zero example each, which make up their own figures, with a server that
-  keeps `params`."""
-  data = jax.tree.map(jnp.asarray, clients.stack_clients(
+def one_example_clients(num: int) -> clients.ClientData:
+  """`num` clients of one zero example each, for client updates that make
+  up their own figures."""
+  return jax.tree.map(jnp.asarray, clients.stack_clients(
       np.zeros((num, 1), np.float32), np.zeros(num, np.int32),
       np.arange(num).reshape(num, 1)))
+
+
+def round_of_one_example_clients(client_update, num: int, params, *,
+                                 clients_per_chunk: int):
+  """The metrics of one round of `client_update` over `one_example_clients`,
+  with a server that keeps `params`."""
+  data = one_example_clients(num)
   apply = jax.jit(algorithm.make_round(
       client_update, lambda state, mean, data, rng: (state, {}),
       clients_per_chunk=clients_per_chunk))
