@@ -73,20 +73,22 @@ shared 2-core CPU, 1 thread, the default, was the faster for the MLP, 2 for
 the conv workloads). Timings are noisy; only ratios measured side by side
 in one run mean much.
 
-FLOPs are counted by hand per layer, the same for every arm: a multiply-add is
-2 FLOPs; a Dense costs 2 x in x out per example, a Conv 2 x in x out channels x
-the kernel taps inside the input (not on 'SAME' padding, as XLA counts);
-training costs the forward pass, the same again for the weight gradients and
-again for the input gradients but the first layer's (never computed). Only the
-clients' local training on their own examples is counted: not FedDF's proxy
-logits and server distillation, FedMD's digest of the public data, FD's
-per-class logits, nor FedKD's SVD. Activations, norms, pooling, losses and
-optimizer updates are left out: `tests/benchmark_test.py` checks that XLA's
-cost analysis of one unvmapped training step, lowered with XLA's own dot and
-convolution ops, counts at most 10% more. fedkd's CPU kernels do more
-arithmetic (Dense's outer products); that is not counted. XLA's count of
-the whole round cannot be used: it visits each `lax.scan` body once, however
-many local steps it runs (4.6 MFLOP for the 10-client mlp round, 20.4 by hand).
+FLOPs are those of (a)'s round, counted from its jaxpr (`round_flops`,
+`experiments/flops.py`) and the same for every arm: every matmul and
+convolution, a multiply-add being 2 FLOPs, kernel taps on padding not
+counted (as XLA counts them), each local step and epoch counted as often as
+it runs, padded client slots not counted. So each algorithm's own work
+counts: FedDF's proxy logits and server distillation (and its validation
+at every server step, where it runs every `distill_eval_every`: an upper
+bound), FedMD's digest of the public data, FedNTD's global model, the
+weighted mean of the uploads; FedKD's SVD in part (its eigensolver's
+convergence loops counted once: a lower bound). Activations, norms,
+pooling, losses and optimizer updates are left out:
+`tests/flops_test.py` checks that XLA's cost analysis of one training step,
+lowered with XLA's own dot and convolution ops, counts at most 10% more.
+XLA's count of the whole round cannot be used: it visits each `lax.scan`
+body once, however many local steps it runs (4.6 MFLOP for the 10-client
+mlp round, 20.4 counted here).
 """
 
 from collections.abc import Callable, Sequence
@@ -101,7 +103,6 @@ import time
 from typing import Any, NamedTuple
 
 from absl import flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,12 +113,12 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import builder
 from experiments import cli
+from experiments import flops
 from experiments.configs import default as default_config
 from fedkd import algorithm
 from fedkd import algorithms
 from fedkd import clients
 from fedkd import communication
-from fedkd import layers
 from fedkd import metrics
 from fedkd import models
 from fedkd import npzfile
@@ -361,70 +362,6 @@ def build(workload: Workload, num_clients: int):
   return alg, jax.jit(alg.init)(params, jax.random.PRNGKey(1)), data
 
 
-def _taps(size: int, kernel: int, stride: int, low: int, high: int) -> int:
-  """Kernel taps inside the input, summed over one spatial axis' outputs.
-
-  Taps on the conv's own padding (`low` before, `high` after) are not
-  counted, as XLA's cost analysis does not count them.
-  """
-  outputs = (size + low + high - kernel) // stride + 1
-  return sum(0 <= o * stride - low + t < size
-             for o in range(outputs) for t in range(kernel))
-
-
-def layer_flops(model: nn.Module, input_shape) -> list[int]:
-  """Forward FLOPs of one example through each Dense or Conv, in call order.
-
-  A multiply-add is 2 FLOPs: a Dense costs 2 x in x out, a Conv 2 x in x out
-  channels x the kernel taps that fall inside the input, over all outputs.
-  """
-  flops = []
-
-  def count(next_fun, args, kwargs, context):
-    y = next_fun(*args, **kwargs)
-    if context.method_name != '__call__':
-      return y
-    module, x = context.module, args[0]
-    if isinstance(module, layers.Dense):
-      flops.append(2 * x.shape[-1] * y.shape[-1])
-    elif isinstance(module, layers.Conv):
-      pads = module.padding
-      if isinstance(pads, str):
-        pads = jax.lax.padtype_to_pads(x.shape[1:3], module.kernel_size,
-                                       module.strides, pads)
-      flops.append(2 * x.shape[-1] * y.shape[-1] * math.prod(
-          _taps(n, k, s, *pad) for n, k, s, pad in zip(
-              x.shape[1:3], module.kernel_size, module.strides, pads)))
-    elif 'kernel' in module.variables.get('params', {}):
-      raise NotImplementedError(
-          f'no FLOP count for {type(module).__name__}; count it here')
-    return y
-
-  x = jnp.zeros((1, *input_shape))
-  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-  with nn.intercept_methods(count):
-    jax.eval_shape(model.apply, params, x)
-  return flops
-
-
-def training_flops(model: nn.Module, input_shape) -> int:
-  """FLOPs of one training example: forward, weight and input gradients."""
-  flops = layer_flops(model, input_shape)
-  return 3 * sum(flops) - flops[0]
-
-
-def round_flops(workload: Workload, num_clients: int) -> float:
-  """Matmul and conv FLOPs of one round of `workload`."""
-  flops = lambda name: training_flops(models.get_model(name, NUM_CLASSES),
-                                      workload.input_shape)
-  names = workload.student.split(',')
-  # Client i trains names[i % k], and its teacher if any.
-  per_client = sum(flops(names[i % len(names)]) for i in range(num_clients))
-  if workload.teacher:
-    per_client += num_clients * flops(workload.teacher)
-  return float(per_client * workload.examples * workload.epochs)
-
-
 def sampled_cohort(alg, num_clients: int, clients_per_round: int,
                    mesh, clients_per_chunk: int = 0):
   """(the round's cohort of `clients_per_round` of `num_clients` clients,
@@ -499,6 +436,20 @@ def compiled_round(alg, state, data, shard_data: bool = True,
     jax.block_until_ready(carry[0])
 
   return run, compiled, compile_seconds, chunk
+
+
+def round_flops(alg, state, data, clients_per_round: int) -> int:
+  """Matmul and conv FLOPs (`experiments.flops`) of a round of
+  `sampled_cohort`'s `clients_per_round` clients of `data`, traced on one
+  device with all of them at once: the padded client slots that a round
+  split over devices or chunks computes too are not counted."""
+  mesh = sharding.make_mesh(1)
+  cohort, _ = sampled_cohort(alg, data.num_clients, clients_per_round, mesh)
+  alg = algorithm.with_round(alg, clients_per_chunk=0)
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                        (state, data, cohort, jax.random.PRNGKey(2)))
+  return flops.of_jaxpr(
+      sharding.jit_round(alg.apply, mesh).trace(*shapes).jaxpr)
 
 
 def examples_mib_per_device(data, devices: int, shard_data: bool) -> float:
@@ -672,7 +623,7 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
   vmapped, looped = seconds.pop('vmapped'), seconds.pop('loop', None)
   torch_by_threads = seconds
   torch_s = min(torch_by_threads.values(), default=None)
-  flops = round_flops(workload, num_clients)
+  gflops = round_flops(alg, state, data, num_clients) / 1e9
   return dict(
       workload=name, clients=num_clients, population=population,
       devices=jax.device_count(),
@@ -688,7 +639,7 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
       torch_s_by_threads=torch_by_threads,
       loop_over_vmapped=looped and looped / vmapped,
       torch_over_vmapped=torch_s and torch_s / vmapped,
-      gflops_per_round=flops / 1e9, vmapped_gflop_s=flops / 1e9 / vmapped,
+      gflops_per_round=gflops, vmapped_gflop_s=gflops / vmapped,
       matmul_peak_gflop_s=peak,
       # ru_maxrss is in KiB on Linux; the peak so far in this process.
       peak_host_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -1,0 +1,113 @@
+"""The matmul and convolution FLOPs a traced JAX computation executes.
+
+    flops.of_jaxpr(jax.jit(fn).trace(*args).jaxpr)
+
+Counted from the jaxpr, so every algorithm's round is counted as it runs:
+local training, and also what some algorithms add to it (FedDF's ensemble
+and server distillation, FedMD's digest on the public data, FedNTD's global
+model on each batch, FedKD's mentor and compression). A multiply-add is 2
+FLOPs:
+
+* `dot_general`: 2 x the output's elements x the contracted size.
+* A convolution (`lax.conv_general_dilated`, or `fedkd.conv_cpu`'s
+  primitive): 2 x each output element's products, counting only the kernel
+  taps that land on an input element, not on padding or on the holes of an
+  input dilation (a strided convolution's input gradient). XLA's cost
+  analysis counts the same way.
+* Loops and calls: a `scan` counts its body `length` times; a `cond` its
+  costliest branch, which is exact for `jax.lax.platform_dependent` (its
+  branches compute the same) and an upper bound where data choose the
+  branch (FedDF's server scores its validation split in a `cond` at every
+  step, and runs it every `distill_eval_every` steps); a `shard_map` its
+  body once a device it splits over (the body sees one device's share); a
+  `while_loop` its body and condition once, since its trip count is
+  data-dependent (FedKD's eigensolver): a lower bound there.
+
+What is computed counts, masked or not: `experiments.benchmark` traces its
+rounds on one device with every client at once, so that no padded client
+slot counts. Elementwise ops, reductions and the optimizer are not counted.
+Linear algebra without a count here (LAPACK's decompositions, FFTs) raises
+NotImplementedError rather than counting nothing.
+"""
+
+import math
+
+import jax
+import jax.extend.core
+
+_UNCOUNTED_LINALG = frozenset((
+    'cholesky', 'eig', 'eigh', 'fft', 'lu', 'qr', 'schur', 'svd',
+    'householder_product', 'triangular_solve', 'tridiagonal',
+    'tridiagonal_solve'))
+
+
+def _taps(size: int, kernel: int, stride: int, low: int, lhs_dilation: int,
+          rhs_dilation: int, outputs: int) -> int:
+  """Kernel taps that land on an input element, summed over one spatial
+  axis' outputs."""
+  last = (size - 1) * lhs_dilation
+  count = 0
+  for o in range(outputs):
+    for t in range(kernel):
+      p = o * stride - low + t * rhs_dilation
+      count += 0 <= p <= last and p % lhs_dilation == 0
+  return count
+
+
+def _conv(lhs, rhs, out, *, lhs_spec, rhs_spec, out_spec, strides, padding,
+          lhs_dilation, rhs_dilation, feature_group_count) -> int:
+  """FLOPs of a convolution; specs index (batch, feature, spatial...) of
+  lhs and out, (out feature, in feature, spatial...) of rhs."""
+  taps = math.prod(
+      _taps(lhs[l], rhs[r], s, low, ld, rd, out[o])
+      for l, r, o, s, (low, _), ld, rd in zip(
+          lhs_spec[2:], rhs_spec[2:], out_spec[2:], strides, padding,
+          lhs_dilation, rhs_dilation))
+  return (2 * out[out_spec[0]] * out[out_spec[1]]
+          * lhs[lhs_spec[1]] // feature_group_count * taps)
+
+
+def _eqn_flops(eqn) -> int:
+  """FLOPs of one equation, its sub-computations included."""
+  name, params = eqn.primitive.name, eqn.params
+  shape = lambda v: v.aval.shape
+  if name == 'dot_general':
+    (contracted, _), _ = params['dimension_numbers']
+    return 2 * math.prod(shape(eqn.outvars[0])) * math.prod(
+        shape(eqn.invars[0])[d] for d in contracted)
+  if name == 'conv_general_dilated':
+    dims = params['dimension_numbers']
+    return _conv(*map(shape, (*eqn.invars, eqn.outvars[0])),
+                 lhs_spec=dims.lhs_spec, rhs_spec=dims.rhs_spec,
+                 out_spec=dims.out_spec, strides=params['window_strides'],
+                 padding=params['padding'],
+                 lhs_dilation=params['lhs_dilation'],
+                 rhs_dilation=params['rhs_dilation'],
+                 feature_group_count=params['feature_group_count'])
+  if name == 'fedkd_conv_nhwc':  # NHWC, HWIO, NHWC
+    return _conv(*map(shape, (*eqn.invars, eqn.outvars[0])),
+                 lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                 out_spec=(0, 3, 1, 2), strides=params['strides'],
+                 padding=params['padding'],
+                 lhs_dilation=params['lhs_dilation'],
+                 rhs_dilation=params['rhs_dilation'], feature_group_count=1)
+  if name in _UNCOUNTED_LINALG:
+    raise NotImplementedError(f'no FLOP count for {name}; add it to '
+                              'experiments/flops.py')
+  if name == 'cond':
+    return max(of_jaxpr(b) for b in params['branches'])
+  inner = sum(of_jaxpr(v) for v in params.values()
+              if isinstance(v, (jax.extend.core.Jaxpr,
+                                jax.extend.core.ClosedJaxpr)))
+  if name == 'scan':
+    return params['length'] * inner
+  if name == 'shard_map':
+    return math.prod(params['mesh'].shape[a]
+                     for a in params['newly_manual_axes']) * inner
+  return inner
+
+
+def of_jaxpr(jaxpr) -> int:
+  """Matmul and convolution FLOPs of a `Jaxpr` or `ClosedJaxpr`."""
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  return sum(_eqn_flops(eqn) for eqn in jaxpr.eqns)
