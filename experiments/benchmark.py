@@ -81,14 +81,13 @@ it runs, padded client slots not counted. So each algorithm's own work
 counts: FedDF's proxy logits and server distillation (and its validation
 at every server step, where it runs every `distill_eval_every`: an upper
 bound), FedMD's digest of the public data, FedNTD's global model, the
-weighted mean of the uploads; FedKD's SVD in part (its eigensolver's
-convergence loops counted once: a lower bound). Activations, norms,
-pooling, losses and optimizer updates are left out:
-`tests/flops_test.py` checks that XLA's cost analysis of one training step,
-lowered with XLA's own dot and convolution ops, counts at most 10% more.
-XLA's count of the whole round cannot be used: it visits each `lax.scan`
-body once, however many local steps it runs (4.6 MFLOP for the 10-client
-mlp round, 20.4 counted here).
+weighted mean of the uploads; FedKD's SVD approximately (its loop over
+blocks of eigenvectors counted once). Activations, norms, pooling, losses
+and optimizer updates are left out: `tests/flops_test.py` checks that XLA's
+cost analysis of one training step, lowered with XLA's own dot and
+convolution ops, counts at most 10% more. XLA's count of the whole round
+cannot be used: it visits each `lax.scan` body once, however many local
+steps it runs (4.6 MFLOP for the 10-client mlp round, 20.4 counted here).
 """
 
 from collections.abc import Callable, Sequence
@@ -442,7 +441,9 @@ def round_flops(alg, state, data, clients_per_round: int) -> int:
   """Matmul and conv FLOPs (`experiments.flops`) of a round of
   `sampled_cohort`'s `clients_per_round` clients of `data`, traced on one
   device with all of them at once: the padded client slots that a round
-  split over devices or chunks computes too are not counted."""
+  split over devices or chunks computes too are not counted. (Clients of
+  several architectures get as many slots each as the most numerous, as in
+  every round: there that padding counts.)"""
   mesh = sharding.make_mesh(1)
   cohort, _ = sampled_cohort(alg, data.num_clients, clients_per_round, mesh)
   alg = algorithm.with_round(alg, clients_per_chunk=0)
@@ -606,6 +607,8 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
   run, _, compile_s, chunk = compiled_round(
       alg, state, data, shard_data, clients_per_chunk, num_clients,
       client_step_bytes(workload))
+  # Counted before the timing, which an uncountable round would waste.
+  gflops = round_flops(alg, state, data, num_clients) / 1e9
   arms = {'vmapped': (run, None)}
   cohort, _ = sampled_cohort(alg, population, num_clients,
                              sharding.make_mesh(1))
@@ -623,7 +626,6 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
   vmapped, looped = seconds.pop('vmapped'), seconds.pop('loop', None)
   torch_by_threads = seconds
   torch_s = min(torch_by_threads.values(), default=None)
-  gflops = round_flops(alg, state, data, num_clients) / 1e9
   return dict(
       workload=name, clients=num_clients, population=population,
       devices=jax.device_count(),

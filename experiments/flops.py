@@ -5,7 +5,7 @@
 Counted from the jaxpr, so every algorithm's round is counted as it runs:
 local training, and also what some algorithms add to it (FedDF's ensemble
 and server distillation, FedMD's digest on the public data, FedNTD's global
-model on each batch, FedKD's mentor and compression). A multiply-add is 2
+model on every example, FedKD's mentor and compression). A multiply-add is 2
 FLOPs:
 
 * `dot_general`: 2 x the output's elements x the contracted size.
@@ -20,14 +20,19 @@ FLOPs:
   branch (FedDF's server scores its validation split in a `cond` at every
   step, and runs it every `distill_eval_every` steps); a `shard_map` its
   body once a device it splits over (the body sees one device's share); a
-  `while_loop` its body and condition once, since its trip count is
-  data-dependent (FedKD's eigensolver): a lower bound there.
+  `while_loop` its body and condition once, whatever its data-dependent
+  trip count. FedKD's SVD finds the kept directions by blocks of 16, the
+  first before its `while_loop` and the rest in it: its count is low where
+  the rank takes three blocks or more, high where one is enough.
 
 What is computed counts, masked or not: `experiments.benchmark` traces its
 rounds on one device with every client at once, so that no padded client
-slot counts. Elementwise ops, reductions and the optimizer are not counted.
-Linear algebra without a count here (LAPACK's decompositions, FFTs) raises
-NotImplementedError rather than counting nothing.
+slot counts (but where clients have several architectures, each gets as
+many slots as the most numerous). Elementwise ops, reductions and the
+optimizer are not counted. A primitive that multiplies matrices without a
+rule here (LAPACK's decompositions, ragged or Pallas kernels), or holds
+computations where this walk does not look, raises NotImplementedError
+rather than counting nothing.
 """
 
 import math
@@ -35,10 +40,12 @@ import math
 import jax
 import jax.extend.core
 
-_UNCOUNTED_LINALG = frozenset((
-    'cholesky', 'eig', 'eigh', 'fft', 'lu', 'qr', 'schur', 'svd',
-    'householder_product', 'triangular_solve', 'tridiagonal',
-    'tridiagonal_solve'))
+_UNCOUNTED = frozenset((
+    'cholesky', 'cholesky_update', 'eig', 'eigh', 'fft', 'geqp3', 'geqrf',
+    'hessenberg', 'householder_product', 'lu', 'ormqr', 'pallas_call', 'qr',
+    'ragged_dot_general', 'schur', 'svd', 'symmetric_product',
+    'triangular_solve', 'tridiagonal', 'tridiagonal_solve'))
+_JAXPRS = (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)
 
 
 def _taps(size: int, kernel: int, stride: int, low: int, lhs_dilation: int,
@@ -91,14 +98,14 @@ def _eqn_flops(eqn) -> int:
                  padding=params['padding'],
                  lhs_dilation=params['lhs_dilation'],
                  rhs_dilation=params['rhs_dilation'], feature_group_count=1)
-  if name in _UNCOUNTED_LINALG:
-    raise NotImplementedError(f'no FLOP count for {name}; add it to '
-                              'experiments/flops.py')
   if name == 'cond':
     return max(of_jaxpr(b) for b in params['branches'])
-  inner = sum(of_jaxpr(v) for v in params.values()
-              if isinstance(v, (jax.extend.core.Jaxpr,
-                                jax.extend.core.ClosedJaxpr)))
+  hidden = any(isinstance(v, (tuple, list)) and any(
+      isinstance(e, _JAXPRS) for e in v) for v in params.values())
+  if name in _UNCOUNTED or hidden:
+    raise NotImplementedError(f'no FLOP count for {name}; add it to '
+                              'experiments/flops.py')
+  inner = sum(of_jaxpr(v) for v in params.values() if isinstance(v, _JAXPRS))
   if name == 'scan':
     return params['length'] * inner
   if name == 'shard_map':

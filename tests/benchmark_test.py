@@ -159,7 +159,7 @@ class WorkloadsTest(parameterized.TestCase):
         # start and the end (counted at each of the 9 steps).
         'feddf': (local + 2 * 450 * forward + 450 * train
                   + 2 * 50 * forward, 1.25),
-        # And its SVD, a lower bound.
+        # And its SVD, which is counted only approximately.
         'fedkd': (local, float('inf')),
     }
     if name in exact:

@@ -126,6 +126,20 @@ class RulesTest(parameterized.TestCase):
                x, k),
         3 * forward)
 
+  def test_grouped_convolution_gradients_count_as_its_forward(self):
+    # The kernel gradient of a grouped convolution groups its batch
+    # (`batch_group_count`): each product is still made once a pass.
+    conv = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (2, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=2)
+    x, k = _zeros(3, 7, 6, 4), _zeros(3, 2, 2, 6)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x, k: conv(x, k).sum(), 1))(x, k)
+    self.assertIn('batch_group_count=2', str(jaxpr))
+    self.assertEqual(
+        _count(jax.value_and_grad(lambda x, k: conv(x, k).sum(), (0, 1)),
+               x, k),
+        3 * _count(conv, x, k))
+
   def test_a_scan_counts_its_body_each_step(self):
     def fn(a):
       return jax.lax.scan(lambda c, _: (c @ a, None), a, None, length=7)[0]
@@ -152,9 +166,15 @@ class RulesTest(parameterized.TestCase):
     a = jax.device_put(_zeros(8, 4), jax.sharding.NamedSharding(mesh, split))
     self.assertEqual(_count(jax.jit(fn), a, _zeros(4, 3)), 2 * 8 * 3 * 4)
 
-  def test_linear_algebra_without_a_count_is_refused(self):
-    with self.assertRaisesRegex(NotImplementedError, 'no FLOP count for svd'):
-      _count(lambda a: jnp.linalg.svd(a)[1], _zeros(4, 3))
+  @parameterized.parameters(
+      ('svd', lambda a: jnp.linalg.svd(a)[1]),
+      # Its computations sit in a tuple, where the walk does not look.
+      ('custom_linear_solve', lambda a: jax.lax.custom_linear_solve(
+          lambda x: a @ x, a[:, 0], lambda mv, b: b)))
+  def test_what_it_cannot_count_is_refused(self, name, fn):
+    with self.assertRaisesRegex(NotImplementedError,
+                                f'no FLOP count for {name}'):
+      _count(fn, _zeros(3, 3))
 
 
 class ModelsTest(parameterized.TestCase):
