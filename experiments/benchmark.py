@@ -82,7 +82,8 @@ counts: FedDF's proxy logits and server distillation (and its validation
 at every server step, where it runs every `distill_eval_every`: an upper
 bound), FedMD's digest of the public data, FedNTD's global model, the
 weighted mean of the uploads; FedKD's SVD approximately (its loop over
-blocks of eigenvectors counted once). Activations, norms, pooling, losses
+blocks of eigenvectors counted once); the table marks such guesses with ~
+(the JSON row's `flops_exact`). Activations, norms, pooling, losses
 and optimizer updates are left out: `tests/flops_test.py` checks that XLA's
 cost analysis of one training step, lowered with XLA's own dot and
 convolution ops, counts at most 10% more. XLA's count of the whole round
@@ -437,8 +438,8 @@ def compiled_round(alg, state, data, shard_data: bool = True,
   return run, compiled, compile_seconds, chunk
 
 
-def round_flops(alg, state, data, clients_per_round: int) -> int:
-  """Matmul and conv FLOPs (`experiments.flops`) of a round of
+def round_flops(alg, state, data, clients_per_round: int) -> flops.Count:
+  """Matmul and conv FLOPs (`experiments.flops.Count`) of a round of
   `sampled_cohort`'s `clients_per_round` clients of `data`, traced on one
   device with all of them at once: the padded client slots that a round
   split over devices or chunks computes too are not counted. (Clients of
@@ -608,7 +609,8 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
       alg, state, data, shard_data, clients_per_chunk, num_clients,
       client_step_bytes(workload))
   # Counted before the timing, which an uncountable round would waste.
-  gflops = round_flops(alg, state, data, num_clients) / 1e9
+  counted = round_flops(alg, state, data, num_clients)
+  gflops = counted.flops / 1e9
   arms = {'vmapped': (run, None)}
   cohort, _ = sampled_cohort(alg, population, num_clients,
                              sharding.make_mesh(1))
@@ -642,6 +644,7 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
       loop_over_vmapped=looped and looped / vmapped,
       torch_over_vmapped=torch_s and torch_s / vmapped,
       gflops_per_round=gflops, vmapped_gflop_s=gflops / vmapped,
+      flops_exact=counted.exact,
       matmul_peak_gflop_s=peak,
       # ru_maxrss is in KiB on Linux; the peak so far in this process.
       peak_host_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -657,6 +660,7 @@ def markdown_table(rows: list[dict]) -> str:
   # Two decimals: 1.46x must not print as the 1.5x it falls short of.
   ratio = lambda x: f'{x:.2f}x' if x else '-'
   for r in rows:
+    about = '' if r['flops_exact'] else '~'  # `experiments.flops.Count`
     loop_s = f'{r["loop_s"]:.4f}' if r['loop_s'] else '-'
     torch_s = (f'{r["torch_s"]:.4f} ({r["torch_threads"]}t)' if r['torch_s']
                else '-')
@@ -664,7 +668,8 @@ def markdown_table(rows: list[dict]) -> str:
         f'| {r["clients"]} | {r["vmapped_s"]:.4f} | {r["compile_s"]:.2f} | '
         f'{loop_s} | {torch_s} | '
         f'{ratio(r["loop_over_vmapped"])} | {ratio(r["torch_over_vmapped"])} '
-        f'| {r["gflops_per_round"]:.2f} | {r["vmapped_gflop_s"]:.1f} | '
+        f'| {about}{r["gflops_per_round"]:.2f} | '
+        f'{about}{r["vmapped_gflop_s"]:.1f} | {about}'
         f'{100 * r["vmapped_gflop_s"] / r["matmul_peak_gflop_s"]:.1f}% |')
   return '\n'.join(lines)
 

@@ -1,6 +1,6 @@
 """The matmul and convolution FLOPs a traced JAX computation executes.
 
-    flops.of_jaxpr(jax.jit(fn).trace(*args).jaxpr)
+    flops.of_jaxpr(jax.jit(fn).trace(*args).jaxpr)  # Count(flops, exact)
 
 Counted from the jaxpr, so every algorithm's round is counted as it runs:
 local training, and also what some algorithms add to it (FedDF's ensemble
@@ -14,16 +14,17 @@ FLOPs:
   taps that land on an input element, not on padding or on the holes of an
   input dilation (a strided convolution's input gradient). XLA's cost
   analysis counts the same way.
-* Loops and calls: a `scan` counts its body `length` times; a `cond` its
-  costliest branch, which is exact for `jax.lax.platform_dependent` (its
-  branches compute the same) and an upper bound where data choose the
-  branch (FedDF's server scores its validation split in a `cond` at every
-  step, and runs it every `distill_eval_every` steps); a `shard_map` its
-  body once a device it splits over (the body sees one device's share); a
-  `while_loop` its body and condition once, whatever its data-dependent
-  trip count. FedKD's SVD finds the kept directions by blocks of 16, the
-  first before its `while_loop` and the rest in it: its count is low where
-  the rank takes three blocks or more, high where one is enough.
+* Loops and calls: a `scan` counts its body `length` times; a `shard_map`
+  its body once a device it splits over (the body sees one device's
+  share); a `cond` its costliest branch, and a `while_loop` its body and
+  condition once, whatever its trip count. The count is then `exact` only
+  if the branches count the same (as `jax.lax.platform_dependent`'s do)
+  and the loop body counts nothing. Otherwise it is a guess: FedDF's server
+  scores its validation split in a `cond` at every step, and runs it every
+  `distill_eval_every` steps (an overcount); FedKD's SVD finds the kept
+  directions by blocks of 16, the first before its `while_loop` and the
+  rest in it (low where the rank takes three blocks or more, high where one
+  is enough).
 
 What is computed counts, masked or not: `experiments.benchmark` traces its
 rounds on one device with every client at once, so that no padded client
@@ -36,6 +37,7 @@ rather than counting nothing.
 """
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.extend.core
@@ -61,6 +63,26 @@ def _taps(size: int, kernel: int, stride: int, low: int, lhs_dilation: int,
   return count
 
 
+def _conv_flops(eqn) -> int:
+  """FLOPs of `lax.conv_general_dilated` or of `fedkd.conv_cpu`'s primitive
+  (NHWC input, HWIO kernel, NHWC output, no groups)."""
+  params = eqn.params
+  shapes = [v.aval.shape for v in (*eqn.invars, eqn.outvars[0])]
+  if eqn.primitive.name == 'fedkd_conv_nhwc':
+    return _conv(*shapes, lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                 out_spec=(0, 3, 1, 2), strides=params['strides'],
+                 padding=params['padding'],
+                 lhs_dilation=params['lhs_dilation'],
+                 rhs_dilation=params['rhs_dilation'], feature_group_count=1)
+  dims = params['dimension_numbers']
+  return _conv(*shapes, lhs_spec=dims.lhs_spec, rhs_spec=dims.rhs_spec,
+               out_spec=dims.out_spec, strides=params['window_strides'],
+               padding=params['padding'],
+               lhs_dilation=params['lhs_dilation'],
+               rhs_dilation=params['rhs_dilation'],
+               feature_group_count=params['feature_group_count'])
+
+
 def _conv(lhs, rhs, out, *, lhs_spec, rhs_spec, out_spec, strides, padding,
           lhs_dilation, rhs_dilation, feature_group_count) -> int:
   """FLOPs of a convolution; specs index (batch, feature, spatial...) of
@@ -74,47 +96,52 @@ def _conv(lhs, rhs, out, *, lhs_spec, rhs_spec, out_spec, strides, padding,
           * lhs[lhs_spec[1]] // feature_group_count * taps)
 
 
-def _eqn_flops(eqn) -> int:
-  """FLOPs of one equation, its sub-computations included."""
+class Count(NamedTuple):
+  """FLOPs, and whether they are what runs: False where a `while_loop` or a
+  data-chosen `cond` with matmuls or convolutions makes them a guess."""
+  flops: int
+  exact: bool
+
+  def __add__(self, other: 'Count') -> 'Count':
+    return Count(self.flops + other.flops, self.exact and other.exact)
+
+  def times(self, n: int) -> 'Count':
+    return Count(n * self.flops, self.exact)
+
+
+def _eqn_count(eqn) -> Count:
+  """The count of one equation, its sub-computations included."""
   name, params = eqn.primitive.name, eqn.params
   shape = lambda v: v.aval.shape
   if name == 'dot_general':
     (contracted, _), _ = params['dimension_numbers']
-    return 2 * math.prod(shape(eqn.outvars[0])) * math.prod(
-        shape(eqn.invars[0])[d] for d in contracted)
-  if name == 'conv_general_dilated':
-    dims = params['dimension_numbers']
-    return _conv(*map(shape, (*eqn.invars, eqn.outvars[0])),
-                 lhs_spec=dims.lhs_spec, rhs_spec=dims.rhs_spec,
-                 out_spec=dims.out_spec, strides=params['window_strides'],
-                 padding=params['padding'],
-                 lhs_dilation=params['lhs_dilation'],
-                 rhs_dilation=params['rhs_dilation'],
-                 feature_group_count=params['feature_group_count'])
-  if name == 'fedkd_conv_nhwc':  # NHWC, HWIO, NHWC
-    return _conv(*map(shape, (*eqn.invars, eqn.outvars[0])),
-                 lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
-                 out_spec=(0, 3, 1, 2), strides=params['strides'],
-                 padding=params['padding'],
-                 lhs_dilation=params['lhs_dilation'],
-                 rhs_dilation=params['rhs_dilation'], feature_group_count=1)
+    return Count(2 * math.prod(shape(eqn.outvars[0])) * math.prod(
+        shape(eqn.invars[0])[d] for d in contracted), True)
+  if name in ('conv_general_dilated', 'fedkd_conv_nhwc'):
+    return Count(_conv_flops(eqn), True)
   if name == 'cond':
-    return max(of_jaxpr(b) for b in params['branches'])
+    branches = [of_jaxpr(b) for b in params['branches']]
+    flops = {b.flops for b in branches}
+    return Count(max(flops),
+                 len(flops) == 1 and all(b.exact for b in branches))
   hidden = any(isinstance(v, (tuple, list)) and any(
       isinstance(e, _JAXPRS) for e in v) for v in params.values())
   if name in _UNCOUNTED or hidden:
     raise NotImplementedError(f'no FLOP count for {name}; add it to '
                               'experiments/flops.py')
-  inner = sum(of_jaxpr(v) for v in params.values() if isinstance(v, _JAXPRS))
+  inner = sum((of_jaxpr(v) for v in params.values()
+               if isinstance(v, _JAXPRS)), Count(0, True))
   if name == 'scan':
-    return params['length'] * inner
+    return inner.times(params['length'])
   if name == 'shard_map':
-    return math.prod(params['mesh'].shape[a]
-                     for a in params['newly_manual_axes']) * inner
+    return inner.times(math.prod(params['mesh'].shape[a]
+                                 for a in params['newly_manual_axes']))
+  if name == 'while':
+    return Count(inner.flops, inner.flops == 0)
   return inner
 
 
-def of_jaxpr(jaxpr) -> int:
+def of_jaxpr(jaxpr) -> Count:
   """Matmul and convolution FLOPs of a `Jaxpr` or `ClosedJaxpr`."""
   jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
-  return sum(_eqn_flops(eqn) for eqn in jaxpr.eqns)
+  return sum(map(_eqn_count, jaxpr.eqns), Count(0, True))

@@ -13,8 +13,15 @@ from fedkd import losses
 from fedkd import models
 
 
-def _count(fn, *args) -> int:
+def _count(fn, *args) -> flops.Count:
   return flops.of_jaxpr(jax.make_jaxpr(fn)(*args))
+
+
+def _exact(fn, *args) -> int:
+  """The FLOPs of `fn(*args)`, which must be exact."""
+  counted = _count(fn, *args)
+  assert counted.exact, counted
+  return counted.flops
 
 
 def _zeros(*shape):
@@ -71,7 +78,7 @@ class RulesTest(parameterized.TestCase):
 
   def test_dot_general(self):
     # A batch of 3 [4, 5] x [5, 6] products: 2 x 3 x 4 x 6 x 5.
-    self.assertEqual(_count(lambda a, b: jnp.einsum('bij,bjk->bik', a, b),
+    self.assertEqual(_exact(lambda a, b: jnp.einsum('bij,bjk->bik', a, b),
                             _zeros(3, 4, 5), _zeros(3, 5, 6)),
                      2 * 3 * 4 * 6 * 5)
 
@@ -99,7 +106,7 @@ class RulesTest(parameterized.TestCase):
         lhs_dilation, rhs_dilation,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC')).sum())
     self.assertEqual(
-        _count(conv, _zeros(batch, *size, cin),
+        _exact(conv, _zeros(batch, *size, cin),
                _zeros(*kernel, cin // groups, cout)),
         2 * batch * cout * (cin // groups) * taps)
 
@@ -116,13 +123,13 @@ class RulesTest(parameterized.TestCase):
         isinstance(padding, str)) else padding
     conv = lambda x, k: conv_cpu.conv(x, k, strides=strides, padding=pads)
     x, k = _zeros(2, *size, 3), _zeros(*kernel, 3, 5)
-    forward = _count(conv, x, k)
-    self.assertEqual(forward, _count(
+    forward = _exact(conv, x, k)
+    self.assertEqual(forward, _exact(
         lambda x, k: jax.lax.conv_general_dilated(
             x, k, strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC')),
         x, k))
     self.assertEqual(
-        _count(jax.value_and_grad(lambda x, k: conv(x, k).sum(), (0, 1)),
+        _exact(jax.value_and_grad(lambda x, k: conv(x, k).sum(), (0, 1)),
                x, k),
         3 * forward)
 
@@ -136,24 +143,37 @@ class RulesTest(parameterized.TestCase):
     jaxpr = jax.make_jaxpr(jax.grad(lambda x, k: conv(x, k).sum(), 1))(x, k)
     self.assertIn('batch_group_count=2', str(jaxpr))
     self.assertEqual(
-        _count(jax.value_and_grad(lambda x, k: conv(x, k).sum(), (0, 1)),
+        _exact(jax.value_and_grad(lambda x, k: conv(x, k).sum(), (0, 1)),
                x, k),
-        3 * _count(conv, x, k))
+        3 * _exact(conv, x, k))
 
   def test_a_scan_counts_its_body_each_step(self):
     def fn(a):
       return jax.lax.scan(lambda c, _: (c @ a, None), a, None, length=7)[0]
-    self.assertEqual(_count(fn, _zeros(4, 4)), 7 * 2 * 4**3)
+    self.assertEqual(_exact(fn, _zeros(4, 4)), 7 * 2 * 4**3)
 
-  def test_a_cond_counts_its_costliest_branch(self):
+  def test_a_cond_counts_its_costliest_branch_as_a_guess(self):
     def fn(a, b):
       return jax.lax.cond(a.sum() > 0, lambda: a @ a @ a, lambda: a + b)
-    self.assertEqual(_count(fn, _zeros(4, 4), _zeros(4, 4)), 2 * 2 * 4**3)
+    self.assertEqual(_count(fn, _zeros(4, 4), _zeros(4, 4)),
+                     flops.Count(2 * 2 * 4**3, exact=False))
 
-  def test_a_while_loop_counts_its_body_once(self):
+  def test_a_cond_of_equal_branches_is_exact(self):
+    fn = lambda a: jax.lax.platform_dependent(
+        a, cpu=lambda a: a @ a, default=lambda a: a @ a.T)
+    self.assertEqual(_exact(fn, _zeros(4, 4)), 2 * 4**3)
+
+  def test_a_while_loop_counts_its_body_once_as_a_guess(self):
     def fn(a):
       return jax.lax.while_loop(lambda c: c[0, 0] < 10, lambda c: c @ a, a)
-    self.assertEqual(_count(fn, _zeros(4, 4)), 2 * 4**3)
+    self.assertEqual(_count(fn, _zeros(4, 4)),
+                     flops.Count(2 * 4**3, exact=False))
+
+  def test_a_while_loop_without_matmuls_is_exact(self):
+    def fn(a):
+      a = jax.lax.while_loop(lambda c: c[0, 0] < 10, lambda c: c + 1, a)
+      return a @ a
+    self.assertEqual(_exact(fn, _zeros(4, 4)), 2 * 4**3)
 
   def test_a_shard_map_counts_its_body_on_every_device(self):
     # The tests' 8 devices each multiply their [1, 4] rows by [4, 3]: the
@@ -164,7 +184,7 @@ class RulesTest(parameterized.TestCase):
                        in_specs=(split, jax.sharding.PartitionSpec()),
                        out_specs=split)
     a = jax.device_put(_zeros(8, 4), jax.sharding.NamedSharding(mesh, split))
-    self.assertEqual(_count(jax.jit(fn), a, _zeros(4, 3)), 2 * 8 * 3 * 4)
+    self.assertEqual(_exact(jax.jit(fn), a, _zeros(4, 3)), 2 * 8 * 3 * 4)
 
   @parameterized.parameters(
       ('svd', lambda a: jnp.linalg.svd(a)[1]),
@@ -183,12 +203,12 @@ class ModelsTest(parameterized.TestCase):
                             'mnist_cnn')
   def test_a_training_step_by_hand(self, name):
     step, params = training_step(models.get_model(name, 10), 10, SHAPES[name])
-    self.assertEqual(_count(step, params), 10 * training(LAYERS[name]))
+    self.assertEqual(_exact(step, params), 10 * training(LAYERS[name]))
 
   def test_resnet8_gn_training_step_by_hand(self):
     step, params = training_step(models.get_model('resnet8_gn', 10), 10,
                                  SHAPES['resnet8_gn'])
-    self.assertIn(_count(step, params),
+    self.assertIn(_exact(step, params),
                   [10 * training(LAYERS[f'resnet8_gn_{pad}'])
                    for pad in _STRIDED])
 
@@ -205,7 +225,7 @@ class ModelsTest(parameterized.TestCase):
     conv = layers.Conv(4, (3, 3), (2, 2), padding)
     x = _zeros(1, 4, 4, 3)
     params = jax.eval_shape(conv.init, jax.random.PRNGKey(0), x)
-    self.assertEqual(_count(conv.apply, params, x), 2 * 3 * 4 * taps)
+    self.assertEqual(_exact(conv.apply, params, x), 2 * 3 * 4 * taps)
 
   @parameterized.parameters(*SHAPES)
   def test_close_to_xla_count_of_one_training_step(self, name):
@@ -215,7 +235,7 @@ class ModelsTest(parameterized.TestCase):
     # activations, norms, the loss and the update.
     xla = jax.jit(step).trace(params).lower(
         lowering_platforms=('cuda',)).cost_analysis()['flops']
-    self.assertBetween(xla / _count(step, params), 1.0, 1.1)
+    self.assertBetween(xla / _exact(step, params), 1.0, 1.1)
 
 
 if __name__ == '__main__':
