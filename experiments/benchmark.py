@@ -438,15 +438,14 @@ def compiled_round(alg, state, data, shard_data: bool = True,
   return run, compiled, compile_seconds, chunk
 
 
-def round_flops(alg, state, data, clients_per_round: int) -> flops.Count:
+def round_flops(alg, state, data, cohort) -> flops.Count:
   """Matmul and conv FLOPs (`experiments.flops.Count`) of a round of
-  `sampled_cohort`'s `clients_per_round` clients of `data`, traced on one
-  device with all of them at once: the padded client slots that a round
-  split over devices or chunks computes too are not counted. (Clients of
-  several architectures get as many slots each as the most numerous, as in
-  every round: there that padding counts.)"""
+  `cohort` (`sampled_cohort` on one device, all clients at once), traced on
+  one device: the padded client slots that a round split over devices or
+  chunks computes too are not counted. (Clients of several architectures
+  get as many slots each as the most numerous, as in every round: there
+  that padding counts.)"""
   mesh = sharding.make_mesh(1)
-  cohort, _ = sampled_cohort(alg, data.num_clients, clients_per_round, mesh)
   alg = algorithm.with_round(alg, clients_per_chunk=0)
   shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                         (state, data, cohort, jax.random.PRNGKey(2)))
@@ -608,12 +607,12 @@ def benchmark(name: str, workload: Workload, num_clients: int, *,
   run, _, compile_s, chunk = compiled_round(
       alg, state, data, shard_data, clients_per_chunk, num_clients,
       client_step_bytes(workload))
-  # Counted before the timing, which an uncountable round would waste.
-  counted = round_flops(alg, state, data, num_clients)
-  gflops = counted.flops / 1e9
   arms = {'vmapped': (run, None)}
   cohort, _ = sampled_cohort(alg, population, num_clients,
                              sharding.make_mesh(1))
+  # Counted before the timing, which an uncountable round would waste.
+  counted = round_flops(alg, state, data, cohort)
+  gflops = counted.flops / 1e9
   if loop:
     arms['loop'] = loop_arm(
         alg, jax.device_put(state, jax.devices()[0]),

@@ -42,6 +42,8 @@ from typing import NamedTuple
 import jax
 import jax.extend.core
 
+from fedkd import conv_cpu
+
 _UNCOUNTED = frozenset((
     'cholesky', 'cholesky_update', 'eig', 'eigh', 'fft', 'geqp3', 'geqrf',
     'hessenberg', 'householder_product', 'lu', 'ormqr', 'pallas_call', 'qr',
@@ -65,22 +67,22 @@ def _taps(size: int, kernel: int, stride: int, low: int, lhs_dilation: int,
 
 def _conv_flops(eqn) -> int:
   """FLOPs of `lax.conv_general_dilated` or of `fedkd.conv_cpu`'s primitive
-  (NHWC input, HWIO kernel, NHWC output, no groups)."""
+  (which has its layouts and no groups)."""
   params = eqn.params
   shapes = [v.aval.shape for v in (*eqn.invars, eqn.outvars[0])]
   if eqn.primitive.name == 'fedkd_conv_nhwc':
-    return _conv(*shapes, lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
-                 out_spec=(0, 3, 1, 2), strides=params['strides'],
-                 padding=params['padding'],
-                 lhs_dilation=params['lhs_dilation'],
-                 rhs_dilation=params['rhs_dilation'], feature_group_count=1)
-  dims = params['dimension_numbers']
+    dims = jax.lax.conv_dimension_numbers(shapes[0], shapes[1],
+                                          conv_cpu.DIMENSIONS)
+    strides, groups = params['strides'], 1
+  else:
+    dims = params['dimension_numbers']
+    strides, groups = params['window_strides'], params['feature_group_count']
   return _conv(*shapes, lhs_spec=dims.lhs_spec, rhs_spec=dims.rhs_spec,
-               out_spec=dims.out_spec, strides=params['window_strides'],
+               out_spec=dims.out_spec, strides=strides,
                padding=params['padding'],
                lhs_dilation=params['lhs_dilation'],
                rhs_dilation=params['rhs_dilation'],
-               feature_group_count=params['feature_group_count'])
+               feature_group_count=groups)
 
 
 def _conv(lhs, rhs, out, *, lhs_spec, rhs_spec, out_spec, strides, padding,

@@ -45,7 +45,8 @@ from jax.interpreters import mlir
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
+# The layouts of XLA:CPU's fast convolution (input, kernel, output).
+DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 # Clients with their own kernels up to this many run unrolled, more in a loop.
 _MAX_UNROLLED = 8
 
@@ -56,7 +57,7 @@ def xla_conv(x, kernel, *, strides, padding, lhs_dilation=(1, 1),
   differentiates and batches it (what other backends run)."""
   return jax.lax.conv_general_dilated(
       x, kernel, strides, padding, lhs_dilation, rhs_dilation,
-      dimension_numbers=_DIMENSIONS)
+      dimension_numbers=DIMENSIONS)
 
 
 _conv_p = Primitive('fedkd_conv_nhwc')

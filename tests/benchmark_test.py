@@ -31,12 +31,10 @@ except ImportError:  # torch is the optional `bench` extra.
   torch = None
 
 
-
 def _params(name: str) -> int:
-  shape = flops_test.SHAPES[name]
-  return sum(p.size for p in jax.tree.leaves(jax.eval_shape(
+  return models.num_params(jax.eval_shape(
       models.get_model(name, 10).init, jax.random.PRNGKey(0),
-      jnp.zeros((1, *shape)))))
+      jnp.zeros((1, *flops_test.SHAPES[name]))))
 
 
 def _trained(layers, examples: int, num_clients: int, shared: str) -> int:
