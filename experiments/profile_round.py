@@ -22,18 +22,24 @@ pool's `reduce_sum`). Ops that run on several threads at once count once per
 thread, so on 2 cores the total can reach twice the wall time; a plain `dot`
 (not a `ynn_fusion`) is handed to Eigen's pool and shows little more than its
 dispatch. Loops and calls (`while`, `conditional`, `call`) are left out: the
-ops of their bodies are listed themselves. CPU only: on an accelerator, open
-the trace in TensorBoard's profile plugin instead.
+ops of their bodies are listed themselves. A second table gives each device's
+milliseconds per round in ops and in collectives: a collective lasts until
+every device reaches it, so a device that finished its clients early shows
+the wait there (on a CPU split into a device per core, a core slowed by
+another tenant of the host shows as the other device's wait). CPU only: on
+an accelerator, open the trace in TensorBoard's profile plugin instead.
 
 This is how fedkd's CPU kernels (`fedkd/layers.py`) were chosen.
 """
 
 import collections
+from collections.abc import Collection
 import glob
 import os
 import re
 import sys
 import tempfile
+from typing import NamedTuple
 
 from absl import flags
 import jax
@@ -50,26 +56,45 @@ FLAGS = flags.FLAGS
 _TOP = flags.DEFINE_integer('top', 20, 'Ops to print per round.',
                             lower_bound=1)
 
-# Wrappers around the ops on XLA's threads, and control flow, whose events
-# can span the ops of their bodies: not ops themselves.
-_NOT_OPS = ('ThunkExecutor', 'SlinkyThreadPool', 'while', 'conditional',
-            'call')
+# Control flow, whose events span the ops of their bodies: not ops themselves.
+_CONTROL_FLOW = ('while', 'conditional', 'call')
 
 
-def op_times(trace_dir: str) -> tuple[collections.Counter,
-                                       collections.Counter]:
-  """(nanoseconds, executions) per HLO op name on XLA's CPU threads."""
-  nanoseconds, executions = collections.Counter(), collections.Counter()
+class Trace(NamedTuple):
+  """What XLA's CPU threads ran, from a `jax.profiler` trace."""
+  nanoseconds: collections.Counter  # per HLO op
+  executions: collections.Counter  # per HLO op
+  busy: collections.Counter  # nanoseconds per device, collectives left out
+  collectives: collections.Counter  # nanoseconds per device in collectives
+
+
+def read_trace(trace_dir: str, collectives: Collection[str] = ()) -> Trace:
+  """The HLO ops (events that name one) on XLA's CPU threads of the trace;
+  `collectives`: the names of its collective ops (`collective_ops`)."""
+  trace = Trace(*(collections.Counter() for _ in Trace._fields))
   for path in glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True):
     for plane in jax.profiler.ProfileData.from_file(path).planes:
       for line in plane.lines:
         if not line.name.startswith('tf_XLA'):
           continue
         for event in line.events:
-          if not event.name.startswith(_NOT_OPS):
-            nanoseconds[event.name] += event.duration_ns
-            executions[event.name] += 1
-  return nanoseconds, executions
+          stats = dict(event.stats)
+          if 'hlo_op' not in stats or event.name.startswith(_CONTROL_FLOW):
+            continue
+          trace.nanoseconds[event.name] += event.duration_ns
+          trace.executions[event.name] += 1
+          by_kind = (trace.collectives if event.name in collectives
+                     else trace.busy)
+          by_kind[stats.get('device_ordinal', 0)] += event.duration_ns
+  return trace
+
+
+def collective_ops(hlo_text: str) -> set[str]:
+  """The names of the HLO module's collective ops, whose events last until
+  every device has reached them."""
+  return set(re.findall(
+      r'%([\w.-]+) = .*? (?:all-reduce|all-gather|reduce-scatter|all-to-all|'
+      r'collective-permute)(?:-start)?\(', hlo_text))
 
 
 def op_sources(hlo_text: str) -> dict[str, str]:
@@ -134,15 +159,16 @@ def profile(name: str, workload: benchmark.Workload, num_clients: int,
       alg, state, data, FLAGS.shard_data, FLAGS.clients_per_chunk, num_clients,
       step_bytes=benchmark.client_step_bytes(workload))
   run()  # the first execution's one-off costs stay out of the trace
+  hlo_text = compiled.as_text()
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
       for _ in range(rounds):
         run()
-    nanoseconds, executions = op_times(trace_dir)
+    trace = read_trace(trace_dir, collective_ops(hlo_text))
+  nanoseconds, executions = trace.nanoseconds, trace.executions
   if not nanoseconds:
     raise FedkdError('the trace holds no XLA CPU ops; this jaxlib names its '
                      'threads differently')
-  hlo_text = compiled.as_text()
   sources, lines = op_sources(hlo_text), op_lines(hlo_text)
   named = principal_ops(hlo_text)
   ms = lambda ns: ns / rounds / 1e6
@@ -154,6 +180,11 @@ def profile(name: str, workload: benchmark.Workload, num_clients: int,
     by = named.get(op, op)
     print(f'| {ms(ns):.2f} | {executions[op] // rounds} | {op} | '
           f'{sources.get(by, "")} | {lines.get(by, "")} |')
+  print('\n| device | ms/round in ops | ms/round in collectives |\n'
+        '| ---: | ---: | ---: |')
+  for device in sorted(trace.busy.keys() | trace.collectives.keys()):
+    print(f'| {device} | {ms(trace.busy[device]):.2f} | '
+          f'{ms(trace.collectives[device]):.2f} |')
 
 
 def main(argv):

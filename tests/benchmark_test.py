@@ -8,12 +8,14 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 from absl.testing import absltest
 from absl.testing import flagsaver
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from experiments import benchmark
 from experiments import fedkd_cost
@@ -259,13 +261,19 @@ class ProfileRoundTest(absltest.TestCase):
          '--clients=2', '--rounds=1', '--top=1000'],
         env=toys.subprocess_env(devices=1), cwd=_REPO, capture_output=True,
         text=True, timeout=300, check=True).stdout
-    lines = out.splitlines()
+    ops, devices = out.split('| device |')
     total = float(re.search(r': ([\d.]+) ms of ops per round', out)[1])
-    rows = [[cell.strip() for cell in line.split('|')[1:-1]]
-            for line in lines if re.match(r'\| \d', line)]
+    table = lambda text: [[cell.strip() for cell in line.split('|')[1:-1]]
+                          for line in text.splitlines()
+                          if re.match(r'\| \d', line)]
+    rows = table(ops)
     self.assertNotEmpty(rows)
-    # Every op is listed (top=1000): the rows add up to the total.
+    # Every op is listed (top=1000): the rows add up to the total, and so
+    # do the one device's ops and collectives.
     self.assertAlmostEqual(sum(float(r[0]) for r in rows), total, delta=1)
+    (device, busy, collectives), = table(devices)
+    self.assertEqual(device, '0')
+    self.assertAlmostEqual(float(busy) + float(collectives), total, delta=0.1)
     # The Dense layers' forward dots, once per local step (2 clients x 50
     # examples / B=10: 5 steps, the clients vmapped into one op), emitted by
     # fedkd.layers.dense.
@@ -275,6 +283,33 @@ class ProfileRoundTest(absltest.TestCase):
     self.assertTrue(all(int(runs) == 5 for runs in dense), rows)
     self.assertTrue(any(re.fullmatch(r'layers\.py:\d+ dense', code)
                         for *_, code in rows), rows)
+
+  def test_each_devices_ops_and_collectives(self):
+    # A psum over the tests' 8 devices: each device computes, then waits in
+    # the all-reduce; the per-device times split the same events as the
+    # per-op times.
+    mesh = jax.make_mesh((jax.device_count(),), ('d',))
+    total = jax.jit(jax.shard_map(
+        lambda x: jax.lax.psum(jnp.sin(x) @ x.T, 'd'), mesh=mesh,
+        in_specs=P('d'), out_specs=P()))
+    x = jax.device_put(jnp.ones((jax.device_count() * 64, 64)),
+                       jax.NamedSharding(mesh, P('d')))
+    total(x).block_until_ready()
+    collectives = profile_round.collective_ops(
+        total.lower(x).compile().as_text())
+    self.assertLen(collectives, 1)  # the psum's all-reduce
+    with tempfile.TemporaryDirectory() as trace_dir:
+      with jax.profiler.trace(trace_dir):
+        total(x).block_until_ready()
+      trace = profile_round.read_trace(trace_dir, collectives)
+    devices = set(range(jax.device_count()))
+    self.assertEqual(set(trace.busy), devices)
+    self.assertEqual(set(trace.collectives), devices)
+    self.assertTrue(all(trace.collectives.values()), trace.collectives)
+    self.assertEqual(sum(trace.busy.values()) + sum(trace.collectives.values()),
+                     sum(trace.nanoseconds.values()))
+    self.assertEqual(sum(trace.collectives.values()),
+                     sum(trace.nanoseconds[op] for op in collectives))
 
   def test_a_fusion_is_named_after_the_dot_it_holds(self):
     # Trimmed from a cnn_fedavg round: XLA names the fusion after its root
