@@ -18,16 +18,17 @@ the second conv's gradients) and the line of fedkd's code that emitted it
 `conv_cpu.py:79 conv`). A fusion that holds a matmul or convolution is named
 after it, since that is where its time goes (XLA names a fusion after its
 root: a dot fused with the division of a max-pool's gradient reads as the
-pool's `reduce_sum`). Ops that run on several threads at once count once per
-thread, so on 2 cores the total can reach twice the wall time; a plain `dot`
-(not a `ynn_fusion`) is handed to Eigen's pool and shows little more than its
+pool's `reduce_sum`). Times are summed over threads, so with a device per
+core the total can reach the cores times the wall time; a plain `dot` (not
+a `ynn_fusion`) is handed to Eigen's pool and shows little more than its
 dispatch. Loops and calls (`while`, `conditional`, `call`) are left out: the
-ops of their bodies are listed themselves. A second table gives each device's
-milliseconds per round in ops and in collectives: a collective lasts until
-every device reaches it, so a device that finished its clients early shows
-the wait there (on a CPU split into a device per core, a core slowed by
-another tenant of the host shows as the other device's wait). CPU only: on
-an accelerator, open the trace in TensorBoard's profile plugin instead.
+ops of their bodies are listed themselves. Collectives are listed too, and
+a collective lasts until every device reaches it: its time includes the
+wait. A second table splits each device's milliseconds per round into ops
+and collectives, so a device that finished its clients early shows its wait
+there (on a CPU split into a device per core, a slower core shows as the
+other device's wait). CPU only: on an accelerator, open the trace in
+TensorBoard's profile plugin instead.
 
 This is how fedkd's CPU kernels (`fedkd/layers.py`) were chosen.
 """
@@ -57,7 +58,11 @@ _TOP = flags.DEFINE_integer('top', 20, 'Ops to print per round.',
                             lower_bound=1)
 
 # Control flow, whose events span the ops of their bodies: not ops themselves.
-_CONTROL_FLOW = ('while', 'conditional', 'call')
+CONTROL_FLOW = ('while', 'conditional', 'call')
+# Collectives, whose events last until every device has reached them.
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
+               'ragged-all-to-all', 'collective-permute',
+               'collective-broadcast')
 
 
 class Trace(NamedTuple):
@@ -68,9 +73,21 @@ class Trace(NamedTuple):
   collectives: collections.Counter  # nanoseconds per device in collectives
 
 
-def read_trace(trace_dir: str, collectives: Collection[str] = ()) -> Trace:
-  """The HLO ops (events that name one) on XLA's CPU threads of the trace;
-  `collectives`: the names of its collective ops (`collective_ops`)."""
+def ops_by_opcode(hlo_text: str, opcodes: Collection[str]) -> set[str]:
+  """The names of the HLO module's ops with one of `opcodes` (async forms
+  included). XLA names ops after the JAX operation they came from (a psum's
+  all-reduce is `psum_invariant.7`), so only the opcode tells."""
+  either = '|'.join(re.escape(opcode) for opcode in opcodes)
+  # The result type, however nested its tuples, holds no '='.
+  return set(re.findall(
+      rf'%([\w.-]+) = [^=]*? (?:{either})(?:-start|-done)?\(', hlo_text))
+
+
+def read_trace(trace_dir: str, hlo_text: str) -> Trace:
+  """The HLO ops of `hlo_text` (the compiled module) on XLA's CPU threads of
+  the trace: its events that name an op, control flow left out."""
+  control_flow = ops_by_opcode(hlo_text, CONTROL_FLOW)
+  collectives = ops_by_opcode(hlo_text, COLLECTIVES)
   trace = Trace(*(collections.Counter() for _ in Trace._fields))
   for path in glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True):
     for plane in jax.profiler.ProfileData.from_file(path).planes:
@@ -79,22 +96,14 @@ def read_trace(trace_dir: str, collectives: Collection[str] = ()) -> Trace:
           continue
         for event in line.events:
           stats = dict(event.stats)
-          if 'hlo_op' not in stats or event.name.startswith(_CONTROL_FLOW):
+          if 'hlo_op' not in stats or event.name in control_flow:
             continue
           trace.nanoseconds[event.name] += event.duration_ns
           trace.executions[event.name] += 1
           by_kind = (trace.collectives if event.name in collectives
                      else trace.busy)
-          by_kind[stats.get('device_ordinal', 0)] += event.duration_ns
+          by_kind[stats.get('device_ordinal', '?')] += event.duration_ns
   return trace
-
-
-def collective_ops(hlo_text: str) -> set[str]:
-  """The names of the HLO module's collective ops, whose events last until
-  every device has reached them."""
-  return set(re.findall(
-      r'%([\w.-]+) = .*? (?:all-reduce|all-gather|reduce-scatter|all-to-all|'
-      r'collective-permute)(?:-start)?\(', hlo_text))
 
 
 def op_sources(hlo_text: str) -> dict[str, str]:
@@ -164,7 +173,7 @@ def profile(name: str, workload: benchmark.Workload, num_clients: int,
     with jax.profiler.trace(trace_dir):
       for _ in range(rounds):
         run()
-    trace = read_trace(trace_dir, collective_ops(hlo_text))
+    trace = read_trace(trace_dir, hlo_text)
   nanoseconds, executions = trace.nanoseconds, trace.executions
   if not nanoseconds:
     raise FedkdError('the trace holds no XLA CPU ops; this jaxlib names its '
@@ -182,7 +191,8 @@ def profile(name: str, workload: benchmark.Workload, num_clients: int,
           f'{sources.get(by, "")} | {lines.get(by, "")} |')
   print('\n| device | ms/round in ops | ms/round in collectives |\n'
         '| ---: | ---: | ---: |')
-  for device in sorted(trace.busy.keys() | trace.collectives.keys()):
+  for device in sorted(trace.busy.keys() | trace.collectives.keys(),
+                       key=str):
     print(f'| {device} | {ms(trace.busy[device]):.2f} | '
           f'{ms(trace.collectives[device]):.2f} |')
 

@@ -285,31 +285,45 @@ class ProfileRoundTest(absltest.TestCase):
                         for *_, code in rows), rows)
 
   def test_each_devices_ops_and_collectives(self):
-    # A psum over the tests' 8 devices: each device computes, then waits in
-    # the all-reduce; the per-device times split the same events as the
-    # per-op times.
+    # Over the tests' 8 devices, three local steps in a loop, then a psum:
+    # each device computes, then waits in the all-reduce.
     mesh = jax.make_mesh((jax.device_count(),), ('d',))
-    total = jax.jit(jax.shard_map(
-        lambda x: jax.lax.psum(jnp.sin(x) @ x.T, 'd'), mesh=mesh,
-        in_specs=P('d'), out_specs=P()))
+
+    def local(x):
+      x = jax.lax.fori_loop(0, 3, lambda _, x: jnp.sin(x) @ x.T, x)
+      return jax.lax.psum(x, 'd')
+
+    total = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P('d'),
+                                  out_specs=P()))
     x = jax.device_put(jnp.ones((jax.device_count() * 64, 64)),
                        jax.NamedSharding(mesh, P('d')))
+    hlo_text = total.lower(x).compile().as_text()
+    all_reduce, = profile_round.ops_by_opcode(hlo_text, ['all-reduce'])
+    loop, = profile_round.ops_by_opcode(hlo_text, ['while'])
     total(x).block_until_ready()
-    collectives = profile_round.collective_ops(
-        total.lower(x).compile().as_text())
-    self.assertLen(collectives, 1)  # the psum's all-reduce
     with tempfile.TemporaryDirectory() as trace_dir:
       with jax.profiler.trace(trace_dir):
         total(x).block_until_ready()
-      trace = profile_round.read_trace(trace_dir, collectives)
+      trace = profile_round.read_trace(trace_dir, hlo_text)
     devices = set(range(jax.device_count()))
+    # Only the module's ops (not the all-reduce's Rendezvous and Wait
+    # events), the all-reduce once per device; the loop's body three times
+    # per device, the loop itself not.
+    self.assertLessEqual(set(trace.executions),
+                         set(re.findall(r'%([\w.-]+) = ', hlo_text)))
+    self.assertEqual(trace.executions[all_reduce], len(devices))
+    self.assertNotIn(loop, trace.executions)
+    self.assertTrue(all(runs % len(devices) == 0
+                        for runs in trace.executions.values()),
+                    trace.executions)
+    self.assertTrue(any(runs == 3 * len(devices)
+                        for runs in trace.executions.values()),
+                    trace.executions)
     self.assertEqual(set(trace.busy), devices)
     self.assertEqual(set(trace.collectives), devices)
     self.assertTrue(all(trace.collectives.values()), trace.collectives)
-    self.assertEqual(sum(trace.busy.values()) + sum(trace.collectives.values()),
-                     sum(trace.nanoseconds.values()))
     self.assertEqual(sum(trace.collectives.values()),
-                     sum(trace.nanoseconds[op] for op in collectives))
+                     trace.nanoseconds[all_reduce])
 
   def test_a_fusion_is_named_after_the_dot_it_holds(self):
     # Trimmed from a cnn_fedavg round: XLA names the fusion after its root
