@@ -69,33 +69,22 @@ def _conv_flops(eqn) -> int:
   """FLOPs of `lax.conv_general_dilated` or of `fedkd.conv_cpu`'s primitive
   (which has its layouts and no groups)."""
   params = eqn.params
-  shapes = [v.aval.shape for v in (*eqn.invars, eqn.outvars[0])]
+  lhs, rhs, out = (v.aval.shape for v in (*eqn.invars, eqn.outvars[0]))
   if eqn.primitive.name == 'fedkd_conv_nhwc':
-    dims = jax.lax.conv_dimension_numbers(shapes[0], shapes[1],
-                                          conv_cpu.DIMENSIONS)
+    dims = jax.lax.conv_dimension_numbers(lhs, rhs, conv_cpu.DIMENSIONS)
     strides, groups = params['strides'], 1
   else:
     dims = params['dimension_numbers']
     strides, groups = params['window_strides'], params['feature_group_count']
-  return _conv(*shapes, lhs_spec=dims.lhs_spec, rhs_spec=dims.rhs_spec,
-               out_spec=dims.out_spec, strides=strides,
-               padding=params['padding'],
-               lhs_dilation=params['lhs_dilation'],
-               rhs_dilation=params['rhs_dilation'],
-               feature_group_count=groups)
-
-
-def _conv(lhs, rhs, out, *, lhs_spec, rhs_spec, out_spec, strides, padding,
-          lhs_dilation, rhs_dilation, feature_group_count) -> int:
-  """FLOPs of a convolution; specs index (batch, feature, spatial...) of
-  lhs and out, (out feature, in feature, spatial...) of rhs."""
+  # The specs index (batch, feature, spatial...) of lhs and out, and (out
+  # feature, in feature, spatial...) of rhs.
   taps = math.prod(
       _taps(lhs[l], rhs[r], s, low, ld, rd, out[o])
       for l, r, o, s, (low, _), ld, rd in zip(
-          lhs_spec[2:], rhs_spec[2:], out_spec[2:], strides, padding,
-          lhs_dilation, rhs_dilation))
-  return (2 * out[out_spec[0]] * out[out_spec[1]]
-          * lhs[lhs_spec[1]] // feature_group_count * taps)
+          dims.lhs_spec[2:], dims.rhs_spec[2:], dims.out_spec[2:], strides,
+          params['padding'], params['lhs_dilation'], params['rhs_dilation']))
+  return (2 * out[dims.out_spec[0]] * out[dims.out_spec[1]]
+          * lhs[dims.lhs_spec[1]] // groups * taps)
 
 
 class Count(NamedTuple):
