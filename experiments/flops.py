@@ -18,8 +18,12 @@ FLOPs:
   its body once a device it splits over (the body sees one device's
   share); a `cond` its costliest branch, and a `while_loop` its body and
   condition once, whatever its trip count. The count is then `exact` only
-  if the branches count the same (as `jax.lax.platform_dependent`'s do)
-  and the loop body counts nothing. Otherwise it is a guess: FedDF's server
+  if the branches count the same and the loop body counts nothing.
+* A `cond` that the platform chooses (`jax.lax.platform_dependent`) counts
+  its default branch, XLA's own kernels: the FLOPs of the model as written.
+  fedkd's CPU branch computes the same function, with fewer multiplications
+  where it runs a convolution as Winograd's (`fedkd.winograd`), so a CPU
+  rate of such a round is an effective rate. Otherwise it is a guess: FedDF's server
   scores its validation split in a `cond` at every step, and runs it every
   `distill_eval_every` steps (an overcount); FedKD's SVD finds the kept
   directions by blocks of 16, the first before its `while_loop` and the
@@ -112,6 +116,9 @@ def _eqn_count(eqn) -> Count:
     return Count(_conv_flops(eqn), True)
   if name == 'cond':
     branches = [of_jaxpr(b) for b in params['branches']]
+    platforms = params.get('branches_platforms') or ()
+    if None in platforms:
+      return branches[platforms.index(None)]
     flops = {b.flops for b in branches}
     return Count(max(flops),
                  len(flops) == 1 and all(b.exact for b in branches))

@@ -25,7 +25,10 @@ Why CPU needs its own kernels (profiled with `jax.profiler` per HLO op on a
   (shifted slices concatenated, then one matmul batched over clients): with
   a device per core (`XLA_FLAGS=--xla_force_host_platform_device_count=2`
   here), the mnist_cnn FedAvg round took 2.49 s against 3.45 s, ResNet-8's
-  0.48 s against 0.76 s (README, "Why a device per core").
+  0.48 s against 0.76 s (README, "Why a device per core"). Stride-1
+  convolutions with kernels of 5 rows or more and 8 input channels or more
+  run as Winograd's F(m, r) along the rows (`fedkd.winograd`): fewer
+  multiply-adds, in one-row convolutions of that same primitive.
 * Max pooling. The gradient of `lax.reduce_window` max materialises index
   tensors (iotas and a variadic reduce-window); non-overlapping windows are
   instead a reshape and a max, whose gradient is a cheap equality mask.
@@ -43,6 +46,7 @@ from jax.custom_derivatives import SymbolicZero
 import jax.numpy as jnp
 
 from fedkd import conv_cpu
+from fedkd import winograd
 
 _MAX_OUTER_PRODUCT_BATCH = 16
 
@@ -102,10 +106,15 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
   strides = tuple(strides)
   pads = _pads(x.shape, kernel.shape, strides, padding)
   return jax.lax.platform_dependent(
-      x, kernel,
-      cpu=lambda x, k: conv_cpu.conv(x, k, strides=strides, padding=pads),
+      x, kernel, cpu=functools.partial(_cpu_conv, strides=strides, pads=pads),
       default=functools.partial(conv_cpu.xla_conv, strides=strides,
                                 padding=pads))
+
+
+def _cpu_conv(x, kernel, *, strides, pads):
+  if winograd.suits(kernel.shape, strides):
+    return winograd.conv(x, kernel, pads)
+  return conv_cpu.conv(x, kernel, strides=strides, padding=pads)
 
 
 def max_pool(x: jax.Array, window: int) -> jax.Array:

@@ -158,10 +158,16 @@ class RulesTest(parameterized.TestCase):
     self.assertEqual(_count(fn, _zeros(4, 4), _zeros(4, 4)),
                      flops.Count(2 * 2 * 4**3, exact=False))
 
-  def test_a_cond_of_equal_branches_is_exact(self):
+  def test_a_platform_chosen_cond_counts_its_default_branch(self):
+    # As fedkd's CPU Winograd convolution counts as the direct one.
     fn = lambda a: jax.lax.platform_dependent(
-        a, cpu=lambda a: a @ a, default=lambda a: a @ a.T)
+        a, cpu=lambda a: a @ a @ a, default=lambda a: a @ a.T)
     self.assertEqual(_exact(fn, _zeros(4, 4)), 2 * 4**3)
+
+  def test_a_cond_of_equal_branches_is_exact(self):
+    def fn(a, b):
+      return jax.lax.cond(a.sum() > 0, lambda: a @ b, lambda: b @ a)
+    self.assertEqual(_exact(fn, _zeros(4, 4), _zeros(4, 4)), 2 * 4**3)
 
   def test_a_while_loop_counts_its_body_once_as_a_guess(self):
     def fn(a):
