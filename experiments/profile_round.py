@@ -78,9 +78,11 @@ def ops_by_opcode(hlo_text: str, opcodes: Collection[str]) -> set[str]:
   included). XLA names ops after the JAX operation they came from (a psum's
   all-reduce is `psum_invariant.7`), so only the opcode tells."""
   either = '|'.join(re.escape(opcode) for opcode in opcodes)
-  # The result type, however nested its tuples, holds no '='.
+  # The result type, however nested its tuples, holds no '=' once the
+  # comments that number long tuples' elements (/*index=5*/) are gone.
   return set(re.findall(
-      rf'%([\w.-]+) = [^=]*? (?:{either})(?:-start|-done)?\(', hlo_text))
+      rf'%([\w.-]+) = [^=]*? (?:{either})(?:-start|-done)?\(',
+      re.sub(r'/\*index=\d+\*/', '', hlo_text)))
 
 
 def read_trace(trace_dir: str, hlo_text: str) -> Trace:

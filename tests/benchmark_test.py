@@ -290,14 +290,19 @@ class ProfileRoundTest(absltest.TestCase):
     mesh = jax.make_mesh((jax.device_count(),), ('d',))
 
     def local(x):
-      x = jax.lax.fori_loop(0, 3, lambda _, x: jnp.sin(x) @ x.T, x)
-      return jax.lax.psum(x, 'd')
+      # Six arrays carried: the loop's tuple type numbers its elements
+      # (/*index=5*/), as a round's loops do.
+      xs = jax.lax.fori_loop(
+          0, 3, lambda _, xs: tuple(jnp.sin(x) @ x.T for x in xs),
+          tuple(x + i for i in range(6)))
+      return jax.lax.psum(sum(xs), 'd')
 
     total = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P('d'),
                                   out_specs=P()))
     x = jax.device_put(jnp.ones((jax.device_count() * 64, 64)),
                        jax.NamedSharding(mesh, P('d')))
     hlo_text = total.lower(x).compile().as_text()
+    self.assertRegex(hlo_text, r'/\*index=5\*/.*\) while\(')
     all_reduce, = profile_round.ops_by_opcode(hlo_text, ['all-reduce'])
     loop, = profile_round.ops_by_opcode(hlo_text, ['while'])
     total(x).block_until_ready()
