@@ -112,7 +112,7 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
 
 
 def _cpu_conv(x, kernel, *, strides, pads):
-  if winograd.suits(kernel.shape, strides):
+  if winograd.suits(kernel.shape, strides, x.dtype):
     return winograd.conv(x, kernel, pads)
   return conv_cpu.conv(x, kernel, strides=strides, padding=pads)
 

@@ -31,8 +31,8 @@ client's convolution (batch 10, SAME, one core, arms alternated):
     16x16   3x3     64 -> 64    6.60 -> 5.59 ms (1.18x)
 
 A whole ResNet-8 round was slower with its 3x3 convolutions in this form
-(0.90-0.95x of direct, all channel thresholds), so `suits` takes kernels of
-at least 5 rows and 8 input channels.
+(0.90-0.95x of direct, all channel thresholds), so `suits` takes stride-1
+kernels of at least 5 rows and 8 input channels, in float32 or float64.
 
 Rounding: the transforms scale rows by powers of the interpolation points,
 so the rounding error is larger than the direct convolution's. For
@@ -61,12 +61,15 @@ _MIN_KERNEL_ROWS = 5
 _MIN_IN_CHANNELS = 8
 
 
-def suits(kernel_shape, strides) -> bool:
-  """Whether a convolution with an HWIO kernel of `kernel_shape` and these
-  strides runs faster in this form on CPU (undilated)."""
+def suits(kernel_shape, strides, dtype) -> bool:
+  """Whether an undilated convolution with an HWIO kernel of `kernel_shape`,
+  these strides and `dtype` runs faster in this form on CPU, and accurately:
+  half precision would round the transforms too coarsely."""
   rows, _, in_channels, _ = kernel_shape
   return (tuple(strides) == (1, 1) and rows >= _MIN_KERNEL_ROWS
-          and rows + 1 <= len(POINTS) and in_channels >= _MIN_IN_CHANNELS)
+          and rows <= len(POINTS)  # F(2, r) takes r points
+          and in_channels >= _MIN_IN_CHANNELS
+          and jnp.dtype(dtype) in (jnp.float32, jnp.float64))
 
 
 def toom_cook(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

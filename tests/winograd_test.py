@@ -97,16 +97,17 @@ class ConvTest(parameterized.TestCase):
 class RoutingTest(parameterized.TestCase):
 
   @parameterized.parameters(
-      ((5, 5, 8, 4), (1, 1), True),
-      ((5, 3, 16, 4), (1, 1), True),
-      ((5, 5, 4, 4), (1, 1), False),  # few input channels
-      ((3, 3, 64, 64), (1, 1), False),  # a short kernel
-      ((5, 5, 8, 4), (2, 2), False),  # strided
+      ((5, 5, 8, 4), (1, 1), jnp.float32, True),
+      ((5, 3, 16, 4), (1, 1), jnp.float32, True),
+      ((5, 5, 4, 4), (1, 1), jnp.float32, False),  # few input channels
+      ((3, 3, 64, 64), (1, 1), jnp.float32, False),  # a short kernel
+      ((5, 5, 8, 4), (2, 2), jnp.float32, False),  # strided
+      ((5, 5, 8, 4), (1, 1), jnp.bfloat16, False),  # half precision
   )
   def test_cpu_lowers_winograd_only_where_it_suits(self, kernel_shape,
-                                                   strides, expected):
-    args = (jax.ShapeDtypeStruct((2, 12, 12, kernel_shape[2]), jnp.float32),
-            jax.ShapeDtypeStruct(kernel_shape, jnp.float32))
+                                                   strides, dtype, expected):
+    args = (jax.ShapeDtypeStruct((2, 12, 12, kernel_shape[2]), dtype),
+            jax.ShapeDtypeStruct(kernel_shape, dtype))
     grad = jax.grad(lambda x, k: jnp.sum(layers.conv(x, k, strides)), (0, 1))
     text = export.export(jax.jit(grad), platforms=['cpu'])(
         *args).mlir_module()
@@ -116,7 +117,7 @@ class RoutingTest(parameterized.TestCase):
     # One-row kernels (the forward's and input gradient's products) appear
     # exactly where Winograd runs.
     self.assertEqual('1' in kernels, expected)
-    self.assertEqual(winograd.suits(kernel_shape, strides), expected)
+    self.assertEqual(winograd.suits(kernel_shape, strides, dtype), expected)
 
 
 if __name__ == '__main__':
