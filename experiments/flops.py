@@ -19,16 +19,16 @@ FLOPs:
   share); a `cond` its costliest branch, and a `while_loop` its body and
   condition once, whatever its trip count. The count is then `exact` only
   if the branches count the same and the loop body counts nothing.
+  Otherwise it is a guess: FedDF's server scores its validation split in a
+  `cond` at every step, and runs it every `distill_eval_every` steps (an
+  overcount); FedKD's SVD finds the kept directions by blocks of 16, the
+  first before its `while_loop` and the rest in it (low where the rank
+  takes three blocks or more, high where one is enough).
 * A `cond` that the platform chooses (`jax.lax.platform_dependent`) counts
   its default branch, XLA's own kernels: the FLOPs of the model as written.
   fedkd's CPU branch computes the same function, with fewer multiplications
   where it runs a convolution as Winograd's (`fedkd.winograd`), so a CPU
-  rate of such a round is an effective rate. Otherwise it is a guess: FedDF's server
-  scores its validation split in a `cond` at every step, and runs it every
-  `distill_eval_every` steps (an overcount); FedKD's SVD finds the kept
-  directions by blocks of 16, the first before its `while_loop` and the
-  rest in it (low where the rank takes three blocks or more, high where one
-  is enough).
+  rate of such a round is an effective rate.
 
 What is computed counts, masked or not: `experiments.benchmark` traces its
 rounds on one device with every client at once, so that no padded client

@@ -26,9 +26,9 @@ Why CPU needs its own kernels (profiled with `jax.profiler` per HLO op on a
   a device per core (`XLA_FLAGS=--xla_force_host_platform_device_count=2`
   here), the mnist_cnn FedAvg round took 2.49 s against 3.45 s, ResNet-8's
   0.48 s against 0.76 s (README, "Why a device per core"). Stride-1
-  convolutions with kernels of 5 rows or more and 8 input channels or more
-  run as Winograd's F(m, r) along the rows (`fedkd.winograd`): fewer
-  multiply-adds, in one-row convolutions of that same primitive.
+  float32 convolutions with kernels of 5 rows or more and 8 input channels
+  or more run as Winograd's F(m, r) along the rows (`fedkd.winograd`):
+  fewer multiply-adds, in one-row convolutions of that same primitive.
 * Max pooling. The gradient of `lax.reduce_window` max materialises index
   tensors (iotas and a variadic reduce-window); non-overlapping windows are
   instead a reshape and a max, whose gradient is a cheap equality mask.
