@@ -115,10 +115,10 @@ def _eqn_count(eqn) -> Count:
   if name in ('conv_general_dilated', 'fedkd_conv_nhwc'):
     return Count(_conv_flops(eqn), True)
   if name == 'cond':
-    branches = [of_jaxpr(b) for b in params['branches']]
     platforms = params.get('branches_platforms') or ()
     if None in platforms:
-      return branches[platforms.index(None)]
+      return of_jaxpr(params['branches'][platforms.index(None)])
+    branches = [of_jaxpr(b) for b in params['branches']]
     flops = {b.flops for b in branches}
     return Count(max(flops),
                  len(flops) == 1 and all(b.exact for b in branches))

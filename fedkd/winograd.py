@@ -138,6 +138,7 @@ def conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
   one_row = lambda v, u: conv_cpu.conv(
       v.reshape(tiles * batch, 1, cols, channels), u[None],
       padding=((0, 0), col_padding))
+  # Over the n transformed rows, not clients (those are clients.py's vmap).
   products = jax.vmap(one_row)(v, u)
   y = jnp.tensordot(a, products.reshape(n, tiles, batch,
                                         *products.shape[-2:]), 2)

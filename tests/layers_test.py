@@ -13,12 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedkd import layers
-
-
-def _xla_conv(x, kernel, strides, padding):
-  return jax.lax.conv_general_dilated(
-      x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      precision=jax.lax.Precision.HIGHEST)
+import toys
 
 
 def _loss(conv, x, kernel, target):
@@ -49,7 +44,7 @@ class ConvTest(parameterized.TestCase):
   def _check_vmapped(self, x, kernel, in_axes, strides, padding):
     """Values and both gradients of `layers.conv` vmapped with `in_axes`
     against XLA's convolution."""
-    ref = lambda x, k: _xla_conv(x, k, strides, padding)
+    ref = lambda x, k: toys.xla_conv(x, k, padding, strides)
     ours = lambda x, k: layers.conv(x, k, strides, padding)
     want, got = (jax.jit(jax.vmap(f, in_axes))(x, kernel)
                  for f in (ref, ours))
@@ -85,7 +80,7 @@ class ConvTest(parameterized.TestCase):
     dx, dk = (a[0] for a in self._data(h, w, kernel_hw, seed=3))
     target = 1.0
     ref = lambda x, k: _loss(
-        lambda x, k: _xla_conv(x, k, strides, padding), x, k, target)
+        lambda x, k: toys.xla_conv(x, k, padding, strides), x, k, target)
     ours = lambda x, k: _loss(
         lambda x, k: layers.conv(x, k, strides, padding), x, k, target)
     tangents = [jax.jvp(f, (x, kernel), (dx, dk))[1] for f in (ref, ours)]

@@ -166,3 +166,11 @@ def assert_error_line(test: unittest.TestCase, code: int, stderr: str,
 
 def assert_trees_close(a, b, atol=1e-6):
   chex.assert_trees_all_close(a, b, atol=atol, rtol=1e-5)
+
+
+def xla_conv(x, kernel, padding, strides=(1, 1)):
+  """XLA's own convolution of NHWC `x` with an HWIO `kernel` at full
+  precision: the reference that fedkd's convolutions are checked against."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision=jax.lax.Precision.HIGHEST)

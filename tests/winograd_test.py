@@ -13,16 +13,11 @@ import numpy as np
 
 from fedkd import layers
 from fedkd import winograd
+import toys
 
 # float32 Winograd rounds more than the direct convolution (module
 # docstring): up to about 1e-5 of the largest output for F(7, 5).
 _TOLERANCE = dict(rtol=2e-4, atol=2e-4)
-
-
-def _xla_conv(x, kernel, padding):
-  return jax.lax.conv_general_dilated(
-      x, kernel, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      precision=jax.lax.Precision.HIGHEST)
 
 
 class ToomCookTest(parameterized.TestCase):
@@ -65,7 +60,7 @@ class ConvTest(parameterized.TestCase):
     # Clients with their own kernels, vmapped as in a round.
     x = rng.normal(size=(3, 2, h, w, 8)).astype(np.float32)
     kernel = rng.normal(size=(3, *kernel_hw, 8, 5)).astype(np.float32)
-    ref = jax.vmap(lambda x, k: _xla_conv(x, k, padding))
+    ref = jax.vmap(lambda x, k: toys.xla_conv(x, k, padding))
     ours = jax.vmap(lambda x, k: winograd.conv(x, k, padding))
     want = ref(x, kernel)
     scale = np.abs(want).max()
@@ -85,7 +80,7 @@ class ConvTest(parameterized.TestCase):
     kernel, dk = rng.normal(size=(2, 5, 5, 8, 4)).astype(np.float32)
     padding = ((2, 2), (2, 2))
     loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k, padding)))
-    ref, ours = loss(_xla_conv), loss(winograd.conv)
+    ref, ours = loss(toys.xla_conv), loss(winograd.conv)
     tangents = [jax.jvp(f, (x, kernel), (dx, dk))[1] for f in (ref, ours)]
     np.testing.assert_allclose(tangents[1], tangents[0], rtol=1e-3)
     hvps = [jax.jvp(jax.grad(f, argnums=1), (x, kernel), (dx, dk))[1]
